@@ -1,0 +1,176 @@
+"""Activation memory: what autograd saves for backward, term by term, per architecture.
+
+The starting point is Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", Sec. 4.1): per layer sbh(34 + 5as/h) bytes for a GPT block
+with 2-byte activations and 1-byte dropout masks. Here every term is derived from the
+ops of the transformers modeling file instead (RMSNorm upcasts, SwiGLU, GQA, fused
+attention kernels, dropout masks on cpu vs cuda, LoRA adapter inputs, MoE routing), and
+checked against the profiler's tracked storages on small models
+(``tests/test_estimate_vs_sim.py``). Notation: T = batch*seq tokens, h hidden, f
+intermediate, a heads, kv kv-heads, d head dim, s seq, p compute bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+from .modelspec import ModelSpec
+from .params import lora_targets
+from .setup import Attention, Device, Mode, Precision, Setup
+
+FP32 = 4  # bytes of float32: softmax/norm statistics and loss upcasts are fp32
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Saved bytes of one decoder layer (named terms), times ``layers``, plus the rest."""
+
+    per_layer: Dict[str, int]
+    layers: int
+    outside: Dict[str, int] = field(default_factory=dict)  # once per model (embedding dropout, rope tables)
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(self.per_layer.values())
+
+    @property
+    def total(self) -> int:
+        return self.layers * self.layer_bytes + sum(self.outside.values())
+
+
+def _dtypes(setup: Setup):
+    """(compute bytes p, residual-stream bytes, linear-input bytes)."""
+    p = setup.precision.compute_bytes
+    if setup.precision.is_autocast:
+        # torch.autocast keeps the residual stream fp32 (embeddings and adds run in fp32)
+        # and casts every matmul input to half: linears save the half copy.
+        return p, FP32, 2
+    return p, p, p
+
+
+def dropout_mask_bytes(setup: Setup, p: int) -> int:
+    """Per element saved by a training dropout (aten/src/ATen/native/Dropout.cpp): the
+    fused CUDA kernel (native_dropout) keeps a bool mask; the CPU path multiplies by a
+    noise tensor of the input's dtype and saves it."""
+    return 1 if setup.device is Device.CUDA else p
+
+
+def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
+    """Per token, bytes saved by the attention core (after q/k/v projections)."""
+    a, kv, d, s = spec.num_heads, spec.num_kv_heads, spec.head_dim, setup.seq
+    q, kvd = a * d, kv * d
+    out: Dict[str, int] = {}
+    dropout = spec.attn_dropout > 0
+    kernel = setup.attn
+    if kernel is Attention.SDPA and setup.device is Device.CPU and dropout:
+        kernel = Attention.EAGER  # sdpa's CPU flash kernel has no dropout: math fallback
+    if kernel is Attention.EAGER:
+        # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
+        out["attn_qkv"] = p * 3 * q
+        # softmax(dtype=float32) keeps its fp32 output, .to(p) the probabilities matmul saves
+        out["attn_scores"] = (FP32 + p) * a * s if spec.family == "llama" else p * a * s
+        if dropout:
+            out["attn_dropout"] = (dropout_mask_bytes(setup, p) + p) * a * s
+    else:
+        # flash / memory-efficient kernels save q, k, v, the output and a fp32 logsumexp
+        # per (head, query) (Dao 2022, FlashAttention-2; torch SDPA backward signatures)
+        kv_saved = kvd if kernel is Attention.FLASH else q
+        out["attn_qkv"] = p * (q + 2 * kv_saved)
+        out["attn_out"] = p * q
+        out["attn_lse"] = FP32 * a
+    return out
+
+
+def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
+    """Bytes autograd saves during the forward of one training step."""
+    p, resid, lin_in = _dtypes(setup)
+    h, f = spec.hidden_size, spec.intermediate_size
+    trainable_base = setup.mode is Mode.FULL
+    terms: Dict[str, int] = {}
+    norms_before_linear = 2  # attention input and MLP input
+    extra_norms = spec.norms_per_layer - norms_before_linear
+    if spec.norm == "rmsnorm":
+        # LlamaRMSNorm: x.to(fp32) (a copy unless already fp32), pow/mul save it; rsqrt
+        # saves a fp32 scalar per token; `weight * x.to(dtype)` saves x.to(dtype) when the
+        # weight is trainable (Gemma's (1 + weight) form keeps it fp32).
+        normed = (FP32 if spec.model_type in ("gemma", "gemma2") else resid) * h if trainable_base else 0
+        per_norm = FP32 * h + FP32 + normed
+    else:
+        # native_layer_norm saves its input plus fp32 mean and rstd per token
+        per_norm = resid * h + 2 * FP32
+    terms["norms"] = spec.norms_per_layer * per_norm
+    del extra_norms
+    # inputs of the attention and MLP input projections (one tensor feeds q/k/v, one gate/up)
+    if trainable_base:
+        terms["linear_inputs"] = norms_before_linear * lin_in * h
+    terms.update(_attention_kernel(spec, setup, p))
+    if trainable_base or setup.attn is Attention.EAGER:
+        if setup.attn is Attention.EAGER or spec.attn_dropout > 0:
+            terms["o_proj_input"] = lin_in * spec.q_dim  # merged heads, made contiguous
+    mlp_tokens = spec.experts_per_token if spec.num_experts else 1
+    if spec.gated_mlp:
+        # act(gate) saves gate; mul saves act(gate) and up; down_proj saves the product
+        terms["mlp"] = mlp_tokens * p * f * (4 if trainable_base else 3)
+    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new":
+        # NewGELUActivation is a Python formula: saves x, tanh(.), 0.5*x and 1+tanh(.);
+        # c_proj saves the product
+        terms["mlp"] = p * f * (5 if trainable_base else 4)
+    else:
+        # ReLU saves its output, which fc2 saves too (one storage)
+        terms["mlp"] = p * f
+    if spec.num_experts:
+        # MoE routing (MixtralSparseMoeBlock): router logits, fp32 softmax, gathered expert inputs
+        terms["moe_routing"] = (p + FP32) * spec.num_experts + mlp_tokens * lin_in * h
+    if spec.resid_dropout > 0:
+        terms["resid_dropout"] = 2 * dropout_mask_bytes(setup, p) * h
+    if setup.mode in (Mode.LORA, Mode.QLORA):
+        terms.update(_lora_terms(spec, setup, p))
+    T = setup.batch * setup.seq
+    per_layer = {k: v * T for k, v in terms.items() if v}
+    outside = {}
+    if spec.embd_dropout > 0:
+        outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
+    return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
+
+
+def _lora_terms(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
+    """peft LoRA Linear: x -> dropout -> cast to the adapter dtype -> lora_A (saves it) ->
+    lora_B (saves r values). peft keeps adapters fp32 over a half base
+    (``autocast_adapter_dtype=True``), so a half input is copied to fp32 per adapter."""
+    adapter = FP32
+    r = setup.lora_rank
+    total = 0
+    for lin in lora_targets(spec, setup.lora_targets):
+        total += adapter * lin.in_features + adapter * r
+    return {"lora_adapters": total}
+
+
+def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
+    """Gradient checkpointing per decoder layer (transformers ``gradient_checkpointing_enable``):
+    each layer keeps its input; one layer's full set is rebuilt during its backward.
+    Korthikanti et al. 2022 Sec. 5: full recomputation keeps 2sbh per layer (2-byte)."""
+    _, resid, _ = _dtypes(setup)
+    T = setup.batch * setup.seq
+    full = training_activations(spec, setup)
+    return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
+                       layers=spec.num_layers,
+                       outside={**full.outside, "recomputed_layer": full.layer_bytes})
+
+
+def logits_bytes(spec: ModelSpec, setup: Setup) -> Dict[str, int]:
+    """Bytes of the LM head output and the loss during a training step.
+
+    transformers ForCausalLMLoss upcasts the logits to fp32 (``logits.float()``) and
+    cross_entropy saves the fp32 log-softmax (transformers PR #33902; torchtune PR #1046).
+    At the forward's end the half logits, the fp32 copy and the log-softmax coexist;
+    at the start of backward the saved log-softmax, its incoming gradient and the
+    gradient it returns coexist.
+    """
+    T = setup.batch * setup.seq
+    V = spec.vocab_size
+    p = setup.precision.compute_bytes
+    upcast = 0 if p == FP32 else FP32
+    return {
+        "forward": (p + upcast + FP32) * T * V,
+        "backward": 3 * FP32 * T * V,
+    }

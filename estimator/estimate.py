@@ -1,0 +1,312 @@
+"""estimate(): bytes per Category at the peak of a step, and the phase where it falls.
+
+Model states follow ZeRO (Rajbhandari et al. 2019, Sec. 3: mixed-precision Adam keeps
+2 + 2 + 12 bytes/param) and PyTorch's optimizers (state in the parameter's dtype);
+activations come from ``activations.py``; overheads from ``overheads.py``.
+Each phase's resident set is computed separately and the largest is the peak.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import activations as acts
+from .categories import Category, Phase, TENSOR_CATEGORIES
+from .gpus import GPU
+from .modelspec import ModelSpec
+from .overheads import DEFAULT, Overheads, workspace_for
+from .params import (ParamCount, count_params, layer_linears, lora_params, lora_targets,
+                     param_tensor_sizes, quantized_params)
+from .setup import Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+
+FP32 = 4
+
+#: bitsandbytes 8-bit optimizers: blockwise quantized state (Dettmers et al. 2022,
+#: "8-bit Optimizers via Block-wise Quantization"): 1 byte per value plus one fp32
+#: absmax per 256-value block (bitsandbytes functional.py, blocksize=256); tensors
+#: under min_8bit_size = 4096 elements keep 32-bit state (bitsandbytes optim/optimizer.py).
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+#: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
+#: block (0.5 bit/param); double quantization stores absmax in 8 bits with one fp32
+#: constant per 256 absmax (0.127 bit/param).
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted bytes per category at the peak phase, and every phase's breakdown."""
+
+    model: str
+    setup: Setup
+    params: int
+    trainable_params: int
+    peak_phase: Phase
+    phases: Dict[Phase, Dict[Category, int]]
+    param_groups: Dict[str, int] = field(default_factory=dict)
+    notes: tuple = ()
+    overheads_source: str = DEFAULT.source
+
+    @property
+    def components(self) -> Dict[Category, int]:
+        return self.phases[self.peak_phase]
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything on the device at the peak: tensors, allocator cache and context (NVML's view)."""
+        return sum(self.components.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The part ``torch.cuda.max_memory_allocated`` counts: live tensors."""
+        return sum(v for k, v in self.components.items() if k in TENSOR_CATEGORIES)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.allocated_bytes + self.components.get(Category.ALLOCATOR, 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "total_bytes": self.total_bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "peak_phase": self.peak_phase.value,
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "param_groups": dict(self.param_groups),
+            "components": {c.value: self.components.get(c, 0) for c in Category},
+            "phases": {ph.value: {c.value: comp.get(c, 0) for c in Category}
+                       for ph, comp in self.phases.items()},
+            "setup": self.setup.to_dict(),
+            "overheads": self.overheads_source,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    weights: int
+    gradients: int
+    optimizer_state: int
+    trainable: int
+    largest_trainable_tensor: int  # elements
+    linear_weights: int  # elements of matmul weights (autocast casts them)
+
+
+def _trainable_tensor_sizes(spec: ModelSpec, setup: Setup) -> List[int]:
+    """Element counts of the trainable parameter tensors."""
+    if setup.mode in (Mode.LORA, Mode.QLORA):
+        per_layer: List[int] = []
+        for lin in lora_targets(spec, setup.lora_targets):
+            per_layer += [setup.lora_rank * lin.in_features, setup.lora_rank * lin.out_features]
+        return per_layer * spec.num_layers
+    return param_tensor_sizes(spec)
+
+
+def model_states(spec: ModelSpec, setup: Setup, count: Optional[ParamCount] = None) -> ModelStates:
+    """Weights, gradients and optimizer state in bytes (unsharded)."""
+    count = count or count_params(spec)
+    n = count.total
+    prec = setup.precision
+    pbytes = prec.param_bytes
+    linear_weights = sum(l.copies * l.in_features * l.out_features for l in layer_linears(spec)) \
+        * spec.num_layers + spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+    # weights -----------------------------------------------------------------------------
+    if setup.quant is not Quant.NONE:
+        q_elems, q_rows, q_bias = quantized_params(spec)
+        rest = n - q_elems - q_bias
+        half = 2  # bitsandbytes keeps non-quantized modules and biases in the compute dtype
+        if setup.quant is Quant.INT8:
+            # LLM.int8 (Dettmers et al. 2022): int8 weights + one fp32 scale per output row (SCB)
+            qbytes = q_elems + FP32 * q_rows
+        else:
+            absmax = q_elems // NF4_BLOCK
+            qbytes = q_elems // 2 + (absmax + FP32 * (absmax // DQ_BLOCK) if setup.quant is Quant.NF4_DQ
+                                     else FP32 * absmax)
+        weights = qbytes + half * (rest + q_bias)
+    else:
+        weights = n * pbytes
+    # trainable parameters ----------------------------------------------------------------
+    if setup.mode is Mode.INFERENCE:
+        return ModelStates(weights, 0, 0, 0, 0, linear_weights)
+    if setup.mode in (Mode.LORA, Mode.QLORA):
+        trainable = lora_params(spec, setup.lora_targets, setup.lora_rank)
+        weights += FP32 * trainable  # peft autocast_adapter_dtype=True keeps adapters fp32
+        state_bytes = grad_bytes = FP32
+    else:
+        trainable = n
+        grad_bytes = pbytes  # .grad has the parameter's dtype
+        # torch.optim keeps state in the parameter's dtype; mixed-bf16 keeps fp32 states
+        state_bytes = FP32 if prec is Precision.MIXED_BF16 else pbytes
+    sizes = _trainable_tensor_sizes(spec, setup)
+    big = sum(x for x in sizes if x >= BNB_MIN_8BIT_SIZE)
+    small = sum(x for x in sizes if x < BNB_MIN_8BIT_SIZE)
+    largest = max(sizes, default=0)
+    gradients = trainable * grad_bytes
+    opt = setup.optimizer
+    if opt is Optimizer.ADAMW:
+        optimizer_state = 2 * state_bytes * trainable  # exp_avg, exp_avg_sq
+    elif opt is Optimizer.ADAMW_8BIT:
+        optimizer_state = 2 * (big + FP32 * -(-big // BNB_BLOCK)) + 2 * FP32 * small
+    elif opt is Optimizer.SGD:
+        optimizer_state = 0
+    elif opt is Optimizer.SGD_MOMENTUM:
+        optimizer_state = state_bytes * trainable  # momentum_buffer
+    else:  # Adafactor (Shazeer & Stern 2018): factored second moment, rows + cols per matrix
+        optimizer_state = state_bytes * _adafactor_elems(spec, setup)
+    if setup.mode is Mode.FULL and prec is Precision.MIXED_BF16:
+        optimizer_state += FP32 * trainable  # fp32 master weights (ZeRO's K = 12 includes them)
+    return ModelStates(weights, gradients, optimizer_state, trainable, largest, linear_weights)
+
+
+def _adafactor_elems(spec: ModelSpec, setup: Setup) -> int:
+    """Adafactor keeps a row and a column statistic per matrix, a full one per vector."""
+    h = spec.hidden_size
+    if setup.mode in (Mode.LORA, Mode.QLORA):
+        per_layer = sum((lin.in_features + setup.lora_rank) + (setup.lora_rank + lin.out_features)
+                        for lin in lora_targets(spec, setup.lora_targets))
+        return per_layer * spec.num_layers
+    per_layer = sum(lin.copies * (lin.in_features + lin.out_features + (lin.out_features if lin.bias else 0))
+                    for lin in layer_linears(spec))
+    per_layer += spec.norms_per_layer * h * (1 if spec.norm == "rmsnorm" else 2)
+    embed = spec.vocab_size + (spec.embed_dim or h)
+    heads = 0 if spec.tie_word_embeddings else embed
+    return per_layer * spec.num_layers + embed + heads + spec.learned_positions + h
+
+
+def optimizer_temporaries(setup: Setup, states: ModelStates) -> int:
+    """Bytes torch.optim allocates inside ``step()`` beyond its state.
+
+    AdamW foreach (torch/optim/adam.py::_multi_tensor_adam): ``torch._foreach_sqrt(exp_avg_sqs)``
+    makes one state-sized list; the for-loop path builds ``exp_avg_sq.sqrt() / bias_correction2_sqrt``
+    per tensor (two temporaries of the largest tensor at once); fused kernels allocate none.
+    """
+    if setup.mode is Mode.INFERENCE or setup.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.SGD,
+                                                           Optimizer.SGD_MOMENTUM):
+        return 0
+    per_elem = states.optimizer_state // max(states.trainable, 1) // (2 if setup.optimizer is Optimizer.ADAMW else 1)
+    if setup.precision is Precision.MIXED_BF16 and setup.mode is Mode.FULL:
+        per_elem = FP32
+    impl = setup.resolved_optimizer_impl
+    if impl is OptimizerImpl.FUSED:
+        return 0
+    if impl is OptimizerImpl.FOREACH:
+        return per_elem * states.trainable
+    return 2 * per_elem * states.largest_trainable_tensor
+
+
+def _shard(states: ModelStates, setup: Setup, spec: ModelSpec) -> Dict[str, int]:
+    """Per-rank model states (ZeRO paper Sec. 5 / Table 1; PyTorch FSDP2 fully_shard docs)."""
+    n = setup.world_size
+    w, g, o = states.weights, states.gradients, states.optimizer_state
+    extra = 0
+    sh = setup.sharding
+    if sh is Sharding.DDP:
+        # DDP Reducer buckets hold a flat copy of every gradient unless gradient_as_bucket_view=True
+        g = 2 * g
+    elif sh is Sharding.ZERO1:
+        o = -(-o // n)
+    elif sh is Sharding.ZERO2:
+        o, g = -(-o // n), -(-g // n)
+    elif sh in (Sharding.ZERO3, Sharding.FSDP):
+        o, g, w_full = -(-o // n), -(-g // n), w
+        w = -(-w // n)
+        # one decoder layer's parameters all-gathered at a time, the next prefetched
+        extra = 2 * (w_full // max(spec.num_layers, 1))
+    return {"weights": w, "gradients": g, "optimizer_state": o, "gathered": extra}
+
+
+def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
+             overheads: Overheads = DEFAULT) -> Estimate:
+    """Predict the peak memory of one step of ``setup`` on ``spec``."""
+    if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
+        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
+                         f"{spec.max_positions} positions (max_position_embeddings)")
+    count = count_params(spec)
+    notes = [count.note] if count.note else []
+    states = model_states(spec, setup, count)
+    ranked = _shard(states, setup, spec)
+    W, G, O = ranked["weights"], ranked["gradients"], ranked["optimizer_state"]
+    cuda = setup.device is Device.CUDA
+    workspace = (workspace_for(gpu.architecture) if gpu else overheads.workspace_bytes) if cuda else 0
+    context = overheads.context_bytes if cuda else 0
+    phases: Dict[Phase, Dict[Category, int]] = {}
+
+    # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
+    big = sum(1 for x in param_tensor_sizes(spec) if x * setup.precision.param_bytes > 2**20)
+    states_per_param = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0,
+                        Optimizer.SGD_MOMENTUM: 1, Optimizer.ADAFACTOR: 1}[setup.optimizer]
+    n_states = big * states_per_param if setup.mode is Mode.FULL else 0
+
+    def phase(tensors: int, **parts: int) -> Dict[Category, int]:
+        out = {c: 0 for c in Category}
+        for key, value in parts.items():
+            out[Category(key)] += int(value)
+        out[Category.CONTEXT] = context
+        out[Category.ALLOCATOR] = overheads.allocator_per_large_tensor_bytes * tensors if cuda else 0
+        return out
+
+    if setup.training:
+        if setup.grad_ckpt:
+            act = acts.checkpointed_activations(spec, setup)
+        else:
+            act = acts.training_activations(spec, setup)
+        A = int(act.total * overheads.activation_factor)
+        logits = acts.logits_bytes(spec, setup)
+        # autocast caches the half copy of every matmul weight; autograd keeps them saved
+        # until backward frees them (torch/csrc/autograd autocast cache, torch.autocast docs)
+        cast_cache = 2 * states.linear_weights if setup.precision.is_autocast and setup.mode is Mode.FULL else 0
+        fb_temps = workspace + cast_cache + ranked["gathered"]
+        n_act = len(act.per_layer) * act.layers + len(act.outside)
+        n_grads = big if setup.mode is Mode.FULL else 0
+        phases[Phase.FORWARD] = phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=A,
+                                      logits=logits["forward"], temporaries=fb_temps)
+        recomputed = act.outside.get("recomputed_layer", 0)
+        start = dict(weights=W, optimizer_state=O, activations=A - recomputed, logits=logits["backward"],
+                     temporaries=fb_temps)
+        end = dict(weights=W, optimizer_state=O, gradients=G, activations=recomputed, temporaries=fb_temps)
+        phases[Phase.BACKWARD] = max((phase(big + n_states + n_act + 3, **start),
+                                      phase(big + n_states + n_grads, **end)),
+                                     key=lambda c: sum(c.values()))
+        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G, optimizer_state=O,
+                                        temporaries=workspace + optimizer_temporaries(setup, states))
+    else:
+        kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
+        prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
+        phases[Phase.PREFILL] = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prefill_kv,
+                                      activations=prefill_transient(spec, setup),
+                                      logits=setup.batch * spec.vocab_size * setup.precision.compute_bytes,
+                                      temporaries=workspace)
+        if setup.new_tokens:
+            # DynamicCache.update concatenates per layer: one layer's old and new cache coexist
+            growth = kv // max(spec.num_layers, 1)
+            phases[Phase.DECODE] = phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
+                                         logits=setup.batch * spec.vocab_size * setup.precision.compute_bytes,
+                                         temporaries=workspace)
+    peak = max(phases, key=lambda ph: sum(phases[ph].values()))
+    return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=states.trainable,
+                    peak_phase=peak, phases=phases, param_groups=dict(count.groups),
+                    notes=tuple(notes), overheads_source=overheads.source)
+
+
+def kv_cache_bytes(spec: ModelSpec, setup: Setup, tokens: int) -> int:
+    """2 (K and V) * layers * kv_heads * head_dim * batch * tokens * bytes (REFERENCE.md)."""
+    return 2 * spec.num_layers * spec.kv_dim * setup.batch * tokens * setup.precision.compute_bytes
+
+
+def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
+    """Working set of one layer during the no-grad prefill: the residual stream and the
+    larger of the MLP (act(gate), up and their product) and the attention core."""
+    T = setup.batch * setup.seq
+    p = setup.precision.compute_bytes
+    h, f = spec.hidden_size, spec.intermediate_size
+    resid = 2 * p * h * T  # residual + normed input
+    mlp = (3 if spec.gated_mlp else 2) * p * f * T
+    if setup.attn.value == "eager":
+        attn = (FP32 + p) * spec.num_heads * setup.seq * T + 2 * p * spec.q_dim * T
+    else:
+        attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
+    return resid + max(mlp, attn)

@@ -1,0 +1,129 @@
+"""fit(): what fits in a memory budget — the largest batch, the longest sequence, and
+the strategies that bring a setup under the budget, cheapest first."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+from .estimate import Estimate, estimate
+from .gpus import GPU
+from .modelspec import ModelSpec
+from .overheads import DEFAULT, Overheads
+from .setup import Mode, Optimizer, Precision, Quant, Setup, Sharding
+
+MAX_SEARCH = 1 << 20  # upper bound for batch and sequence searches
+MAX_WORLD = 1024
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    setup: Setup
+    total_bytes: int
+    fits: bool
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: str
+    memory_bytes: int
+    setup: Setup
+    estimate: Estimate
+    fits: bool
+    max_batch: int  # at the setup's seq; 0 when even batch 1 does not fit
+    max_seq: int  # at the setup's batch; 0 when even 1 token does not fit
+    strategies: List[Strategy] = field(default_factory=list)
+    min_gpus: Optional[int] = None  # ZeRO-3 ranks needed for the setup as given
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "memory_bytes": self.memory_bytes, "fits": self.fits,
+            "total_bytes": self.estimate.total_bytes, "max_batch": self.max_batch, "max_seq": self.max_seq,
+            "min_gpus_zero3": self.min_gpus, "setup": self.setup.to_dict(),
+            "strategies": [{"name": s.name, "total_bytes": s.total_bytes, "fits": s.fits,
+                            "max_batch": s.max_batch, "setup": s.setup.to_dict()} for s in self.strategies],
+        }
+
+
+def _largest(fits: Callable[[int], bool], hi: int) -> int:
+    """Largest n in [1, hi] with fits(n), fits monotone decreasing; 0 if none."""
+    if not fits(1):
+        return 0
+    lo = 1
+    step = 1
+    while lo + step <= hi and fits(lo + step):  # gallop, then bisect
+        lo += step
+        step *= 2
+    top = min(lo + step, hi + 1)
+    while top - lo > 1:
+        mid = (lo + top) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            top = mid
+    return lo
+
+
+def _total(spec, setup, gpu, overheads) -> int:
+    return estimate(spec, setup, gpu, overheads).total_bytes
+
+
+def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: Optional[GPU] = None,
+        overheads: Overheads = DEFAULT) -> FitResult:
+    if memory_bytes <= 0:
+        raise ValueError(f"memory must be positive, got {memory_bytes}")
+    est = estimate(spec, setup, gpu, overheads)
+    under = lambda s: _total(spec, s, gpu, overheads) <= memory_bytes  # noqa: E731
+    max_pos = spec.max_positions - setup.new_tokens if spec.max_positions else MAX_SEARCH
+    max_batch = _largest(lambda b: under(setup.replace(batch=b)), MAX_SEARCH)
+    max_seq = _largest(lambda s: under(setup.replace(seq=s)), max(max_pos, 1))
+    strategies = []
+    for name, candidate in _ladder(setup):
+        total = _total(spec, candidate, gpu, overheads)
+        strategies.append(Strategy(name, candidate, total, total <= memory_bytes,
+                                   _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
+    min_gpus = None
+    if setup.training and setup.sharding is Sharding.NONE:
+        n = 2
+        while n <= MAX_WORLD:
+            candidate = setup.replace(world_size=n, sharding=Sharding.ZERO3)
+            if under(candidate):
+                min_gpus = n
+                strategies.append(Strategy(f"ZeRO-3 over {n} GPUs", candidate,
+                                           _total(spec, candidate, gpu, overheads), True,
+                                           _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
+                break
+            n *= 2
+    return FitResult(spec.name, memory_bytes, setup, est, est.total_bytes <= memory_bytes,
+                     max_batch, max_seq, strategies, min_gpus)
+
+
+def _ladder(setup: Setup):
+    """Cumulative memory savers, in order of what they cost the run: precision (none for
+    bf16-capable GPUs), recomputation (~1/3 more compute, Chen et al. 2016), 8-bit
+    optimizer state, then fewer trainable parameters (LoRA), then a 4-bit base (QLoRA)."""
+    if not setup.training:
+        if setup.precision is Precision.FP32:
+            yield "bf16 weights", setup.replace(precision=Precision.BF16)
+        yield "int8 weights", setup.replace(precision=Precision.BF16, quant=Quant.INT8)
+        yield "nf4 weights", setup.replace(precision=Precision.BF16, quant=Quant.NF4)
+        return
+    current = setup
+    if setup.mode is Mode.FULL:
+        if current.precision is not Precision.BF16:
+            current = current.replace(precision=Precision.BF16)
+            yield "bf16", current
+        if not current.grad_ckpt:
+            current = current.replace(grad_ckpt=True)
+            yield "bf16 + checkpointing", current
+        if current.optimizer is Optimizer.ADAMW:
+            current = current.replace(optimizer=Optimizer.ADAMW_8BIT, optimizer_impl="auto")
+            yield "bf16 + checkpointing + 8-bit AdamW", current
+    if setup.mode in (Mode.FULL,):
+        lora = setup.replace(mode=Mode.LORA, precision=Precision.BF16, optimizer=Optimizer.ADAMW)
+        yield "LoRA (bf16 base)", lora
+        yield "LoRA + checkpointing", lora.replace(grad_ckpt=True)
+    if setup.mode in (Mode.FULL, Mode.LORA):
+        yield "QLoRA (nf4) + checkpointing", setup.replace(
+            mode=Mode.QLORA, quant=Quant.NF4, precision=Precision.BF16, optimizer=Optimizer.ADAMW, grad_ckpt=True)

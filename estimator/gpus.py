@@ -1,0 +1,41 @@
+"""GPU presets as data (``estimator/data/gpus.json``), looked up by name."""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict
+
+GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    memory_bytes: int
+    architecture: str
+    compute_capability: str
+
+
+@lru_cache(maxsize=1)
+def gpu_presets() -> Dict[str, GPU]:
+    data = json.loads(GPUS_FILE.read_text())
+    return {key: GPU(key=key, name=v["name"], memory_bytes=int(v["memory_bytes"]),
+                     architecture=v["architecture"], compute_capability=str(v["compute_capability"]))
+            for key, v in data.items() if not key.startswith("_")}
+
+
+def get_gpu(name: str) -> GPU:
+    presets = gpu_presets()
+    key = name.strip().lower().replace(" ", "-").replace("_", "-")
+    if key in presets:
+        return presets[key]
+    matches = [k for k in presets if k.startswith(key)]
+    if len(matches) == 1:
+        return presets[matches[0]]
+    close = sorted(matches) or difflib.get_close_matches(key, list(presets), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(presets))}"
+    raise ValueError(f"unknown GPU {name!r}{hint}")

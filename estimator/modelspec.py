@@ -1,0 +1,264 @@
+"""ModelSpec: the numbers of a model that memory depends on, read from its config.json.
+
+A model is named by a shipped registry name (``estimator/data/models/*.json``), a
+local ``config.json`` file or a folder holding one, or a Hugging Face hub id found in
+the local HF cache (or downloaded when the network allows). Field names and defaults
+follow each architecture's configuration class in transformers
+(``transformers/models/<type>/configuration_<type>.py``).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+MODELS_DIR = Path(__file__).parent / "data" / "models"
+
+#: Llama-style decoders: RMSNorm, rotary positions, gated (SwiGLU/GeGLU) MLP, GQA.
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")
+#: Families with a closed-form parameter and activation formula here.
+FAMILIES = LLAMA_LIKE + ("gpt2", "opt")
+
+#: ``tie_word_embeddings`` default of each configuration class when a config.json omits it
+#: (LlamaConfig/MistralConfig/MixtralConfig/Qwen2Config/Phi3Config pass False;
+#: GemmaConfig/Gemma2Config pass True; GPT2Config and OPTConfig keep PretrainedConfig's True).
+_TIE_DEFAULT = {"llama": False, "mistral": False, "mixtral": False, "qwen2": False,
+                "phi3": False, "gemma": True, "gemma2": True, "gpt2": True, "opt": True}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers in transformers' vocabulary (h, L, a, kv, d, f, V)."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    tie_word_embeddings: bool
+    gated_mlp: bool
+    hidden_act: str
+    norm: str  # "rmsnorm" | "layernorm"
+    norms_per_layer: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    num_experts: int = 0  # MoE experts per layer (0: dense)
+    experts_per_token: int = 0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    embd_dropout: float = 0.0
+    learned_positions: int = 0  # rows of a learned position table (GPT-2, OPT); 0 = rotary
+    embed_dim: int = 0  # OPT word_embed_proj_dim when it differs from hidden_size
+    source: str = ""  # where the config came from
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def family(self) -> str:
+        """``"llama"`` for every Llama-style decoder, else the model_type; ``"other"`` if unknown."""
+        if self.model_type in LLAMA_LIKE:
+            return "llama"
+        return self.model_type if self.model_type in FAMILIES else "other"
+
+    @property
+    def has_formula(self) -> bool:
+        return self.model_type in FAMILIES
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the canonical config JSON (sorted keys), first 16 hex digits."""
+        text = json.dumps(dict(self.config), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _need(config: Mapping[str, Any], *keys: str, default: Any = None, required: bool = True) -> Any:
+    for key in keys:
+        if key in config and config[key] is not None:
+            return config[key]
+    if required and default is None:
+        raise ValueError(f"config is missing the field {keys[0]!r}" +
+                         (f" (or {', '.join(map(repr, keys[1:]))})" if len(keys) > 1 else ""))
+    return default
+
+
+def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: str = "") -> ModelSpec:
+    """Normalise a config.json dict. Raises ``ValueError`` naming a missing field."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config of {name!r} is not a JSON object")
+    config = {k: v for k, v in config.items() if not k.startswith("_vramlab")}
+    model_type = _need(config, "model_type")
+    tie = bool(config.get("tie_word_embeddings", _TIE_DEFAULT.get(model_type, True)))
+    if model_type == "gpt2":
+        h = int(_need(config, "n_embd", "hidden_size"))
+        heads = int(_need(config, "n_head", "num_attention_heads"))
+        return ModelSpec(
+            name=name, model_type=model_type, hidden_size=h,
+            num_layers=int(_need(config, "n_layer", "num_hidden_layers")),
+            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+            intermediate_size=int(config.get("n_inner") or 4 * h),  # GPT2MLP: n_inner or 4*h
+            vocab_size=int(_need(config, "vocab_size")),
+            max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
+            tie_word_embeddings=tie, gated_mlp=False,
+            hidden_act=str(config.get("activation_function", "gelu_new")),
+            norm="layernorm", norms_per_layer=2, qkv_bias=True, o_bias=True, mlp_bias=True,
+            # GPT2Config defaults: resid/embd/attn_pdrop = 0.1
+            attn_dropout=float(config.get("attn_pdrop", 0.1)),
+            resid_dropout=float(config.get("resid_pdrop", 0.1)),
+            embd_dropout=float(config.get("embd_pdrop", 0.1)),
+            learned_positions=int(_need(config, "n_positions", "max_position_embeddings")),
+            source=source, config=config)
+    if model_type == "opt":
+        h = int(_need(config, "hidden_size"))
+        heads = int(_need(config, "num_attention_heads"))
+        positions = int(_need(config, "max_position_embeddings"))
+        return ModelSpec(
+            name=name, model_type=model_type, hidden_size=h,
+            num_layers=int(_need(config, "num_hidden_layers")),
+            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+            intermediate_size=int(_need(config, "ffn_dim")),
+            vocab_size=int(_need(config, "vocab_size")), max_positions=positions,
+            tie_word_embeddings=tie, gated_mlp=False,
+            hidden_act=str(config.get("activation_function", "relu")),
+            norm="layernorm", norms_per_layer=2,
+            qkv_bias=bool(config.get("enable_bias", True)), o_bias=bool(config.get("enable_bias", True)),
+            mlp_bias=bool(config.get("enable_bias", True)),
+            # OPTConfig defaults: dropout 0.1, attention_dropout 0.0
+            attn_dropout=float(config.get("attention_dropout", 0.0)),
+            resid_dropout=float(config.get("dropout", 0.1)), embd_dropout=float(config.get("dropout", 0.1)),
+            # OPTLearnedPositionalEmbedding keeps an offset of 2 rows (modeling_opt.py)
+            learned_positions=positions + 2,
+            embed_dim=int(config.get("word_embed_proj_dim") or h),
+            source=source, config=config)
+    # Llama-style decoders and the fallback for anything else with the common names.
+    h = int(_need(config, "hidden_size", "n_embd", "d_model"))
+    heads = int(_need(config, "num_attention_heads", "n_head"))
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or h // heads)
+    experts = int(config.get("num_local_experts", 0) or 0)
+    act = str(config.get("hidden_act", config.get("hidden_activation", "silu")))
+    attention_bias = bool(config.get("attention_bias", False))
+    return ModelSpec(
+        name=name, model_type=model_type, hidden_size=h,
+        num_layers=int(_need(config, "num_hidden_layers", "n_layer")),
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        intermediate_size=int(_need(config, "intermediate_size", "ffn_dim", "n_inner")),
+        vocab_size=int(_need(config, "vocab_size")),
+        max_positions=int(_need(config, "max_position_embeddings", "n_positions", default=0, required=False)),
+        tie_word_embeddings=tie, gated_mlp=True, hidden_act=act, norm="rmsnorm",
+        # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms
+        norms_per_layer=4 if model_type == "gemma2" else 2,
+        # Qwen2Attention: q/k/v with bias, o_proj without (modeling_qwen2.py)
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=attention_bias if model_type != "qwen2" else False,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        num_experts=experts, experts_per_token=int(config.get("num_experts_per_tok", 0) or 0),
+        attn_dropout=float(config.get("attention_dropout", 0.0) or 0.0),
+        resid_dropout=float(config.get("resid_pdrop", 0.0) or 0.0),
+        embd_dropout=float(config.get("embd_pdrop", 0.0) or 0.0),
+        source=source, config=config)
+
+
+def registry_names() -> List[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.json"))
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _hf_cache_dirs() -> List[Path]:
+    # huggingface_hub constants: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    dirs.append(home / "hub")
+    return dirs
+
+
+def _from_hf_cache(repo_id: str) -> Optional[Path]:
+    folder = "models--" + repo_id.replace("/", "--")
+    for cache in _hf_cache_dirs():
+        snapshots = cache / folder / "snapshots"
+        if snapshots.is_dir():
+            found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            if found:
+                return found[-1]
+    return None
+
+
+def _download_config(repo_id: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE", "yes"):
+        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         f"download its config.json or pass a local path")
+    try:
+        from huggingface_hub import hf_hub_download  # lazy: only for hub ids not cached
+        return Path(hf_hub_download(repo_id, "config.json", etag_timeout=5))
+    except Exception as exc:  # network errors, gated repos, unknown repos
+        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+                         f"({type(exc).__name__}); pass a local config.json or a shipped name") from None
+
+
+def _source_index() -> Dict[str, str]:
+    """hub id (lower case) -> registry name, from each shipped file's ``_vramlab_source``."""
+    index = {}
+    for path in MODELS_DIR.glob("*.json"):
+        try:
+            src = json.loads(path.read_text()).get("_vramlab_source")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if src:
+            index[str(src).lower()] = path.stem
+    return index
+
+
+def load_model(name: str) -> ModelSpec:
+    """Resolve a registry name, a local path, or a hub id to a ModelSpec."""
+    if not name or not str(name).strip():
+        raise ValueError("no model given: pass a shipped name (e.g. llama-2-7b), a config.json path or a hub id")
+    name = str(name).strip()
+    registry = MODELS_DIR / f"{name.lower()}.json"
+    if registry.is_file():
+        return spec_from_config(_read_json(registry), name=name.lower(), source=f"registry:{name.lower()}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"folder {path} has no config.json")
+        return spec_from_config(_read_json(path / "config.json"), name=path.name, source=str(path))
+    if path.is_file():
+        return spec_from_config(_read_json(path), name=path.stem, source=str(path))
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".json"):
+        shipped = _source_index().get(name.lower())
+        if shipped:
+            return load_model(shipped)
+        cached = _from_hf_cache(name) or _download_config(name)
+        return spec_from_config(_read_json(cached), name=name, source=f"hf:{name}")
+    close = difflib.get_close_matches(name.lower(), registry_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped: {', '.join(registry_names())}"
+    raise ValueError(f"unknown model {name!r}: not a shipped name, a config.json path or a hub id{hint}")

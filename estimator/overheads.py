@@ -1,0 +1,45 @@
+"""Constant overheads beyond tensors, as named defaults with their sources.
+
+A calibration file (``vramlab calibrate``) replaces them with fitted values; until
+then these are the defaults, each cited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .units import MiB
+
+#: CUDA context as NVML sees it after torch initialises CUDA with lazy module loading:
+#: REFERENCE.md ("~300-500 MiB with lazy module loading"); upper end taken.
+CUDA_CONTEXT_BYTES = 500 * MiB
+
+#: cuBLAS workspace PyTorch allocates through its caching allocator per handle/stream
+#: (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize: 4096 KiB * 8 =
+#: 32 MiB on compute capability >= 9.0 (Hopper); 4096 KiB * 2 + 16 KiB * 8 before).
+CUBLAS_WORKSPACE_HOPPER_BYTES = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_OLDER_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
+
+#: CUDACachingAllocator rounds large blocks (> 1 MiB) up to multiples of kRoundLarge =
+#: 2 MiB (c10/cuda/CUDACachingAllocator.cpp); with uniform remainders a live large
+#: tensor wastes half of that on average.
+ALLOCATOR_ROUND_LARGE_BYTES = 2 * MiB
+ALLOCATOR_SMALL_SEGMENT_BYTES = 2 * MiB  # kSmallBuffer: the small pool's 2 MiB segments
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """The overhead model in force: defaults, or a calibration's fitted values."""
+
+    context_bytes: int = CUDA_CONTEXT_BYTES
+    workspace_bytes: int = CUBLAS_WORKSPACE_HOPPER_BYTES
+    allocator_per_large_tensor_bytes: int = ALLOCATOR_ROUND_LARGE_BYTES // 2
+    activation_factor: float = 1.0  # multiplies the activation formula (1.0 = uncalibrated)
+    source: str = "defaults (estimator/overheads.py)"
+
+
+DEFAULT = Overheads()
+
+
+def workspace_for(architecture: str) -> int:
+    return CUBLAS_WORKSPACE_HOPPER_BYTES if architecture in ("hopper", "blackwell") \
+        else CUBLAS_WORKSPACE_OLDER_BYTES

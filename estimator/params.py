@@ -1,0 +1,216 @@
+"""Exact parameter counts per module group, from the module shapes of each architecture.
+
+Shapes follow the modeling files of transformers (``modeling_llama.py``,
+``modeling_gpt2.py``, ``modeling_opt.py``, ...); a test builds every shipped config on
+the meta device and checks these counts against ``model.parameters()`` exactly.
+Architectures without a formula fall back to a meta-device count (needs transformers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .modelspec import ModelSpec
+
+GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A weight matrix of one decoder layer (``in_features -> out_features``)."""
+
+    name: str  # the module's own name, as LoRA targets name it (q_proj, c_attn, fc1, ...)
+    group: str
+    in_features: int
+    out_features: int
+    bias: bool
+    copies: int = 1  # MoE experts: one slice per expert
+    fused_experts: bool = False  # one 3-D parameter, not an nn.Linear: no LoRA, no bitsandbytes
+
+    @property
+    def lora_targetable(self) -> bool:
+        return not self.fused_experts
+
+    @property
+    def params(self) -> int:
+        return self.copies * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+def layer_linears(spec: ModelSpec) -> List[Linear]:
+    """The matrices of one decoder layer."""
+    h, f = spec.hidden_size, spec.intermediate_size
+    t = spec.model_type
+    if t == "gpt2":  # GPT2Attention.c_attn/c_proj, GPT2MLP.c_fc/c_proj (Conv1D with bias)
+        return [Linear("c_attn", "attention", h, 3 * h, True), Linear("c_proj", "attention", h, h, True),
+                Linear("c_fc", "mlp", h, f, True), Linear("c_proj", "mlp", f, h, True)]
+    if t == "opt":  # OPTAttention q/k/v/out_proj, OPTDecoderLayer fc1/fc2
+        b = spec.qkv_bias
+        return [Linear("q_proj", "attention", h, h, b), Linear("k_proj", "attention", h, h, b),
+                Linear("v_proj", "attention", h, h, b), Linear("out_proj", "attention", h, h, b),
+                Linear("fc1", "mlp", h, f, b), Linear("fc2", "mlp", f, h, b)]
+    q, kv = spec.q_dim, spec.kv_dim
+    if t == "phi3":  # Phi3Attention.qkv_proj fused, Phi3MLP.gate_up_proj fused
+        attention = [Linear("qkv_proj", "attention", h, q + 2 * kv, spec.qkv_bias),
+                     Linear("o_proj", "attention", q, h, spec.o_bias)]
+        return attention + [Linear("gate_up_proj", "mlp", h, 2 * f, spec.mlp_bias),
+                            Linear("down_proj", "mlp", f, h, spec.mlp_bias)]
+    attention = [Linear("q_proj", "attention", h, q, spec.qkv_bias),
+                 Linear("k_proj", "attention", h, kv, spec.qkv_bias),
+                 Linear("v_proj", "attention", h, kv, spec.qkv_bias),
+                 Linear("o_proj", "attention", q, h, spec.o_bias)]
+    if spec.num_experts:
+        # MixtralSparseMoeBlock (transformers 5): router `gate` and MixtralExperts with fused
+        # 3-D parameters gate_up_proj (E, 2f, h) and down_proj (E, h, f)
+        e = spec.num_experts
+        return attention + [Linear("gate", "mlp", h, e, False),
+                            Linear("gate_up_proj", "mlp", h, 2 * f, False, copies=e, fused_experts=True),
+                            Linear("down_proj", "mlp", f, h, False, copies=e, fused_experts=True)]
+    return attention + [Linear("gate_proj", "mlp", h, f, spec.mlp_bias),
+                        Linear("up_proj", "mlp", h, f, spec.mlp_bias),
+                        Linear("down_proj", "mlp", f, h, spec.mlp_bias)]
+
+
+def _norm_params(spec: ModelSpec) -> int:
+    # RMSNorm: weight (h); LayerNorm: weight + bias (2h)
+    return spec.hidden_size * (1 if spec.norm == "rmsnorm" else 2)
+
+
+def _final_norms(spec: ModelSpec) -> int:
+    if spec.model_type == "opt":
+        # OPTDecoder.final_layer_norm exists only with do_layer_norm_before and not _remove_final_layer_norm
+        cfg = spec.config
+        return int(bool(cfg.get("do_layer_norm_before", True)) and not cfg.get("_remove_final_layer_norm", False))
+    return 1
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    groups: Dict[str, int]
+    exact: bool  # True: from a formula; False: counted by a meta-device build
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.groups.values())
+
+
+def count_params(spec: ModelSpec) -> ParamCount:
+    """Parameters per group (embeddings, attention, mlp, norms, lm_head); tied heads count once."""
+    if not spec.has_formula:
+        return meta_count(spec)
+    h, V, L = spec.hidden_size, spec.vocab_size, spec.num_layers
+    embed_dim = spec.embed_dim or h
+    embeddings = V * embed_dim + spec.learned_positions * h
+    if embed_dim != h:  # OPTDecoder.project_in / project_out (no bias)
+        embeddings += 2 * h * embed_dim
+    groups = {g: 0 for g in GROUPS}
+    groups["embeddings"] = embeddings
+    for lin in layer_linears(spec):
+        groups[lin.group] += L * lin.params
+    groups["norms"] = (L * spec.norms_per_layer + _final_norms(spec)) * _norm_params(spec)
+    groups["lm_head"] = 0 if spec.tie_word_embeddings else V * embed_dim
+    return ParamCount(groups=groups, exact=True)
+
+
+def param_tensor_sizes(spec: ModelSpec) -> List[int]:
+    """Element count of every parameter tensor of the model (tied heads once)."""
+    h = spec.hidden_size
+    embed_dim = spec.embed_dim or h
+    sizes = [spec.vocab_size * embed_dim]
+    if spec.learned_positions:
+        sizes.append(spec.learned_positions * h)
+    if embed_dim != h:
+        sizes += [h * embed_dim, h * embed_dim]
+    layer: List[int] = []
+    for lin in layer_linears(spec):
+        layer.append(lin.copies * lin.in_features * lin.out_features)
+        if lin.bias:
+            layer.append(lin.copies * lin.out_features)
+    norm = [h] if spec.norm == "rmsnorm" else [h, h]
+    layer += norm * spec.norms_per_layer
+    sizes += layer * spec.num_layers + norm * _final_norms(spec)
+    if not spec.tie_word_embeddings:
+        sizes.append(spec.vocab_size * embed_dim)
+    return sizes
+
+
+def group_of(param_name: str) -> str:
+    """Group of a parameter by its name in a transformers model (used by the meta count)."""
+    n = param_name.lower()
+    if "lm_head" in n:
+        return "lm_head"
+    if "norm" in n or ".ln_" in n or n.startswith("ln_") or "layernorm" in n:
+        return "norms"
+    if any(k in n for k in ("embed", "wte", "wpe", "project_in", "project_out")):
+        return "embeddings"
+    if "attn" in n or "attention" in n:
+        return "attention"
+    return "mlp"
+
+
+def meta_count(spec: ModelSpec) -> ParamCount:
+    """Build the config on the meta device with transformers and count (no memory used)."""
+    model = build_meta_model(spec)
+    groups = {g: 0 for g in GROUPS}
+    for name, p in model.named_parameters():  # named_parameters() skips tied duplicates
+        groups[group_of(name)] += p.numel()
+    return ParamCount(groups=groups, exact=False,
+                      note=f"no formula for model_type {spec.model_type!r}: parameters counted on a "
+                           f"meta-device build with transformers; activations use the Llama-style formula")
+
+
+def build_meta_model(spec: ModelSpec):
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise ValueError(f"model_type {spec.model_type!r} needs transformers to be counted ({exc})") from None
+    config = dict(spec.config)
+    config.pop("auto_map", None)  # never follow remote code
+    try:
+        cfg = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"transformers cannot build model_type {spec.model_type!r} from this config: {exc}") from None
+
+
+# --- LoRA and quantization: which matrices they touch ----------------------------------
+
+def lora_params(spec: ModelSpec, targets: Tuple[str, ...], rank: int) -> int:
+    """Adapter parameters: r * (in + out) per targeted matrix (peft LoraLayer: lora_A in->r, lora_B r->out)."""
+    per_layer = 0
+    for lin in lora_targets(spec, targets):
+        per_layer += rank * (lin.in_features + lin.out_features)
+    return spec.num_layers * per_layer
+
+
+def lora_targets(spec: ModelSpec, targets: Tuple[str, ...]) -> List[Linear]:
+    """The matrices of one layer that a list of peft ``target_modules`` names selects."""
+    linears = [lin for lin in layer_linears(spec) if lin.lora_targetable]
+    if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
+        return linears  # peft "all-linear": every linear but the output layer
+    names = {lin.name for lin in linears}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(f"LoRA target {unknown[0]!r} is not a module of {spec.name} "
+                         f"({spec.model_type}); choose from: {', '.join(sorted(names))} or all-linear")
+    return [lin for lin in linears if lin.name in targets]
+
+
+def quantized_params(spec: ModelSpec) -> Tuple[int, int, int]:
+    """(quantized weight elements, their output rows, biases) over all layers.
+
+    bitsandbytes replaces the decoder's linear layers; ``lm_head`` is kept in the
+    compute dtype (transformers ``get_keys_to_not_convert``), as are embeddings, norms
+    and fused MoE expert parameters (not nn.Linear modules).
+    """
+    weights = rows = biases = 0
+    for lin in layer_linears(spec):
+        if lin.fused_experts:
+            continue
+        weights += lin.copies * lin.in_features * lin.out_features
+        rows += lin.copies * lin.out_features
+        biases += lin.copies * lin.out_features if lin.bias else 0
+    L = spec.num_layers
+    return L * weights, L * rows, L * biases

@@ -1,0 +1,221 @@
+"""The setup of a run: typed, validated, frozen.
+
+Enums for closed sets and validation in ``__post_init__`` (the llm-analysis habit);
+every invalid value is a ``ValueError`` naming the value and the valid choices.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Optional, Tuple, Type, TypeVar
+
+E = TypeVar("E", bound=Enum)
+
+
+class _Choice(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls: Type[E], value: "str | E") -> E:
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower().replace("_", "-")
+        for member in cls:  # type: ignore[attr-defined]
+            if member.value == text:
+                return member
+        valid = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        raise ValueError(f"unknown {cls.__name__.lower()} {value!r}; choose one of: {valid}")
+
+
+class Mode(_Choice):
+    INFERENCE = "inference"
+    FULL = "full"  # full training / full fine-tuning: every parameter trainable
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Precision(_Choice):
+    """Precision recipe: how weights, compute, gradients and optimizer state are typed."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"  # pure: model cast to fp16, states in fp16 (torch keeps them in param dtype)
+    BF16 = "bf16"  # pure: model cast to bf16
+    AMP_FP16 = "amp-fp16"  # fp32 params under torch.autocast(fp16): weight-cast cache
+    AMP_BF16 = "amp-bf16"
+    MIXED_BF16 = "mixed-bf16"  # bf16 weights/grads + fp32 master weights and states (ZeRO)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per element of the model's parameters as they sit on the device."""
+        return 4 if self in (Precision.FP32, Precision.AMP_FP16, Precision.AMP_BF16) else 2
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of matmul outputs / most activations."""
+        return 4 if self is Precision.FP32 else 2
+
+    @property
+    def is_autocast(self) -> bool:
+        return self in (Precision.AMP_FP16, Precision.AMP_BF16)
+
+    @property
+    def torch_dtype_name(self) -> str:
+        """The dtype of the parameters (``torch.<name>``)."""
+        return {Precision.FP16: "float16", Precision.BF16: "bfloat16",
+                Precision.MIXED_BF16: "bfloat16"}.get(self, "float32")
+
+    @property
+    def compute_dtype_name(self) -> str:
+        return {Precision.FP32: "float32", Precision.FP16: "float16",
+                Precision.AMP_FP16: "float16"}.get(self, "bfloat16")
+
+
+class Quant(_Choice):
+    """Weight quantization of the base model (inference and QLoRA)."""
+
+    NONE = "none"
+    INT8 = "int8"  # LLM.int8 (bitsandbytes Linear8bitLt)
+    NF4 = "nf4"  # QLoRA 4-bit NormalFloat
+    NF4_DQ = "nf4-dq"  # NF4 with double quantization of the absmax constants
+
+
+class Optimizer(_Choice):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw-8bit"
+    SGD = "sgd"
+    SGD_MOMENTUM = "sgd-momentum"
+    ADAFACTOR = "adafactor"
+
+
+class OptimizerImpl(_Choice):
+    """torch.optim implementation; AUTO is what torch picks on the device
+    (``torch/optim/optimizer.py::_default_to_fused_or_foreach``: foreach when every
+    parameter is a CUDA tensor, the for-loop otherwise; fused is never the default)."""
+
+    AUTO = "auto"
+    FOREACH = "foreach"
+    FUSED = "fused"
+    FORLOOP = "for-loop"
+
+
+class Attention(_Choice):
+    EAGER = "eager"
+    SDPA = "sdpa"
+    FLASH = "flash"  # flash_attention_2
+
+
+class Device(_Choice):
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class Sharding(_Choice):
+    NONE = "none"
+    DDP = "ddp"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+    FSDP = "fsdp"  # FSDP2 fully_shard: parameters, gradients and states sharded (like ZeRO-3)
+
+
+#: peft's LoRA defaults for Llama-style models
+#: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj).
+DEFAULT_LORA_TARGETS: Tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training or inference configuration. Sizes are counts, never bytes."""
+
+    mode: Mode = Mode.FULL
+    precision: Precision = Precision.BF16
+    quant: Quant = Quant.NONE
+    optimizer: Optimizer = Optimizer.ADAMW
+    optimizer_impl: OptimizerImpl = OptimizerImpl.AUTO
+    batch: int = 1
+    seq: int = 512
+    grad_ckpt: bool = False
+    attn: Attention = Attention.SDPA
+    lora_rank: int = 16
+    lora_alpha: Optional[int] = None  # default 2 * rank, a common convention
+    lora_targets: Tuple[str, ...] = DEFAULT_LORA_TARGETS
+    device: Device = Device.CUDA
+    world_size: int = 1
+    sharding: Sharding = Sharding.NONE
+    new_tokens: int = 0  # inference: tokens decoded after the prompt of `seq` tokens
+
+    def __post_init__(self) -> None:
+        # accept strings for the enums so callers and JSON records can pass plain values
+        for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
+                           ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
+                           ("attn", Attention), ("device", Device), ("sharding", Sharding)):
+            object.__setattr__(self, name, enum.parse(getattr(self, name)))
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets",
+                               tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        else:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        for name in ("batch", "seq", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 0:
+            raise ValueError(f"new_tokens must be a non-negative integer, got {self.new_tokens!r}")
+        if self.mode in (Mode.LORA, Mode.QLORA):
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
+                raise ValueError(f"lora rank must be a positive integer, got {self.lora_rank!r}")
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ValueError(f"lora alpha must be positive, got {self.lora_alpha!r}")
+            if not self.lora_targets:
+                raise ValueError("lora targets are empty; name modules, e.g. q_proj,v_proj")
+        if self.mode is Mode.QLORA and self.quant is Quant.NONE:
+            raise ValueError("qlora needs a weight quantization: pass --quant nf4 (or nf4-dq, int8)")
+        if self.mode in (Mode.FULL, Mode.LORA) and self.quant is not Quant.NONE:
+            raise ValueError(
+                f"quantization {self.quant} applies to inference and qlora only; "
+                f"use --mode qlora to train adapters on a quantized model")
+        if self.world_size > 1 and self.sharding is Sharding.NONE:
+            raise ValueError(
+                f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
+        if self.mode is Mode.INFERENCE and self.sharding not in (Sharding.NONE,):
+            raise ValueError("sharding applies to training; inference runs on one device here")
+        if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
+            raise ValueError("adamw-8bit (bitsandbytes) has no fused/foreach choice; leave --optimizer-impl auto")
+
+    @property
+    def training(self) -> bool:
+        return self.mode is not Mode.INFERENCE
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    @property
+    def resolved_optimizer_impl(self) -> OptimizerImpl:
+        """What torch actually runs (torch/optim/optimizer.py::_default_to_fused_or_foreach)."""
+        if self.optimizer_impl is not OptimizerImpl.AUTO:
+            return self.optimizer_impl
+        return OptimizerImpl.FOREACH if self.device is Device.CUDA else OptimizerImpl.FORLOOP
+
+    def replace(self, **changes) -> "Setup":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (enums as their strings)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Setup":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown setup field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""vramlab profiler: measured memory (tracker, harness, CLI)."""
