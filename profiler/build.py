@@ -1,0 +1,157 @@
+"""Build a real Hugging Face model from a ModelSpec's config and apply a Setup to it
+exactly as a user would: dtype cast or autocast, peft LoRA, QLoRA, gradient
+checkpointing, the attention implementation, the optimizer and its implementation.
+Random initialisation, never a download; ``trust_remote_code`` stays off."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from estimator.modelspec import ModelSpec
+from estimator.setup import Attention, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup
+
+ATTN_IMPL = {Attention.EAGER: "eager", Attention.SDPA: "sdpa", Attention.FLASH: "flash_attention_2"}
+
+
+class SetupUnavailable(ValueError):
+    """A setup this machine cannot run (a missing optional package, no CUDA)."""
+
+
+def hf_config(spec: ModelSpec):
+    import transformers
+    config = {k: v for k, v in spec.config.items() if k != "auto_map"}
+    try:
+        return transformers.AutoConfig.for_model(**config)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"transformers cannot read {spec.name}'s config: {exc}") from None
+
+
+def build_model(spec: ModelSpec, setup: Setup, device: str) -> torch.nn.Module:
+    """The model on ``device`` (``"cuda"``, ``"cpu"``; under FakeTensorMode for sim)."""
+    import transformers
+    cfg = hf_config(spec)
+    dtype = getattr(torch, setup.precision.torch_dtype_name)
+    if setup.quant is not Quant.NONE:
+        return _build_quantized(cfg, setup, device)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            cfg, attn_implementation=ATTN_IMPL[setup.attn], dtype=dtype, trust_remote_code=False)
+    if setup.training:
+        model.train()
+        model.config.use_cache = False  # as fine-tuning scripts do; no KV cache while training
+        if setup.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.eval()
+    if setup.mode is Mode.LORA:
+        model = apply_lora(model, setup)
+    return model
+
+
+def _build_quantized(cfg, setup: Setup, device: str):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SetupUnavailable(f"quantization {setup.quant} needs bitsandbytes, which is not installed; "
+                               f"the other modes still run") from None
+    if device != "cuda":
+        raise SetupUnavailable(f"quantization {setup.quant} runs on CUDA only (bitsandbytes)")
+    import transformers
+    if setup.quant is Quant.INT8:
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qc = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=setup.quant is Quant.NF4_DQ,
+            bnb_4bit_compute_dtype=getattr(torch, setup.precision.compute_dtype_name))
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation=ATTN_IMPL[setup.attn], quantization_config=qc,
+        dtype=getattr(torch, setup.precision.compute_dtype_name))
+    model.to(device)
+    if setup.mode is Mode.QLORA:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt)
+        model.config.use_cache = False
+        model = apply_lora(model, setup)
+    return model
+
+
+def apply_lora(model, setup: Setup):
+    from peft import LoraConfig, get_peft_model
+    targets: Any = list(setup.lora_targets)
+    if targets in (["all-linear"], ["all_linear"]):
+        targets = "all-linear"
+    if setup.grad_ckpt:
+        model.enable_input_require_grads()  # peft's recipe: checkpointed blocks need a grad input
+    config = LoraConfig(r=setup.lora_rank, lora_alpha=setup.alpha, target_modules=targets,
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class MixedPrecisionOptimizer:
+    """mixed-bf16: bf16 weights and grads on the model, fp32 master weights and fp32
+    optimizer state (ZeRO's recipe, Rajbhandari et al. 2019 Sec. 3; DeepSpeed bf16 optimizer)."""
+
+    def __init__(self, params: List[torch.nn.Parameter], make: Callable[[List[torch.Tensor]], Any]):
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_(True) for p in params]
+        self.inner = make(self.masters)
+
+    def step(self) -> None:
+        for m, p in zip(self.masters, self.params):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        with torch.no_grad():
+            for m, p in zip(self.masters, self.params):
+                p.copy_(m)
+                m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def build_optimizer(model: torch.nn.Module, setup: Setup):
+    params = [p for p in model.parameters() if p.requires_grad]
+    impl = setup.optimizer_impl
+    kw = {}
+    if impl is OptimizerImpl.FOREACH:
+        kw = {"foreach": True}
+    elif impl is OptimizerImpl.FUSED:
+        kw = {"fused": True}
+    elif impl is OptimizerImpl.FORLOOP:
+        kw = {"foreach": False}
+
+    def make(ps):
+        opt = setup.optimizer
+        if opt is Optimizer.ADAMW:
+            return torch.optim.AdamW(ps, lr=1e-5, **kw)
+        if opt is Optimizer.SGD:
+            return torch.optim.SGD(ps, lr=1e-3, **kw)
+        if opt is Optimizer.SGD_MOMENTUM:
+            return torch.optim.SGD(ps, lr=1e-3, momentum=0.9, **kw)
+        if opt is Optimizer.ADAFACTOR:
+            return torch.optim.Adafactor(ps, lr=1e-3, **{k: v for k, v in kw.items() if k == "foreach"})
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SetupUnavailable("adamw-8bit needs bitsandbytes, which is not installed; "
+                                   "the other optimizers still run") from None
+        return bnb.optim.AdamW8bit(ps, lr=1e-5)
+
+    if setup.precision is Precision.MIXED_BF16 and setup.mode is Mode.FULL:
+        return MixedPrecisionOptimizer(params, make)
+    return make(params)
+
+
+def autocast_context(setup: Setup, device: str):
+    if setup.precision.is_autocast:
+        return torch.autocast(device_type=device, dtype=getattr(torch, setup.precision.compute_dtype_name))
+    return contextlib.nullcontext()
+
+
+def synthetic_batch(spec: ModelSpec, setup: Setup, device: str, generator: Optional[torch.Generator] = None):
+    """Token ids of shape (batch, seq); labels are the same ids (causal LM loss)."""
+    return torch.randint(0, spec.vocab_size, (setup.batch, setup.seq), device=device, generator=generator)
