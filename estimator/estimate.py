@@ -265,13 +265,31 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         phases[Phase.FORWARD] = phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=A,
                                       logits=logits["forward"], temporaries=fb_temps)
         recomputed = act.outside.get("recomputed_layer", 0)
-        start = dict(weights=W, optimizer_state=O, activations=A - recomputed, logits=logits["backward"],
-                     temporaries=fb_temps)
-        end = dict(weights=W, optimizer_state=O, gradients=G, activations=recomputed, temporaries=fb_temps)
-        phases[Phase.BACKWARD] = max((phase(big + n_states + n_act + 3, **start),
-                                      phase(big + n_states + n_grads, **end)),
-                                     key=lambda c: sum(c.values()))
-        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G, optimizer_state=O,
+        saved = A - recomputed
+        # Backward is a line from "all activations saved, no gradients" to "no activations,
+        # all gradients", so its peak is at one of three moments: the loss backward (fp32
+        # log-softmax gradients), the recomputation of a checkpointed layer, or the end.
+        # At the end a tied embedding's dense (V, h) gradient and its sum with the lm_head's
+        # gradient coexist with the accumulated .grad (measured by the sim backend; the
+        # untied embedding's gradient is stolen into .grad without a copy).
+        grad_bytes = states.gradients // max(states.trainable, 1) if setup.mode is Mode.FULL else 0
+        embed_bwd = 2 * spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes \
+            if spec.tie_word_embeddings else 0
+        master_grads = FP32 * states.trainable if setup.precision is Precision.MIXED_BF16 \
+            and setup.mode is Mode.FULL else 0
+        candidates = [
+            phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=saved,
+                  logits=logits["backward"], temporaries=fb_temps),
+            phase(big + n_states + n_grads, weights=W, optimizer_state=O, gradients=G,
+                  temporaries=fb_temps - cast_cache + embed_bwd),
+        ]
+        if recomputed:
+            candidates.append(phase(big + n_states + n_act, weights=W, optimizer_state=O,
+                                    activations=saved + recomputed, temporaries=fb_temps))
+        phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
+        # mixed-bf16: the fp32 copy of every gradient the master step reads
+        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + master_grads,
+                                        optimizer_state=O,
                                         temporaries=workspace + optimizer_temporaries(setup, states))
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)

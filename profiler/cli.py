@@ -80,6 +80,92 @@ def cmd_rules(args) -> int:
     return 0
 
 
+def _profile_table(record: dict):
+    from rich.table import Table
+    m, p = record["measured"], record["predicted"]
+    case = record["case"]
+    table = Table(title=f"{case['model']} on {record['backend']}: {record['status']} "
+                        f"{record.get('message') or ''}".strip())
+    table.add_column("phase")
+    table.add_column("measured peak MiB", justify="right")
+    table.add_column("predicted MiB", justify="right")
+    table.add_column("error", justify="right")
+    for phase, v in m.get("phases", {}).items():
+        pred = p["phases"].get(phase)
+        pt = sum(x for k, x in pred.items() if k not in ("allocator", "context")) if pred else None
+        ma = v["peak_allocated_bytes"]
+        table.add_row(phase, f"{ma / 2**20:,.1f}", "-" if pt is None else f"{pt / 2**20:,.1f}",
+                      "-" if pt is None or not ma else f"{100 * (pt - ma) / ma:+.2f}%")
+    cats = Table(title="at the peak, per category (MiB)")
+    cats.add_column("category")
+    cats.add_column("measured", justify="right")
+    cats.add_column("predicted", justify="right")
+    measured = m.get("categories", {})
+    for name, value in p["components"].items():
+        cats.add_row(name, f"{measured.get(name, 0) / 2**20:,.1f}", f"{value / 2**20:,.1f}")
+    return table, cats
+
+
+def cmd_profile(args) -> int:
+    from estimator.modelspec import load_model
+    from profiler.harness import run_case
+    from profiler.records import append_record
+    load_model(args.model)  # bad names fail before torch is imported
+    setup = setup_from_args(args)
+    steps = _positive(args.steps, "steps")
+    record = run_case(args.model, setup, args.backend, steps=steps, timeline=args.timeline)
+    if args.out:
+        append_record(args.out, record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        from estimator.report import print_table
+        for table in _profile_table(record):
+            print_table(table)
+    return 0 if record["status"] in ("ok", "oom") else 1
+
+
+def _positive(text, name: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"--{name} must be a positive integer, got {value}")
+    return value
+
+
+def cmd_sweep(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from profiler.matrix import parse_shard
+    from profiler.sweep import done_keys, plan, sweep
+    from profiler.records import case_key
+    from pathlib import Path
+    shard = parse_shard(args.shard)
+    cases = plan(args.matrix, args.backend, shard)
+    done = done_keys(Path(args.out))
+    todo = sum(1 for c in cases if case_key(c[3]) not in done)
+    print(f"{len(cases)} cases in shard {args.shard}; {len(cases) - todo} already in {args.out}; running {todo}",
+          file=sys.stderr)
+    counts = {"ok": 0, "oom": 0, "error": 0}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                  disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("sweep", total=todo)
+
+        def on_case(n, total, record):
+            counts[record["status"]] += 1
+            progress.update(task, advance=1, description=f"{record['case']['model']} {record['status']}")
+            if not sys.stderr.isatty():
+                print(f"[{n}/{total}] {record['case']['model']} {record['case']['setup']['mode']} "
+                      f"{record['case']['setup']['precision']}: {record['status']}", file=sys.stderr)
+
+        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=float(args.case_timeout),
+              on_case=on_case)
+    print(f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
@@ -101,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rules)
+    p = sub.add_parser("profile", help="run real steps and measure them beside the estimate")
+    _add_model(p)
+    add_setup_arguments(p)
+    p.add_argument("--backend", default="cpu", choices=("cuda", "cpu", "sim"))
+    p.add_argument("--steps", default="2", help="measured steps after one warm-up step (default 2)")
+    p.add_argument("--out", help="append the record to this JSONL file")
+    p.add_argument("--timeline", action="store_true", help="keep the tracker's memory timeline in the record")
+    p.add_argument("--json", action="store_true", help="print the record")
+    p.set_defaults(func=cmd_profile)
+    p = sub.add_parser("sweep", help="run a TOML matrix, one subprocess per case, resumable")
+    p.add_argument("matrix")
+    p.add_argument("--backend", default="cpu", choices=("cuda", "cpu", "sim"))
+    p.add_argument("--out", required=True, help="JSONL file; cases already in it are skipped")
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th")
+    p.add_argument("--case-timeout", default="900", help="seconds before a case is stopped (default 900)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -112,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help()
             return 2
         return args.func(args)
-    except (UsageError, ValueError) as exc:
+    except (UsageError, ValueError, OSError) as exc:
         print(f"vramlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

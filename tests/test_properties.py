@@ -1,0 +1,124 @@
+"""Properties of estimate() over random valid setups (hypothesis).
+
+Models: small and large shipped configs of every family with a formula (GPT-2, OPT,
+Llama-style dense, MoE, fused-qkv Phi-3, Gemma-2).
+"""
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from estimator.categories import Category
+from estimator.estimate import estimate
+from estimator.modelspec import load_model
+from estimator.params import layer_linears
+from estimator.setup import (Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant,
+                             Setup, Sharding)
+
+MODELS = ("gpt2", "opt-125m", "smollm2-135m", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini",
+          "llama-2-7b", "mixtral-8x7b", "llama-3.1-70b")
+SPECS = {name: load_model(name) for name in MODELS}
+MAX_SEQ = 2048
+EXAMPLES = 150
+SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _target_choices(spec):
+    names = sorted({lin.name for lin in layer_linears(spec) if lin.lora_targetable})
+    return st.one_of(st.just(("all-linear",)),
+                     st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True).map(tuple))
+
+
+@st.composite
+def model_and_setup(draw, sharded=None):
+    """(spec, Setup): any valid combination. ``sharded=True`` forces a training setup with
+    zero1/2/3 or fsdp at world size >= 2; ``False`` keeps world size 1."""
+    name = draw(st.sampled_from(MODELS))
+    spec = SPECS[name]
+    mode = draw(st.sampled_from([Mode.FULL, Mode.LORA, Mode.QLORA] if sharded else list(Mode)))
+    if mode is Mode.QLORA:
+        quant = draw(st.sampled_from([Quant.INT8, Quant.NF4, Quant.NF4_DQ]))
+    elif mode is Mode.INFERENCE:
+        quant = draw(st.sampled_from(list(Quant)))
+    else:
+        quant = Quant.NONE
+    optimizer = draw(st.sampled_from(list(Optimizer)))
+    impls = [i for i in OptimizerImpl if not (optimizer is Optimizer.ADAMW_8BIT and i is OptimizerImpl.FUSED)]
+    new_tokens = draw(st.integers(0, 256)) if mode is Mode.INFERENCE else 0
+    top = min(MAX_SEQ, spec.max_positions - new_tokens) if spec.max_positions else MAX_SEQ
+    if sharded:
+        sharding = draw(st.sampled_from([Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP]))
+        world = draw(st.integers(2, 64))
+    elif sharded is None and mode is not Mode.INFERENCE:
+        sharding = draw(st.sampled_from(list(Sharding)))
+        world = 1 if sharding is Sharding.NONE else draw(st.integers(1, 64))
+    else:
+        sharding, world = Sharding.NONE, 1
+    setup = Setup(
+        mode=mode, precision=draw(st.sampled_from(list(Precision))), quant=quant, optimizer=optimizer,
+        optimizer_impl=draw(st.sampled_from(impls)), batch=draw(st.integers(1, 64)),
+        seq=draw(st.integers(1, top)), grad_ckpt=draw(st.booleans()),
+        attn=draw(st.sampled_from(list(Attention))), lora_rank=draw(st.integers(1, 256)),
+        lora_alpha=draw(st.one_of(st.none(), st.integers(1, 512))),
+        lora_targets=draw(_target_choices(spec)), device=draw(st.sampled_from(list(Device))),
+        world_size=world, sharding=sharding, new_tokens=new_tokens)
+    return spec, setup
+
+
+@settings(**SETTINGS)
+@given(model_and_setup())
+def test_total_is_sum_of_components(case):
+    spec, setup = case
+    est = estimate(spec, setup)
+    comp = est.components
+    assert set(comp) == set(Category)
+    assert all(isinstance(v, int) and v >= 0 for v in comp.values())
+    assert est.total_bytes == sum(comp.values())
+    assert est.total_bytes == max(sum(c.values()) for c in est.phases.values())
+    assert est.allocated_bytes <= est.reserved_bytes <= est.total_bytes
+    d = est.to_dict()
+    assert d["total_bytes"] == sum(d["components"].values())
+
+
+@settings(**SETTINGS)
+@given(model_and_setup(), st.integers(1, 64))
+def test_total_never_falls_as_batch_grows(case, more):
+    spec, setup = case
+    bigger = setup.replace(batch=setup.batch + more)
+    assert estimate(spec, bigger).total_bytes >= estimate(spec, setup).total_bytes
+
+
+@settings(**SETTINGS)
+@given(model_and_setup(), st.integers(1, MAX_SEQ))
+def test_total_never_falls_as_seq_grows(case, more):
+    spec, setup = case
+    top = min(MAX_SEQ, spec.max_positions - setup.new_tokens)
+    longer = setup.replace(seq=min(setup.seq + more, top))
+    assert estimate(spec, longer).total_bytes >= estimate(spec, setup).total_bytes
+
+
+@settings(**SETTINGS)
+@given(model_and_setup(sharded=True))
+def test_sharded_rank_never_exceeds_unsharded(case):
+    spec, setup = case
+    single = setup.replace(world_size=1, sharding=Sharding.NONE)
+    assert estimate(spec, setup).total_bytes <= estimate(spec, single).total_bytes
+
+
+@settings(**SETTINGS)
+@given(model_and_setup(sharded=True), st.integers(1, 64))
+def test_more_ranks_never_cost_more_per_rank(case, more):
+    spec, setup = case
+    wider = setup.replace(world_size=setup.world_size + more)
+    assert estimate(spec, wider).total_bytes <= estimate(spec, setup).total_bytes
+
+
+@settings(**SETTINGS)
+@given(model_and_setup())
+def test_setup_json_round_trip(case):
+    _, setup = case
+    data = json.loads(json.dumps(setup.to_dict()))
+    assert Setup.from_dict(data) == setup
+    assert Setup.from_dict(data).to_dict() == setup.to_dict()
