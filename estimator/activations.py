@@ -12,7 +12,8 @@ intermediate, a heads, kv kv-heads, d head dim, s seq, p compute bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from functools import lru_cache
+from typing import Dict, NamedTuple
 
 from .modelspec import ModelSpec
 from .params import lora_targets
@@ -82,7 +83,36 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
 
 
 def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
-    """Bytes autograd saves during the forward of one training step."""
+    """Bytes autograd saves during the forward of one training step.
+
+    Every term is linear in the batch (per-token bytes times b*s), so the batch-1 result
+    is memoised per (model, setup without batch) and scaled."""
+    one = _training_activations_b1(spec, _ActKey(setup.mode, setup.precision, setup.attn, setup.device,
+                                                  setup.seq, setup.lora_rank, setup.lora_targets))
+    b = setup.batch
+    if b == 1:
+        return one
+    return Activations(per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
+                       outside={k: v * b for k, v in one.outside.items()})
+
+
+class _ActKey(NamedTuple):
+    mode: Mode
+    precision: Precision
+    attn: Attention
+    device: Device
+    seq: int
+    lora_rank: int
+    lora_targets: tuple
+    batch: int = 1
+
+    @property
+    def training(self) -> bool:
+        return self.mode is not Mode.INFERENCE
+
+
+@lru_cache(maxsize=8192)
+def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
     p, resid, lin_in = _dtypes(setup)
     h, f = spec.hidden_size, spec.intermediate_size
     trainable_base = setup.mode is Mode.FULL

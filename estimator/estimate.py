@@ -8,7 +8,8 @@ Each phase's resident set is computed separately and the largest is the peak.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from functools import lru_cache
+from typing import Dict, List, NamedTuple, Optional
 
 from . import activations as acts
 from .categories import Category, Phase, TENSOR_CATEGORIES
@@ -20,6 +21,9 @@ from .params import (ParamCount, count_params, layer_linears, lora_params, lora_
 from .setup import Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 
 FP32 = 4
+_CATEGORY = {c.value: c for c in Category}
+_ZERO = dict.fromkeys(Category, 0)
+_CONTEXT, _ALLOCATOR = Category.CONTEXT, Category.ALLOCATOR  # iterating an Enum is slow: copy this template instead
 
 #: bitsandbytes 8-bit optimizers: blockwise quantized state (Dettmers et al. 2022,
 #: "8-bit Optimizers via Block-wise Quantization"): 1 byte per value plus one fp32
@@ -107,8 +111,25 @@ def _trainable_tensor_sizes(spec: ModelSpec, setup: Setup) -> List[int]:
 
 
 def model_states(spec: ModelSpec, setup: Setup, count: Optional[ParamCount] = None) -> ModelStates:
-    """Weights, gradients and optimizer state in bytes (unsharded)."""
-    count = count or count_params(spec)
+    """Weights, gradients and optimizer state in bytes (unsharded); batch and seq play no part."""
+    return _model_states(spec, _StateKey(setup.mode, setup.precision, setup.quant, setup.optimizer,
+                                         setup.lora_rank, setup.lora_targets))
+
+
+class _StateKey(NamedTuple):
+    """The fields of a Setup that model states depend on (a cheap cache key)."""
+
+    mode: Mode
+    precision: Precision
+    quant: Quant
+    optimizer: Optimizer
+    lora_rank: int
+    lora_targets: tuple
+
+
+@lru_cache(maxsize=4096)
+def _model_states(spec: ModelSpec, setup: _StateKey) -> ModelStates:
+    count = count_params(spec)
     n = count.total
     prec = setup.precision
     pbytes = prec.param_bytes
@@ -236,17 +257,19 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     phases: Dict[Phase, Dict[Category, int]] = {}
 
     # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
-    big = sum(1 for x in param_tensor_sizes(spec) if x * setup.precision.param_bytes > 2**20)
+    big = _large_tensors(spec, setup.precision.param_bytes)
     states_per_param = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0,
                         Optimizer.SGD_MOMENTUM: 1, Optimizer.ADAFACTOR: 1}[setup.optimizer]
     n_states = big * states_per_param if setup.mode is Mode.FULL else 0
 
+    per_tensor = overheads.allocator_per_large_tensor_bytes if cuda else 0
+
     def phase(tensors: int, **parts: int) -> Dict[Category, int]:
-        out = {c: 0 for c in Category}
+        out = _ZERO.copy()
         for key, value in parts.items():
-            out[Category(key)] += int(value)
-        out[Category.CONTEXT] = context
-        out[Category.ALLOCATOR] = overheads.allocator_per_large_tensor_bytes * tensors if cuda else 0
+            out[_CATEGORY[key]] = int(value)
+        out[_CONTEXT] = context
+        out[_ALLOCATOR] = per_tensor * tensors
         return out
 
     if setup.training:
@@ -277,6 +300,11 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
             if spec.tie_word_embeddings else 0
         master_grads = FP32 * states.trainable if setup.precision is Precision.MIXED_BF16 \
             and setup.mode is Mode.FULL else 0
+        opt_temps = optimizer_temporaries(setup, states)
+        if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP):
+            # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
+            master_grads = -(-master_grads // setup.world_size)
+            opt_temps = -(-opt_temps // setup.world_size)
         candidates = [
             phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=saved,
                   logits=logits["backward"], temporaries=fb_temps),
@@ -290,7 +318,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         # mixed-bf16: the fp32 copy of every gradient the master step reads
         phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + master_grads,
                                         optimizer_state=O,
-                                        temporaries=workspace + optimizer_temporaries(setup, states))
+                                        temporaries=workspace + opt_temps)
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
         prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
@@ -308,6 +336,12 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=tuple(notes), overheads_source=overheads.source)
+
+
+@lru_cache(maxsize=1024)
+def _large_tensors(spec: ModelSpec, param_bytes: int) -> int:
+    limit = 2**20 // param_bytes
+    return sum(1 for x in param_tensor_sizes(spec) if x > limit)
 
 
 def kv_cache_bytes(spec: ModelSpec, setup: Setup, tokens: int) -> int:

@@ -62,6 +62,13 @@ class ModelSpec:
     source: str = ""  # where the config came from
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    def __hash__(self) -> int:  # cached: specs key the estimator's caches
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__ if f != "config"))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def family(self) -> str:
         """``"llama"`` for every Llama-style decoder, else the model_type; ``"other"`` if unknown."""

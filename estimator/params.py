@@ -8,6 +8,7 @@ Architectures without a formula fall back to a meta-device count (needs transfor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 from .modelspec import ModelSpec
@@ -27,16 +28,24 @@ class Linear:
     copies: int = 1  # MoE experts: one slice per expert
     fused_experts: bool = False  # one 3-D parameter, not an nn.Linear: no LoRA, no bitsandbytes
 
-    @property
-    def lora_targetable(self) -> bool:
-        return not self.fused_experts
+    def lora_rank_multiplier(self) -> int:
+        """peft (0.21) wraps fused MoE expert parameters under all-linear with a rank of
+        r * E (``ParamWrapper``), doubled for the concatenated gate_up projection."""
+        if not self.fused_experts:
+            return 1
+        return self.copies * (2 if self.name == "gate_up_proj" else 1)
 
     @property
     def params(self) -> int:
         return self.copies * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
 
 
-def layer_linears(spec: ModelSpec) -> List[Linear]:
+@lru_cache(maxsize=256)
+def layer_linears(spec: ModelSpec) -> Tuple[Linear, ...]:
+    return tuple(_layer_linears(spec))
+
+
+def _layer_linears(spec: ModelSpec) -> List[Linear]:
     """The matrices of one decoder layer."""
     h, f = spec.hidden_size, spec.intermediate_size
     t = spec.model_type
@@ -94,6 +103,7 @@ class ParamCount:
         return sum(self.groups.values())
 
 
+@lru_cache(maxsize=256)
 def count_params(spec: ModelSpec) -> ParamCount:
     """Parameters per group (embeddings, attention, mlp, norms, lm_head); tied heads count once."""
     if not spec.has_formula:
@@ -112,7 +122,8 @@ def count_params(spec: ModelSpec) -> ParamCount:
     return ParamCount(groups=groups, exact=True)
 
 
-def param_tensor_sizes(spec: ModelSpec) -> List[int]:
+@lru_cache(maxsize=256)
+def param_tensor_sizes(spec: ModelSpec) -> Tuple[int, ...]:
     """Element count of every parameter tensor of the model (tied heads once)."""
     h = spec.hidden_size
     embed_dim = spec.embed_dim or h
@@ -131,7 +142,7 @@ def param_tensor_sizes(spec: ModelSpec) -> List[int]:
     sizes += layer * spec.num_layers + norm * _final_norms(spec)
     if not spec.tie_word_embeddings:
         sizes.append(spec.vocab_size * embed_dim)
-    return sizes
+    return tuple(sizes)
 
 
 def group_of(param_name: str) -> str:
@@ -181,15 +192,15 @@ def lora_params(spec: ModelSpec, targets: Tuple[str, ...], rank: int) -> int:
     """Adapter parameters: r * (in + out) per targeted matrix (peft LoraLayer: lora_A in->r, lora_B r->out)."""
     per_layer = 0
     for lin in lora_targets(spec, targets):
-        per_layer += rank * (lin.in_features + lin.out_features)
+        per_layer += rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features)
     return spec.num_layers * per_layer
 
 
 def lora_targets(spec: ModelSpec, targets: Tuple[str, ...]) -> List[Linear]:
     """The matrices of one layer that a list of peft ``target_modules`` names selects."""
-    linears = [lin for lin in layer_linears(spec) if lin.lora_targetable]
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
-        return linears  # peft "all-linear": every linear but the output layer
+        return layer_linears(spec)  # peft "all-linear": every linear but the output layer
+    linears = [lin for lin in layer_linears(spec) if not lin.fused_experts]  # named: nn.Linear only
     names = {lin.name for lin in linears}
     unknown = [t for t in targets if t not in names]
     if unknown:

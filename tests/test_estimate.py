@@ -200,10 +200,6 @@ def test_mixed_bf16_sharded_weights_and_states(llama7b, world):
     assert o3 == _ceil_div(12 * N, world)  # ZeRO-3: K*Psi/N with K = 12
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "estimator/estimate.py (optimizer phase, `master_grads = FP32 * states.trainable`) adds the "
-    "fp32 gradient copy from the UNSHARDED model states: llama-2-7b mixed-bf16 zero2/zero3 at "
-    "world 8 gives per-rank optimizer-phase gradients 2N/8 + 4N = 4.25N bytes instead of 6N/8"))
 @pytest.mark.parametrize("sharding", ["zero2", "zero3", "fsdp"])
 def test_mixed_bf16_sharded_gradients(llama7b, sharding):
     base = Setup(precision="mixed-bf16")
@@ -294,14 +290,10 @@ def test_fit_full_7b_does_not_fit_24gib(llama7b):
     assert any(s.fits for s in result.strategies)
 
 
-SHARDED_TEMPS_BUG = (
-    "estimator/estimate.py:275 calls optimizer_temporaries(setup, states) with the UNSHARDED "
-    "model states: under zero1/zero2/zero3/fsdp each rank steps only its shard, so the foreach "
-    "_foreach_sqrt list is shard-sized, but the estimate keeps 4N bytes (26,987,216,896 for "
-    "llama-2-7b mixed-bf16) per rank at every world size")
+# Under ZeRO/FSDP each rank steps only its shard: the foreach temporaries and the
+# fp32 gradient copy of mixed-bf16 are shard-sized.
 
 
-@pytest.mark.xfail(strict=True, reason=SHARDED_TEMPS_BUG)
 @pytest.mark.parametrize("sharding", ["zero1", "zero2", "zero3", "fsdp"])
 def test_sharded_optimizer_temporaries_per_rank(llama7b, sharding):
     base = Setup(precision="mixed-bf16", optimizer_impl="foreach")
@@ -314,8 +306,6 @@ def test_sharded_optimizer_temporaries_per_rank(llama7b, sharding):
     assert ranked.phases[Phase.OPTIMIZER][Category.TEMPORARIES] - workspace == _ceil_div(one, world)
 
 
-@pytest.mark.xfail(strict=True, reason=SHARDED_TEMPS_BUG + "; so fit finds no ZeRO-3 world size "
-                   "(per-rank total stays > 27 GB even at 1024 GPUs)")
 def test_fit_full_7b_min_gpus_zero3(llama7b):
     result = fit(llama7b, Setup(precision="mixed-bf16"), 24 * GiB)
     assert result.min_gpus is not None and 2 <= result.min_gpus <= 16

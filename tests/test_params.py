@@ -143,11 +143,6 @@ def test_lora_llama_2_7b_q_v_r16_exact():
     assert lora_params(load_model("llama-2-7b"), ("q_proj", "v_proj"), 16) == 8_388_608
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "estimator/params.py layer_linears marks Mixtral's fused 3-D expert parameters "
-    "(gate_up_proj, down_proj) fused_experts=True -> not LoRA-targetable, but peft 0.21 "
-    "all-linear on transformers 5 wraps them too (ParamWrapper, rank r*E, gate_up at 2r): "
-    "peft trains 179,832,832 parameters at r=8, lora_params says 7,866,368"))
 def test_lora_all_linear_mixtral_matches_peft():
     assert lora_params(load_model("mixtral-8x7b"), ("all-linear",), 8) == \
         _peft_trainable("mixtral-8x7b", ("all-linear",), 8)

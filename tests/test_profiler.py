@@ -175,7 +175,7 @@ def test_cuda_backend_without_gpu_is_a_clear_error(tiny):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    r = _cli("profile", tiny, "--backend", "cuda")
+    r = _cli("profile", tiny, "--backend", "cuda", "--seq", "16")
     assert r.returncode == 2 and "CUDA" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -26,7 +26,7 @@ SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 
 
 def _target_choices(spec):
-    names = sorted({lin.name for lin in layer_linears(spec) if lin.lora_targetable})
+    names = sorted({lin.name for lin in layer_linears(spec) if not lin.fused_experts})
     return st.one_of(st.just(("all-linear",)),
                      st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True).map(tuple))
 
