@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Dict, NamedTuple
 
 from .modelspec import ModelSpec
-from .params import lora_targets
+from .params import layer_linears, lora_targets
 from .setup import Attention, Device, Mode, Precision, Setup
 
 FP32 = 4  # bytes of float32: softmax/norm statistics and loss upcasts are fp32
@@ -58,28 +58,43 @@ def dropout_mask_bytes(setup: Setup, p: int) -> int:
 
 def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
     """Per token, bytes saved by the attention core (after q/k/v projections)."""
-    a, kv, d, s = spec.num_heads, spec.num_kv_heads, spec.head_dim, setup.seq
-    q, kvd = a * d, kv * d
+    a, d, s = spec.num_heads, spec.head_dim, setup.seq
+    q, kvd = a * d, spec.kv_dim
     out: Dict[str, int] = {}
     dropout = spec.attn_dropout > 0
-    kernel = setup.attn
-    if kernel is Attention.SDPA and setup.device is Device.CPU and dropout:
-        kernel = Attention.EAGER  # sdpa's CPU flash kernel has no dropout: math fallback
-    if kernel is Attention.EAGER:
+    if setup.attn is Attention.SDPA and setup.device is Device.CPU and dropout:
+        # sdpa's CPU flash kernel has no dropout: the math fallback upcasts to fp32 and saves
+        # q, k, v (repeated to a heads), the softmax, the dropout mask and the dropped scores
+        out["attn_qkv"] = FP32 * 3 * q
+        out["attn_scores"] = 3 * FP32 * a * s
+        return out
+    if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
-        # softmax(dtype=float32) keeps its fp32 output, .to(p) the probabilities matmul saves
-        out["attn_scores"] = (FP32 + p) * a * s if spec.family == "llama" else p * a * s
+        if spec.family in ("llama", "opt"):
+            # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
+            out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
+        else:
+            out["attn_scores"] = p * a * s  # GPT-2 softmax in the compute dtype
+        if spec.model_type == "gemma2":
+            out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
         if dropout:
             out["attn_dropout"] = (dropout_mask_bytes(setup, p) + p) * a * s
-    else:
-        # flash / memory-efficient kernels save q, k, v, the output and a fp32 logsumexp
-        # per (head, query) (Dao 2022, FlashAttention-2; torch SDPA backward signatures)
-        kv_saved = kvd if kernel is Attention.FLASH else q
-        out["attn_qkv"] = p * (q + 2 * kv_saved)
-        out["attn_out"] = p * q
-        out["attn_lse"] = FP32 * a
+        return out
+    # flash / memory-efficient kernels save q, k and v (GQA at kv heads: transformers passes
+    # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
+    out["attn_qkv"] = p * (q + 2 * kvd)
+    out["attn_out"] = p * q
+    out["attn_lse"] = FP32 * a
     return out
+
+
+def _input_linears(spec: ModelSpec) -> int:
+    """How many linears read each normed input (autocast casts the input once per linear)."""
+    names = {lin.name for lin in layer_linears(spec)}
+    attention = 3 if "q_proj" in names and spec.model_type != "gpt2" else 1
+    mlp = 2 if "gate_proj" in names else 1
+    return attention + mlp
 
 
 def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
@@ -118,7 +133,6 @@ def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
     trainable_base = setup.mode is Mode.FULL
     terms: Dict[str, int] = {}
     norms_before_linear = 2  # attention input and MLP input
-    extra_norms = spec.norms_per_layer - norms_before_linear
     if spec.norm == "rmsnorm":
         # LlamaRMSNorm: x.to(fp32) (a copy unless already fp32), pow/mul save it; rsqrt
         # saves a fp32 scalar per token; `weight * x.to(dtype)` saves x.to(dtype) when the
@@ -129,14 +143,16 @@ def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
         per_norm = resid * h + 2 * FP32
     terms["norms"] = spec.norms_per_layer * per_norm
-    del extra_norms
-    # inputs of the attention and MLP input projections (one tensor feeds q/k/v, one gate/up)
+    # inputs of the attention and MLP input projections: one tensor feeds q/k/v and one
+    # gate/up, except under autocast, where every linear saves its own half cast
     if trainable_base:
-        terms["linear_inputs"] = norms_before_linear * lin_in * h
+        copies = _input_linears(spec) if setup.precision.is_autocast else norms_before_linear
+        terms["linear_inputs"] = copies * lin_in * h
     terms.update(_attention_kernel(spec, setup, p))
-    if trainable_base or setup.attn is Attention.EAGER:
-        if setup.attn is Attention.EAGER or spec.attn_dropout > 0:
-            terms["o_proj_input"] = lin_in * spec.q_dim  # merged heads, made contiguous
+    if trainable_base and (setup.attn is Attention.EAGER or spec.attn_dropout > 0
+                           or spec.model_type == "phi3"):
+        # merged heads made contiguous (Phi3Attention copies even after sdpa)
+        terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
     if spec.gated_mlp:
         # act(gate) saves gate; mul saves act(gate) and up; down_proj saves the product
@@ -154,7 +170,7 @@ def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
     if spec.resid_dropout > 0:
         terms["resid_dropout"] = 2 * dropout_mask_bytes(setup, p) * h
     if setup.mode in (Mode.LORA, Mode.QLORA):
-        terms.update(_lora_terms(spec, setup, p))
+        terms.update(_lora_terms(spec, setup))
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
@@ -163,7 +179,7 @@ def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
     return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
 
 
-def _lora_terms(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
+def _lora_terms(spec: ModelSpec, setup: Setup) -> Dict[str, int]:
     """peft LoRA Linear: x -> dropout -> cast to the adapter dtype -> lora_A (saves it) ->
     lora_B (saves r values). peft keeps adapters fp32 over a half base
     (``autocast_adapter_dtype=True``), so a half input is copied to fp32 per adapter."""

@@ -23,7 +23,11 @@ from .setup import Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Set
 FP32 = 4
 _CATEGORY = {c.value: c for c in Category}
 _ZERO = dict.fromkeys(Category, 0)
-_CONTEXT, _ALLOCATOR = Category.CONTEXT, Category.ALLOCATOR  # iterating an Enum is slow: copy this template instead
+_CONTEXT, _ALLOCATOR = Category.CONTEXT, Category.ALLOCATOR
+#: state tensors each optimizer keeps per parameter tensor
+_STATE_TENSORS = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0,
+                  Optimizer.SGD_MOMENTUM: 1, Optimizer.ADAFACTOR: 1}
+_SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)  # iterating an Enum is slow: copy this template instead
 
 #: bitsandbytes 8-bit optimizers: blockwise quantized state (Dettmers et al. 2022,
 #: "8-bit Optimizers via Block-wise Quantization"): 1 byte per value plus one fp32
@@ -258,9 +262,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
 
     # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
     big = _large_tensors(spec, setup.precision.param_bytes)
-    states_per_param = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0,
-                        Optimizer.SGD_MOMENTUM: 1, Optimizer.ADAFACTOR: 1}[setup.optimizer]
-    n_states = big * states_per_param if setup.mode is Mode.FULL else 0
+    n_states = big * _STATE_TENSORS[setup.optimizer] if setup.mode is Mode.FULL else 0
 
     per_tensor = overheads.allocator_per_large_tensor_bytes if cuda else 0
 
@@ -301,7 +303,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         master_grads = FP32 * states.trainable if setup.precision is Precision.MIXED_BF16 \
             and setup.mode is Mode.FULL else 0
         opt_temps = optimizer_temporaries(setup, states)
-        if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP):
+        if setup.sharding in _SHARDED_STATES:
             # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
             master_grads = -(-master_grads // setup.world_size)
             opt_temps = -(-opt_temps // setup.world_size)
