@@ -78,6 +78,28 @@ def _build_quantized(cfg, setup: Setup, device: str):
     return model
 
 
+def materialize_fake(model: torch.nn.Module, fake_mode) -> torch.nn.Module:
+    """Replace a meta-device model's parameters and buffers with fake CPU tensors of the same
+    shape and dtype (tied parameters stay tied). Building on meta first lets peft attach
+    adapters without moving fake parameters (``Module._apply`` cannot swap FakeTensors)."""
+    memo = {}
+    with fake_mode:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in memo:
+                    memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu"),
+                                                     requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    if id(b) not in memo:
+                        memo[id(b)] = torch.zeros(b.shape, dtype=b.dtype, device="cpu")
+                    module._buffers[name] = memo[id(b)]
+    return model
+
+
 def apply_lora(model, setup: Setup):
     from peft import LoraConfig, get_peft_model
     targets: Any = list(setup.lora_targets)

@@ -24,7 +24,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 
 from .build import (SetupUnavailable, autocast_context, build_model, build_optimizer,
-                    synthetic_batch)
+                    materialize_fake, synthetic_batch)
 from .nvml import NvmlSampler
 from .records import SCHEMA_VERSION, case_key
 from .tracker import StorageTracker
@@ -224,17 +224,19 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     device = "cuda" if cuda else "cpu"
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
     try:
-        with (fake or contextlib.nullcontext()):
-            t0 = time.perf_counter()
-            torch.manual_seed(0)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        if fake is not None:  # sim: build on meta (peft attaches adapters there), then fake CPU tensors
+            model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
+        else:
             model_obj = build_model(spec, setup, device)
-            timings["build_s"] = round(time.perf_counter() - t0, 6)
-            tracker.track(model_obj, Category.WEIGHTS)
-            if sampler:
-                sampler.start()
-            with tracker:
-                runner = _train_steps if setup.training else _infer_steps
-                runner(model_obj, spec, setup, device, steps, tracker, meter, timings)
+        timings["build_s"] = round(time.perf_counter() - t0, 6)
+        tracker.track(model_obj, Category.WEIGHTS)
+        if sampler:
+            sampler.start()
+        with (fake or contextlib.nullcontext()), tracker:
+            runner = _train_steps if setup.training else _infer_steps
+            runner(model_obj, spec, setup, device, steps, tracker, meter, timings)
     except SetupUnavailable as exc:
         record["status"], record["message"] = "error", str(exc)
     except torch.OutOfMemoryError as exc:

@@ -57,6 +57,7 @@ def test_sim_matches_cpu_within_one_percent(tiny):
     ("opt-125m", dict(precision="bf16", seq=64)),
     ("qwen2.5-0.5b", dict(precision="bf16", attn="eager", seq=64)),
     ("smollm2-135m", dict(mode="inference", precision="bf16", seq=64, new_tokens=2)),
+    ("smollm2-135m", dict(mode="lora", precision="bf16", seq=128)),
 ])
 def test_estimate_matches_sim_per_phase(model, kw):
     record = run_case(model, Setup(**kw), "sim", steps=1)
