@@ -30,6 +30,9 @@ from .records import SCHEMA_VERSION, case_key
 from .tracker import StorageTracker
 
 BACKENDS = ("cuda", "cpu", "sim")
+#: torch.cuda.memory_stats() keys kept per phase (CUDACachingAllocator DeviceStats)
+CUDA_STATS = ("num_alloc_retries", "num_ooms", "active_bytes.all.peak",
+              "inactive_split_bytes.all.peak", "segment.all.peak", "requested_bytes.all.peak")
 
 
 def backend_setup(setup: Setup, backend: str) -> Setup:
@@ -100,6 +103,8 @@ class _Meter:
                      "categories": {k: int(v) for k, v in rec.peak_breakdown.items()}}
             if self.cuda:
                 entry["untracked_bytes"] = max(0, int(alloc) - int(rec.peak_bytes))
+                stats = torch.cuda.memory_stats()
+                entry["memory_stats"] = {k: int(stats.get(k, 0)) for k in CUDA_STATS}
             self.phases[phase.value] = entry
 
 
