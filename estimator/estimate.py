@@ -15,7 +15,7 @@ from . import activations as acts
 from .categories import Category, Phase, TENSOR_CATEGORIES
 from .gpus import GPU
 from .modelspec import ModelSpec
-from .overheads import DEFAULT, Overheads, workspace_for
+from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (ParamCount, count_params, layer_linears, lora_params, lora_targets,
                      param_tensor_sizes, quantized_params)
 from .setup import Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
@@ -56,6 +56,7 @@ class Estimate:
     param_groups: Dict[str, int] = field(default_factory=dict)
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
+    calibration_key: str = ""
 
     @property
     def components(self) -> Dict[Category, int]:
@@ -90,6 +91,7 @@ class Estimate:
                        for ph, comp in self.phases.items()},
             "setup": self.setup.to_dict(),
             "overheads": self.overheads_source,
+            "calibration_key": self.calibration_key,
             "notes": list(self.notes),
         }
 
@@ -265,13 +267,17 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     n_states = big * _STATE_TENSORS[setup.optimizer] if setup.mode is Mode.FULL else 0
 
     per_tensor = overheads.allocator_per_large_tensor_bytes if cuda else 0
+    fraction = overheads.allocator_fraction
 
     def phase(tensors: int, **parts: int) -> Dict[Category, int]:
         out = _ZERO.copy()
         for key, value in parts.items():
             out[_CATEGORY[key]] = int(value)
         out[_CONTEXT] = context
-        out[_ALLOCATOR] = per_tensor * tensors
+        if fraction is None or not cuda:
+            out[_ALLOCATOR] = per_tensor * tensors
+        else:
+            out[_ALLOCATOR] = int(fraction * sum(v for c, v in out.items() if c in TENSOR_CATEGORIES))
         return out
 
     if setup.training:
@@ -279,12 +285,13 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
             act = acts.checkpointed_activations(spec, setup)
         else:
             act = acts.training_activations(spec, setup)
-        A = int(act.total * overheads.activation_factor)
-        logits = acts.logits_bytes(spec, setup)
+        k = overheads.factor_for(calibration_key(spec.family, setup.attn.value, setup.precision.value))
+        A = int(act.total * k)
+        logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
         # autocast caches the half copy of every matmul weight; autograd keeps them saved
         # until backward frees them (torch/csrc/autograd autocast cache, torch.autocast docs)
         cast_cache = 2 * states.linear_weights if setup.precision.is_autocast and setup.mode is Mode.FULL else 0
-        fb_temps = workspace + cast_cache + ranked["gathered"]
+        fb_temps = workspace + cast_cache + ranked["gathered"] + overheads.constant_bytes
         n_act = len(act.per_layer) * act.layers + len(act.outside)
         n_grads = big if setup.mode is Mode.FULL else 0
         phases[Phase.FORWARD] = phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=A,
@@ -320,24 +327,26 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         # mixed-bf16: the fp32 copy of every gradient the master step reads
         phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + master_grads,
                                         optimizer_state=O,
-                                        temporaries=workspace + opt_temps)
+                                        temporaries=workspace + opt_temps + overheads.constant_bytes)
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
         prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
+        k = overheads.factor_for(calibration_key(spec.family, setup.attn.value, setup.precision.value))
         phases[Phase.PREFILL] = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prefill_kv,
-                                      activations=prefill_transient(spec, setup),
+                                      activations=int(k * prefill_transient(spec, setup)),
                                       logits=setup.batch * spec.vocab_size * setup.precision.compute_bytes,
-                                      temporaries=workspace)
+                                      temporaries=workspace + overheads.constant_bytes)
         if setup.new_tokens:
             # DynamicCache.update concatenates per layer: one layer's old and new cache coexist
             growth = kv // max(spec.num_layers, 1)
             phases[Phase.DECODE] = phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                                          logits=setup.batch * spec.vocab_size * setup.precision.compute_bytes,
-                                         temporaries=workspace)
+                                         temporaries=workspace + overheads.constant_bytes)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
-                    notes=tuple(notes), overheads_source=overheads.source)
+                    notes=tuple(notes), overheads_source=overheads.source,
+                    calibration_key=calibration_key(spec.family, setup.attn.value, setup.precision.value))
 
 
 @lru_cache(maxsize=1024)

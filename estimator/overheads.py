@@ -5,7 +5,8 @@ then these are the defaults, each cited.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
 from .units import MiB
 
@@ -34,7 +35,28 @@ class Overheads:
     workspace_bytes: int = CUBLAS_WORKSPACE_HOPPER_BYTES
     allocator_per_large_tensor_bytes: int = ALLOCATOR_ROUND_LARGE_BYTES // 2
     activation_factor: float = 1.0  # multiplies the activation formula (1.0 = uncalibrated)
+    #: fitted factors per calibration key (``calibration_key``); missing keys use activation_factor
+    activation_factors: Mapping[str, float] = field(default_factory=dict, hash=False, compare=False)
+    #: a fitted constant added to every phase's temporaries (what no formula term explains)
+    constant_bytes: int = 0
+    #: fitted reserved - allocated as a fraction of allocated; None: the rounding model above
+    allocator_fraction: Optional[float] = None
     source: str = "defaults (estimator/overheads.py)"
+
+    def factor_for(self, key: str) -> float:
+        return self.activation_factors.get(key, self.activation_factor)
+
+
+def calibration_key(family: str, attn: str, precision: str) -> str:
+    """The group a fitted activation factor belongs to: family x attention kernel x
+    precision class (fp32, half, amp)."""
+    if precision == "fp32":
+        cls = "fp32"
+    elif precision.startswith("amp"):
+        cls = "amp"
+    else:
+        cls = "half"
+    return f"{family}|{attn}|{cls}"
 
 
 DEFAULT = Overheads()

@@ -25,6 +25,23 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="shipped name (e.g. llama-2-7b), path to config.json or folder, or hub id")
 
 
+def _overheads(args, setup, gpu):
+    """--calibration FILE | none | auto (default): auto picks the committed calibration that
+    matches the device semantics (cpu) or the named GPU (cuda), else the defaults."""
+    from estimator.calibration import find_calibration, load_calibration
+    from estimator.overheads import DEFAULT
+    choice = getattr(args, "calibration", "auto") or "auto"
+    if choice == "none":
+        return DEFAULT
+    if choice != "auto":
+        return load_calibration(choice)
+    if setup.device.value == "cpu":
+        found = find_calibration("cpu")
+    else:
+        found = find_calibration("cuda", gpu.name) if gpu else None
+    return load_calibration(found) if found else DEFAULT
+
+
 def cmd_estimate(args) -> int:
     from estimator.estimate import estimate
     from estimator.gpus import get_gpu
@@ -32,7 +49,7 @@ def cmd_estimate(args) -> int:
     spec = load_model(args.model)
     setup = setup_from_args(args)
     gpu = get_gpu(args.gpu) if args.gpu else None
-    est = estimate(spec, setup, gpu)
+    est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -55,7 +72,8 @@ def cmd_fit(args) -> int:
         raise UsageError("fit needs exactly one of --gpu NAME or --memory SIZE (e.g. --memory 24GiB)")
     gpu = get_gpu(args.gpu) if args.gpu else None
     memory = gpu.memory_bytes if gpu else parse_bytes(args.memory)
-    result = fit(load_model(args.model), setup_from_args(args), memory, gpu)
+    setup = setup_from_args(args)
+    result = fit(load_model(args.model), setup, memory, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -161,8 +179,109 @@ def cmd_sweep(args) -> int:
                       f"{record['case']['setup']['precision']}: {record['status']}", file=sys.stderr)
 
         sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=float(args.case_timeout),
-              on_case=on_case)
+              on_case=on_case, timeline=args.timeline)
     print(f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
+    return 0
+
+
+def _read_all(paths):
+    from profiler.records import read_records
+    records = []
+    for path in paths:
+        records.extend(read_records(path))
+    return records
+
+
+def _summary_table(summaries: dict, title: str):
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("predictor", "median |error|", "p95", "max"):
+        table.add_column(col, justify="left" if col == "predictor" else "right")
+    for name, s in summaries.items():
+        table.add_row(name.replace("_", " "), f"{100 * s['median']:.2f}%", f"{100 * s['p95']:.2f}%",
+                      f"{100 * s['max']:.2f}%")
+    return table
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+    from profiler.calibrate import calibrate
+    out = Path(args.out)
+    result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from estimator.report import print_table
+    print_table(_summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
+                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
+                               f"constant {result['overheads']['constant_bytes']} B"))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pathlib import Path
+    from estimator.calibration import load_calibration
+    from profiler.validate import validate
+    records = _read_all(args.records)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    result = validate(records, calibration)
+    if args.report:
+        from profiler.report import write_report
+        written = write_report(result, records, Path(args.report), args.title or "vramlab validation")
+        print(f"report: {written['html']} ({', '.join(p.name for p in written.values())})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from estimator.report import print_table
+        from profiler.report import cases_table_md
+        print_table(_summary_table({k: v for k, v in result.summaries.items()},
+                                   f"{len(result.rows)} cases: error as a fraction of the measured peak"))
+        print(cases_table_md(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from profiler.compare import Threshold, compare, markdown
+    from profiler.records import read_records
+    threshold = Threshold.parse(args.threshold)
+    result = compare(read_records(args.baseline), read_records(args.current), threshold)
+    text = markdown(result, threshold)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text, end="")
+    return 1 if result.regressed else 0
+
+
+def cmd_loop(args) -> int:
+    """The whole loop on the embedded quick matrix: profile, calibrate, validate, report."""
+    from pathlib import Path
+    from profiler.calibrate import calibrate
+    from profiler.report import write_report
+    from profiler.sweep import sweep
+    from profiler.validate import validate
+    backend = args.backend
+    if backend == "auto":
+        import torch
+        backend = "cuda" if torch.cuda.is_available() else "cpu"
+    matrix = Path(__file__).parent / "data" / "cpu-quick.toml"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / f"{backend}-quick.jsonl"
+    print(f"1/3 profiling {matrix.name} on the {backend} backend -> {records_path}", file=sys.stderr)
+    sweep(matrix, backend, records_path, timeline=True,
+          on_case=lambda n, total, r: print(f"  [{n}/{total}] {r['case']['model']} {r['case']['setup']['mode']}: "
+                                            f"{r['status']}", file=sys.stderr))
+    records = _read_all([records_path])
+    cal_path = out / f"{backend}-quick-calibration.json"
+    print(f"2/3 calibrating -> {cal_path}", file=sys.stderr)
+    cal_path.write_text(json.dumps(calibrate(records, [records_path], f"{backend}-quick"), indent=2) + "\n")
+    print(f"3/3 validating -> {out / 'report'}", file=sys.stderr)
+    result = validate(records)
+    written = write_report(result, records, out / "report", f"vramlab quick loop ({backend})")
+    from estimator.report import print_table
+    print_table(_summary_table(result.summaries, f"{len(result.rows)} cases on {backend}: |error| vs measured peak"))
+    print(f"report: {written['html']}")
     return 0
 
 
@@ -173,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     add_setup_arguments(p)
     p.add_argument("--gpu", help="GPU preset (sets the cuBLAS workspace and says whether it fits)")
+    p.add_argument("--calibration", default="auto", help="calibration JSON, 'none', or 'auto' (default)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("fit", help="largest batch / longest sequence and strategies that fit a budget")
@@ -180,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setup_arguments(p)
     p.add_argument("--gpu", help="GPU preset, e.g. a100-80gb, h100-80gb, rtx-4090")
     p.add_argument("--memory", help="memory budget, e.g. 24GiB or 80GB")
+    p.add_argument("--calibration", default="auto", help="calibration JSON, 'none', or 'auto' (default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("rules", help="the rules of thumb for 1B, 7B, 70B beside the detailed estimate")
@@ -202,7 +323,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL file; cases already in it are skipped")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th")
     p.add_argument("--case-timeout", default="900", help="seconds before a case is stopped (default 900)")
+    p.add_argument("--timeline", action="store_true", help="keep each run's memory timeline")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("calibrate", help="fit activation factors and overheads to measured records")
+    p.add_argument("records", nargs="+")
+    p.add_argument("--out", required=True, help="calibration JSON, e.g. results/calibration/NAME.json")
+    p.add_argument("--name", help="name stored in the file (default: the file's stem)")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("validate", help="predicted beside measured, with error summaries and a report")
+    p.add_argument("records", nargs="+")
+    p.add_argument("--calibration", help="calibration JSON to apply beside the uncalibrated estimate")
+    p.add_argument("--report", help="folder for PNG plots, report.html and summary.md")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression")
+    p.add_argument("baseline")
+    p.add_argument("current")
+    p.add_argument("--threshold", default="2%", help="a percentage (2%%) or a size (256MiB); default 2%%")
+    p.add_argument("--out", help="also write the markdown report here")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("loop", help="profile the embedded quick matrix, calibrate, validate, write the report")
+    p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")
+    p.add_argument("--backend", default="auto", choices=("auto", "cuda", "cpu"))
+    p.set_defaults(func=cmd_loop)
     return parser
 
 

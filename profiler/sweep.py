@@ -48,8 +48,9 @@ def done_keys(out: Path) -> set:
 
 
 def run_in_subprocess(model: str, setup: Setup, backend: str, steps: int, case: dict,
-                      timeout_s: float = DEFAULT_CASE_TIMEOUT_S) -> dict:
-    request = json.dumps({"model": model, "setup": setup.to_dict(), "backend": backend, "steps": steps})
+                      timeout_s: float = DEFAULT_CASE_TIMEOUT_S, timeline: bool = False) -> dict:
+    request = json.dumps({"model": model, "setup": setup.to_dict(), "backend": backend, "steps": steps,
+                          "timeline": timeline})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     try:
@@ -70,7 +71,7 @@ def run_in_subprocess(model: str, setup: Setup, backend: str, steps: int, case: 
 def sweep(matrix: "str | Path", backend: str, out: "str | Path", shard: Tuple[int, int] = (0, 1),
           timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
           on_case: Optional[Callable[[int, int, dict], None]] = None,
-          runner: Callable = run_in_subprocess) -> List[dict]:
+          runner: Callable = run_in_subprocess, timeline: bool = False) -> List[dict]:
     """Run every case of the shard not yet in ``out``; append each record as it finishes."""
     out = Path(out)
     cases = plan(matrix, backend, shard)
@@ -78,7 +79,7 @@ def sweep(matrix: "str | Path", backend: str, out: "str | Path", shard: Tuple[in
     todo = [c for c in cases if case_key(c[3]) not in done]
     records = []
     for n, (model, setup, steps, case) in enumerate(todo, start=1):
-        record = runner(model, setup, backend, steps, case, timeout_s)
+        record = runner(model, setup, backend, steps, case, timeout_s, timeline)
         append_record(out, record)
         records.append(record)
         if on_case:

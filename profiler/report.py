@@ -1,0 +1,165 @@
+"""Pictures and pages from a Validation: PNG plots, one self-contained HTML report and a
+markdown summary (matplotlib, Agg backend; no display needed)."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from estimator.categories import Category
+
+from .validate import Validation
+
+BAND = 0.05  # the +-5% band drawn around the diagonal
+MAX_BARS = 16  # cases shown in the stacked-bar chart
+PREDICTORS = ("uncalibrated", "calibrated", "calibrated_loo", "rules_of_thumb", "accelerate", "korthikanti")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def scatter(v: Validation, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    meas = [r.measured / 2**30 for r in v.rows]
+    hi = max(max(meas), max(r.uncalibrated / 2**30 for r in v.rows)) * 1.1
+    ax.plot([0, hi], [0, hi], color="black", lw=1)
+    ax.fill_between([0, hi], [0, hi * (1 - BAND)], [0, hi * (1 + BAND)], color="tab:green", alpha=0.15,
+                    label=f"+-{BAND:.0%}")
+    ax.scatter(meas, [r.uncalibrated / 2**30 for r in v.rows], label="vramlab (uncalibrated)", s=18)
+    loo = [r.measured * (1 + r.loo_error) / 2**30 for r in v.rows]
+    ax.scatter(meas, loo, label="vramlab (calibrated, leave-one-out)", s=12, marker="x")
+    for name, marker in (("rules_of_thumb", "^"), ("accelerate", "s")):
+        pts = [(r.measured / 2**30, r.simple[name] / 2**30) for r in v.rows if name in r.simple]
+        if pts:
+            ax.scatter(*zip(*pts), label=name.replace("_", " "), s=10, marker=marker, alpha=0.6)
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("measured peak (GiB)")
+    ax.set_ylabel("predicted peak (GiB)")
+    ax.set_title(f"predicted vs measured, {len(v.rows)} cases")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stacked_bars(v: Validation, path: Path) -> Path:
+    plt = _plt()
+    rows = v.rows[:MAX_BARS]
+    cats = [c.value for c in Category if c not in (Category.CONTEXT, Category.ALLOCATOR)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 5))
+    width = 0.4
+    colors = plt.get_cmap("tab10")
+    for side, (attr, offset, hatch) in enumerate((("categories_predicted", -width / 2, ""),
+                                                  ("categories_measured", width / 2, "//"))):
+        bottoms = [0.0] * len(rows)
+        for ci, cat in enumerate(cats):
+            vals = [getattr(r, attr).get(cat, 0) / 2**30 for r in rows]
+            ax.bar([i + offset for i in range(len(rows))], vals, width, bottom=bottoms, color=colors(ci),
+                   hatch=hatch, label=cat if side == 0 else None, edgecolor="white", linewidth=0.3)
+            bottoms = [b + x for b, x in zip(bottoms, vals)]
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r.label for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("GiB at the peak phase")
+    ax.set_title("per category: left predicted, right (hatched) measured")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def timeline(records: Sequence[dict], path: Path) -> Optional[Path]:
+    """Memory over a run from the tracker's timeline (or NVML samples) of the first record with one."""
+    for r in records:
+        series = r.get("measured", {}).get("timeline")
+        if series:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(8, 3.5))
+            xs, ys = zip(*series)
+            ax.plot(xs, [y / 2**30 for y in ys], lw=1)
+            ax.set_xlabel("allocation/free event")
+            ax.set_ylabel("live tensor GiB")
+            c = r["case"]
+            ax.set_title(f"timeline: {c['model']} {c['setup']['mode']} {c['setup']['precision']} ({r['backend']})")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            return path
+    return None
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def summary_table_md(v: Validation) -> str:
+    lines = ["| predictor | median abs error | p95 | max |", "|---|---|---|---|"]
+    for name in PREDICTORS:
+        s = v.summaries.get(name)
+        if s:
+            lines.append(f"| {name.replace('_', ' ')} | {100 * s['median']:.2f}% | {100 * s['p95']:.2f}% | "
+                         f"{100 * s['max']:.2f}% |")
+    return "\n".join(lines)
+
+
+def cases_table_md(v: Validation) -> str:
+    names = ["rules_of_thumb", "accelerate", "korthikanti"]
+    head = ("| case | measured GiB | vramlab | calibrated LOO | " + " | ".join(n.replace("_", " ") for n in names)
+            + " |")
+    lines = [head, "|" + "---|" * (4 + len(names))]
+    for r in v.rows:
+        simple = " | ".join(_pct(r.error(r.simple.get(n))) for n in names)
+        lines.append(f"| {r.label} | {r.measured / 2**30:.2f} | {_pct(r.error(r.uncalibrated))} | "
+                     f"{_pct(r.loo_error)} | {simple} |")
+    return "\n".join(lines)
+
+
+def write_report(v: Validation, records: Sequence[dict], folder: Path, title: str) -> Dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"scatter": scatter(v, folder / "scatter.png"), "bars": stacked_bars(v, folder / "categories.png")}
+    tl = timeline(records, folder / "timeline.png")
+    if tl:
+        out["timeline"] = tl
+    md = [f"# {title}", "", f"{len(v.rows)} cases; errors are (predicted - measured) / measured peak "
+          "allocated bytes.", ""]
+    if v.calibration_source:
+        md += [f"Calibration: {v.calibration_source}", ""]
+    md += [summary_table_md(v), "", "![predicted vs measured](scatter.png)", "",
+           "![categories](categories.png)", ""]
+    if tl:
+        md += ["![timeline](timeline.png)", ""]
+    md += ["## Per case", "", cases_table_md(v), ""]
+    out["markdown"] = folder / "summary.md"
+    out["markdown"].write_text("\n".join(md), encoding="utf-8")
+    out["html"] = folder / "report.html"
+    out["html"].write_text(_html(v, title, [p for k, p in out.items() if str(p).endswith(".png")]), encoding="utf-8")
+    return out
+
+
+def _md_table_to_html(md: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in md.splitlines() if not r.startswith("|---")]
+    head, body = rows[0], rows[1:]
+    th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _html(v: Validation, title: str, images: List[Path]) -> str:
+    imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   for p in images)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{len(v.rows)} cases; errors are (predicted - measured) / measured peak allocated bytes.</p>"
+            f"{_md_table_to_html(summary_table_md(v))}{imgs}<h2>Per case</h2>"
+            f"{_md_table_to_html(cases_table_md(v))}</body></html>")
