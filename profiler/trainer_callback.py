@@ -1,0 +1,232 @@
+"""A ``transformers.TrainerCallback`` that records the peak memory of every training step.
+
+::
+
+    from profiler.trainer_callback import VramCallback
+    with VramCallback(spec=spec, setup=setup, out="runs/steps.jsonl") as cb:
+        Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
+    cb.records  # one schema-1 record per optimizer step (profiler.records)
+
+A step runs from ``on_step_begin`` (before the forward of its first micro-batch) to
+``on_step_end`` (after ``optimizer.step()``, the scheduler and ``zero_grad``), as
+``transformers.Trainer._inner_training_loop`` calls them; with gradient accumulation
+that spans all of the step's micro-batches.
+
+``cuda`` backend
+    ``reset_peak_memory_stats`` at the step's start, ``max_memory_allocated`` at its end
+    (and ``max_memory_reserved``): absolute bytes on the device, as the harness records.
+``cpu`` backend
+    One :class:`~profiler.tracker.StorageTracker` for the run: the model's parameters
+    and buffers are tracked as weights at ``on_train_begin``, gradients and optimizer
+    state are tagged as they appear (``watch_grads``, ``watch_optimizer``), and the
+    tracker is entered for each step only (``on_step_begin`` .. ``on_step_end``), its
+    peak restarted at every step. So the peak is absolute too: weights + optimizer
+    state + whatever the step allocates. The batch is prefetched before ``on_step_begin``
+    and is not counted (a few KiB of token ids). The mode is entered in one callback and
+    left in another; ``close()`` (or leaving the ``with`` block) pops it should
+    ``train()`` raise between the two.
+
+The backend is where the model's parameters live (``use_cpu=True`` on a GPU host is
+``cpu``), unless ``backend=`` says otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from estimator.categories import Category
+from estimator.estimate import estimate
+from estimator.modelspec import ModelSpec, spec_from_config
+from estimator.setup import Setup
+
+from .harness import device_info, versions
+from .records import SCHEMA_VERSION, append_record, case_key, validate
+from .tracker import StorageTracker
+
+__all__ = ["VramCallback"]
+
+BACKENDS = ("cuda", "cpu")
+
+
+class VramCallback(TrainerCallback):
+    """Per-step peak memory of a ``transformers.Trainer`` run, as profiler records.
+
+    Args:
+        spec, setup: the estimator's model and setup; given together, each record
+            carries ``estimate(spec, setup).to_dict()`` under ``predicted``.
+        out: JSONL file each record is appended to (``profiler.records.append_record``).
+        backend: ``"cuda"`` or ``"cpu"``; ``None`` picks the device of the model's
+            parameters at ``on_train_begin``.
+        model_name: the ``case.model`` of the records (default: ``spec.name``, else the
+            model config's ``name_or_path`` or ``model_type``).
+    """
+
+    def __init__(self, spec: Optional[ModelSpec] = None, setup: Optional[Setup] = None,
+                 out: "str | Path | None" = None, backend: Optional[str] = None,
+                 model_name: Optional[str] = None) -> None:
+        if (spec is None) != (setup is None):
+            raise ValueError("pass spec and setup together (the estimate needs both), or neither")
+        if spec is not None and not isinstance(spec, ModelSpec):
+            raise TypeError(f"spec must be an estimator ModelSpec, got {type(spec).__name__}")
+        if setup is not None and not isinstance(setup, Setup):
+            raise TypeError(f"setup must be an estimator Setup, got {type(setup).__name__}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)} "
+                             f"(or leave it None to follow the model's device)")
+        self.spec = spec
+        self.setup = setup
+        self.out = Path(out) if out is not None else None
+        self.backend = backend
+        self.model_name = model_name
+        self.predicted = estimate(spec, setup).to_dict() if spec is not None else None
+        self.records: List[dict] = []
+        self._tracker: Optional[StorageTracker] = None
+        self._case: Optional[dict] = None
+        self._device: Optional[dict] = None
+        self._in_step = False
+        self._watched: Any = None  # the optimizer whose state the tracker tags
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "VramCallback":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the tracker's dispatch mode and remove its hooks (idempotent)."""
+        tracker = self._tracker
+        if tracker is None:
+            return
+        if tracker.active:
+            from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+            if _get_current_dispatch_mode() is tracker:
+                tracker.__exit__(None, None, None)
+            else:  # __exit__ pops whatever mode is on top: never pop someone else's
+                warnings.warn("VramCallback: another dispatch mode sits above the step's tracker, "
+                              "so it was left in place; its counts after this point are not used",
+                              RuntimeWarning, stacklevel=2)
+        tracker.remove_hooks()
+        self._tracker = None
+        self._watched = None
+        self._in_step = False
+
+    # ------------------------------------------------------------------ callback events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.close()  # a previous train() that raised mid-step
+        if model is None:
+            raise ValueError("VramCallback needs the model: the Trainer passes it to callbacks")
+        if self.backend is None:
+            param = next(model.parameters(), None)
+            self.backend = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
+        self._case = self._make_case(model, state)
+        self._device = device_info(self.backend)
+        if self.backend == "cpu":
+            tracker = StorageTracker()
+            tracker.track(model, Category.WEIGHTS)
+            tracker.watch_grads(model)
+            self._tracker = tracker
+            self._watch(optimizer)
+        return control
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.backend == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self._tracker is not None:
+            tracker = self._tracker
+            self._watch(optimizer)  # the optimizer may be created after on_train_begin
+            tracker.default_category = Category.ACTIVATIONS
+            if not tracker.active:
+                tracker.__enter__()
+            tracker.reset_peak()
+        self._in_step = True
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._tracker is not None:  # what optimizer.step() makes beyond its state
+            self._tracker.default_category = Category.TEMPORARIES
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._in_step:
+            return control
+        self._in_step = False
+        measured: dict = {"phases": {}}
+        if self.backend == "cuda":
+            torch.cuda.synchronize()
+            measured["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+            measured["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+        else:
+            tracker = self._tracker
+            if tracker.active:
+                self._leave_step()
+            res = tracker.results()
+            measured["peak_allocated_bytes"] = int(res.peak_bytes)
+            measured["categories"] = {c.value: int(res.peak_breakdown.get(c.value, 0)) for c in Category}
+            measured["end_bytes"] = int(res.current_bytes)
+        self._emit(state.global_step, measured)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+        return control
+
+    # ------------------------------------------------------------------ helpers
+    def _leave_step(self) -> None:
+        """Leave the tracker's mode at the end of a step, keeping it (and its hooks) for the next."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        tracker = self._tracker
+        if _get_current_dispatch_mode() is tracker:
+            tracker.__exit__(None, None, None)
+        else:
+            self.close()
+            raise RuntimeError("VramCallback: a dispatch mode entered during the step is still active "
+                               "at on_step_end, so the step's tracker cannot be left safely")
+
+    def _watch(self, optimizer: Any) -> None:
+        if optimizer is None or self._tracker is None:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if inner is self._watched:
+            return
+        self._tracker.watch_optimizer(inner)
+        self._tracker.track(inner, Category.OPTIMIZER_STATE)  # state that already exists
+        self._watched = inner
+
+    def _make_case(self, model: Any, state: Any) -> dict:
+        config = getattr(model, "config", None)
+        if self.spec is not None:
+            name, config_hash = self.spec.name, self.spec.config_hash
+        else:
+            raw = config.to_dict() if config is not None else {}
+            name = getattr(config, "name_or_path", "") or raw.get("model_type") or type(model).__name__
+            try:
+                config_hash = spec_from_config(raw, name=name).config_hash
+            except ValueError:  # an architecture the estimator cannot read: hash the dict itself
+                text = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+                config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return {"model": self.model_name or name, "config_hash": config_hash,
+                "setup": self.setup.to_dict() if self.setup is not None else None,
+                "steps": int(state.max_steps), "backend": self.backend}
+
+    def _emit(self, step: int, measured: dict) -> None:
+        record = {"schema": SCHEMA_VERSION, "case": self._case, "case_key": case_key(self._case),
+                  "backend": self.backend, "status": "ok", "message": "", "source": "trainer_callback",
+                  "step": int(step), "versions": versions(), "host": socket.gethostname(),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "device": self._device, "measured": measured, "predicted": self.predicted}
+        validate(record, f"VramCallback record of step {step}")
+        self.records.append(record)
+        if self.out is not None:
+            append_record(self.out, record)
