@@ -158,7 +158,7 @@ def main() -> int:
 
     t_plain, t_tracked = min(plain), min(tracked)
     overhead = t_tracked / t_plain
-    print(f"# StorageTracker benchmark: llama-2-7b sim step (FakeTensorMode, CPU)\n")
+    print("# StorageTracker benchmark: llama-2-7b sim step (FakeTensorMode, CPU)\n")
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, threads={torch.get_num_threads()}; "
           f"model {args.layers} layers, {n_params / 1e9:.3f} B params bf16, "

@@ -121,10 +121,6 @@ class _ActKey(NamedTuple):
     lora_targets: tuple
     batch: int = 1
 
-    @property
-    def training(self) -> bool:
-        return self.mode is not Mode.INFERENCE
-
 
 @lru_cache(maxsize=8192)
 def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:

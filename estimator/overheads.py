@@ -24,7 +24,6 @@ CUBLAS_WORKSPACE_OLDER_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
 #: 2 MiB (c10/cuda/CUDACachingAllocator.cpp); with uniform remainders a live large
 #: tensor wastes half of that on average.
 ALLOCATOR_ROUND_LARGE_BYTES = 2 * MiB
-ALLOCATOR_SMALL_SEGMENT_BYTES = 2 * MiB  # kSmallBuffer: the small pool's 2 MiB segments
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ beside the detailed estimate, each difference named by its cause. Rules speak GB
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .categories import Category
 from .estimate import Estimate, estimate

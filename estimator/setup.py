@@ -5,7 +5,7 @@ every invalid value is a ``ValueError`` naming the value and the valid choices.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Optional, Tuple, Type, TypeVar
 

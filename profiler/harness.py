@@ -12,7 +12,6 @@ import gc
 import platform
 import resource
 import socket
-import sys
 import time
 from typing import Dict, Optional
 

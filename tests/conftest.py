@@ -1,7 +1,7 @@
 """Shared fixtures: run the ``vramlab`` CLI in-process and capture what it prints."""
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 import pytest
 

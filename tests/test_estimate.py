@@ -12,8 +12,8 @@ from estimator.categories import Category, Phase
 from estimator.estimate import Estimate, estimate, model_states
 from estimator.fit import fit
 from estimator.modelspec import load_model, spec_from_config
-from estimator.params import count_params, lora_params
-from estimator.setup import Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from estimator.params import lora_params
+from estimator.setup import Setup
 from estimator.units import GiB
 
 #: llama-2-7b parameters (meta-llama/Llama-2-7b-hf safetensors metadata)

@@ -277,7 +277,7 @@ def test_entry_point_registers_the_marker(pytester, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_limit_boundary(pytester):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU; the cpu backend's boundary tests above run everywhere")
     # CUDACachingAllocator rounds every request up to a multiple of 512 bytes (kMinBlockSize),
