@@ -8,6 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from estimator.units import parse_bytes
 
+from .records import case_label
+
 METRICS = (("peak allocated", "peak_allocated_bytes"), ("peak reserved", "peak_reserved_bytes"),
            ("NVML peak", "nvml_peak_used_bytes"))
 
@@ -66,12 +68,6 @@ class Comparison:
                                                               for _, old, new in self.status_changes)
 
 
-def _label(record: dict) -> str:
-    c, s = record["case"], record["case"]["setup"]
-    return f"{c['model']} {s['mode']} {s['precision']} b{s['batch']}x{s['seq']} {s['attn']}" + \
-        (" ckpt" if s.get("grad_ckpt") else "") + f" [{c['backend']}]"
-
-
 def _error(record: dict) -> Optional[float]:
     m, p = record.get("measured", {}), record.get("predicted") or {}
     if not m.get("peak_allocated_bytes") or "allocated_bytes" not in p:
@@ -83,12 +79,12 @@ def compare(baseline: Sequence[dict], current: Sequence[dict], threshold: Thresh
     base = {match_key(r): r for r in baseline}
     cur = {match_key(r): r for r in current}
     out = Comparison()
-    out.only_baseline = sorted(_label(base[k]) for k in base.keys() - cur.keys())
-    out.only_current = sorted(_label(cur[k]) for k in cur.keys() - base.keys())
+    out.only_baseline = sorted(case_label(base[k], backend=True) for k in base.keys() - cur.keys())
+    out.only_current = sorted(case_label(cur[k], backend=True) for k in cur.keys() - base.keys())
     for key in sorted(base.keys() & cur.keys()):
         b, c = base[key], cur[key]
         out.matched += 1
-        label = _label(c)
+        label = case_label(c, backend=True)
         if b["status"] != c["status"]:
             out.status_changes.append((label, b["status"], c["status"]))
         if b["status"] != "ok" or c["status"] != "ok":

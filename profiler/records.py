@@ -66,6 +66,14 @@ def read_records(path: "str | Path", allow_partial_tail: bool = False) -> List[d
     return out
 
 
+def case_label(record: dict, backend: bool = False) -> str:
+    """A short human name of a record's case: model, mode, precision, batch x seq, attention."""
+    c, s = record["case"], record["case"]["setup"]
+    label = f"{c['model']} {s['mode']} {s['precision']} b{s['batch']}x{s['seq']} {s['attn']}"
+    label += " ckpt" if s.get("grad_ckpt") else ""
+    return label + (f" [{c['backend']}]" if backend else "")
+
+
 def iter_records(paths) -> Iterator[dict]:
     for p in paths:
         yield from read_records(p)

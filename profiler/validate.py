@@ -11,6 +11,7 @@ from estimator.overheads import Overheads
 from estimator.setup import Mode, Precision, Quant, Setup
 
 from .calibrate import points, selected_loo, summary
+from .records import case_label
 
 GB = 10**9
 
@@ -88,12 +89,6 @@ class Validation:
         return out
 
 
-def _label(record: dict) -> str:
-    c, s = record["case"], record["case"]["setup"]
-    extra = " ckpt" if s.get("grad_ckpt") else ""
-    return f"{c['model']} {s['mode']} {s['precision']} b{s['batch']}x{s['seq']} {s['attn']}{extra}"
-
-
 def validate(records: Sequence[dict], calibration: Optional[Overheads] = None) -> Validation:
     pts = points(records)
     if not pts:
@@ -115,7 +110,7 @@ def validate(records: Sequence[dict], calibration: Optional[Overheads] = None) -
             simple = {name: fn(spec, setup, params) for name, fn in SIMPLE_PREDICTORS.items()}
         phase = m.get("peak_phase")
         rows.append(CaseRow(
-            key=p.key, label=_label(r), measured=p.y, reserved=m.get("peak_reserved_bytes"),
+            key=p.key, label=case_label(r), measured=p.y, reserved=m.get("peak_reserved_bytes"),
             nvml=m.get("nvml_peak_used_bytes"), uncalibrated=int(round(p.predict({}, 0.0))),
             calibrated=calibrated, loo_error=lo, simple=simple,
             categories_measured=dict(m.get("categories", {})),
