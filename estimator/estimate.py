@@ -254,6 +254,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
                          f"{spec.max_positions} positions (max_position_embeddings)")
     count = count_params(spec)
     notes = [count.note] if count.note else []
+    group = _group(spec.family, setup.attn, setup.precision)
+    k = overheads.factor_for(group)
     states = model_states(spec, setup, count)
     ranked = _shard(states, setup, spec)
     W, G, O = ranked["weights"], ranked["gradients"], ranked["optimizer_state"]
@@ -285,7 +287,6 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
             act = acts.checkpointed_activations(spec, setup)
         else:
             act = acts.training_activations(spec, setup)
-        k = overheads.factor_for(calibration_key(spec.family, setup.attn.value, setup.precision.value))
         A = int(act.total * k)
         logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
         # autocast caches the half copy of every matmul weight; autograd keeps them saved
@@ -331,7 +332,6 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
         prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
-        k = overheads.factor_for(calibration_key(spec.family, setup.attn.value, setup.precision.value))
         phases[Phase.PREFILL] = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prefill_kv,
                                       activations=int(k * prefill_transient(spec, setup)),
                                       logits=setup.batch * spec.vocab_size * setup.precision.compute_bytes,
@@ -346,7 +346,12 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=tuple(notes), overheads_source=overheads.source,
-                    calibration_key=calibration_key(spec.family, setup.attn.value, setup.precision.value))
+                    calibration_key=group)
+
+
+@lru_cache(maxsize=1024)
+def _group(family: str, attn, precision) -> str:
+    return calibration_key(family, attn.value, precision.value)
 
 
 @lru_cache(maxsize=1024)
