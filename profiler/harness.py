@@ -277,6 +277,7 @@ def _summarise(record, meter, tracker, sampler, cuda, rss0) -> None:
             categories[Category.ALLOCATOR.value] = int(top["peak_reserved_bytes"] - top["peak_allocated_bytes"])
         measured["categories"] = categories
     if sampler and sampler.available:
+        measured["nvml_timeline"] = sampler.timeline()
         dev, proc = sampler.peak()
         measured["nvml_peak_used_bytes"] = dev
         measured["nvml_peak_process_bytes"] = proc

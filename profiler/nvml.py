@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 #: Sampling period: a few ms, enough to catch phase peaks of steps lasting >= 10 ms.
 SAMPLE_PERIOD_S = 0.005
+MAX_TIMELINE_POINTS = 2000  # kept in the record for the report's timeline plot
 
 
 class NvmlSampler:
@@ -69,6 +70,11 @@ class NvmlSampler:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+    def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> List[Tuple[float, int]]:
+        """(seconds, device used bytes), every n-th sample so at most max_points remain."""
+        step = max(1, -(-len(self.samples) // max_points))
+        return [(round(t, 4), used) for t, used, _ in self.samples[::step]]
 
     def peak(self) -> Tuple[Optional[int], Optional[int]]:
         if not self.samples:

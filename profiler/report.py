@@ -79,14 +79,15 @@ def stacked_bars(v: Validation, path: Path) -> Path:
 def timeline(records: Sequence[dict], path: Path) -> Optional[Path]:
     """Memory over a run from the tracker's timeline (or NVML samples) of the first record with one."""
     for r in records:
-        series = r.get("measured", {}).get("timeline")
+        nvml = r.get("measured", {}).get("nvml_timeline")
+        series = nvml or r.get("measured", {}).get("timeline")
         if series:
             plt = _plt()
             fig, ax = plt.subplots(figsize=(8, 3.5))
             xs, ys = zip(*series)
             ax.plot(xs, [y / 2**30 for y in ys], lw=1)
-            ax.set_xlabel("allocation/free event")
-            ax.set_ylabel("live tensor GiB")
+            ax.set_xlabel("seconds" if nvml else "allocation/free event")
+            ax.set_ylabel("NVML device used GiB" if nvml else "live tensor GiB")
             c = r["case"]
             ax.set_title(f"timeline: {c['model']} {c['setup']['mode']} {c['setup']['precision']} ({r['backend']})")
             fig.tight_layout()
@@ -110,15 +111,25 @@ def summary_table_md(v: Validation) -> str:
     return "\n".join(lines)
 
 
+def _ratio_err(predicted: Optional[int], measured: Optional[int]) -> str:
+    return "-" if not predicted or not measured else f"{100 * (predicted - measured) / measured:+.2f}%"
+
+
 def cases_table_md(v: Validation) -> str:
     names = ["rules_of_thumb", "accelerate", "korthikanti"]
+    gpu = any(r.reserved for r in v.rows)
+    extra = " reserved GiB | vramlab reserved | NVML GiB | vramlab NVML |" if gpu else ""
     head = ("| case | measured GiB | vramlab | calibrated LOO | " + " | ".join(n.replace("_", " ") for n in names)
-            + " |")
-    lines = [head, "|" + "---|" * (4 + len(names))]
+            + " |" + extra)
+    lines = [head, "|" + "---|" * (4 + len(names) + (4 if gpu else 0))]
     for r in v.rows:
         simple = " | ".join(_pct(r.error(r.simple.get(n))) for n in names)
-        lines.append(f"| {r.label} | {r.measured / 2**30:.2f} | {_pct(r.error(r.uncalibrated))} | "
-                     f"{_pct(r.loo_error)} | {simple} |")
+        line = (f"| {r.label} | {r.measured / 2**30:.2f} | {_pct(r.error(r.uncalibrated))} | "
+                f"{_pct(r.loo_error)} | {simple} |")
+        if gpu:
+            line += (f" {(r.reserved or 0) / 2**30:.2f} | {_ratio_err(r.predicted_reserved, r.reserved)} | "
+                     f"{(r.nvml or 0) / 2**30:.2f} | {_ratio_err(r.predicted_total, r.nvml_process)} |")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -67,6 +67,9 @@ class CaseRow:
     uncalibrated: int
     calibrated: Optional[int]
     loo_error: float
+    predicted_reserved: Optional[int] = None
+    predicted_total: Optional[int] = None  # tensors + allocator + context: what NVML should see
+    nvml_process: Optional[int] = None  # NVML used minus the idle baseline before CUDA init
     simple: Dict[str, int] = field(default_factory=dict)
     categories_measured: Dict[str, int] = field(default_factory=dict)
     categories_predicted: Dict[str, int] = field(default_factory=dict)
@@ -113,6 +116,10 @@ def validate(records: Sequence[dict], calibration: Optional[Overheads] = None) -
             key=p.key, label=case_label(r), measured=p.y, reserved=m.get("peak_reserved_bytes"),
             nvml=m.get("nvml_peak_used_bytes"), uncalibrated=int(round(p.predict({}, 0.0))),
             calibrated=calibrated, loo_error=lo, simple=simple,
+            predicted_reserved=r["predicted"].get("reserved_bytes"),
+            predicted_total=r["predicted"].get("total_bytes"),
+            nvml_process=(m["nvml_peak_used_bytes"] - m.get("nvml_idle_used_bytes", 0))
+            if m.get("nvml_peak_used_bytes") else None,
             categories_measured=dict(m.get("categories", {})),
             categories_predicted=dict(r["predicted"]["phases"].get(phase, r["predicted"]["components"]))))
     summaries = {"uncalibrated": summary([row.error(row.uncalibrated) for row in rows]),
