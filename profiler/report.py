@@ -77,7 +77,7 @@ def stacked_bars(v: Validation, path: Path) -> Path:
 
 
 def timeline(records: Sequence[dict], path: Path) -> Optional[Path]:
-    """Memory over a run from the tracker's timeline (or NVML samples) of the first record with one."""
+    """Memory over a run from the NVML samples (cuda) or the tracker timeline of the first record with one."""
     for r in records:
         nvml = r.get("measured", {}).get("nvml_timeline")
         series = nvml or r.get("measured", {}).get("timeline")
