@@ -256,19 +256,17 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
     notes = [count.note] if count.note else []
     group = _group(spec.family, setup.attn, setup.precision)
     k = overheads.factor_for(group)
-    states = model_states(spec, setup, count)
-    ranked = _shard(states, setup, spec)
-    W, G, O = ranked["weights"], ranked["gradients"], ranked["optimizer_state"]
     cuda = setup.device is Device.CUDA
-    workspace = (workspace_for(gpu.architecture) if gpu else overheads.workspace_bytes) if cuda else 0
-    context = overheads.context_bytes if cuda else 0
+    st = _static(spec, _StaticKey(
+        setup.mode, setup.precision, setup.quant, setup.optimizer, setup.optimizer_impl, setup.lora_rank,
+        setup.lora_targets, setup.device, setup.world_size, setup.sharding,
+        (workspace_for(gpu.architecture) if gpu else overheads.workspace_bytes) if cuda else 0,
+        overheads.context_bytes if cuda else 0, overheads.allocator_per_large_tensor_bytes if cuda else 0))
+    states = st.states
+    W, G, O = st.weights, st.gradients, st.optimizer_state
+    workspace, context, per_tensor = st.workspace, st.context, st.per_tensor
+    big, n_states, n_grads = st.big, st.n_states, st.n_grads
     phases: Dict[Phase, Dict[Category, int]] = {}
-
-    # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
-    big = _large_tensors(spec, setup.precision.param_bytes)
-    n_states = big * _STATE_TENSORS[setup.optimizer] if setup.mode is Mode.FULL else 0
-
-    per_tensor = overheads.allocator_per_large_tensor_bytes if cuda else 0
     fraction = overheads.allocator_fraction
 
     def phase(tensors: int, **parts: int) -> Dict[Category, int]:
@@ -289,12 +287,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
             act = acts.training_activations(spec, setup)
         A = int(act.total * k)
         logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
-        # autocast caches the half copy of every matmul weight; autograd keeps them saved
-        # until backward frees them (torch/csrc/autograd autocast cache, torch.autocast docs)
-        cast_cache = 2 * states.linear_weights if setup.precision.is_autocast and setup.mode is Mode.FULL else 0
-        fb_temps = workspace + cast_cache + ranked["gathered"] + overheads.constant_bytes
+        cast_cache = st.cast_cache
+        fb_temps = workspace + cast_cache + st.gathered + overheads.constant_bytes
         n_act = len(act.per_layer) * act.layers + len(act.outside)
-        n_grads = big if setup.mode is Mode.FULL else 0
         phases[Phase.FORWARD] = phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=A,
                                       logits=logits["forward"], temporaries=fb_temps)
         recomputed = act.outside.get("recomputed_layer", 0)
@@ -302,33 +297,19 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         # Backward is a line from "all activations saved, no gradients" to "no activations,
         # all gradients", so its peak is at one of three moments: the loss backward (fp32
         # log-softmax gradients), the recomputation of a checkpointed layer, or the end.
-        # At the end a tied embedding's dense (V, h) gradient and its sum with the lm_head's
-        # gradient coexist with the accumulated .grad (measured by the sim backend; the
-        # untied embedding's gradient is stolen into .grad without a copy).
-        grad_bytes = states.gradients // max(states.trainable, 1) if setup.mode is Mode.FULL else 0
-        embed_bwd = 2 * spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes \
-            if spec.tie_word_embeddings else 0
-        master_grads = FP32 * states.trainable if setup.precision is Precision.MIXED_BF16 \
-            and setup.mode is Mode.FULL else 0
-        opt_temps = optimizer_temporaries(setup, states)
-        if setup.sharding in _SHARDED_STATES:
-            # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
-            master_grads = -(-master_grads // setup.world_size)
-            opt_temps = -(-opt_temps // setup.world_size)
         candidates = [
             phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=saved,
                   logits=logits["backward"], temporaries=fb_temps),
             phase(big + n_states + n_grads, weights=W, optimizer_state=O, gradients=G,
-                  temporaries=fb_temps - cast_cache + embed_bwd),
+                  temporaries=fb_temps - cast_cache + st.embed_bwd),
         ]
         if recomputed:
             candidates.append(phase(big + n_states + n_act, weights=W, optimizer_state=O,
                                     activations=saved + recomputed, temporaries=fb_temps))
         phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
-        # mixed-bf16: the fp32 copy of every gradient the master step reads
-        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + master_grads,
+        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + st.master_grads,
                                         optimizer_state=O,
-                                        temporaries=workspace + opt_temps + overheads.constant_bytes)
+                                        temporaries=workspace + st.opt_temps + overheads.constant_bytes)
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
         prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
@@ -347,6 +328,77 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=tuple(notes), overheads_source=overheads.source,
                     calibration_key=group)
+
+
+class _StaticKey(NamedTuple):
+    """The parts of a setup (and of the overheads) that batch and sequence do not touch."""
+
+    mode: Mode
+    precision: Precision
+    quant: Quant
+    optimizer: Optimizer
+    optimizer_impl: OptimizerImpl
+    lora_rank: int
+    lora_targets: tuple
+    device: Device
+    world_size: int
+    sharding: Sharding
+    workspace: int
+    context: int
+    per_tensor: int
+
+    @property
+    def resolved_optimizer_impl(self) -> OptimizerImpl:
+        return Setup.resolved_optimizer_impl.fget(self)  # type: ignore[attr-defined]
+
+
+class _Static(NamedTuple):
+    states: ModelStates
+    weights: int
+    gradients: int
+    optimizer_state: int
+    gathered: int
+    workspace: int
+    context: int
+    per_tensor: int
+    big: int
+    n_states: int
+    n_grads: int
+    cast_cache: int
+    embed_bwd: int
+    master_grads: int
+    opt_temps: int
+
+
+@lru_cache(maxsize=4096)
+def _static(spec: ModelSpec, key: _StaticKey) -> _Static:
+    """Every term of the estimate that batch and sequence length do not change."""
+    states = _model_states(spec, _StateKey(key.mode, key.precision, key.quant, key.optimizer,
+                                           key.lora_rank, key.lora_targets))
+    ranked = _shard(states, key, spec)
+    full = key.mode is Mode.FULL
+    # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
+    big = _large_tensors(spec, key.precision.param_bytes)
+    # autocast caches the half copy of every matmul weight; autograd keeps them saved
+    # until backward frees them (torch/csrc/autograd autocast cache, torch.autocast docs)
+    cast_cache = 2 * states.linear_weights if key.precision.is_autocast and full else 0
+    # At the end of backward a tied embedding's dense (V, h) gradient and its sum with the
+    # lm_head's gradient coexist with the accumulated .grad (measured by the sim backend;
+    # an untied embedding's gradient is stolen into .grad without a copy).
+    grad_bytes = states.gradients // max(states.trainable, 1) if full else 0
+    embed_bwd = 2 * spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes \
+        if spec.tie_word_embeddings else 0
+    # mixed-bf16: the fp32 copy of every gradient the master step reads
+    master_grads = FP32 * states.trainable if key.precision is Precision.MIXED_BF16 and full else 0
+    opt_temps = optimizer_temporaries(key, states) if key.mode is not Mode.INFERENCE else 0
+    if key.sharding in _SHARDED_STATES:
+        # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
+        master_grads = -(-master_grads // key.world_size)
+        opt_temps = -(-opt_temps // key.world_size)
+    return _Static(states, ranked["weights"], ranked["gradients"], ranked["optimizer_state"],
+                   ranked["gathered"], key.workspace, key.context, key.per_tensor, big,
+                   big * _STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
+                   cast_cache, embed_bwd, master_grads, opt_temps)
 
 
 @lru_cache(maxsize=1024)
