@@ -19,6 +19,7 @@ from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (ParamCount, count_params, layer_linears, lora_params, lora_targets,
                      param_tensor_sizes, quantized_params)
 from .setup import Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 
 FP32 = 4
 _CATEGORY = {c.value: c for c in Category}
@@ -225,27 +226,6 @@ def optimizer_temporaries(setup: Setup, states: ModelStates) -> int:
     return 2 * per_elem * states.largest_trainable_tensor
 
 
-def _shard(states: ModelStates, setup: Setup, spec: ModelSpec) -> Dict[str, int]:
-    """Per-rank model states (ZeRO paper Sec. 5 / Table 1; PyTorch FSDP2 fully_shard docs)."""
-    n = setup.world_size
-    w, g, o = states.weights, states.gradients, states.optimizer_state
-    extra = 0
-    sh = setup.sharding
-    if sh is Sharding.DDP:
-        # DDP Reducer buckets hold a flat copy of every gradient unless gradient_as_bucket_view=True
-        g = 2 * g
-    elif sh is Sharding.ZERO1:
-        o = -(-o // n)
-    elif sh is Sharding.ZERO2:
-        o, g = -(-o // n), -(-g // n)
-    elif sh in (Sharding.ZERO3, Sharding.FSDP):
-        o, g, w_full = -(-o // n), -(-g // n), w
-        w = -(-w // n)
-        # one decoder layer's parameters all-gathered at a time, the next prefetched
-        extra = 2 * (w_full // max(spec.num_layers, 1))
-    return {"weights": w, "gradients": g, "optimizer_state": o, "gathered": extra}
-
-
 def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
              overheads: Overheads = DEFAULT) -> Estimate:
     """Predict the peak memory of one step of ``setup`` on ``spec``."""
@@ -264,6 +244,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         overheads.context_bytes if cuda else 0, overheads.allocator_per_large_tensor_bytes if cuda else 0))
     states = st.states
     W, G, O = st.weights, st.gradients, st.optimizer_state
+    ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     workspace, context, per_tensor = st.workspace, st.context, st.per_tensor
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     phases: Dict[Phase, Dict[Category, int]] = {}
@@ -288,28 +269,42 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: Optional[GPU] = None,
         A = int(act.total * k)
         logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
         cast_cache = st.cast_cache
-        fb_temps = workspace + cast_cache + st.gathered + overheads.constant_bytes
+        fb_temps = workspace + cast_cache + overheads.constant_bytes
         n_act = len(act.per_layer) * act.layers + len(act.outside)
-        phases[Phase.FORWARD] = phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=A,
-                                      logits=logits["forward"], temporaries=fb_temps)
         recomputed = act.outside.get("recomputed_layer", 0)
         saved = A - recomputed
+        forward = [phase(big + n_states + n_act + 3, **with_extra(
+            ranked.forward_extra(), weights=W, optimizer_state=O, activations=A,
+            logits=logits["forward"], temporaries=fb_temps))]
+        if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
+                weights=W, optimizer_state=O, temporaries=fb_temps)))
+        phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
         # Backward is a line from "all activations saved, no gradients" to "no activations,
         # all gradients", so its peak is at one of three moments: the loss backward (fp32
         # log-softmax gradients), the recomputation of a checkpointed layer, or the end.
         candidates = [
-            phase(big + n_states + n_act + 3, weights=W, optimizer_state=O, activations=saved,
-                  logits=logits["backward"], temporaries=fb_temps),
-            phase(big + n_states + n_grads, weights=W, optimizer_state=O, gradients=G,
-                  temporaries=fb_temps - cast_cache + st.embed_bwd),
+            phase(big + n_states + n_act + 3, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O, activations=saved,
+                logits=logits["backward"], temporaries=fb_temps)),
+            phase(big + n_states + n_grads, **with_extra(
+                ranked.backward_end_extra(), weights=W, optimizer_state=O, gradients=G,
+                temporaries=fb_temps - cast_cache + st.embed_bwd)),
         ]
         if recomputed:
-            candidates.append(phase(big + n_states + n_act, weights=W, optimizer_state=O,
-                                    activations=saved + recomputed, temporaries=fb_temps))
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O,
+                activations=saved + recomputed, temporaries=fb_temps)))
+        if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup),
+                                      recomputed),
+                weights=W, optimizer_state=O, temporaries=fb_temps)))
         phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
-        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, weights=W, gradients=G + st.master_grads,
-                                        optimizer_state=O,
-                                        temporaries=workspace + st.opt_temps + overheads.constant_bytes)
+        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
+            ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
+            temporaries=workspace + st.opt_temps + overheads.constant_bytes))
     else:
         kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
         prefill_kv = kv_cache_bytes(spec, setup, setup.seq)
@@ -357,7 +352,7 @@ class _Static(NamedTuple):
     weights: int
     gradients: int
     optimizer_state: int
-    gathered: int
+    ranked: RankStates
     workspace: int
     context: int
     per_tensor: int
@@ -375,7 +370,7 @@ def _static(spec: ModelSpec, key: _StaticKey) -> _Static:
     """Every term of the estimate that batch and sequence length do not change."""
     states = _model_states(spec, _StateKey(key.mode, key.precision, key.quant, key.optimizer,
                                            key.lora_rank, key.lora_targets))
-    ranked = _shard(states, key, spec)
+    ranked = per_rank_states(spec, key, states)  # key has the Setup fields it reads
     full = key.mode is Mode.FULL
     # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
     big = _large_tensors(spec, key.precision.param_bytes)
@@ -395,8 +390,8 @@ def _static(spec: ModelSpec, key: _StaticKey) -> _Static:
         # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
         master_grads = -(-master_grads // key.world_size)
         opt_temps = -(-opt_temps // key.world_size)
-    return _Static(states, ranked["weights"], ranked["gradients"], ranked["optimizer_state"],
-                   ranked["gathered"], key.workspace, key.context, key.per_tensor, big,
+    return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
+                   ranked, key.workspace, key.context, key.per_tensor, big,
                    big * _STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
                    cast_cache, embed_bwd, master_grads, opt_temps)
 

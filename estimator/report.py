@@ -60,7 +60,8 @@ def rules_tables(rows: List[RuleRow]) -> Table:
     table = Table(title="Rules of thumb (REFERENCE.md) beside the detailed estimate, in GB (10^9 bytes)",
                   caption="batch 1 x seq 512 unless said; the estimate is the step's peak on one CUDA GPU")
     for col, just in (("size", "left"), ("model", "left"), ("setting", "left"), ("rule GB", "right"),
-                      ("estimate GB", "right"), ("what the rule leaves out (GB)", "left")):
+                      ("estimate GB", "right"), ("ZeRO-3 on H100 80GB: GPUs x GB each", "right"),
+                      ("what the rule leaves out (GB)", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
         if r.rule_low_bytes == r.rule_high_bytes:
@@ -70,8 +71,9 @@ def rules_tables(rows: List[RuleRow]) -> Table:
         else:
             rule = f"{r.rule_low_bytes / GB:,.0f}-{r.rule_high_bytes / GB:,.0f}"
         causes = "; ".join(f"{why} {b / GB:+,.1f}" for why, b in r.causes)
+        per_gpu = "-" if r.per_gpu is None else f"{r.per_gpu[0]} x {r.per_gpu[1] / GB:,.1f}"
         table.add_row(r.size, f"{r.model} ({r.params / 1e9:.2f}B)", r.setting, rule,
-                      f"{r.estimate.total_bytes / GB:,.1f}", causes)
+                      f"{r.estimate.total_bytes / GB:,.1f}", per_gpu, causes)
     return table
 
 

@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 from .categories import Category
 from .estimate import Estimate, estimate
 from .modelspec import load_model
-from .setup import Mode, Precision, Quant, Setup
+from .gpus import get_gpu
+from .setup import Mode, Precision, Quant, Setup, Sharding
 
 GB = 10**9
 
@@ -49,6 +50,8 @@ class RuleRow:
     rule_high_bytes: Optional[int]
     estimate: Estimate
     causes: List[Tuple[str, int]]  # (cause, bytes the estimate adds over the rule)
+    #: training rows: (ranks, per-rank bytes) of the smallest ZeRO-3 world on PER_GPU that fits
+    per_gpu: Optional[Tuple[int, int]] = None
 
     @property
     def difference_bytes(self) -> Optional[int]:
@@ -89,6 +92,25 @@ def _causes(rule: Rule, est: Estimate, x_billions: float) -> List[Tuple[str, int
     return out
 
 
+#: the GPU the per-GPU column is sized for
+PER_GPU = "h100-80gb"
+
+
+def _per_gpu(spec, setup: Setup) -> Optional[Tuple[int, int]]:
+    """Smallest power-of-two ZeRO-3 world whose per-rank peak fits one PER_GPU."""
+    if not setup.training:
+        return None
+    memory = get_gpu(PER_GPU).memory_bytes
+    n = 1
+    while n <= 1024:
+        candidate = setup if n == 1 else setup.replace(world_size=n, sharding=Sharding.ZERO3)
+        total = estimate(spec, candidate).total_bytes
+        if total <= memory:
+            return n, total
+        n *= 2
+    return None
+
+
 def rules_table(batch: int = 1, seq: int = 512) -> List[RuleRow]:
     rows: List[RuleRow] = []
     for size, model in SIZES:
@@ -106,5 +128,5 @@ def rules_table(batch: int = 1, seq: int = 512) -> List[RuleRow]:
                 lo, hi = ranges[size]
                 low, high = int(lo * GB), (int(hi * GB) if hi is not None else None)
             rows.append(RuleRow(size, model, est.params, rule.setting, low, high, est,
-                                _causes(rule, est, x)))
+                                _causes(rule, est, x), _per_gpu(spec, setup)))
     return rows

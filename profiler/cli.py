@@ -91,6 +91,8 @@ def cmd_rules(args) -> int:
         print(json.dumps([{"size": r.size, "model": r.model, "params": r.params, "setting": r.setting,
                            "rule_low_bytes": r.rule_low_bytes, "rule_high_bytes": r.rule_high_bytes,
                            "estimate_total_bytes": r.estimate.total_bytes,
+                           "per_gpu": None if r.per_gpu is None else
+                           {"gpu": "h100-80gb", "ranks": r.per_gpu[0], "bytes_per_rank": r.per_gpu[1]},
                            "causes": [{"cause": c, "bytes": b} for c, b in r.causes]} for r in rows], indent=2))
     else:
         from estimator.report import print_table, rules_tables
@@ -131,16 +133,44 @@ def cmd_profile(args) -> int:
     load_model(args.model)  # bad names fail before torch is imported
     setup = setup_from_args(args)
     steps = _positive(args.steps, "steps")
+    nproc = _positive(args.nproc, "nproc")
+    if nproc > 1:
+        return _profile_distributed(args, setup, steps, nproc)
     record = run_case(args.model, setup, args.backend, steps=steps, timeline=args.timeline)
     if args.out:
         append_record(args.out, record)
-    if args.json:
-        print(json.dumps(record, indent=2))
-    else:
-        from estimator.report import print_table
+    _show_records([record], args.json)
+    return 0 if record["status"] in ("ok", "oom") else 1
+
+
+def _show_records(records, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
+        return
+    from estimator.report import print_table
+    for record in records:
+        if "rank" in record:
+            print(f"rank {record['rank']} of {record['world_size']}")
         for table in _profile_table(record):
             print_table(table)
-    return 0 if record["status"] in ("ok", "oom") else 1
+
+
+def _profile_distributed(args, setup, steps: int, nproc: int) -> int:
+    """--nproc N: torchrun with DDP or FSDP2 (cpu: gloo, cuda: nccl); sim: rank 0 of N on a
+    fake process group. One record per rank."""
+    from profiler.distributed import run_distributed, run_sim_rank0
+    from profiler.records import append_record
+    if setup.sharding.value not in ("ddp", "fsdp", "zero3"):
+        raise UsageError(f"--nproc {nproc} needs --sharding ddp or fsdp (zero3 runs as fsdp)")
+    setup = setup.replace(world_size=nproc)
+    if args.backend == "sim":
+        records = [run_sim_rank0(args.model, setup, nproc, steps=steps)]
+        if args.out:
+            append_record(args.out, records[0])
+    else:
+        records = run_distributed(args.model, setup, backend=args.backend, steps=steps, nproc=nproc, out=args.out)
+    _show_records(records, args.json)
+    return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
 
 
 def _positive(text, name: str) -> int:
@@ -315,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="2", help="measured steps after one warm-up step (default 2)")
     p.add_argument("--out", help="append the record to this JSONL file")
     p.add_argument("--timeline", action="store_true", help="keep the tracker's memory timeline in the record")
+    p.add_argument("--nproc", default="1", help="ranks: > 1 runs DDP/FSDP2 under torchrun (sim: rank 0 of N)")
     p.add_argument("--json", action="store_true", help="print the record")
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("sweep", help="run a TOML matrix, one subprocess per case, resumable")

@@ -187,7 +187,10 @@ def test_sharding_per_rank_states(llama7b, precision, world):
     assert z1 == (w1, g1, _ceil_div(o1, world))
     assert z2 == (w1, _ceil_div(g1, world), _ceil_div(o1, world))
     assert z3 == (_ceil_div(w1, world), _ceil_div(g1, world), _ceil_div(o1, world))
-    assert fsdp == z3
+    if world == 3:  # FSDP2 pads every tensor to ceil(rows/N) rows; 4096 rows do not split in 3
+        assert all(f >= z for f, z in zip(fsdp, z3)) and fsdp[0] < 1.001 * z3[0]
+    else:
+        assert fsdp == z3
     assert ddp == (w1, 2 * g1, o1)  # DDP Reducer's flat gradient buckets
 
 
@@ -208,11 +211,14 @@ def test_mixed_bf16_sharded_gradients(llama7b, sharding):
     assert g8 == _ceil_div(g1, 8)
 
 
-def test_zero3_gathers_two_layers(llama7b):
+def test_zero3_gathers_three_layers_at_a_copy_out(llama7b):
     base = Setup(precision="bf16")
     one = estimate(llama7b, base).phases[Phase.FORWARD][Category.TEMPORARIES]
     z3 = estimate(llama7b, base.replace(world_size=4, sharding="zero3")).phases[Phase.FORWARD][Category.TEMPORARIES]
-    assert z3 - one == 2 * (2 * N // 32)
+    layer = 2 * (N - 2 * 32000 * 4096 - 4096) // 32  # one bf16 decoder layer
+    root = 2 * (2 * 32000 * 4096 + 4096)  # embeddings, lm_head, final norm: held through the step
+    # a layer's copy-out: its all-gather buffer, its parameters and the previous layer's buffer
+    assert z3 - one == root + 3 * layer
 
 
 # --- activations and logits sanity -----------------------------------------------------

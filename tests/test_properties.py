@@ -10,7 +10,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from estimator.categories import Category
+from estimator.categories import Category, Phase
 from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.params import layer_linears
@@ -104,7 +104,13 @@ def test_total_never_falls_as_seq_grows(case, more):
 def test_sharded_rank_never_exceeds_unsharded(case):
     spec, setup = case
     single = setup.replace(world_size=1, sharding=Sharding.NONE)
-    assert estimate(spec, setup).total_bytes <= estimate(spec, single).total_bytes
+    ranked, alone = estimate(spec, setup), estimate(spec, single)
+    # once backward is over only shards remain; during forward/backward FSDP2 and ZeRO-3 also
+    # hold the root group and up to three layers' buffers, which can outweigh the shards at
+    # small N (GPT-2 LoRA on 2 ranks: 622 MB vs 501 MB alone, measured by the sim backend)
+    assert sum(ranked.phases[Phase.OPTIMIZER].values()) <= sum(alone.phases[Phase.OPTIMIZER].values())
+    if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
+        assert ranked.total_bytes <= alone.total_bytes
 
 
 @settings(**SETTINGS)
@@ -112,7 +118,12 @@ def test_sharded_rank_never_exceeds_unsharded(case):
 def test_more_ranks_never_cost_more_per_rank(case, more):
     spec, setup = case
     wider = setup.replace(world_size=setup.world_size + more)
-    assert estimate(spec, wider).total_bytes <= estimate(spec, setup).total_bytes
+    if setup.sharding is Sharding.FSDP:  # its all-gather buffers are N*ceil(rows/N) rows: they can
+        # grow by a few rows (64 -> 65 ranks: 4096 -> 4160), while the shards never do
+        assert sum(estimate(spec, wider).phases[Phase.OPTIMIZER].values()) <= \
+            sum(estimate(spec, setup).phases[Phase.OPTIMIZER].values())
+    else:
+        assert estimate(spec, wider).total_bytes <= estimate(spec, setup).total_bytes
 
 
 @settings(**SETTINGS)

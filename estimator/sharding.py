@@ -1,0 +1,466 @@
+"""Per-rank memory under data parallelism: the model states each rank keeps, and the
+buffers each scheme adds at each moment of a step. Pure arithmetic on ints (no torch).
+
+Schemes and sources
+-------------------
+ZeRO (Rajbhandari et al. 2019, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", Sec. 5.1, Table 1; Ψ parameters, K = 12 bytes/param of optimizer state
+for mixed-precision Adam, N ranks). Per rank:
+
+=========  =====================  =====================================
+stage      mixed-precision Adam   in general (here)
+=========  =====================  =====================================
+zero1      4Ψ + 12Ψ/N             optimizer state / N
+zero2      2Ψ + 14Ψ/N             optimizer state and gradients / N
+zero3      16Ψ/N                  optimizer state, gradients and weights / N
+=========  =====================  =====================================
+
+DeepSpeed's stage docs (deepspeed.readthedocs.io, "ZeRO": stage 1 partitions optimizer
+states, 2 adds gradients, 3 adds parameters) say the same. The resident figures for
+zero1/2/3 are exactly Table 1, with ceil division per term (DeepSpeed pads each flattened
+partition to a multiple of N: within N-1 elements per tensor). DeepSpeed's communication
+buckets (``reduce_bucket_size``, ``allgather_bucket_size``) are not modelled for
+zero1/zero2; zero3 takes FSDP2's gathering moments below (parameters fetched per decoder
+layer with one layer of prefetch), since it is measured as FSDP2 here.
+
+DDP (``torch.nn.parallel.DistributedDataParallel``; ``torch/nn/parallel/distributed.py``,
+``torch/csrc/distributed/c10d/reducer.cpp``). The Reducer puts every trainable parameter
+in exactly one flat bucket (``bucket_cap_mb=25``, the first bucket capped at
+``dist._DEFAULT_FIRST_BUCKET_BYTES`` = 1 MiB), allocated when DDP is built and kept for
+the life of the model: the buckets together are one gradient-sized buffer, resident in
+every phase, forward included. With ``gradient_as_bucket_view=False`` (the default)
+``mark_variable_ready_dense`` copies each ``.grad`` into its bucket, so the gradients
+exist twice; with ``True`` ``.grad`` is a view of the bucket and exists once.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard`` on every decoder layer, then on the root;
+``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py`` and ``_fsdp_collectives.py``,
+torch 2.13). Every parameter, gradient and optimizer state is sharded /N: each tensor is
+chunked on dim 0 and padded to ceil(rows/N) rows (``FSDPParam._init_sharded_param``), so
+rank 0 holds sum(ceil(rows/N) * cols) elements and an all-gather buffer is N times that --
+which is why per-rank memory can grow by a few rows from N to N+1 ranks. Besides the
+shards (measured under ``torchrun`` with gloo and as rank 0 of a fake process group,
+``profiler/distributed.py``):
+
+- the root group (embeddings, final norm, LM head) keeps its unsharded parameters from
+  the root's pre-forward to its post-backward (``reshard_after_forward`` is False for the
+  root, ``fully_shard`` docstring), and its unsharded gradients from the LM head's
+  backward until the root's reduce-scatter at the very end of backward; with a large
+  root (GPT-2's tied embeddings) a rank of 2 can need more than one unsharded device;
+- forward: a layer's all-gather output buffer and its unsharded parameters coexist, and
+  while a layer's parameters are copied out of its buffer the previous layer's buffer is
+  still referenced (``wait_for_unshard``): three layer-sized buffers at a copy-out, two
+  while the layer runs;
+- backward: a layer's unsharded parameters, the next layer's all-gather buffer (one
+  layer of backward prefetch, ``_backward_prefetch``) and the previous layer's
+  reduce-scatter input (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers``
+  = 1): three layer-sized buffers inside the middle layers, plus the layer's unsharded
+  gradients before ``foreach_reduce`` copies them into the reduce-scatter input.
+
+LoRA / QLoRA: only the adapters are trainable, so only their gradients and optimizer
+states exist to shard (or to bucket under DDP); the frozen base weights shard under
+zero3 / fsdp, and the root group then has no gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+from .activations import training_activations
+from .modelspec import ModelSpec
+from .params import count_params, layer_linears, lora_targets
+from .setup import Attention, Mode, Quant, Setup, Sharding
+
+FP32 = 4  # bytes of a float32
+MAX_WORLD_SIZE = 1024
+#: DDP's bucket limits: ``bucket_cap_mb=25`` (torch/nn/parallel/distributed.py) and a first
+#: bucket of ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`` = 1 MiB (c10d reducer.hpp).
+DDP_BUCKET_CAP_BYTES = 25 * 2**20
+DDP_FIRST_BUCKET_BYTES = 2**20
+_GATHERING = (Sharding.ZERO3, Sharding.FSDP)  # parameters sharded, gathered per layer
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class RankStates:
+    """Bytes on one rank: the resident shards, and the transient buffers of the scheme.
+
+    ``weights + gradients + optimizer_state`` is the ZeRO paper's per-rank model state
+    (Table 1). The other fields are the scheme's buffers; the methods turn them into the
+    extra bytes (category name -> bytes) present at each moment :func:`estimate` models.
+    """
+
+    sharding: Sharding
+    world_size: int
+    weights: int
+    gradients: int  # .grad as it sits on the rank after backward (sharded under zero2/3, fsdp)
+    optimizer_state: int
+    buckets: int = 0  # DDP Reducer's flat gradient buckets, resident through the whole step
+    root_params: int = 0  # FSDP2 root group's unsharded parameters (held in forward and backward)
+    layer_params: int = 0  # one decoder layer's unsharded parameters = its all-gather buffer
+    layer_grads: int = 0  # one decoder layer's unsharded gradients (before the reduce-scatter)
+    layer_grad_shard: int = 0  # one decoder layer's gradient shard (after it)
+    root_grads: int = 0  # the root group's unsharded gradients, all of them (end of backward)
+    head_grads: int = 0  # the part present while the decoder layers run backward (LM head, final norm)
+    layers: int = 0
+
+    @property
+    def model_states(self) -> int:
+        """Resident per-rank model states (ZeRO Table 1)."""
+        return self.weights + self.gradients + self.optimizer_state
+
+    @property
+    def layer_reduce_input(self) -> int:
+        """FSDP2's reduce-scatter input of one layer: its padded unsharded gradients."""
+        return self.world_size * self.layer_grad_shard
+
+    @property
+    def gathers(self) -> bool:
+        return self.sharding in _GATHERING
+
+    def forward_extra(self) -> Dict[str, int]:
+        """Extra bytes at the forward's loss, beside the activations and the logits: DDP's
+        buckets; FSDP2's root parameters and the last layer's all-gather buffer (the loss is
+        computed inside the root's forward; the root's post-forward frees that buffer)."""
+        out = {"gradients": self.buckets} if self.buckets else {}
+        if self.gathers:
+            out["temporaries"] = self.root_params + self.layer_params
+        return out
+
+    def forward_layer(self, saved: int, per_layer: int, working_set: int = 0) -> Optional[Dict[str, int]]:
+        """FSDP2's forward peak among the decoder layers (``None`` for the other schemes).
+
+        ``saved``: activations held after the last layer's forward; ``per_layer``: what one
+        layer adds to them; ``working_set``: a layer's transient on top (a checkpointed
+        layer's full activations, which it drops at its end). Moments (weights-free
+        categories, as :meth:`backward_layer`):
+
+        - the last layer's copy-out: the previous layer's all-gather result is still
+          referenced while the current one is copied out (``wait_for_unshard`` binds it to a
+          local), so two all-gather buffers and the unsharded parameters: three layers;
+        - the first layer's copy-out: the root's all-gather buffer and parameters instead;
+        - the end of the last layer: its all-gather buffer and parameters, all activations.
+        """
+        if not self.gathers:
+            return None
+        L, P, R = self.layers, self.layer_params, self.root_params
+
+        def at(activations: int, temporaries: int) -> Dict[str, int]:
+            return {"activations": max(0, activations), "gradients": self.buckets, "temporaries": temporaries}
+
+        moments = [at(0, 2 * R + 2 * P), at(saved + working_set, R + 2 * P)]
+        if L >= 2:
+            moments.append(at(saved - per_layer, R + 3 * P))
+        return max(moments, key=lambda m: sum(m.values()))
+
+    def backward_loss_extra(self) -> Dict[str, int]:
+        """At the loss's backward: the root parameters and the last layer's prefetched
+        all-gather buffer (the root's pre-backward prefetches it)."""
+        out = {"gradients": self.buckets} if self.buckets else {}
+        if self.gathers:
+            out["temporaries"] = self.root_params + self.layer_params
+        return out
+
+    def backward_end_extra(self) -> Dict[str, int]:
+        """At the end of backward, beside the resident gradient shards.
+
+        FSDP2: before the root's post-backward, the root's unsharded parameters, its
+        unsharded gradients and the first layer's reduce-scatter input; then the root's
+        gradients and their reduce-scatter input (parameters resharded) -- the larger.
+        """
+        out = {"gradients": self.buckets} if self.buckets else {}
+        if self.gathers:
+            out["gradients"] = self.root_grads
+            out["temporaries"] = max(self.root_params + self.layer_reduce_input, self.root_grads)
+        return out
+
+    def backward_layer(self, saved: int, per_layer: int, working_set: int,
+                       recomputed: int = 0) -> Optional[Dict[str, int]]:
+        """FSDP2's backward peak inside a decoder layer (``None`` for the other schemes).
+
+        ``saved``: activations held when backward reaches the last layer; ``per_layer``:
+        what each layer's backward frees of them; ``working_set``: a layer backward's own
+        transient (:func:`layer_working_set`); ``recomputed``: a checkpointed layer's
+        recomputed activations. Returns weights-free categories (weights and optimizer
+        state are the resident shards, added by the caller). Layer i (L-1 first) holds
+        ``saved - (L-1-i)*per_layer`` activations and ``L-1-i`` gradient shards; the moments
+        are linear in i, so the end points of each range suffice.
+        """
+        if not self.gathers:
+            return None
+        L, P, RS = self.layers, self.layer_params, self.layer_reduce_input
+
+        def at(i: int, params: int, reduce_inputs: int, transient: int) -> Dict[str, int]:
+            done = L - 1 - i
+            return {"activations": max(0, saved - done * per_layer) + recomputed + transient,
+                    "gradients": self.buckets + self.head_grads + done * self.layer_grad_shard,
+                    "temporaries": self.root_params + params * P + reduce_inputs * RS}
+
+        if L == 1:  # copy-out (all-gather buffer + parameters), or its backward (parameters)
+            moments = [at(0, 2, 0, 0), at(0, 1, 0, working_set)]
+        else:
+            moments = [
+                at(L - 1, 2, 0, working_set),  # parameters + the next layer's prefetched all-gather buffer
+                at(0, 2, 1, 0),  # copy-out: all-gather buffer + parameters + layer 1's reduce-scatter input
+                at(0, 1, 1, working_set),  # its backward: nothing left to prefetch
+            ]
+            if L >= 3:  # middle layers: parameters + prefetch + the previous reduce-scatter input
+                moments += [at(L - 2, 2, 1, working_set), at(1, 2, 1, working_set)]
+        return max(moments, key=lambda m: sum(m.values()))
+
+    def optimizer_extra(self) -> Dict[str, int]:
+        return {"gradients": self.buckets} if self.buckets else {}
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["sharding"] = self.sharding.value
+        out["model_states"] = self.model_states
+        return out
+
+
+def ddp_bucket_sizes(grad_bytes: Sequence[int], cap: int = DDP_BUCKET_CAP_BYTES,
+                     first: int = DDP_FIRST_BUCKET_BYTES) -> List[int]:
+    """Bytes of each DDP bucket for gradients of ``grad_bytes`` (in ``model.parameters()``
+    order): the Reducer fills buckets in reverse order, closing one once it reaches its
+    limit (``_compute_bucket_assignment_by_size``: ``first``, then ``cap``). The buckets
+    always sum to the gradients -- the cap sets how many, not how much."""
+    sizes: List[int] = []
+    current, limit = 0, first
+    for nbytes in reversed(list(grad_bytes)):
+        current += nbytes
+        if current >= limit:
+            sizes.append(current)
+            current, limit = 0, cap
+    if current:
+        sizes.append(current)
+    return sizes
+
+
+def with_extra(extra: Dict[str, int], **parts: int) -> Dict[str, int]:
+    """``parts`` (category name -> bytes) plus ``extra``: ``phase(n, **with_extra(x, weights=W))``."""
+    if extra:
+        for key, value in extra.items():
+            parts[key] = parts.get(key, 0) + value
+    return parts
+
+
+class _Key(NamedTuple):
+    """The fields of a Setup that per-rank states depend on (a cheap cache key)."""
+
+    sharding: Sharding
+    world_size: int
+    mode: Mode
+    param_bytes: int
+    quant: Quant
+    lora_rank: int  # 0 unless LoRA/QLoRA
+    lora_targets: tuple  # () unless LoRA/QLoRA
+
+
+def per_rank_states(spec: ModelSpec, setup: Setup, states, gradient_as_bucket_view: bool = False) -> RankStates:
+    """Per-rank bytes of ``states`` (an ``estimate.ModelStates``: unsharded weights,
+    gradients, optimizer state, trainable count) under ``setup.sharding`` over
+    ``setup.world_size`` ranks. ``gradient_as_bucket_view``: DDP's option of that name."""
+    lora = setup.mode in (Mode.LORA, Mode.QLORA)
+    key = _Key(setup.sharding, setup.world_size, setup.mode, setup.precision.param_bytes, setup.quant,
+               setup.lora_rank if lora else 0, setup.lora_targets if lora else ())
+    return _per_rank(spec, key, states.weights, states.gradients, states.optimizer_state,
+                     states.trainable, bool(gradient_as_bucket_view))
+
+
+@lru_cache(maxsize=4096)
+def _per_rank(spec: ModelSpec, key: _Key, w: int, g: int, o: int, trainable: int,
+              bucket_view: bool) -> RankStates:
+    n, sh = key.world_size, key.sharding
+    if not 1 <= n <= MAX_WORLD_SIZE:
+        raise ValueError(f"world size {n} is outside 1..{MAX_WORLD_SIZE}")
+    if sh is Sharding.NONE:
+        return RankStates(sh, n, w, g, o)
+    if sh is Sharding.DDP:
+        # every trainable parameter sits in one bucket; .grad is a bucket view or a second copy
+        return RankStates(sh, n, w, 0 if bucket_view else g, o, buckets=g)
+    if sh is Sharding.ZERO1:
+        return RankStates(sh, n, w, g, _ceil_div(o, n))
+    if sh is Sharding.ZERO2:
+        return RankStates(sh, n, w, _ceil_div(g, n), _ceil_div(o, n))
+    # zero3 / fsdp: everything sharded, parameters gathered a decoder layer at a time
+    L = max(spec.num_layers, 1)
+    root_elems, root_bytes = _root_group(spec, key)
+    full = key.mode is Mode.FULL
+    grad_bytes = g // max(trainable, 1)
+    # FSDP2 pads per tensor row (below); DeepSpeed's ZeRO-3 partitions each flattened
+    # parameter (stage3.py: numel padded to a multiple of N), which is even shards to
+    # within N-1 elements per tensor: Table 1 with ceil division per term
+    shapes = _dim0_shapes(spec) if key.quant is Quant.NONE and sh is Sharding.FSDP else None
+    if shapes is None:  # even shards (zero3, quantized storage, no formula): ceil per total
+        w_rank, g_rank, o_rank = _ceil_div(w, n), _ceil_div(g, n), _ceil_div(o, n)
+        layer_params = _ceil_div(max(w - root_bytes, 0), L)
+        layer_grads = _ceil_div(max(trainable - root_elems, 0), L) * grad_bytes if full else _ceil_div(g, L)
+        layer_grad_shard = _ceil_div(layer_grads, n)
+    else:
+        # FSDP2 chunks every tensor on dim 0 and pads the chunks to ceil(rows/N) rows
+        # (FSDPParam._init_sharded_param, _get_dim0_padded_size); rank 0 holds full chunks
+        root, layer = shapes
+        root_shard, layer_shard = _shard_elems(root, n), _shard_elems(layer, n)
+        base_shard = root_shard + L * layer_shard
+        adapters = _ceil_div(trainable, L) if not full else 0  # per layer; lora_A (r, in), lora_B (out, r)
+        adapter_shard = 0 if full else _shard_elems(_lora_shapes(spec, key, adapters), n)
+        w_rank = base_shard * key.param_bytes + L * adapter_shard * FP32
+        trainable_shard = base_shard if full else L * adapter_shard
+        g_rank = trainable_shard * grad_bytes
+        o_rank = _ceil_div(o * trainable_shard, max(trainable, 1))
+        layer_params = n * (layer_shard * key.param_bytes + adapter_shard * FP32)  # the padded all-gather
+        layer_grads = (_layer_elems(spec) if full else adapters) * grad_bytes
+        layer_grad_shard = (layer_shard if full else adapter_shard) * grad_bytes
+        root_bytes = n * root_shard * key.param_bytes
+    if full:
+        root_grads = root_elems * grad_bytes
+        head_grads = _head_elems(spec, root_elems) * grad_bytes
+    else:  # LoRA/QLoRA: adapters live in the decoder layers; the root group is frozen
+        root_grads = head_grads = 0
+    return RankStates(sh, n, w_rank, g_rank, o_rank, root_params=root_bytes, layer_params=layer_params,
+                      layer_grads=layer_grads, layer_grad_shard=layer_grad_shard, root_grads=root_grads,
+                      head_grads=head_grads, layers=L)
+
+
+def _shard_elems(shapes, n: int) -> int:
+    """Rank 0's elements of tensors of (rows, columns) chunked on dim 0 over n ranks."""
+    return sum(_ceil_div(rows, n) * cols for rows, cols in shapes)
+
+
+@lru_cache(maxsize=256)
+def _dim0_shapes(spec: ModelSpec):
+    """(rows, columns) of every parameter tensor: the root group's and one decoder layer's,
+    in transformers' layouts (nn.Linear (out, in); GPT-2's Conv1D (in, out); fused MoE
+    experts (E, ...)). ``None`` when they do not add up to the parameter count."""
+    if not spec.has_formula:
+        return None
+    h = spec.hidden_size
+    e = spec.embed_dim or h
+    norm = [(h, 1)] * (1 if spec.norm == "rmsnorm" else 2)
+    layer = []
+    for lin in layer_linears(spec):
+        if lin.copies > 1:
+            layer.append((lin.copies, lin.in_features * lin.out_features))
+        elif spec.model_type == "gpt2":
+            layer.append((lin.in_features, lin.out_features))
+        else:
+            layer.append((lin.out_features, lin.in_features))
+        if lin.bias:
+            layer.append((lin.copies, lin.out_features) if lin.copies > 1 else (lin.out_features, 1))
+    layer += norm * spec.norms_per_layer
+    root = [(spec.vocab_size, e)]
+    if spec.learned_positions:
+        root.append((spec.learned_positions, h))
+    if e != h:
+        root += [(h, e), (e, h)]  # OPT project_out / project_in
+    total = count_params(spec).total
+    final = total - spec.num_layers * sum(r * c for r, c in layer) - sum(r * c for r, c in root) \
+        - (0 if spec.tie_word_embeddings else spec.vocab_size * e)
+    if final < 0 or final % h:
+        return None
+    root += [(h, 1)] * (final // h)
+    if not spec.tie_word_embeddings:
+        root.append((spec.vocab_size, e))
+    return tuple(root), tuple(layer)
+
+
+def _lora_shapes(spec: ModelSpec, key: _Key, adapters: int):
+    """peft's adapters of one layer: lora_A (r, in) and lora_B (out, r) per targeted linear
+    (peft LoraLayer); a flat block, evenly chunked, where peft's shapes are not known here
+    (fused MoE experts under all-linear) or do not add up."""
+    shapes = []
+    for lin in lora_targets(spec, key.lora_targets):
+        r = key.lora_rank * lin.lora_rank_multiplier()
+        if lin.fused_experts:
+            return ((adapters, 1),)
+        shapes += [(r, lin.in_features), (lin.out_features, r)]
+    if sum(rows * cols for rows, cols in shapes) != adapters:
+        return ((adapters, 1),)
+    return tuple(shapes)
+
+
+def _layer_elems(spec: ModelSpec) -> int:
+    """Parameters of one decoder layer: its matrices and its norms."""
+    norm = spec.hidden_size * (1 if spec.norm == "rmsnorm" else 2)
+    return sum(lin.params for lin in layer_linears(spec)) + spec.norms_per_layer * norm
+
+
+def _root_group(spec: ModelSpec, key: _Key):
+    """(elements, bytes) of what ``fully_shard(model)`` owns beyond the decoder layers:
+    embeddings (and learned positions, OPT's projections), the final norm and an untied
+    LM head. Quantized models keep these in the 2-byte compute dtype (bitsandbytes)."""
+    count = count_params(spec)
+    elems = max(count.total - spec.num_layers * _layer_elems(spec), 0)
+    per_elem = 2 if key.quant is not Quant.NONE else key.param_bytes
+    return elems, elems * per_elem
+
+
+def _head_elems(spec: ModelSpec, root_elems: int) -> int:
+    """Root parameters whose gradients exist from the start of backward: the LM head (the
+    tied embedding matrix, when tied) and the final norm -- all but the input embeddings."""
+    head = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+    embeddings = count_params(spec).groups.get("embeddings", 0)
+    if spec.tie_word_embeddings:
+        return root_elems - embeddings + head  # the shared matrix gets the head's gradient first
+    return root_elems - embeddings
+
+
+def layer_working_set(spec: ModelSpec, setup: Setup) -> int:
+    """Bytes a decoder layer's backward holds beyond its saved activations, at the larger of
+    two moments (read off the autograd ops of a Llama layer's backward, cpu and sim backends):
+
+    - the MLP's backward: the output projection's weight gradient (when trainable) and the
+      gradients of the MLP's intermediate and of its pre-activation (b*s*f each);
+    - the attention's backward, after the MLP's: every MLP weight gradient (a layer's
+      gradients are reduce-scattered only after its whole backward) less the MLP's saved
+      activations, now freed, plus the attention kernel's backward buffers -- eager
+      softmax: the probabilities' gradient and the softmax backward output (b*a*s^2 each,
+      fp32 where the model upcasts the softmax); fused kernels: the q, k, v gradients.
+
+    It decides the peak only where a layer's backward is the peak: FSDP2 / ZeRO-3."""
+    T, s = setup.batch * setup.seq, setup.seq
+    down, mlp_grads, in_mlp, mlp_saved, attn_token, attn_square = _working_terms(
+        spec, setup.mode, setup.precision, setup.quant, setup.attn, setup.device, setup.lora_rank,
+        setup.lora_targets)
+    attn = attn_token * T + attn_square * setup.batch * s * s
+    return max(down + in_mlp * T, mlp_grads - mlp_saved * T + attn)
+
+
+@lru_cache(maxsize=1024)
+def _working_terms(spec: ModelSpec, mode: Mode, precision, quant: Quant, attn: Attention, device,
+                   lora_rank: int, lora_targets: tuple):
+    """The batch- and sequence-free coefficients of :func:`layer_working_set`."""
+    f, p = spec.intermediate_size, precision.compute_bytes
+    experts = spec.experts_per_token if spec.num_experts else 1
+    grad = precision.param_bytes if mode is Mode.FULL else 0
+    mlp = [lin for lin in layer_linears(spec) if lin.group == "mlp"]
+    down = (mlp[-1].params // max(mlp[-1].copies, 1)) * experts * grad if mlp else 0
+    mlp_grads = sum(lin.params for lin in mlp) * grad
+    one_token = Setup(mode=mode, precision=precision, quant=quant, attn=attn, device=device, batch=1, seq=1,
+                      lora_rank=lora_rank, lora_targets=lora_targets)
+    mlp_saved = training_activations(spec, one_token).per_layer.get("mlp", 0)
+    if attn is Attention.EAGER:
+        probs = FP32 if spec.family in ("llama", "opt") else p  # softmax(dtype=float32) in those
+        return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, 2 * probs * spec.num_heads
+    return down, mlp_grads, 2 * f * p * experts, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
+
+
+def min_world_size(spec: ModelSpec, setup: Setup, memory_bytes: int,
+                   estimate_fn: Callable[[ModelSpec, Setup], object],
+                   sharding: Sharding = Sharding.FSDP) -> Optional[int]:
+    """Fewest ranks (1..1024) whose per-rank ``estimate_fn(spec, setup).total_bytes`` fits
+    ``memory_bytes`` under ``sharding``; ``None`` if none does. A plain scan: FSDP2's padded
+    all-gather buffers make per-rank memory not quite monotone in N (65 ranks can need a
+    little more than 64), so a bisection could miss the smallest."""
+    if memory_bytes <= 0:
+        raise ValueError(f"memory must be positive, got {memory_bytes}")
+    sharding = Sharding.parse(sharding)
+    if sharding is Sharding.NONE:
+        raise ValueError("min_world_size needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
+    for n in range(1, MAX_WORLD_SIZE + 1):
+        if estimate_fn(spec, setup.replace(world_size=n, sharding=sharding)).total_bytes <= memory_bytes:
+            return n
+    return None

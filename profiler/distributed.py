@@ -1,0 +1,484 @@
+"""Measure a training case on N ranks: under ``torchrun`` one record per rank, or rank 0 of
+many simulated in-process.
+
+:func:`run_distributed` launches PyTorch's own launcher
+(``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.dist_worker``);
+each rank (:func:`rank_record`) builds the model like the single-device harness, wraps it
+in ``DistributedDataParallel`` (sharding ddp) or FSDP2 ``fully_shard`` per decoder layer
+and then the root (sharding fsdp; zero3 is measured as fsdp), and measures warm-up plus N
+steps phase by phase with the harness's meter. On CPU the ranks talk over gloo, on CUDA
+over NCCL. Rank 0 gathers the records; a failing or hanging rank becomes a ``status:
+error`` record, never a hang (a subprocess timeout and a collective timeout).
+:func:`run_sim_rank0` runs rank 0 of N under a fake process group on fake tensors.
+
+What the tracker counts per rank: local tensor storages only. FSDP2 parameters are
+DTensors, whose local shard the tracker sees through the wrapper-subclass path. FSDP2
+all-gathers into buffers whose storage it resizes in place, which no dispatched op
+reports, and gloo copies tensors inside its collectives and frees the copies on its own
+threads; :func:`fsdp_storage_hooks` accounts for both.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from estimator.categories import Category, Phase
+from estimator.estimate import estimate
+from estimator.modelspec import ModelSpec, load_model
+from estimator.setup import Sharding, Setup
+
+from .build import (SetupUnavailable, autocast_context, build_model, build_optimizer, materialize_fake,
+                    synthetic_batch)
+from .harness import _Meter, _summarise, _unmeasured, device_info, make_case, versions
+from .records import SCHEMA_VERSION, append_record, case_key
+from .tracker import StorageTracker
+
+#: shardings this module can run for real (zero1/zero2 need DeepSpeed or ZeroRedundancyOptimizer)
+MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3)
+DIST_BACKENDS = ("cpu", "cuda")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def distributed_setup(setup: Setup, nproc: int) -> Setup:
+    """The per-rank setup of an N-rank case (world_size N); zero3 is measured as FSDP2."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
+    if not setup.training:
+        raise ValueError("distributed runs measure training; inference runs on one device here")
+    sharding = setup.sharding
+    if sharding is Sharding.NONE:
+        raise ValueError("a distributed run needs a sharding: ddp, fsdp or zero3 (--sharding)")
+    if sharding not in MEASURED:
+        raise ValueError(f"sharding {sharding} cannot be measured here (it needs DeepSpeed); "
+                         f"measure one of: ddp, fsdp, zero3; the estimator still models it")
+    return setup.replace(world_size=nproc, sharding=sharding)
+
+
+def decoder_layers(model: torch.nn.Module, spec: ModelSpec) -> torch.nn.ModuleList:
+    """The ModuleList of decoder layers (``model.layers``, GPT-2's ``transformer.h``, peft-wrapped too)."""
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == spec.num_layers:
+            return module
+    raise ValueError(f"cannot find the {spec.num_layers} decoder layers of {spec.name} to shard")
+
+
+@contextlib.contextmanager
+def fsdp_storage_hooks(tracker: StorageTracker, gathered: Category = Category.TEMPORARIES):
+    """Show the tracker FSDP2's memory as a rank's allocator sees it; install/remove in a pair.
+
+    - FSDP2 keeps each unsharded parameter in ``FSDPParam.all_gather_outputs``, whose storage
+      ``alloc_storage`` grows before an all-gather and ``free_storage`` shrinks to 0 on reshard
+      (``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``); ``UntypedStorage.resize_`` is no
+      dispatched op, so the tracker is told of each resize here. The gathered parameters are
+      tagged ``gathered`` (the estimator counts them as temporaries).
+    - The sharded gradients FSDP2 assigns after its reduce-scatter are tagged gradients.
+    - The collectives themselves (``DefaultAllGather`` / ``DefaultReduceScatter`` in
+      ``_fsdp_collectives.py``) run untracked: gloo copies its inputs on the calling thread and
+      frees the copies on its worker threads at times no two runs share, while NCCL works in
+      place. FSDP2's own buffers (all-gather and reduce-scatter inputs and outputs) are
+      allocated outside the collectives and stay counted.
+    """
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param, _fsdp_param_group
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    FSDPParam, FSDPParamGroup = _fsdp_param.FSDPParam, _fsdp_param_group.FSDPParamGroup
+    patched = [(_fsdp_param, "alloc_storage"), (_fsdp_param, "free_storage"),
+               (_fsdp_param_group, "alloc_storage"), (FSDPParam, "init_all_gather_outputs"),
+               (FSDPParamGroup, "post_backward")]
+    collectives = [getattr(_fsdp_collectives, name) for name in
+                   ("DefaultAllGather", "DefaultReduceScatter", "ProcessGroupAllocAllGather",
+                    "ProcessGroupAllocReduceScatter") if hasattr(_fsdp_collectives, name)]
+    patched += [(cls, "__call__") for cls in collectives]
+    originals = [(owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
+                 for owner, name in patched]
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+    init_outputs, post_backward = FSDPParam.init_all_gather_outputs, FSDPParamGroup.post_backward
+
+    def alloc_storage(tensor):
+        alloc(tensor)
+        tracker.track(tensor, gathered)
+
+    def free_storage(tensor):
+        free(tensor)
+        tracker.track(tensor)  # resized to 0: the tracker drops its bytes
+
+    def init_all_gather_outputs(self, *args, **kwargs):
+        init_outputs(self, *args, **kwargs)
+        tracker.track(self.all_gather_outputs, gathered)
+
+    def post_backward_tagged(self, *args, **kwargs):
+        out = post_backward(self, *args, **kwargs)
+        tracker.track([p.sharded_param.grad for p in self.fsdp_params], Category.GRADIENTS)
+        return out
+
+    def untracked(call):
+        def run(self, *args, **kwargs):
+            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+            before = _use_counts(tensors)
+            with _disable_current_modes():
+                work = call(self, *args, **kwargs)
+            if work is None:  # synchronous: wait for gloo's worker thread to let go of the tensors
+                _settle(tensors, before)
+            return work
+        return run
+
+    _fsdp_param.alloc_storage = alloc_storage
+    _fsdp_param.free_storage = free_storage
+    _fsdp_param_group.alloc_storage = alloc_storage
+    FSDPParam.init_all_gather_outputs = init_all_gather_outputs
+    FSDPParamGroup.post_backward = post_backward_tagged
+    for cls in collectives:
+        cls.__call__ = untracked(cls.__dict__["__call__"])
+    try:
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+def _use_counts(tensors) -> list:
+    return [(t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)) for t in tensors]
+
+
+def _settle(tensors, before, limit_s: float = 1.0) -> None:
+    """Wait (at most ``limit_s``) until no collective worker holds ``tensors`` any more.
+
+    ProcessGroupGloo's worker thread completes a work item, wakes the caller, and only then
+    drops its references (``ProcessGroupGloo::runLoop``); were the caller to drop the last
+    Python reference first, the storage would die on the worker thread at an unpredictable
+    point of the step. Waiting here keeps every free on the thread that measures.
+    """
+    deadline = time.perf_counter() + limit_s
+    while _use_counts(tensors) > before and time.perf_counter() < deadline:
+        time.sleep(0.0002)
+
+
+def wrap(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: str, world: int, mesh=None):
+    """DDP for ddp; FSDP2 ``fully_shard`` on every decoder layer, then the root, for fsdp/zero3
+    (over ``mesh``, by default a 1-D mesh of all ranks; build it outside any FakeTensorMode)."""
+    if setup.sharding is Sharding.DDP:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        return DDP(model, device_ids=device_ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+    for layer in decoder_layers(model, spec):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the model as .module
+
+
+def _train_steps(model, spec, setup, device, steps, tracker, meter, timings):
+    """The harness's step loop on a wrapped model (forward through the wrapper)."""
+    inner = _inner(model)
+    opt = build_optimizer(inner, setup)
+    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
+    base_opt = getattr(opt, "inner", opt)
+    tracker.watch_optimizer(base_opt)
+    if base_opt is not opt:
+        tracker.track(opt.masters, Category.OPTIMIZER_STATE)
+    head = inner.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda *_: setattr(tracker, "default_category", Category.LOGITS))
+    ids = synthetic_batch(spec, setup, device)
+    try:
+        for step in range(steps + 1):  # step 0 is the warm-up (optimizer state, bucket rebuild)
+            measure = meter if step else _unmeasured(tracker)
+            if step == 1 and hasattr(model, "reducer"):
+                # DDP rebuilds its gradient buckets once, in the order gradients arrived in the
+                # first backward (torch/nn/parallel/distributed.py::_pre_forward); do it here,
+                # tagged as gradients, rather than inside the first measured forward.
+                tracker.default_category = Category.GRADIENTS
+                model.reducer._rebuild_buckets()
+            if step and device.startswith("cuda"):
+                gc.collect()
+                torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            with measure(Phase.FORWARD, Category.ACTIVATIONS):
+                with autocast_context(setup, device.split(":")[0]):
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                loss = out.loss
+                del out
+            with measure(Phase.BACKWARD, Category.ACTIVATIONS):
+                loss.backward()
+                del loss
+            with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
+                opt.step()
+            with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
+                opt.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            timings["warmup_s" if step == 0 else "step_s"].append(round(time.perf_counter() - t0, 6))
+    finally:
+        hook.remove()
+        tracker.remove_hooks()
+
+
+def _base_record(model: str, spec: ModelSpec, setup: Setup, backend: str, steps: int,
+                 rank: int, world: int) -> dict:
+    """The record's frame, as ``harness.run_case`` writes it, plus rank, world size and nproc."""
+    case = make_case(model, setup, backend, steps, spec)
+    case["nproc"] = world
+    return {"schema": SCHEMA_VERSION, "case": case, "case_key": case_key(case), "backend": backend,
+            "rank": rank, "world_size": world, "status": "ok", "message": "", "versions": versions(),
+            "host": socket.gethostname(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "predicted": estimate(spec, Setup.from_dict(case["setup"])).to_dict()}
+
+
+def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, world: int,
+                local_rank: int = 0) -> dict:
+    """Measure this rank (its process group already initialised) and return its record;
+    a failing case is a record with status oom or error, never an exception."""
+    spec = load_model(model)
+    setup = distributed_setup(setup, world)
+    record = _base_record(model, spec, setup, backend, steps, rank, world)
+    setup = Setup.from_dict(record["case"]["setup"])
+    measured: dict = {}
+    record["measured"] = measured
+    timings: dict = {"build_s": None, "warmup_s": [], "step_s": []}
+    record["timings"] = timings
+    cuda = backend == "cuda"
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    record["device"] = device_info(backend)
+    tracker = StorageTracker()
+    meter = _Meter(tracker, cuda)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model_obj = build_model(spec, setup, device)
+        if setup.sharding is Sharding.DDP:
+            tracker.track(model_obj, Category.WEIGHTS)
+            with tracker:  # the Reducer allocates its gradient buckets in DDP's constructor
+                tracker.default_category = Category.GRADIENTS
+                wrapped = wrap(model_obj, spec, setup, device, world)
+            hooks = contextlib.nullcontext()
+        else:
+            wrapped = wrap(model_obj, spec, setup, device, world)
+            gc.collect()  # the unsharded parameters fully_shard replaced
+            tracker.track(wrapped, Category.WEIGHTS)  # this rank's local shards
+            hooks = fsdp_storage_hooks(tracker)
+        timings["build_s"] = round(time.perf_counter() - t0, 6)
+        with hooks, tracker:
+            _train_steps(wrapped, spec, setup, device, steps, tracker, meter, timings)
+    except SetupUnavailable as exc:
+        record["status"], record["message"] = "error", str(exc)
+    except torch.OutOfMemoryError as exc:
+        record["status"], record["message"] = "oom", str(exc).splitlines()[0][:300]
+    except Exception as exc:  # the case's failure is a data point (a peer's timeout included)
+        record["status"], record["message"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+    _summarise(record, meter, tracker, None, cuda, rss0)
+    return record
+
+
+def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> dict:
+    """Rank 0 of ``nproc`` simulated in this process: FSDP2 over a fake process group
+    (``torch.testing._internal.distributed.fake_pg``: collectives that move nothing) on fake
+    tensors (``FakeTensorMode``: shapes, no memory, no compute), so a 70B model on 64 ranks
+    takes seconds. FSDP2's code runs for real -- sharding, all-gather buffers, prefetching,
+    reduce-scatter inputs -- and the tracker counts rank 0's bytes as on the cpu backend.
+    Returns one record (backend sim); a failing case is a record with status error.
+    DDP is not simulated (its Reducer allocates real buckets in C++, outside fake mode)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    setup = distributed_setup(setup, nproc)
+    if setup.sharding is Sharding.DDP:
+        raise ValueError("sim runs FSDP2 (sharding fsdp or zero3); measure ddp with backend cpu or cuda")
+    if dist.is_initialized():
+        raise ValueError("a process group is already initialised in this process; "
+                         "run_sim_rank0 needs its own (fake) one: call it from a fresh process")
+    spec = load_model(model)
+    record = _base_record(model, spec, setup, "sim", steps, 0, nproc)
+    record["simulated"] = f"rank 0 of {nproc} (fake process group, fake tensors)"
+    setup = Setup.from_dict(record["case"]["setup"])
+    measured: dict = {}
+    record["measured"] = measured
+    timings: dict = {"build_s": None, "warmup_s": [], "step_s": []}
+    record["timings"] = timings
+    record["device"] = device_info("sim")
+    tracker = StorageTracker()
+    meter = _Meter(tracker, False)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
+        mesh = init_device_mesh("cpu", (nproc,))  # outside the fake mode: a real rank table
+        with fake:
+            wrapped = wrap(model_obj, spec, setup, "cpu", nproc, mesh)
+        gc.collect()
+        tracker.track(wrapped, Category.WEIGHTS)
+        timings["build_s"] = round(time.perf_counter() - t0, 6)
+        with fake, fsdp_storage_hooks(tracker), tracker:
+            _train_steps(wrapped, spec, setup, "cpu", steps, tracker, meter, timings)
+    except SetupUnavailable as exc:
+        record["status"], record["message"] = "error", str(exc)
+    except Exception as exc:  # the case's failure is a data point
+        record["status"], record["message"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        dist.destroy_process_group()
+    _summarise(record, meter, tracker, None, False, 0)
+    return record
+
+
+def error_record(model: str, setup: Setup, backend: str, steps: int, rank: int, nproc: int,
+                 message: str) -> dict:
+    """The record of a rank that left none (it crashed, or the launcher was stopped)."""
+    spec = load_model(model)
+    record = _base_record(model, spec, distributed_setup(setup, nproc), backend, steps, rank, nproc)
+    record.update(status="error", message=message[:600], measured={},
+                  timings={"build_s": None, "warmup_s": [], "step_s": []}, device=device_info(backend))
+    return record
+
+
+def launch_command(request: dict, nproc: int) -> List[str]:
+    """PyTorch's launcher (``torchrun``) running :mod:`profiler.dist_worker` on ``nproc`` ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "profiler.dist_worker", json.dumps(request, sort_keys=True)]
+
+
+def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int = 1, nproc: int = 2,
+                    out: "str | Path | None" = None, timeout_s: float = 600.0,
+                    _crash_rank: Optional[int] = None) -> List[dict]:
+    """Run ``setup`` on ``nproc`` ranks under torchrun; one record per rank, rank order.
+
+    Records are appended to ``out`` (JSONL) when given. A rank that crashed, or a launch
+    stopped after ``timeout_s`` seconds (the process group is killed), yields a status
+    ``error`` record naming the cause; collectives time out after ``timeout_s`` too, so a
+    rank waiting on a dead peer gives up instead of hanging. ``_crash_rank`` makes that rank
+    exit abruptly before measuring (for tests of the failure path).
+    """
+    if backend not in DIST_BACKENDS:
+        raise ValueError(f"distributed backend {backend!r} is not one of: {', '.join(DIST_BACKENDS)} "
+                         f"(sim runs rank 0 only: run_sim_rank0)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not timeout_s or timeout_s <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout_s!r}")
+    ranked = distributed_setup(setup, nproc)
+    load_model(model)  # an unknown model is a ValueError here, not nproc crashed ranks
+    if backend == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"{nproc} ranks on cuda need {nproc} GPUs; torch sees {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="vramlab-dist-") as tmp:
+        path = Path(tmp) / "records.jsonl"
+        request = {"model": str(model), "setup": ranked.to_dict(), "backend": backend, "steps": steps,
+                   "out": str(path), "timeout_s": float(timeout_s)}
+        if _crash_rank is not None:
+            request["crash_rank"] = int(_crash_rank)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous
+            cause = f"torchrun exited with code {proc.returncode}" if proc.returncode else ""
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            _, err = proc.communicate()
+            cause = f"stopped after {timeout_s + 60:.0f} s (timeout)"
+        records = _collect(path, nproc)
+    exits, root = _failures(err or "")
+    out_records = []
+    for rank in range(nproc):
+        record = records.get(rank)
+        if record is None:
+            why = exits.get(rank) or cause or "no record"
+            if root and root[0] != rank:
+                why += f"; first failure: rank {root[0]}, {root[1]}"
+            elif not exits:
+                tail = _error_tail(err or "")
+                why += f"; {tail}" if tail else ""
+            record = error_record(model, setup, backend, steps, rank, nproc, f"rank {rank} left no record ({why})")
+        out_records.append(record)
+    if out is not None:
+        for record in out_records:
+            append_record(out, record)
+    return out_records
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the launcher and its ranks (their own process group), politely, then not."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _collect(path: Path, nproc: int) -> dict:
+    """Records by rank: rank 0's gathered file, else each rank's own file."""
+    found = {}
+    candidates = [path] + [Path(f"{path}.rank{r}") for r in range(nproc)]
+    for candidate in candidates:
+        try:
+            lines = candidate.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("rank"), int):
+                found.setdefault(record["rank"], record)
+    return found
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*([^\n]*?)\s*(?:\(pid[^)]*\))?\s*(\(\w+\))?\s*\n")
+
+
+def _failures(stderr: str):
+    """torchrun's failure summary (torch/distributed/elastic/multiprocessing/errors): each
+    failed rank's exit code, and the root cause (the first rank that failed)."""
+    exits = {}
+    for match in _FAILURE.finditer(stderr):
+        code = f"exit code {match.group(2).strip()}" + (f" {match.group(3)}" if match.group(3) else "")
+        exits[int(match.group(1))] = code
+    root = None
+    _, sep, tail = stderr.partition("Root Cause")
+    if sep:
+        found = _FAILURE.search(tail)
+        if found:
+            root = (int(found.group(1)), exits[int(found.group(1))])
+    return exits, root
+
+
+def _error_tail(stderr: str) -> str:
+    """The last error line the ranks printed (a traceback's last line)."""
+    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else ""

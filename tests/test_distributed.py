@@ -1,0 +1,142 @@
+"""Two ranks for real under torchrun (CPU, gloo): DDP and FSDP2, one record per rank."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import estimator.estimate
+from estimator.setup import Setup
+from profiler.distributed import run_distributed, run_sim_rank0
+from profiler.records import read_records
+
+#: per rank and phase, the estimator's prediction vs the tracked peak (measured within 1.8%)
+PER_RANK_TOLERANCE = 0.03
+#: estimate() takes its per-rank terms from estimator/sharding.py once it calls per_rank_states
+WIRED = hasattr(estimator.estimate, "per_rank_states")
+# as tests/test_profiler.py: hidden 64, 2 layers, vocab 512
+TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+              "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+NPROC = 2
+PHASES = ("forward", "backward", "optimizer")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """Each sharding measured once (about 15 s each on 2 cores), shared by the tests below."""
+    out = tmp_path_factory.mktemp("records") / "dist.jsonl"
+    done = {}
+
+    def get(sharding: str):
+        if sharding not in done:
+            setup = Setup(precision="fp32", seq=32, sharding=sharding)
+            done[sharding] = run_distributed(tiny, setup, "cpu", steps=1, nproc=NPROC, out=out, timeout_s=120)
+        return done[sharding], out
+    return get
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_ranks_give_two_ok_records(runs, sharding):
+    records, out = runs(sharding)
+    assert [r["rank"] for r in records] == list(range(NPROC))
+    for r in records:
+        assert r["status"] == "ok", r["message"]
+        assert r["world_size"] == NPROC and r["case"]["nproc"] == NPROC
+        assert r["case"]["setup"]["sharding"] == sharding and r["case"]["setup"]["world_size"] == NPROC
+        assert set(PHASES) <= set(r["measured"]["phases"])
+    assert len({r["case_key"] for r in records}) == 1
+    written = [r for r in read_records(out) if r["case"]["setup"]["sharding"] == sharding]
+    assert [r["rank"] for r in written] == list(range(NPROC))
+
+
+def test_ddp_keeps_gradient_buckets_through_the_forward(runs):
+    records, _ = runs("ddp")
+    grads = records[0]["predicted"]["params"] * 4  # fp32 gradients
+    for r in records:
+        bucket_bytes = r["measured"]["phases"]["forward"]["categories"]["gradients"]
+        assert abs(bucket_bytes - grads) <= 0.01 * grads  # the Reducer's buckets, no .grad yet
+
+
+def test_fsdp_ranks_hold_half_the_weights(runs):
+    records, _ = runs("fsdp")
+    full = records[0]["predicted"]["params"] * 4
+    for r in records:
+        shard = r["measured"]["phases"]["optimizer"]["categories"]["weights"]
+        assert abs(shard - full / NPROC) <= 0.01 * full / NPROC
+
+
+@pytest.mark.xfail(not WIRED, reason="estimate() does not yet take its per-rank terms from estimator/sharding.py")
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_per_rank_peaks_match_the_estimator(runs, sharding):
+    records, _ = runs(sharding)
+    for r in records:
+        predicted = r["predicted"]["phases"]
+        for phase in PHASES:
+            pred = sum(v for k, v in predicted[phase].items() if k not in ("allocator", "context"))
+            got = r["measured"]["phases"][phase]["peak_allocated_bytes"]
+            assert abs(pred - got) <= PER_RANK_TOLERANCE * got, (r["rank"], phase, pred, got)
+
+
+def test_a_crashed_rank_gives_error_records_not_a_hang(tiny):
+    setup = Setup(precision="fp32", seq=32, sharding="fsdp")
+    records = run_distributed(tiny, setup, "cpu", steps=1, nproc=NPROC, timeout_s=60, _crash_rank=1)
+    assert [r["status"] for r in records] == ["error"] * NPROC
+    assert "exit code 3" in records[1]["message"]
+    assert "first failure: rank 1" in records[0]["message"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(sharding="zero1"), "cannot be measured here"),
+    (dict(sharding="none"), "needs a sharding"),
+    (dict(sharding="ddp", nproc=0), "nproc must be a positive integer"),
+])
+def test_setups_that_cannot_run_distributed_are_clear_errors(tiny, kw, match):
+    nproc = kw.pop("nproc", NPROC)
+    with pytest.raises(ValueError, match=match):
+        run_distributed(tiny, Setup(precision="fp32", seq=32, **kw), "cpu", nproc=nproc)
+
+
+def test_sim_is_not_a_launch_backend(tiny):
+    with pytest.raises(ValueError, match="run_sim_rank0"):
+        run_distributed(tiny, Setup(precision="fp32", sharding="fsdp"), "sim", nproc=NPROC)
+
+
+# --- sim: rank 0 of many, FSDP2 over a fake process group on fake tensors --------------
+#: 70B cases, about 25-35 s each on 2 cores; eager attention where checkpointing is off,
+#: because under FakeTensorMode sdpa saves ~48 MB/layer more than on a real CPU (the
+#: single-device sim shows it too), which is the activation model's business, not sharding's
+SIM_CASES = [
+    (8, dict(precision="bf16", seq=1024, attn="eager")),
+    (16, dict(precision="bf16", seq=2048, grad_ckpt=True)),
+    (64, dict(precision="bf16", seq=1024, attn="eager", grad_ckpt=True)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,kw", SIM_CASES, ids=[f"{n}-ranks" for n, _ in SIM_CASES])
+def test_sim_rank0_of_many_matches_the_estimator(nproc, kw):
+    record = run_sim_rank0("llama-2-70b", Setup(sharding="fsdp", **kw), nproc, steps=1)
+    assert record["status"] == "ok", record["message"]
+    assert record["rank"] == 0 and record["world_size"] == nproc and record["case"]["nproc"] == nproc
+    assert record["backend"] == "sim"
+    if not WIRED:
+        pytest.xfail("estimate() does not yet take its per-rank terms from estimator/sharding.py")
+    predicted = record["predicted"]["phases"]
+    for phase in PHASES:
+        pred = sum(v for k, v in predicted[phase].items() if k not in ("allocator", "context"))
+        got = record["measured"]["phases"][phase]["peak_allocated_bytes"]
+        assert abs(pred - got) <= PER_RANK_TOLERANCE * got, (nproc, phase, pred, got)
+
+
+def test_sim_does_not_run_ddp():
+    with pytest.raises(ValueError, match="sim runs FSDP2"):
+        run_sim_rank0("llama-2-70b", Setup(sharding="ddp"), 8)
