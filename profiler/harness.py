@@ -246,11 +246,18 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     except torch.OutOfMemoryError as exc:
         record["status"], record["message"] = "oom", str(exc).splitlines()[0][:300]
     except Exception as exc:  # a data point too: the case's failure is recorded, the sweep goes on
-        record["status"], record["message"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+        text = str(exc)
+        # cuBLAS/cuDNN allocation failures arrive as plain RuntimeErrors
+        oom = "out of memory" in text.lower() or "ALLOC_FAILED" in text
+        record["status"] = "oom" if oom else "error"
+        record["message"] = f"{type(exc).__name__}: {text[:300]}"
     finally:
         if sampler:
             sampler.stop()
-    _summarise(record, meter, tracker, sampler, cuda, rss0)
+    try:
+        _summarise(record, meter, tracker, sampler, cuda, rss0)
+    except Exception as exc:  # a summary bug must not lose the status of the run
+        record["message"] = (record["message"] + f"; summary failed: {type(exc).__name__}: {exc}").strip("; ")
     return record
 
 
@@ -281,9 +288,9 @@ def _summarise(record, meter, tracker, sampler, cuda, rss0) -> None:
         dev, proc = sampler.peak()
         measured["nvml_peak_used_bytes"] = dev
         measured["nvml_peak_process_bytes"] = proc
-        if dev is not None and "peak_reserved_bytes" in measured:
-            measured["categories"][Category.CONTEXT.value] = int(
-                dev - measured.get("nvml_idle_used_bytes", 0) - measured["peak_reserved_bytes"])
+        if dev is not None and "peak_reserved_bytes" in measured and "categories" in measured:
+            measured["categories"][Category.CONTEXT.value] = max(0, int(
+                dev - measured.get("nvml_idle_used_bytes", 0) - measured["peak_reserved_bytes"]))
     if record["backend"] == "cpu":
         measured["rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         measured["rss_before_bytes"] = rss0

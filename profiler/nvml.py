@@ -22,6 +22,7 @@ class NvmlSampler:
         self.device_index = device_index
         self.available = False
         self.message = ""
+        self.driver = ""
         self.samples: List[Tuple[float, int, Optional[int]]] = []  # (t, device used, process used)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -30,8 +31,8 @@ class NvmlSampler:
             pynvml.nvmlInit()
             self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-            self.available = True
             self.driver = _text(pynvml.nvmlSystemGetDriverVersion())
+            self.available = True
         except ImportError:
             self.message = "pynvml module not found, please install nvidia-ml-py; NVML figures are left out"
         except Exception as exc:  # NVMLError_LibraryNotFound, no driver

@@ -36,7 +36,13 @@ def validate(record: object, where: str) -> dict:
         raise RecordsError(f"{where}: schema {record['schema']!r} is not {SCHEMA_VERSION}")
     if record["status"] not in STATUSES:
         raise RecordsError(f"{where}: status {record['status']!r} is not one of {', '.join(STATUSES)}")
+    case = record["case"]
+    if not isinstance(case, dict) or not isinstance(case.get("setup"), dict) or \
+            not all(k in case for k in ("model", "backend")):
+        raise RecordsError(f"{where}: case must be an object with model, setup and backend")
     measured = record.get("measured") or {}
+    if not isinstance(measured, dict):
+        raise RecordsError(f"{where}: measured must be an object")
     for key, value in measured.items():
         if key.endswith("_bytes") and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise RecordsError(f"{where}: measured.{key} must be an integer number of bytes")

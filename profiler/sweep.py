@@ -15,7 +15,8 @@ from estimator.setup import Setup
 
 from .harness import make_case, versions
 from .matrix import load_matrix
-from .records import SCHEMA_VERSION, append_record, case_key, read_records, repair_tail
+from .records import (SCHEMA_VERSION, RecordsError, append_record, case_key, read_records, repair_tail,
+                      validate)
 
 #: Seconds one case may run before it is recorded as an error (a hung kernel, a swap storm).
 DEFAULT_CASE_TIMEOUT_S = 900
@@ -55,12 +56,15 @@ def run_in_subprocess(model: str, setup: Setup, backend: str, steps: int, case: 
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     try:
         proc = subprocess.run([sys.executable, "-m", "profiler.worker"], input=request, text=True,
-                              capture_output=True, timeout=timeout_s, env=env)
+                              errors="replace", capture_output=True, timeout=timeout_s, env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-        if proc.returncode == 0 and lines:
-            return json.loads(lines[-1])
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         message = f"worker exited with code {proc.returncode}: {tail}"
+        if proc.returncode == 0 and lines:
+            try:
+                return validate(json.loads(lines[-1]), "worker output")
+            except (json.JSONDecodeError, RecordsError) as exc:
+                message = f"worker printed an unreadable record ({exc})"
     except subprocess.TimeoutExpired:
         message = f"case ran past {timeout_s:.0f} s and was stopped"
     return {"schema": SCHEMA_VERSION, "case": case, "case_key": case_key(case), "backend": backend,
@@ -73,6 +77,8 @@ def sweep(matrix: "str | Path", backend: str, out: "str | Path", shard: Tuple[in
           on_case: Optional[Callable[[int, int, dict], None]] = None,
           runner: Callable = run_in_subprocess, timeline: bool = False) -> List[dict]:
     """Run every case of the shard not yet in ``out``; append each record as it finishes."""
+    if timeout_s <= 0:
+        raise ValueError(f"the case timeout must be positive, got {timeout_s}")
     out = Path(out)
     cases = plan(matrix, backend, shard)
     done = done_keys(out)
