@@ -37,14 +37,14 @@ from typing import List, Optional
 
 import torch
 
-from estimator.categories import Category, Phase
+from estimator.categories import Category
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Sharding, Setup
 
-from .build import (SetupUnavailable, autocast_context, build_model, build_optimizer, materialize_fake,
+from .build import (SetupUnavailable, build_model, build_optimizer, materialize_fake,
                     synthetic_batch)
-from .harness import _Meter, _summarise, _unmeasured, device_info, make_case, versions
+from .harness import _Meter, _summarise, _unmeasured, device_info, make_case, train_step, versions
 from .records import SCHEMA_VERSION, append_record, case_key
 from .tracker import StorageTracker
 
@@ -213,22 +213,7 @@ def _train_steps(model, spec, setup, device, steps, tracker, meter, timings):
             if step and device.startswith("cuda"):
                 gc.collect()
                 torch.cuda.empty_cache()
-            t0 = time.perf_counter()
-            with measure(Phase.FORWARD, Category.ACTIVATIONS):
-                with autocast_context(setup, device.split(":")[0]):
-                    out = model(input_ids=ids, labels=ids, use_cache=False)
-                loss = out.loss
-                del out
-            with measure(Phase.BACKWARD, Category.ACTIVATIONS):
-                loss.backward()
-                del loss
-            with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
-                opt.step()
-            with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
-                opt.zero_grad(set_to_none=True)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timings["warmup_s" if step == 0 else "step_s"].append(round(time.perf_counter() - t0, 6))
+            timings["warmup_s" if step == 0 else "step_s"].append(train_step(model, opt, ids, setup, device, measure))
     finally:
         hook.remove()
         tracker.remove_hooks()

@@ -115,6 +115,28 @@ def _kv_tensors(cache):
                 yield t
 
 
+def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
+    """One training step split into measured phases; returns its wall time in seconds.
+    ``device`` may name an index (``cuda:1``)."""
+    kind = device.split(":")[0]
+    t0 = time.perf_counter()
+    with measure(Phase.FORWARD, Category.ACTIVATIONS):
+        with autocast_context(setup, kind):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        loss = out.loss
+        del out
+    with measure(Phase.BACKWARD, Category.ACTIVATIONS):
+        loss.backward()
+        del loss
+    with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
+        opt.step()
+    with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
+        opt.zero_grad(set_to_none=True)
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 6)
+
+
 def _train_steps(model, spec, setup, device, steps, tracker, meter, timings):
     opt = build_optimizer(model, setup)
     tracker.watch_grads([p for p in model.parameters() if p.requires_grad])
@@ -131,22 +153,7 @@ def _train_steps(model, spec, setup, device, steps, tracker, meter, timings):
             if step and device == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
-            t0 = time.perf_counter()
-            with measure(Phase.FORWARD, Category.ACTIVATIONS):
-                with autocast_context(setup, device):
-                    out = model(input_ids=ids, labels=ids, use_cache=False)
-                loss = out.loss
-                del out
-            with measure(Phase.BACKWARD, Category.ACTIVATIONS):
-                loss.backward()
-                del loss
-            with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
-                opt.step()
-            with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
-                opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            timings["warmup_s" if step == 0 else "step_s"].append(round(time.perf_counter() - t0, 6))
+            timings["warmup_s" if step == 0 else "step_s"].append(train_step(model, opt, ids, setup, device, measure))
     finally:
         hook.remove()
         tracker.remove_hooks()
