@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# The one command to run on a lent GPU machine (torch, transformers, peft and nvidia-ml-py
-# present; nothing installed; the repo need not be pip-installed). Writes under $OUT
-# (default ./out):
-#   cuda-standard.jsonl  the gpu-standard matrix on the cuda backend (this shard's cases)
-#   gpu-tests.log        the test suite's gpu-marked tests (skipped with SKIP_TESTS=1)
-#   provenance.txt       nvidia-smi, versions, commit
-# The 70 cases take ~12-18 minutes in all (a subprocess per case), so split them over
-# device calls of <= 10 minutes: SHARD=0/3, then SKIP_TESTS=1 SHARD=1/3, then 2/3.
-# Each call starts with an empty $OUT: to resume a shard, carry its returned jsonl into
-# the tree and pass RESUME=path (finished cases are skipped). Records merge by concatenation.
+# The one command for a lent GPU machine: the whole gpu-standard matrix (70 cases, 7
+# architectures) plus the gpu-marked tests, in one call of <= 6 minutes on one H100.
+# Needs python3 with torch, transformers, peft and nvidia-ml-py; nothing is installed or
+# downloaded and the repo need not be pip-installed (PYTHONPATH). Writes under $OUT
+# (default ./out), each file as soon as it has something:
+#   cuda-standard.jsonl  one record per case, appended with flush + fsync as each case ends
+#   campaign.json        device, driver, CUDA, versions, commit, worker contexts, seconds per case
+#   provenance.txt       nvidia-smi, versions, commit, then the seconds-per-case table
+#   gpu-tests.log        the gpu-marked tests, run beside the cases
+#   worker-N.log         each worker's stderr
+# Knobs: CAMPAIGN_BACKEND=cuda|sim|cpu (sim/cpu rehearse the same scheduler without a GPU;
+# records then say sim/cpu), CALL_BUDGET_S (default 330: no case starts after it),
+# WORKERS, CASE_TIMEOUT (120 s), RESUME=path (a returned jsonl: its cases are skipped),
+# SKIP_TESTS=1, MATRIX (default benchmarks/gpu-standard.toml).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
+BACKEND="${CAMPAIGN_BACKEND:-cuda}"
+MATRIX="${MATRIX:-benchmarks/gpu-standard.toml}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET="${CALL_BUDGET_S:-330}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ -n "${RESUME:-}" ] && [ -f "$RESUME" ]; then cp "$RESUME" "$OUT/cuda-standard.jsonl"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+RECORDS="$OUT/${BACKEND}-standard.jsonl"
+if [ -n "${RESUME:-}" ] && [ -f "$RESUME" ] && [ "$(realpath "$RESUME")" != "$(realpath -m "$RECORDS")" ]; then
+  cp "$RESUME" "$RECORDS"
+fi
+COMMIT="$(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
-  echo "shard: ${SHARD:-0/1}"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  echo "commit: $COMMIT"
+  echo "backend: $BACKEND  matrix: $MATRIX  budget: ${BUDGET}s"
+  if [ "$BACKEND" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; fi
   "$PY" -c 'import torch, transformers, peft, platform; print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)'
 } > "$OUT/provenance.txt" 2>&1
-if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 120 "$PY" -m pytest -q -m gpu tests > "$OUT/gpu-tests.log" 2>&1 || true
-  tail -n 3 "$OUT/gpu-tests.log"
-fi
-timeout "${CALL_BUDGET_S:-540}" "$PY" -m profiler.cli sweep benchmarks/gpu-standard.toml --backend cuda \
-  --out "$OUT/cuda-standard.jsonl" --shard "${SHARD:-0/1}" --case-timeout "${CASE_TIMEOUT:-120}"
-echo "records: $(wc -l < "$OUT/cuda-standard.jsonl" 2>/dev/null || echo 0) in $OUT/cuda-standard.jsonl"
+TESTS=--tests
+if [ -n "${SKIP_TESTS:-}" ]; then TESTS=; fi
+# timeout is a backstop only: the campaign stops starting cases at the budget by itself.
+timeout --kill-after=10 $((BUDGET + 60)) "$PY" -m profiler.cli campaign "$MATRIX" --backend "$BACKEND" \
+  --out "$OUT" --records "$RECORDS" --budget-s "$BUDGET" --case-timeout "${CASE_TIMEOUT:-120}" \
+  ${WORKERS:+--workers "$WORKERS"} --commit "$COMMIT" $TESTS | tee -a "$OUT/provenance.txt"
+rc=${PIPESTATUS[0]}
+echo "records: $(wc -l < "$RECORDS" 2>/dev/null || echo 0) in $RECORDS (exit $rc)"
+tail -n 3 "$OUT/gpu-tests.log" 2>/dev/null
+exit "$rc"

@@ -214,6 +214,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_campaign(args) -> int:
+    """A whole matrix in persistent workers, several at once where the card allows."""
+    from pathlib import Path
+    from profiler.campaign import Campaign, seconds_table
+    from estimator.units import parse_bytes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = Path(args.records) if args.records else out / f"{args.backend}-{Path(args.matrix).stem}.jsonl"
+    tests = None
+    if args.tests:
+        tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
+    try:
+        budget, timeout = float(args.budget_s), float(args.case_timeout)
+    except ValueError:
+        raise UsageError("--budget-s and --case-timeout take numbers of seconds") from None
+    campaign = Campaign(args.matrix, args.backend, records, workers=_positive(args.workers, "workers") if args.workers
+                        else None, budget_s=budget, case_timeout_s=timeout,
+                        card_bytes=parse_bytes(args.card_memory) if args.card_memory else None,
+                        tests=tests, tests_log=out / "gpu-tests.log", log_dir=out,
+                        say=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = campaign.run()
+    summary["commit"] = args.commit
+    (out / "campaign.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(seconds_table(summary), end="")
+    return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
+
+
 def _read_all(paths):
     from profiler.records import read_records
     records = []
@@ -356,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-timeout", default="900", help="seconds before a case is stopped (default 900)")
     p.add_argument("--timeline", action="store_true", help="keep each run's memory timeline")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("campaign", help="a whole matrix in persistent workers, in parallel where the card allows")
+    p.add_argument("matrix")
+    p.add_argument("--backend", default="cuda", choices=("cuda", "cpu", "sim"))
+    p.add_argument("--out", required=True, help="folder for records, campaign.json, worker and test logs")
+    p.add_argument("--records", help="JSONL file (default OUT/BACKEND-MATRIX.jsonl); its cases are skipped")
+    p.add_argument("--budget-s", default="330", help="stop starting cases and end after this many seconds")
+    p.add_argument("--case-timeout", default="120", help="seconds before a case's worker is stopped")
+    p.add_argument("--workers", help="worker processes (default: 3 on cuda, 2 otherwise, at most the cores)")
+    p.add_argument("--card-memory", help="memory the cases share, e.g. 80GiB (default: CUDA's free "
+                                         "memory; 80GiB for sim and cpu)")
+    p.add_argument("--tests", action="store_true", help="run the gpu-marked tests beside the cases")
+    p.add_argument("--commit", default="", help="commit id to record in campaign.json")
+    p.set_defaults(func=cmd_campaign)
     p = sub.add_parser("calibrate", help="fit activation factors and overheads to measured records")
     p.add_argument("records", nargs="+")
     p.add_argument("--out", required=True, help="calibration JSON, e.g. results/calibration/NAME.json")

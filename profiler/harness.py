@@ -73,6 +73,21 @@ def device_info(backend: str) -> dict:
     return info
 
 
+def measure_cuda_context(sampler: NvmlSampler) -> dict:
+    """NVML's device memory before and after this process initialises CUDA: the context
+    (driver state, loaded modules) is the growth beyond what the allocator reserved.
+    Call it before anything else in the process touches CUDA."""
+    idle = sampler.used()[0] if sampler.available else None
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    if not sampler.available:
+        return {"idle_used_bytes": None, "context_bytes": None, "process_used_bytes": None}
+    used, proc = sampler.used()
+    return {"idle_used_bytes": idle, "context_bytes": used - idle - torch.cuda.memory_reserved(),
+            "process_used_bytes": proc}
+
+
 class _Meter:
     """Measures one phase: tracker always; the CUDA allocator's peaks on cuda."""
 
@@ -193,8 +208,15 @@ def _unmeasured(tracker):
     return measure
 
 
-def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: bool = False) -> dict:
-    """Measure one case; returns a record (status ok, oom or error — never raises for those)."""
+def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: bool = False,
+             tracker: Optional[StorageTracker] = None, cuda_context: Optional[dict] = None) -> dict:
+    """Measure one case; returns a record (status ok, oom or error — never raises for those).
+
+    ``tracker``: the caller's tracker (a persistent worker keeps it to check, after the case,
+    that every storage the case made is gone). ``cuda_context``: NVML figures a persistent
+    worker measured once when it initialised CUDA (``idle_used_bytes``, ``context_bytes``,
+    ``process_used_bytes``); without it this process measures them now, before and after
+    its own CUDA initialisation."""
     spec = load_model(model)
     case = make_case(model, setup, backend, steps, spec)
     setup = Setup.from_dict(case["setup"])
@@ -212,21 +234,18 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
         if not torch.cuda.is_available():
             raise ValueError("backend cuda needs a CUDA GPU, and torch sees none here; use --backend cpu or sim")
         sampler = NvmlSampler()
+        if cuda_context is None:
+            cuda_context = measure_cuda_context(sampler)
         if sampler.available:
-            measured["nvml_idle_used_bytes"], _ = sampler.used()  # before this process's context
-        torch.cuda.init()
-        torch.zeros(1, device="cuda")
-        torch.cuda.synchronize()
-        if sampler.available:
-            used, proc = sampler.used()
-            measured["nvml_context_bytes"] = used - measured["nvml_idle_used_bytes"] - torch.cuda.memory_reserved()
-            measured["nvml_process_used_bytes"] = proc
+            measured["nvml_idle_used_bytes"] = cuda_context["idle_used_bytes"]
+            measured["nvml_context_bytes"] = cuda_context["context_bytes"]
+            measured["nvml_process_used_bytes"] = cuda_context["process_used_bytes"]
         else:
             record["message"] = sampler.message
     record["device"] = device_info(backend)
     if sampler and sampler.available:
         record["device"]["driver"] = sampler.driver
-    tracker = StorageTracker(record_timeline=timeline)
+    tracker = tracker if tracker is not None else StorageTracker(record_timeline=timeline)
     meter = _Meter(tracker, cuda)
     fake = None
     if backend == "sim":
