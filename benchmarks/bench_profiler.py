@@ -5,7 +5,7 @@ One training step -- forward with labels, backward, ``AdamW(foreach=False).step(
 ``FakeTensorMode`` on CPU, timed
 
 * untracked,
-* with ``profiler.tracker.StorageTracker`` (phases + grad/optimizer tagging hooks),
+* with ``profiler.measure.tracker.StorageTracker`` (phases + grad/optimizer tagging hooks),
 * with PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker``.
 
 Every measured step uses a fresh optimizer, so the step allocates the AdamW state
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from estimator.categories import Category, Phase  # noqa: E402
-from profiler.tracker import StorageTracker  # noqa: E402
+from profiler.measure.tracker import StorageTracker  # noqa: E402
 
 OVERHEAD_TARGET = 2.0  # tracked / untracked step time, at most
 SPEEDUP_TARGET = 5.0  # MemTracker / StorageTracker step time, at least

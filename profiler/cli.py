@@ -128,8 +128,8 @@ def _profile_table(record: dict):
 
 def cmd_profile(args) -> int:
     from estimator.modelspec import load_model
-    from profiler.harness import run_case
-    from profiler.records import append_record
+    from profiler.measure.run import run_case
+    from profiler.record import append_record
     load_model(args.model)  # bad names fail before torch is imported
     setup = setup_from_args(args)
     steps = _positive(args.steps, "steps")
@@ -158,8 +158,8 @@ def _show_records(records, as_json: bool) -> None:
 def _profile_distributed(args, setup, steps: int, nproc: int) -> int:
     """--nproc N: torchrun with DDP or FSDP2 (cpu: gloo, cuda: nccl); sim: rank 0 of N on a
     fake process group. One record per rank."""
-    from profiler.distributed import run_distributed, run_sim_rank0
-    from profiler.records import append_record
+    from profiler.measure.distributed import run_distributed, run_sim_rank0
+    from profiler.record import append_record
     if setup.sharding.value not in ("ddp", "fsdp", "zero3"):
         raise UsageError(f"--nproc {nproc} needs --sharding ddp or fsdp (zero3 runs as fsdp)")
     setup = setup.replace(world_size=nproc)
@@ -185,9 +185,9 @@ def _positive(text, name: str) -> int:
 
 def cmd_sweep(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from profiler.matrix import parse_shard
-    from profiler.sweep import done_keys, plan, sweep
-    from profiler.records import case_key
+    from profiler.sweeps.matrix import parse_shard
+    from profiler.sweeps.sweep import done_keys, plan, sweep
+    from profiler.record import case_key
     from pathlib import Path
     shard = parse_shard(args.shard)
     cases = plan(args.matrix, args.backend, shard)
@@ -217,7 +217,7 @@ def cmd_sweep(args) -> int:
 def cmd_campaign(args) -> int:
     """A whole matrix in persistent workers, several at once where the card allows."""
     from pathlib import Path
-    from profiler.campaign import Campaign, seconds_table
+    from profiler.sweeps.campaign import Campaign, seconds_table
     from estimator.units import parse_bytes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def cmd_campaign(args) -> int:
 
 
 def _read_all(paths):
-    from profiler.records import read_records
+    from profiler.record import read_records
     records = []
     for path in paths:
         records.extend(read_records(path))
@@ -262,7 +262,7 @@ def _summary_table(summaries: dict, title: str):
 
 def cmd_calibrate(args) -> int:
     from pathlib import Path
-    from profiler.calibrate import calibrate
+    from profiler.analysis.calibrate import calibrate
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,19 +278,19 @@ def cmd_calibrate(args) -> int:
 def cmd_validate(args) -> int:
     from pathlib import Path
     from estimator.calibration import load_calibration
-    from profiler.validate import validate
+    from profiler.analysis.validate import validate
     records = _read_all(args.records)
     calibration = load_calibration(args.calibration) if args.calibration else None
     result = validate(records, calibration)
     if args.report:
-        from profiler.report import write_report
+        from profiler.analysis.report import write_report
         written = write_report(result, records, Path(args.report), args.title or "vramlab validation")
         print(f"report: {written['html']} ({', '.join(p.name for p in written.values())})", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         from estimator.report import print_table
-        from profiler.report import cases_table_md
+        from profiler.analysis.report import cases_table_md
         print_table(_summary_table({k: v for k, v in result.summaries.items()},
                                    f"{len(result.rows)} cases: error as a fraction of the measured peak"))
         print(cases_table_md(result))
@@ -298,8 +298,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from profiler.compare import Threshold, compare, markdown
-    from profiler.records import read_records
+    from profiler.analysis.compare import Threshold, compare, markdown
+    from profiler.record import read_records
     threshold = Threshold.parse(args.threshold)
     result = compare(read_records(args.baseline), read_records(args.current), threshold)
     text = markdown(result, threshold)
@@ -313,10 +313,10 @@ def cmd_compare(args) -> int:
 def cmd_loop(args) -> int:
     """The whole loop on the embedded quick matrix: profile, calibrate, validate, report."""
     from pathlib import Path
-    from profiler.calibrate import calibrate
-    from profiler.report import write_report
-    from profiler.sweep import sweep
-    from profiler.validate import validate
+    from profiler.analysis.calibrate import calibrate
+    from profiler.analysis.report import write_report
+    from profiler.sweeps.sweep import sweep
+    from profiler.analysis.validate import validate
     backend = args.backend
     if backend == "auto":
         import torch

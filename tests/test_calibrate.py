@@ -13,10 +13,10 @@ from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.overheads import Overheads
 from estimator.setup import Setup
-from profiler.calibrate import calibrate, fit, points, summary
-from profiler.compare import Threshold, compare
-from profiler.records import SCHEMA_VERSION, append_record, case_key, read_records
-from profiler.validate import validate
+from profiler.analysis.calibrate import calibrate, fit, points, summary
+from profiler.analysis.compare import Threshold, compare
+from profiler.record import SCHEMA_VERSION, append_record, case_key, read_records
+from profiler.analysis.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOVERY_TOLERANCE = 1e-4  # relative: factors fitted from noise-free synthetic records
@@ -95,7 +95,7 @@ def test_validate_json_has_every_predictor(synthetic):
 
 
 def test_report_files(synthetic, tmp_path):
-    from profiler.report import write_report
+    from profiler.analysis.report import write_report
     written = write_report(validate(synthetic), synthetic, tmp_path / "rep", "t")
     for key in ("scatter", "bars", "markdown", "html"):
         assert written[key].exists() and written[key].stat().st_size > 500

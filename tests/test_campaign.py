@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from estimator.setup import Setup
-from profiler import harness
-from profiler.campaign import Campaign, plan_jobs
-from profiler.isolation import run_isolated
-from profiler.records import read_records
+from profiler.measure import run as harness
+from profiler.sweeps.campaign import Campaign, plan_jobs
+from profiler.measure.isolation import run_isolated
+from profiler.record import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = [sys.executable, str(Path(__file__).with_name("fake_campaign_worker.py"))]
@@ -46,7 +46,7 @@ def test_same_cases_in_two_orders_give_the_same_peaks_to_the_byte():
 
 
 def test_persistent_worker_measures_what_a_fresh_process_measures():
-    from profiler.sweep import run_in_subprocess
+    from profiler.sweeps.sweep import run_in_subprocess
     model, setup = ISOLATION_CASES[0]
     run_isolated(*ISOLATION_CASES[1], "cpu", steps=1)  # something else ran in this process first
     here, _ = run_isolated(model, setup, "cpu", steps=1)
@@ -146,7 +146,7 @@ def test_a_crash_a_hang_and_an_unclean_case_cost_only_themselves(tmp_path, monke
 
 
 def test_cuda_workers_measure_their_contexts_one_at_a_time_and_alone_cases_keep_device_nvml(tmp_path, monkeypatch):
-    import profiler.campaign as campaign
+    import profiler.sweeps.campaign as campaign
     monkeypatch.setattr(campaign, "_nvml_device_used", lambda: 4 * 2**20)  # the idle card, before any worker
     need = plan_jobs(_matrix(tmp_path, [1, 2]), "cuda", set())[0].need_bytes
     free = need + need // 2 + campaign.CARD_RESERVE_BYTES  # room for one case at a time: both run alone

@@ -7,8 +7,8 @@ import pytest
 
 import estimator.estimate
 from estimator.setup import Setup
-from profiler.distributed import run_distributed, run_sim_rank0
-from profiler.records import read_records
+from profiler.measure.distributed import run_distributed, run_sim_rank0
+from profiler.record import read_records
 
 #: per rank and phase, the estimator's prediction vs the tracked peak (measured within 1.8%)
 PER_RANK_TOLERANCE = 0.03

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from estimator.setup import Setup
-from profiler.harness import run_case
-from profiler.matrix import MatrixError, load_matrix, parse_shard
-from profiler.records import RecordsError, append_record, read_records, repair_tail
+from profiler.measure.run import run_case
+from profiler.sweeps.matrix import MatrixError, load_matrix, parse_shard
+from profiler.record import RecordsError, append_record, read_records, repair_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_VS_CPU_TOLERANCE = 0.01  # issue: sim and cpu agree on the peak within 1%
@@ -164,7 +164,7 @@ def test_sweep_survives_kill_and_resumes_without_duplicates(tiny, tmp_path):
 
 
 def test_shards_partition_the_matrix(tmp_path):
-    from profiler.sweep import plan
+    from profiler.sweeps.sweep import plan
     m = tmp_path / "m.toml"
     m.write_text('[[cases]]\nmodel = "gpt2"\nbatch = [1, 2, 3, 4, 5]\n')
     parts = [plan(m, "sim", (i, 2)) for i in range(2)]

@@ -16,15 +16,15 @@ import pytest
 # Imported before any inline pytester run: pytester removes the modules a run imported
 # when it ends, and importing torch a second time in one process crashes it.
 import torch  # noqa: F401
-import profiler.tracker  # noqa: F401
+import profiler.measure.tracker  # noqa: F401
 
-from profiler.pytest_plugin import (VALID_UNITS, Tolerance, VramResult, load_baseline, parse_tolerance,
+from profiler.integrations.pytest_plugin import (VALID_UNITS, Tolerance, VramResult, load_baseline, parse_tolerance,
                                     summary_lines)
 
 pytest_plugins = ["pytester"]
 
 # This module imports the plugin first, so pytest cannot assert-rewrite it: say nothing of that.
-PLUGIN = ("-p", "no:vramlab", "-p", "profiler.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning")
+PLUGIN = ("-p", "no:vramlab", "-p", "profiler.integrations.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning")
 CPU = ("--vram-backend", "cpu")
 N = 1_000_000  # bytes of one torch.uint8 tensor of N elements: its storage's nbytes()
 USAGE_ERROR = int(pytest.ExitCode.USAGE_ERROR)  # 4
@@ -116,7 +116,7 @@ def test_unmarked_tests_are_not_measured_and_do_not_import_torch(pytester):
 
 
 def test_importing_the_plugin_does_not_import_torch():
-    code = "import sys, profiler.pytest_plugin; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, profiler.integrations.pytest_plugin; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 

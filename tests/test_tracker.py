@@ -1,4 +1,4 @@
-"""Tests for profiler.tracker.StorageTracker (CPU only, exact byte counts)."""
+"""Tests for profiler.measure.tracker.StorageTracker (CPU only, exact byte counts)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from estimator.categories import Category, Phase
-from profiler.tracker import PhaseRecord, StorageTracker, TrackerResults
+from profiler.measure.tracker import PhaseRecord, StorageTracker, TrackerResults
 
 #: Relative tolerance between the peak measured on real CPU tensors and the peak of
 #: the same step under FakeTensorMode.

@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from estimator.modelspec import spec_from_config
 from estimator.setup import Setup
-from profiler.records import read_records
-from profiler.trainer_callback import VramCallback
+from profiler.record import read_records
+from profiler.integrations.trainer_callback import VramCallback
 
 SEQ = 32
 BATCH = 2
@@ -17,7 +17,7 @@ STEPS = 3
 #: Measured / predicted peak allowed per step. Measured here (torch 2.13, transformers
 #: 5.23): steps 2-3 peak at 769,292 B against a predicted 742,272 B (+3.6%); step 1 at
 #: 538,540 B against its first-step prediction of 511,616 B (+5.3%). The Trainer itself
-#: adds nothing: profiler.harness's cpu backend measures 769,788 B for the same case.
+#: adds nothing: profiler.measure.run's cpu backend measures 769,788 B for the same case.
 #: The gap is the estimator's (its forward/backward activations of this model), so
 #: the bound sits about twice the worst error seen, not at the 50% of a loose check.
 TOLERANCE = 0.10
@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 def test_one_record_per_step_written_and_valid(trained):
     callback, _, path = trained
     assert [r["step"] for r in callback.records] == [1, 2, 3]
-    on_disk = read_records(path)  # validates every line (profiler.records.validate)
+    on_disk = read_records(path)  # validates every line (profiler.record.validate)
     assert [r["measured"]["peak_allocated_bytes"] for r in on_disk] == \
         [r["measured"]["peak_allocated_bytes"] for r in callback.records]
     first = on_disk[0]

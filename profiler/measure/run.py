@@ -22,11 +22,11 @@ from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 
-from .build import (SetupUnavailable, autocast_context, build_model, build_optimizer,
+from profiler.measure.build import (SetupUnavailable, autocast_context, build_model, build_optimizer,
                     materialize_fake, synthetic_batch)
-from .nvml import NvmlSampler
-from .records import SCHEMA_VERSION, case_key
-from .tracker import StorageTracker
+from profiler.measure.nvml import NvmlSampler
+from profiler.record import SCHEMA_VERSION, case_key
+from profiler.measure.tracker import StorageTracker
 
 BACKENDS = ("cuda", "cpu", "sim")
 #: torch.cuda.memory_stats() keys kept per phase (CUDACachingAllocator DeviceStats)

@@ -10,8 +10,8 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.overheads import Overheads
 from estimator.setup import Mode, Precision, Quant, Setup
 
-from .calibrate import points, selected_loo, summary
-from .records import case_label
+from profiler.analysis.calibrate import points, selected_loo, summary
+from profiler.record import case_label
 
 GB = 10**9
 

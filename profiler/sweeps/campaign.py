@@ -4,7 +4,7 @@ their predicted peaks fit the card together, every record streamed to disk as it
 Why: a lent GPU machine gives one session 15 minutes in all, one call at most 10, and a
 subprocess per case pays 10-15 s of imports and CUDA initialisation each time. Here each
 worker process pays them once and runs cases in-process between two settles
-(:mod:`profiler.isolation`), so a case measures as if it ran alone in a fresh process.
+(:mod:`profiler.measure.isolation`), so a case measures as if it ran alone in a fresh process.
 
 Scheduling. Cases are ordered by predicted reserved bytes, largest first (the estimator
 is asked, as for any case). The largest pending case goes to the next idle worker when
@@ -48,10 +48,10 @@ from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
 
-from .records import SCHEMA_VERSION, append_record, case_key, case_label
-from .sweep import done_keys, plan
+from profiler.record import SCHEMA_VERSION, append_record, case_key, case_label
+from profiler.sweeps.sweep import done_keys, plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Headroom kept free on the card beyond the admitted predictions: the estimator's own
 #: error on unmeasured setups is unknown until the first CUDA records exist, so admit a
@@ -156,7 +156,7 @@ class Campaign:
             None if backend == "cuda" else DEFAULT_CARD_BYTES)
         self.tests, self.tests_log = (list(tests) if tests else None), tests_log
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="vramlab-campaign-"))
-        self.worker_cmd = list(worker_cmd) if worker_cmd else [sys.executable, "-m", "profiler.campaign", "worker"]
+        self.worker_cmd = list(worker_cmd) if worker_cmd else [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
         self.say = say
         self.sel = selectors.DefaultSelector()
         self.workers: Dict[int, _Worker] = {}
@@ -546,9 +546,9 @@ def worker_main(backend: str) -> int:
 
     import torch  # noqa: F401  (the imports this process pays once)
     import transformers  # noqa: F401
-    from .harness import device_info, measure_cuda_context, versions
-    from .isolation import run_isolated
-    from .nvml import NvmlSampler
+    from profiler.measure.run import device_info, measure_cuda_context, versions
+    from profiler.measure.isolation import run_isolated
+    from profiler.measure.nvml import NvmlSampler
     send({"op": "imported", "pid": os.getpid()})
     context = None
     for line in sys.stdin:
@@ -580,7 +580,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "worker":
         return worker_main(argv[1])
-    print("usage: python -m profiler.campaign worker BACKEND (the campaign starts its own workers; "
+    print("usage: python -m profiler.sweeps.campaign worker BACKEND (the campaign starts its own workers; "
           "run a campaign with 'vramlab campaign')", file=sys.stderr)
     return 2
 

@@ -13,9 +13,9 @@ from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.setup import Setup
 
-from .harness import make_case, versions
-from .matrix import load_matrix
-from .records import (SCHEMA_VERSION, RecordsError, append_record, case_key, read_records, repair_tail,
+from profiler.measure.run import make_case, versions
+from profiler.sweeps.matrix import load_matrix
+from profiler.record import (SCHEMA_VERSION, RecordsError, append_record, case_key, read_records, repair_tail,
                       validate)
 
 #: Seconds one case may run before it is recorded as an error (a hung kernel, a swap storm).
@@ -53,9 +53,9 @@ def run_in_subprocess(model: str, setup: Setup, backend: str, steps: int, case: 
     request = json.dumps({"model": model, "setup": setup.to_dict(), "backend": backend, "steps": steps,
                           "timeline": timeline})
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     try:
-        proc = subprocess.run([sys.executable, "-m", "profiler.worker"], input=request, text=True,
+        proc = subprocess.run([sys.executable, "-m", "profiler.sweeps.worker"], input=request, text=True,
                               errors="replace", capture_output=True, timeout=timeout_s, env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]

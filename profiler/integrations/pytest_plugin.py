@@ -15,7 +15,7 @@ What is measured, around the test's *call* only (fixture setup and teardown are 
     (its 512-byte rounding included; cached-but-free blocks and the CUDA context not).
 ``cpu`` backend
     The peak of live tensor-storage bytes created during the call, counted by
-    :class:`profiler.tracker.StorageTracker`. Tensors that existed before the call
+    :class:`profiler.measure.tracker.StorageTracker`. Tensors that existed before the call
     are not counted (nor are their frees); tensors made in other threads are not seen
     (a ``TorchDispatchMode`` is thread-local).
 
@@ -290,7 +290,7 @@ def measure(backend: str, box: List[int]) -> Iterator[List[int]]:
             torch.cuda.synchronize()
             box[0] = max(0, torch.cuda.max_memory_allocated() - start)
     else:
-        from profiler.tracker import StorageTracker
+        from profiler.measure.tracker import StorageTracker
 
         tracker = StorageTracker()
         start = tracker.current_bytes

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from estimator.categories import Category
 
-from .validate import Validation
+from profiler.analysis.validate import Validation
 
 BAND = 0.05  # the +-5% band drawn around the diagonal
 MAX_BARS = 16  # cases shown in the stacked-bar chart

@@ -2,7 +2,7 @@
 many simulated in-process.
 
 :func:`run_distributed` launches PyTorch's own launcher
-(``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.dist_worker``);
+(``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.measure.dist_worker``);
 each rank (:func:`rank_record`) builds the model like the single-device harness, wraps it
 in ``DistributedDataParallel`` (sharding ddp) or FSDP2 ``fully_shard`` per decoder layer
 and then the root (sharding fsdp; zero3 is measured as fsdp), and measures warm-up plus N
@@ -42,16 +42,16 @@ from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Sharding, Setup
 
-from .build import (SetupUnavailable, build_model, build_optimizer, materialize_fake,
+from profiler.measure.build import (SetupUnavailable, build_model, build_optimizer, materialize_fake,
                     synthetic_batch)
-from .harness import _Meter, _summarise, _unmeasured, device_info, make_case, train_step, versions
-from .records import SCHEMA_VERSION, append_record, case_key
-from .tracker import StorageTracker
+from profiler.measure.run import _Meter, _summarise, _unmeasured, device_info, make_case, train_step, versions
+from profiler.record import SCHEMA_VERSION, append_record, case_key
+from profiler.measure.tracker import StorageTracker
 
 #: shardings this module can run for real (zero1/zero2 need DeepSpeed or ZeroRedundancyOptimizer)
 MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3)
 DIST_BACKENDS = ("cpu", "cuda")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def distributed_setup(setup: Setup, nproc: int) -> Setup:
@@ -344,9 +344,9 @@ def error_record(model: str, setup: Setup, backend: str, steps: int, rank: int, 
 
 
 def launch_command(request: dict, nproc: int) -> List[str]:
-    """PyTorch's launcher (``torchrun``) running :mod:`profiler.dist_worker` on ``nproc`` ranks."""
+    """PyTorch's launcher (``torchrun``) running :mod:`profiler.measure.dist_worker` on ``nproc`` ranks."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "profiler.dist_worker", json.dumps(request, sort_keys=True)]
+            "-m", "profiler.measure.dist_worker", json.dumps(request, sort_keys=True)]
 
 
 def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int = 1, nproc: int = 2,

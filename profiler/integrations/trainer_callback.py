@@ -2,10 +2,10 @@
 
 ::
 
-    from profiler.trainer_callback import VramCallback
+    from profiler.integrations.trainer_callback import VramCallback
     with VramCallback(spec=spec, setup=setup, out="runs/steps.jsonl") as cb:
         Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
-    cb.records  # one schema-1 record per optimizer step (profiler.records)
+    cb.records  # one schema-1 record per optimizer step (profiler.record)
 
 A step runs from ``on_step_begin`` (before the forward of its first micro-batch) to
 ``on_step_end`` (after ``optimizer.step()``, the scheduler and ``zero_grad``), as
@@ -16,7 +16,7 @@ that spans all of the step's micro-batches.
     ``reset_peak_memory_stats`` at the step's start, ``max_memory_allocated`` at its end
     (and ``max_memory_reserved``): absolute bytes on the device, as the harness records.
 ``cpu`` backend
-    One :class:`~profiler.tracker.StorageTracker` for the run: the model's parameters
+    One :class:`~profiler.measure.tracker.StorageTracker` for the run: the model's parameters
     and buffers are tracked as weights at ``on_train_begin``, gradients and optimizer
     state are tagged as they appear (``watch_grads``, ``watch_optimizer``), and the
     tracker is entered for each step only (``on_step_begin`` .. ``on_step_end``), its
@@ -47,9 +47,9 @@ from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, spec_from_config
 from estimator.setup import Setup
 
-from .harness import device_info, versions
-from .records import SCHEMA_VERSION, append_record, case_key, validate
-from .tracker import StorageTracker
+from profiler.measure.run import device_info, versions
+from profiler.record import SCHEMA_VERSION, append_record, case_key, validate
+from profiler.measure.tracker import StorageTracker
 
 __all__ = ["VramCallback"]
 
@@ -62,7 +62,7 @@ class VramCallback(TrainerCallback):
     Args:
         spec, setup: the estimator's model and setup; given together, each record
             carries ``estimate(spec, setup).to_dict()`` under ``predicted``.
-        out: JSONL file each record is appended to (``profiler.records.append_record``).
+        out: JSONL file each record is appended to (``profiler.record.append_record``).
         backend: ``"cuda"`` or ``"cpu"``; ``None`` picks the device of the model's
             parameters at ``on_train_begin``.
         model_name: the ``case.model`` of the records (default: ``spec.name``, else the

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from estimator.units import parse_bytes
 
-from .records import case_label
+from profiler.record import case_label
 
 METRICS = (("peak allocated", "peak_allocated_bytes"), ("peak reserved", "peak_reserved_bytes"),
            ("NVML peak", "nvml_peak_used_bytes"))

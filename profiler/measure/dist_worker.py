@@ -1,13 +1,13 @@
 """One rank of a distributed case, started by PyTorch's launcher (``torch.distributed.run``).
 
-``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.dist_worker '<json>'``
+``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.measure.dist_worker '<json>'``
 
 The JSON names ``model``, ``setup`` (a Setup dict with ``sharding`` ddp, fsdp or zero3),
 ``backend`` (cpu: gloo; cuda: nccl), ``steps``, ``out`` (the JSONL file rank 0 writes the
 gathered records to) and ``timeout_s`` (collectives time out instead of hanging); ``crash_rank``, for tests, makes that
 rank exit at once.
 Every rank also writes its own record to ``<out>.rank<r>`` first, so a rank that cannot
-take part in the gather still leaves its record behind. See :mod:`profiler.distributed`.
+take part in the gather still leaves its record behind. See :mod:`profiler.measure.distributed`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m profiler.dist_worker '<json request>'\n")
+        sys.stderr.write("usage: python -m profiler.measure.dist_worker '<json request>'\n")
         return 2
     request = json.loads(argv[0])
     import datetime
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from estimator.setup import Setup
-    from profiler.distributed import rank_record
+    from profiler.measure.distributed import rank_record
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

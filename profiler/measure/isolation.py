@@ -30,8 +30,8 @@ import torch
 
 from estimator.setup import Setup
 
-from .harness import run_case
-from .tracker import StorageTracker
+from profiler.measure.run import run_case
+from profiler.measure.tracker import StorageTracker
 
 
 def settle(cuda: bool) -> int:

@@ -9,7 +9,7 @@ import sys
 def main() -> int:
     request = json.loads(sys.stdin.read())
     from estimator.setup import Setup
-    from profiler.harness import run_case
+    from profiler.measure.run import run_case
     record = run_case(request["model"], Setup.from_dict(request["setup"]), request["backend"],
                       steps=int(request["steps"]), timeline=bool(request.get("timeline", False)))
     sys.stdout.write("\n" + json.dumps(record) + "\n")

@@ -1,0 +1,1 @@
+"""vramlab inside other tools: the pytest plugin and the transformers Trainer callback."""
