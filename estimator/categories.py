@@ -55,6 +55,7 @@ class Phase(str, Enum):
     ZERO_GRAD = "zero_grad"
     PREFILL = "prefill"
     DECODE = "decode"
+    STEP = "step"  # a whole optimizer step, as a Trainer callback sees it (no phases inside)
 
     def __str__(self) -> str:
         return self.value

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
 
 from estimator.cli_args import add_setup_arguments, setup_from_args
 
@@ -100,62 +99,30 @@ def cmd_rules(args) -> int:
     return 0
 
 
-def _profile_table(record: dict):
-    from rich.table import Table
-    m, p = record["measured"], record["predicted"]
-    case = record["case"]
-    table = Table(title=f"{case['model']} on {record['backend']}: {record['status']} "
-                        f"{record.get('message') or ''}".strip())
-    table.add_column("phase")
-    table.add_column("measured peak MiB", justify="right")
-    table.add_column("predicted MiB", justify="right")
-    table.add_column("error", justify="right")
-    for phase, v in m.get("phases", {}).items():
-        pred = p["phases"].get(phase)
-        pt = sum(x for k, x in pred.items() if k not in ("allocator", "context")) if pred else None
-        ma = v["peak_allocated_bytes"]
-        table.add_row(phase, f"{ma / 2**20:,.1f}", "-" if pt is None else f"{pt / 2**20:,.1f}",
-                      "-" if pt is None or not ma else f"{100 * (pt - ma) / ma:+.2f}%")
-    cats = Table(title="at the peak, per category (MiB)")
-    cats.add_column("category")
-    cats.add_column("measured", justify="right")
-    cats.add_column("predicted", justify="right")
-    measured = m.get("categories", {})
-    for name, value in p["components"].items():
-        cats.add_row(name, f"{measured.get(name, 0) / 2**20:,.1f}", f"{value / 2**20:,.1f}")
-    return table, cats
-
-
 def cmd_profile(args) -> int:
     from estimator.modelspec import load_model
     from profiler.measure.run import run_case
     from profiler.record import append_record
-    load_model(args.model)  # bad names fail before torch is imported
+    from profiler.show import print_records
+    spec = load_model(args.model)  # bad names fail before torch is imported
     setup = setup_from_args(args)
     steps = _positive(args.steps, "steps")
     nproc = _positive(args.nproc, "nproc")
     if nproc > 1:
-        return _profile_distributed(args, setup, steps, nproc)
-    record = run_case(args.model, setup, args.backend, steps=steps, timeline=args.timeline)
-    if args.out:
-        append_record(args.out, record)
-    _show_records([record], args.json)
-    return 0 if record["status"] in ("ok", "oom") else 1
+        records = _profile_distributed(args, setup, steps, nproc)
+    else:
+        records = [run_case(args.model, setup, args.backend, steps=steps, timeline=args.timeline, spec=spec)]
+        if args.out:
+            append_record(args.out, records[0])
+    if args.json:
+        objs = [r.to_json() for r in records]
+        print(json.dumps(objs[0] if len(objs) == 1 else objs, indent=2))
+    else:
+        print_records(records)
+    return 0 if all(r.status.value in ("ok", "oom") for r in records) else 1
 
 
-def _show_records(records, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
-        return
-    from estimator.report import print_table
-    for record in records:
-        if "rank" in record:
-            print(f"rank {record['rank']} of {record['world_size']}")
-        for table in _profile_table(record):
-            print_table(table)
-
-
-def _profile_distributed(args, setup, steps: int, nproc: int) -> int:
+def _profile_distributed(args, setup, steps: int, nproc: int):
     """--nproc N: torchrun with DDP or FSDP2 (cpu: gloo, cuda: nccl); sim: rank 0 of N on a
     fake process group. One record per rank."""
     from profiler.measure.distributed import run_distributed, run_sim_rank0
@@ -163,14 +130,12 @@ def _profile_distributed(args, setup, steps: int, nproc: int) -> int:
     if setup.sharding.value not in ("ddp", "fsdp", "zero3"):
         raise UsageError(f"--nproc {nproc} needs --sharding ddp or fsdp (zero3 runs as fsdp)")
     setup = setup.replace(world_size=nproc)
-    if args.backend == "sim":
-        records = [run_sim_rank0(args.model, setup, nproc, steps=steps)]
-        if args.out:
-            append_record(args.out, records[0])
-    else:
-        records = run_distributed(args.model, setup, backend=args.backend, steps=steps, nproc=nproc, out=args.out)
-    _show_records(records, args.json)
-    return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
+    if args.backend != "sim":
+        return run_distributed(args.model, setup, backend=args.backend, steps=steps, nproc=nproc, out=args.out)
+    records = [run_sim_rank0(args.model, setup, nproc, steps=steps)]
+    if args.out:
+        append_record(args.out, records[0])
+    return records
 
 
 def _positive(text, name: str) -> int:
@@ -183,17 +148,25 @@ def _positive(text, name: str) -> int:
     return value
 
 
+def _seconds(text, name: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} takes a number of seconds, got {text!r}") from None
+
+
 def cmd_sweep(args) -> int:
+    from pathlib import Path
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from profiler.sweeps.matrix import parse_shard
     from profiler.sweeps.sweep import done_keys, plan, sweep
-    from profiler.record import case_key
-    from pathlib import Path
     shard = parse_shard(args.shard)
-    cases = plan(args.matrix, args.backend, shard)
+    jobs = plan(args.matrix, args.backend, shard)
     done = done_keys(Path(args.out))
-    todo = sum(1 for c in cases if case_key(c[3]) not in done)
-    print(f"{len(cases)} cases in shard {args.shard}; {len(cases) - todo} already in {args.out}; running {todo}",
+    todo = sum(1 for job in jobs if job.key not in done)
+    print(f"{len(jobs)} cases in shard {args.shard}; {len(jobs) - todo} already in {args.out}; running {todo}",
           file=sys.stderr)
     counts = {"ok": 0, "oom": 0, "error": 0}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -202,13 +175,12 @@ def cmd_sweep(args) -> int:
         task = progress.add_task("sweep", total=todo)
 
         def on_case(n, total, record):
-            counts[record["status"]] += 1
-            progress.update(task, advance=1, description=f"{record['case']['model']} {record['status']}")
+            counts[record.status.value] += 1
+            progress.update(task, advance=1, description=f"{record.case.model} {record.status}")
             if not sys.stderr.isatty():
-                print(f"[{n}/{total}] {record['case']['model']} {record['case']['setup']['mode']} "
-                      f"{record['case']['setup']['precision']}: {record['status']}", file=sys.stderr)
+                print(f"[{n}/{total}] {record.case.label()}: {record.status}", file=sys.stderr)
 
-        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=float(args.case_timeout),
+        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=_seconds(args.case_timeout, "case-timeout"),
               on_case=on_case, timeline=args.timeline)
     print(f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
     return 0
@@ -217,20 +189,18 @@ def cmd_sweep(args) -> int:
 def cmd_campaign(args) -> int:
     """A whole matrix in persistent workers, several at once where the card allows."""
     from pathlib import Path
-    from profiler.sweeps.campaign import Campaign, seconds_table
+
     from estimator.units import parse_bytes
+    from profiler.sweeps.campaign import Campaign, seconds_table
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = Path(args.records) if args.records else out / f"{args.backend}-{Path(args.matrix).stem}.jsonl"
-    tests = None
-    if args.tests:
-        tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
-    try:
-        budget, timeout = float(args.budget_s), float(args.case_timeout)
-    except ValueError:
-        raise UsageError("--budget-s and --case-timeout take numbers of seconds") from None
-    campaign = Campaign(args.matrix, args.backend, records, workers=_positive(args.workers, "workers") if args.workers
-                        else None, budget_s=budget, case_timeout_s=timeout,
+    tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"] \
+        if args.tests else None
+    campaign = Campaign(args.matrix, args.backend, records,
+                        workers=_positive(args.workers, "workers") if args.workers else None,
+                        budget_s=_seconds(args.budget_s, "budget-s"),
+                        case_timeout_s=_seconds(args.case_timeout, "case-timeout"),
                         card_bytes=parse_bytes(args.card_memory) if args.card_memory else None,
                         tests=tests, tests_log=out / "gpu-tests.log", log_dir=out,
                         say=lambda line: print(line, file=sys.stderr, flush=True))
@@ -243,40 +213,29 @@ def cmd_campaign(args) -> int:
 
 def _read_all(paths):
     from profiler.record import read_records
-    records = []
-    for path in paths:
-        records.extend(read_records(path))
-    return records
-
-
-def _summary_table(summaries: dict, title: str):
-    from rich.table import Table
-    table = Table(title=title)
-    for col in ("predictor", "median |error|", "p95", "max"):
-        table.add_column(col, justify="left" if col == "predictor" else "right")
-    for name, s in summaries.items():
-        table.add_row(name.replace("_", " "), f"{100 * s['median']:.2f}%", f"{100 * s['p95']:.2f}%",
-                      f"{100 * s['max']:.2f}%")
-    return table
+    return [r for path in paths for r in read_records(path)]
 
 
 def cmd_calibrate(args) -> int:
     from pathlib import Path
+
+    from estimator.report import print_table
     from profiler.analysis.calibrate import calibrate
+    from profiler.show import summary_table
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    from estimator.report import print_table
-    print_table(_summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
-                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
-                               f"constant {result['overheads']['constant_bytes']} B"))
+    print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
+                              f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
+                              f"constant {result['overheads']['constant_bytes']} B"))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_validate(args) -> int:
     from pathlib import Path
+
     from estimator.calibration import load_calibration
     from profiler.analysis.validate import validate
     records = _read_all(args.records)
@@ -291,8 +250,8 @@ def cmd_validate(args) -> int:
     else:
         from estimator.report import print_table
         from profiler.analysis.report import cases_table_md
-        print_table(_summary_table({k: v for k, v in result.summaries.items()},
-                                   f"{len(result.rows)} cases: error as a fraction of the measured peak"))
+        from profiler.show import summary_table
+        print_table(summary_table(result.summaries, f"{len(result.rows)} cases: error as a fraction of the measured peak"))
         print(cases_table_md(result))
     return 0
 
@@ -313,31 +272,16 @@ def cmd_compare(args) -> int:
 def cmd_loop(args) -> int:
     """The whole loop on the embedded quick matrix: profile, calibrate, validate, report."""
     from pathlib import Path
-    from profiler.analysis.calibrate import calibrate
-    from profiler.analysis.report import write_report
-    from profiler.sweeps.sweep import sweep
-    from profiler.analysis.validate import validate
+
+    from estimator.report import print_table
+    from profiler.analysis.pipeline import quick_loop
+    from profiler.show import summary_table
     backend = args.backend
     if backend == "auto":
         import torch
         backend = "cuda" if torch.cuda.is_available() else "cpu"
-    matrix = Path(__file__).parent / "data" / "cpu-quick.toml"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records_path = out / f"{backend}-quick.jsonl"
-    print(f"1/3 profiling {matrix.name} on the {backend} backend -> {records_path}", file=sys.stderr)
-    sweep(matrix, backend, records_path, timeline=True,
-          on_case=lambda n, total, r: print(f"  [{n}/{total}] {r['case']['model']} {r['case']['setup']['mode']}: "
-                                            f"{r['status']}", file=sys.stderr))
-    records = _read_all([records_path])
-    cal_path = out / f"{backend}-quick-calibration.json"
-    print(f"2/3 calibrating -> {cal_path}", file=sys.stderr)
-    cal_path.write_text(json.dumps(calibrate(records, [records_path], f"{backend}-quick"), indent=2) + "\n")
-    print(f"3/3 validating -> {out / 'report'}", file=sys.stderr)
-    result = validate(records)
-    written = write_report(result, records, out / "report", f"vramlab quick loop ({backend})")
-    from estimator.report import print_table
-    print_table(_summary_table(result.summaries, f"{len(result.rows)} cases on {backend}: |error| vs measured peak"))
+    result, written = quick_loop(Path(args.out), backend, lambda line: print(line, file=sys.stderr))
+    print_table(summary_table(result.summaries, f"{len(result.rows)} cases on {backend}: |error| vs measured peak"))
     print(f"report: {written['html']}")
     return 0
 
@@ -421,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,61 +1,322 @@
-"""Records: one JSON object per run (and rank) per line, appended with flush + fsync.
+"""The record: what one run (one rank, or one Trainer step) measured, beside its estimate.
 
-Readers validate every line and name a bad one by its number. A final line cut short
-by a kill is not a completed record: ``repair_tail`` drops it before appending again.
+The contract between the estimator, the profiler and the validator, typed in one place:
+every key of the JSONL format is a field below, named once. A file holds one JSON object
+per line (schema 1), appended with flush + fsync; :func:`check_record` turns a JSON
+object into a :class:`Record` or raises :class:`RecordError` naming the line and the
+key; :meth:`Record.to_json` writes it back. Keys this version does not know are kept
+(``extra``) so an older tool never drops what a newer one wrote.
+
+A final line cut short by a kill is not a completed record: :func:`repair_tail` drops
+it before a writer appends again.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
 import json
 import os
+import platform
+import socket
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error")
-REQUIRED = ("schema", "case", "case_key", "status", "backend")
 
 
-class RecordsError(ValueError):
-    pass
+class RecordError(ValueError):
+    """A record or records file that does not follow the schema."""
 
 
-def case_key(case: dict) -> str:
-    """Identity of a case: model, config hash, setup, steps and backend."""
-    text = json.dumps(case, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+class Status(str, Enum):
+    OK = "ok"
+    OOM = "oom"      # the run ran out of memory: a data point
+    ERROR = "error"  # the run failed otherwise (its message says why)
+
+    def __str__(self) -> str:
+        return self.value
 
 
-def validate(record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise RecordsError(f"{where}: a record must be a JSON object")
-    missing = [k for k in REQUIRED if k not in record]
+@dataclass
+class Case:
+    """What was run: model, its config's hash, the setup (``Setup.to_dict()``), measured
+    steps and backend; ``nproc`` for distributed runs. ``setup`` is None only for a
+    Trainer run whose setup the callback could not read."""
+
+    model: str
+    config_hash: str | None
+    setup: dict[str, Any] | None
+    steps: int | None
+    backend: str
+    nproc: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity of a case: model, config hash, setup, steps and backend (and nproc)."""
+        text = json.dumps(_encode(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def label(self, backend: bool = False) -> str:
+        """A short human name: model, mode, precision, batch x seq, attention."""
+        s = self.setup or {}
+        label = (f"{self.model} {s.get('mode', '?')} {s.get('precision', '?')} "
+                 f"b{s.get('batch', '?')}x{s.get('seq', '?')} {s.get('attn', '?')}")
+        label += " ckpt" if s.get("grad_ckpt") else ""
+        return label + (f" [{self.backend}]" if backend else "")
+
+
+@dataclass
+class PhaseMeasure:
+    """One phase's worst measured step. ``peak_allocated_bytes`` is
+    ``torch.cuda.max_memory_allocated`` on cuda and the tracked live tensor bytes on cpu
+    and sim; ``categories`` split the tracked bytes at the phase's peak."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int | None
+    tracked_peak_bytes: int
+    start_bytes: int
+    end_bytes: int
+    categories: dict[str, int]
+    untracked_bytes: int | None = None            # cuda: allocated beyond what the tracker saw
+    memory_stats: dict[str, int] | None = None    # cuda: CUDACachingAllocator counters
+
+
+@dataclass
+class Measured:
+    """What the run measured. Peaks are over every measured step; NVML figures are
+    device-wide unless their name says process."""
+
+    phases: dict[str, PhaseMeasure] = field(default_factory=dict)
+    peak_phase: str | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    categories: dict[str, int] | None = None      # per category at the peak phase's peak
+    end_bytes: int | None = None                  # Trainer steps: tracked bytes at the step's end
+    nvml_idle_used_bytes: int | None = None       # device used before this process's context
+    nvml_context_bytes: int | None = None         # what initialising CUDA added beyond reserved
+    nvml_process_used_bytes: int | None = None    # this process, right after initialisation
+    nvml_peak_used_bytes: int | None = None
+    nvml_peak_process_bytes: int | None = None
+    nvml_timeline: list[list[float]] | None = None  # (seconds, device used bytes)
+    rss_before_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+    tracked_live_storages_end: int | None = None
+    timeline: list[list[int]] | None = None       # (allocation/free event, live bytes)
+
+
+@dataclass
+class Prediction:
+    """``estimator.estimate.Estimate.to_dict()``: the estimate put beside the measurement."""
+
+    model: str
+    total_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+    peak_phase: str
+    params: int
+    trainable_params: int
+    param_groups: dict[str, int]
+    components: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    setup: dict[str, Any]
+    overheads: str
+    notes: list[str]
+    calibration_key: str | None = None
+
+    def tensors_at(self, phase: str | None) -> dict[str, int]:
+        """The predicted categories of ``phase`` (the peak phase's when it has none)."""
+        return dict(self.phases.get(phase, self.components) if phase else self.components)
+
+
+@dataclass
+class Timings:
+    build_s: float | None = None
+    warmup_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    case_s: float | None = None                   # campaign: wall time from dispatch to record
+
+
+@dataclass
+class Record:
+    case: Case
+    case_key: str
+    backend: str
+    status: Status
+    message: str = ""
+    measured: Measured = field(default_factory=Measured)
+    predicted: Prediction | None = None
+    timings: Timings = field(default_factory=Timings)
+    versions: dict[str, str] = field(default_factory=dict)
+    device: dict[str, Any] | None = None
+    host: str | None = None
+    created: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    simulated: str | None = None                  # sim rank 0 of N: how it was simulated
+    source: str | None = None                     # "trainer_callback" for Trainer steps
+    step: int | None = None                       # Trainer steps: the global step
+    campaign: dict[str, Any] | None = None        # campaign bookkeeping (worker, alone, seconds)
+    isolation: dict[str, int] | None = None       # persistent workers: the before/after checks
+    schema: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    @property
+    def label(self) -> str:
+        return self.case.label()
+
+    def fail(self, status: Status, message: str) -> None:
+        self.status, self.message = status, message
+
+    def note(self, text: str) -> None:
+        """Add a sentence to the message without hiding what is there."""
+        self.message = f"{self.message}; {text}" if self.message else text
+
+    def to_json(self) -> dict[str, Any]:
+        out = _encode(self)
+        out.update(out.pop("extra", {}))
+        return out
+
+
+def new_record(case: Case, status: Status = Status.OK, message: str = "",
+               predicted: Prediction | None = None, **fields: Any) -> Record:
+    """The one record constructor: identity, versions, host and time filled in."""
+    return Record(case=case, case_key=case.key, backend=case.backend, status=status, message=message,
+                  predicted=predicted, versions=versions(), host=socket.gethostname(),
+                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  **fields)
+
+
+def versions() -> dict[str, str]:
+    """Python and the libraries whose code decides what a step allocates (importlib.metadata:
+    nothing is imported)."""
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+# ---------------------------------------------------------------------- checking
+def check_record(obj: object, where: str) -> Record:
+    """A JSON object as a :class:`Record`; :class:`RecordError` naming ``where`` and the key."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: a record must be a JSON object")
+    missing = [k for k in ("schema", "case", "case_key", "status", "backend") if k not in obj]
     if missing:
-        raise RecordsError(f"{where}: record lacks {', '.join(missing)}")
-    if record["schema"] != SCHEMA_VERSION:
-        raise RecordsError(f"{where}: schema {record['schema']!r} is not {SCHEMA_VERSION}")
-    if record["status"] not in STATUSES:
-        raise RecordsError(f"{where}: status {record['status']!r} is not one of {', '.join(STATUSES)}")
-    case = record["case"]
-    if not isinstance(case, dict) or not isinstance(case.get("setup"), dict) or \
-            not all(k in case for k in ("model", "backend")):
-        raise RecordsError(f"{where}: case must be an object with model, setup and backend")
-    measured = record.get("measured") or {}
-    if not isinstance(measured, dict):
-        raise RecordsError(f"{where}: measured must be an object")
-    for key, value in measured.items():
-        if key.endswith("_bytes") and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise RecordsError(f"{where}: measured.{key} must be an integer number of bytes")
+        raise RecordError(f"{where}: record lacks {', '.join(missing)}")
+    if obj["schema"] != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema {obj['schema']!r} is not {SCHEMA_VERSION}")
+    record = _decode(Record, obj, where, "")
+    if record.case.setup is None and record.source != "trainer_callback":
+        raise RecordError(f"{where}: case.setup must be an object")
     return record
 
 
-def read_records(path: "str | Path", allow_partial_tail: bool = False) -> List[dict]:
-    """All records of a JSONL file; a malformed line raises RecordsError naming it."""
+def _hints(cls: type) -> dict[str, Any]:
+    cached = _HINTS.get(cls)
+    if cached is None:
+        cached = _HINTS[cls] = typing.get_type_hints(cls)
+    return cached
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, value, where, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecordError(f"{where}: {path or 'record'} must be an object")
+        hints, kwargs, known = _hints(tp), {}, set()
+        for f in dataclasses.fields(tp):
+            if f.name == "extra":
+                continue
+            known.add(f.name)
+            if f.name in value:
+                kwargs[f.name] = _decode(hints[f.name], value[f.name], where, f"{path}.{f.name}".lstrip("."))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecordError(f"{where}: {path or 'record'} lacks {f.name}")
+        if "extra" in {f.name for f in dataclasses.fields(tp)}:
+            kwargs["extra"] = {k: v for k, v in value.items() if k not in known}
+        return tp(**kwargs)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise RecordError(f"{where}: {path} {value!r} is not one of "
+                              f"{', '.join(m.value for m in tp)}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecordError(f"{where}: {path} must be an object")
+        return {k: _decode(args[1], v, where, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: {path} must be a list")
+        return [_decode(args[0], v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            what = "an integer number of bytes" if path.endswith("_bytes") else "an integer"
+            raise RecordError(f"{where}: {path} must be {what}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecordError(f"{where}: {path} must be a number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecordError(f"{where}: {path} must be a string, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecordError(f"{where}: {path} must be true or false, got {value!r}")
+        return value
+    return value
+
+
+def _encode(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None and f.default is None:
+                continue  # optional and absent: not written
+            out[f.name] = _encode(value)
+        return out
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------- files
+def read_records(path: str | Path, allow_partial_tail: bool = False) -> list[Record]:
+    """All records of a JSONL file; a malformed line raises RecordError naming it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise RecordsError(f"cannot read records file {path}: {exc.strerror}") from None
+        raise RecordError(f"cannot read records file {path}: {exc.strerror}") from None
     lines = text.split("\n")
     out = []
     for number, line in enumerate(lines, start=1):
@@ -63,29 +324,16 @@ def read_records(path: "str | Path", allow_partial_tail: bool = False) -> List[d
             continue
         last = number == len(lines)  # no newline after it: a write cut short
         try:
-            record = json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             if last and allow_partial_tail:
                 break
-            raise RecordsError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        out.append(validate(record, f"{path}, line {number}"))
+            raise RecordError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        out.append(check_record(obj, f"{path}, line {number}"))
     return out
 
 
-def case_label(record: dict, backend: bool = False) -> str:
-    """A short human name of a record's case: model, mode, precision, batch x seq, attention."""
-    c, s = record["case"], record["case"]["setup"]
-    label = f"{c['model']} {s['mode']} {s['precision']} b{s['batch']}x{s['seq']} {s['attn']}"
-    label += " ckpt" if s.get("grad_ckpt") else ""
-    return label + (f" [{c['backend']}]" if backend else "")
-
-
-def iter_records(paths) -> Iterator[dict]:
-    for p in paths:
-        yield from read_records(p)
-
-
-def repair_tail(path: "str | Path") -> int:
+def repair_tail(path: str | Path) -> int:
     """Drop an unterminated last line (a record whose write was killed). Returns bytes cut."""
     path = Path(path)
     if not path.exists():
@@ -101,10 +349,11 @@ def repair_tail(path: "str | Path") -> int:
     return len(data) - keep
 
 
-def append_record(path: "str | Path", record: dict) -> None:
+def append_record(path: str | Path, record: Record) -> None:
     """One line, one write, flushed and fsynced."""
-    validate(record, "record to write")
-    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    obj = record.to_json()
+    check_record(obj, "record to write")
+    line = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from estimator.overheads import Overheads
 from estimator.setup import Setup
 from profiler.analysis.calibrate import calibrate, fit, points, summary
 from profiler.analysis.compare import Threshold, compare
-from profiler.record import SCHEMA_VERSION, append_record, case_key, read_records
+from profiler.record import Case, Measured, Prediction, Record, Status, append_record, check_record, read_records
 from profiler.analysis.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +27,15 @@ CASES = [("smollm2-135m", dict(precision="bf16", attn="eager", batch=b, seq=s)) 
         [("gpt2", dict(precision="fp32", attn="sdpa", batch=b, seq=s)) for b, s in ((4, 512), (8, 1024), (16, 512))]
 
 
-def synthetic_record(model: str, setup: Setup, overheads: Overheads) -> dict:
+def synthetic_record(model: str, setup: Setup, overheads: Overheads) -> Record:
     """A record whose 'measurement' is the estimate under known factors."""
     spec = load_model(model)
     truth = estimate(spec, setup, overheads=overheads)
-    case = {"model": model, "config_hash": spec.config_hash, "setup": setup.to_dict(), "steps": 1, "backend": "sim"}
-    return {"schema": SCHEMA_VERSION, "case": case, "case_key": case_key(case), "backend": "sim", "status": "ok",
-            "message": "", "predicted": estimate(spec, setup).to_dict(),
-            "measured": {"peak_allocated_bytes": truth.allocated_bytes, "peak_phase": truth.peak_phase.value,
-                         "phases": {}, "categories": {k.value: v for k, v in truth.components.items()}}}
+    case = Case(model=model, config_hash=spec.config_hash, setup=setup.to_dict(), steps=1, backend="sim")
+    measured = Measured(peak_allocated_bytes=truth.allocated_bytes, peak_phase=truth.peak_phase.value,
+                        categories={k.value: v for k, v in truth.components.items()})
+    return Record(case=case, case_key=case.key, backend="sim", status=Status.OK, measured=measured,
+                  predicted=Prediction(**estimate(spec, setup).to_dict()))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_calibration_file_roundtrip_and_loo(synthetic, tmp_path):
     assert "synthetic" in overheads.source
     model, kw = CASES[0]
     calibrated = estimate(load_model(model), Setup(**kw), overheads=overheads)
-    assert calibrated.allocated_bytes == pytest.approx(synthetic[0]["measured"]["peak_allocated_bytes"], rel=1e-3)
+    assert calibrated.allocated_bytes == pytest.approx(synthetic[0].measured.peak_allocated_bytes, rel=1e-3)
     assert calibrated.overheads_source == overheads.source
 
 
@@ -107,9 +107,9 @@ def test_report_files(synthetic, tmp_path):
 def _scaled(records, factor):
     out = []
     for r in records:
-        r = json.loads(json.dumps(r))
-        r["measured"]["peak_allocated_bytes"] = int(r["measured"]["peak_allocated_bytes"] * factor)
-        out.append(r)
+        obj = r.to_json()
+        obj["measured"]["peak_allocated_bytes"] = int(obj["measured"]["peak_allocated_bytes"] * factor)
+        out.append(check_record(obj, "scaled"))
     return out
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from estimator.setup import Setup
-from profiler.measure import run as harness
+from estimator.modelspec import load_model
+from profiler.measure import steps
+from profiler.measure.run import make_case
 from profiler.sweeps.campaign import Campaign, plan_jobs
 from profiler.measure.isolation import run_isolated
 from profiler.record import read_records
@@ -29,8 +31,8 @@ ISOLATION_CASES = [
 
 def _peaks(record: dict) -> dict:
     """Everything measured per phase that must not depend on what ran before."""
-    return {phase: (v["peak_allocated_bytes"], v["start_bytes"], v["end_bytes"], v["categories"])
-            for phase, v in record["measured"]["phases"].items()}
+    return {phase: (v.peak_allocated_bytes, v.start_bytes, v.end_bytes, v.categories)
+            for phase, v in record.measured.phases.items()}
 
 
 def test_same_cases_in_two_orders_give_the_same_peaks_to_the_byte():
@@ -38,21 +40,21 @@ def test_same_cases_in_two_orders_give_the_same_peaks_to_the_byte():
     for order in (ISOLATION_CASES, ISOLATION_CASES[::-1]):
         for model, setup in order:
             record, clean = run_isolated(model, setup, "cpu", steps=1)
-            assert record["status"] == "ok" and clean, record["message"]
-            assert record["isolation"]["leaked_storages"] == 0
+            assert record.status == "ok" and clean, record.message
+            assert record.isolation["leaked_storages"] == 0
             seen.setdefault((model, setup), []).append(_peaks(record))
     for (model, setup), (first, second) in seen.items():
         assert first == second, f"{model} {setup.mode} {setup.precision}: peaks depend on the order"
 
 
 def test_persistent_worker_measures_what_a_fresh_process_measures():
-    from profiler.sweeps.sweep import run_in_subprocess
+    from profiler.sweeps.sweep import Planned, run_in_subprocess
     model, setup = ISOLATION_CASES[0]
     run_isolated(*ISOLATION_CASES[1], "cpu", steps=1)  # something else ran in this process first
     here, _ = run_isolated(model, setup, "cpu", steps=1)
-    case = harness.make_case(model, setup, "cpu", 1)
-    fresh = run_in_subprocess(model, setup, "cpu", 1, case, timeout_s=300)
-    assert fresh["status"] == "ok", fresh["message"]
+    spec = load_model(model)
+    fresh = run_in_subprocess(Planned(model, spec, setup, 1, make_case(spec, setup, "cpu", 1)), "cpu", timeout_s=300)
+    assert fresh.status == "ok", fresh.message
     assert _peaks(here) == _peaks(fresh)
 
 
@@ -60,22 +62,22 @@ def test_a_leaking_case_is_marked_and_does_not_move_the_next(monkeypatch):
     model, setup = ISOLATION_CASES[0]
     alone, _ = run_isolated(model, setup, "cpu", steps=1)
     kept = []
-    real_step = harness.train_step
+    real_step = steps.train_step
 
     def leaky_step(model_, opt, ids, setup_, device, measure):
         seconds = real_step(model_, opt, ids, setup_, device, measure)
         kept.append(next(iter(opt.state.values()))["exp_avg"])  # keeps an AdamW state past the case
         return seconds
 
-    monkeypatch.setattr(harness, "train_step", leaky_step)
+    monkeypatch.setattr(steps, "train_step", leaky_step)
     leaked, clean = run_isolated(model, setup, "cpu", steps=1)
-    monkeypatch.setattr(harness, "train_step", real_step)
-    assert not clean and leaked["status"] == "error"
+    monkeypatch.setattr(steps, "train_step", real_step)
+    assert not clean and leaked.status == "error"
     state_bytes = kept[-1].untyped_storage().nbytes()
-    assert leaked["isolation"]["leaked_bytes"] >= state_bytes > 0
-    assert leaked["message"].startswith("leak:")
+    assert leaked.isolation["leaked_bytes"] >= state_bytes > 0
+    assert leaked.message.startswith("leak:")
     after, clean_after = run_isolated(model, setup, "cpu", steps=1)
-    assert clean_after and after["status"] == "ok"
+    assert clean_after and after.status == "ok"
     assert _peaks(after) == _peaks(alone)
 
 
@@ -100,18 +102,18 @@ def _campaign(tmp_path, batches, monkeypatch, **kw) -> tuple:
 
 
 def _by_batch(records_path: Path) -> dict:
-    return {r["case"]["setup"]["batch"]: r for r in read_records(records_path)}
+    return {r.case.setup["batch"]: r for r in read_records(records_path)}
 
 
 def test_scheduler_runs_cases_side_by_side_when_they_fit(tmp_path, monkeypatch):
     _, summary, records, _ = _campaign(tmp_path, [1, 2], monkeypatch)
     got = _by_batch(records)
     assert summary["counts"] == {"ok": 2, "oom": 0, "error": 0} and summary["not_run"] == 0
-    assert {r["campaign"]["worker"] for r in got.values()} == {0, 1}
-    assert not any(r["campaign"]["ran_alone"] for r in got.values())
+    assert {r.campaign["worker"] for r in got.values()} == {0, 1}
+    assert not any(r.campaign["ran_alone"] for r in got.values())
     for r in got.values():  # device-wide NVML is shared when cases overlap: only the process figure stays
-        assert "nvml_peak_used_bytes" not in r["measured"] and r["measured"]["nvml_peak_process_bytes"] == 3
-        assert r["campaign"]["nvml_scope"] == "process"
+        assert r.measured.nvml_peak_used_bytes is None and r.measured.nvml_peak_process_bytes == 3
+        assert r.campaign["nvml_scope"] == "process"
 
 
 def test_scheduler_runs_a_case_alone_when_the_card_is_too_small_for_two(tmp_path, monkeypatch):
@@ -119,16 +121,16 @@ def test_scheduler_runs_a_case_alone_when_the_card_is_too_small_for_two(tmp_path
     _, summary, records, _ = _campaign(tmp_path, [1, 2], monkeypatch, card_bytes=need + need // 2)
     got = _by_batch(records)
     assert summary["counts"]["ok"] == 2
-    assert all(r["campaign"]["ran_alone"] for r in got.values())
-    first, second = sorted(got.values(), key=lambda r: r["timings"]["start"])
-    assert second["timings"]["start"] >= first["timings"]["end"]
+    assert all(r.campaign["ran_alone"] for r in got.values())
+    first, second = sorted(got.values(), key=lambda r: r.extra["fake_times"]["start"])
+    assert second.extra["fake_times"]["start"] >= first.extra["fake_times"]["end"]
 
 
 def test_an_oom_beside_other_cases_is_rerun_alone(tmp_path, monkeypatch):
     _, summary, records, lines = _campaign(tmp_path, [3, 2], monkeypatch)
     got = _by_batch(records)
     assert len(read_records(records)) == 2  # the OOM beside another case was not written
-    assert got[3]["status"] == "ok" and got[3]["campaign"]["ran_alone"] and got[3]["campaign"]["attempts"] == 2
+    assert got[3].status == "ok" and got[3].campaign["ran_alone"] and got[3].campaign["attempts"] == 2
     assert any("runs again alone" in line for line in lines)
 
 
@@ -136,9 +138,9 @@ def test_a_crash_a_hang_and_an_unclean_case_cost_only_themselves(tmp_path, monke
     _, summary, records, _ = _campaign(tmp_path, [4, 5, 6, 1, 2], monkeypatch, case_timeout_s=3)
     got = _by_batch(records)
     assert set(got) == {1, 2, 4, 5, 6} and summary["not_run"] == 0
-    assert got[4]["status"] == "error" and "exited with code 3" in got[4]["message"]
-    assert got[5]["status"] == "error" and "ran past 3 s" in got[5]["message"]
-    assert got[6]["status"] == "ok" and got[1]["status"] == got[2]["status"] == "ok"
+    assert got[4].status == "error" and "exited with code 3" in got[4].message
+    assert got[5].status == "error" and "ran past 3 s" in got[5].message
+    assert got[6].status == "ok" and got[1].status == got[2].status == "ok"
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     pids = {e["key"]: e["pid"] for e in events if "key" in e}
     # the cases after a crash, a hang or an unclean case ran in fresh processes
@@ -160,16 +162,16 @@ def test_cuda_workers_measure_their_contexts_one_at_a_time_and_alone_cases_keep_
     assert min(cases) >= inits[-1][1], "a case ran while a worker measured its context"
     assert summary["card_free_bytes"] == free
     got = read_records(records)
-    assert len(got) == 2 and all(r["campaign"]["ran_alone"] for r in got)
+    assert len(got) == 2 and all(r.campaign["ran_alone"] for r in got)
     for r in got:
-        if r["campaign"]["ran_alone"]:
-            m = r["measured"]
-            assert r["campaign"]["nvml_scope"] == "device"
+        if r.campaign["ran_alone"]:
+            m = r.measured
+            assert r.campaign["nvml_scope"] == "device"
             # idle = the card before any worker + the other worker's context (500 B)
-            assert m["nvml_idle_used_bytes"] == 4 * 2**20 + 500
-            assert m["categories"]["context"] == 8 * 2**20 - (4 * 2**20 + 500) - 2**20
+            assert m.nvml_idle_used_bytes == 4 * 2**20 + 500
+            assert m.categories["context"] == 8 * 2**20 - (4 * 2**20 + 500) - 2**20
         else:
-            assert r["campaign"]["nvml_scope"] == "process" and "nvml_peak_used_bytes" not in r["measured"]
+            assert r.campaign["nvml_scope"] == "process" and r.measured.nvml_peak_used_bytes is None
 
 
 def test_resume_skips_recorded_cases_and_the_budget_keeps_what_finished(tmp_path, monkeypatch):
@@ -189,14 +191,14 @@ def test_campaign_cli_runs_real_workers_on_sim(tmp_path, cli):
     r = cli("campaign", str(matrix), "--backend", "sim", "--out", str(tmp_path / "out"), "--workers", "2")
     assert r.code == 0, r.err
     records = read_records(tmp_path / "out" / "sim-m.jsonl")
-    assert sorted(x["case"]["model"] for x in records) == ["gpt2", "smollm2-135m"]
-    assert all(x["backend"] == "sim" and x["status"] == "ok" for x in records)
+    assert sorted(x.case.model for x in records) == ["gpt2", "smollm2-135m"]
+    assert all(x.backend == "sim" and x.status == "ok" for x in records)
     summary = json.loads((tmp_path / "out" / "campaign.json").read_text())
     assert summary["counts"]["ok"] == 2 and len(summary["cases"]) == 2
     assert "| model / mode | cases | total s |" in r.out
     # the worker's record is the one an in-process run gives, to the byte
     alone, _ = run_isolated("gpt2", Setup(precision="bf16", seq=32), "sim", steps=1)
-    (worker_gpt2,) = [x for x in records if x["case"]["model"] == "gpt2"]
+    (worker_gpt2,) = [x for x in records if x.case.model == "gpt2"]
     assert _peaks(worker_gpt2) == _peaks(alone)
 
 
@@ -220,9 +222,9 @@ def test_cuda_cases_in_two_orders_give_the_same_allocator_peaks():
     for order in (cases, cases[::-1]):
         for model, setup in order:
             record, clean = run_isolated(model, setup, "cuda", steps=1)
-            assert record["status"] == "ok" and clean, (record["message"], record["isolation"])
-            assert record["isolation"]["allocated_after_bytes"] == 0
+            assert record.status == "ok" and clean, (record.message, record.isolation)
+            assert record.isolation["allocated_after_bytes"] == 0
             seen.setdefault((model, setup), []).append(
-                {p: v["peak_allocated_bytes"] for p, v in record["measured"]["phases"].items()})
+                {p: v.peak_allocated_bytes for p, v in record.measured.phases.items()})
     for key, (first, second) in seen.items():
         assert first == second, key

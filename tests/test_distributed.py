@@ -47,30 +47,30 @@ def runs(tiny, tmp_path_factory):
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_ranks_give_two_ok_records(runs, sharding):
     records, out = runs(sharding)
-    assert [r["rank"] for r in records] == list(range(NPROC))
+    assert [r.rank for r in records] == list(range(NPROC))
     for r in records:
-        assert r["status"] == "ok", r["message"]
-        assert r["world_size"] == NPROC and r["case"]["nproc"] == NPROC
-        assert r["case"]["setup"]["sharding"] == sharding and r["case"]["setup"]["world_size"] == NPROC
-        assert set(PHASES) <= set(r["measured"]["phases"])
-    assert len({r["case_key"] for r in records}) == 1
-    written = [r for r in read_records(out) if r["case"]["setup"]["sharding"] == sharding]
-    assert [r["rank"] for r in written] == list(range(NPROC))
+        assert r.status == "ok", r.message
+        assert r.world_size == NPROC and r.case.nproc == NPROC
+        assert r.case.setup["sharding"] == sharding and r.case.setup["world_size"] == NPROC
+        assert set(PHASES) <= set(r.measured.phases)
+    assert len({r.case_key for r in records}) == 1
+    written = [r for r in read_records(out) if r.case.setup["sharding"] == sharding]
+    assert [r.rank for r in written] == list(range(NPROC))
 
 
 def test_ddp_keeps_gradient_buckets_through_the_forward(runs):
     records, _ = runs("ddp")
-    grads = records[0]["predicted"]["params"] * 4  # fp32 gradients
+    grads = records[0].predicted.params * 4  # fp32 gradients
     for r in records:
-        bucket_bytes = r["measured"]["phases"]["forward"]["categories"]["gradients"]
+        bucket_bytes = r.measured.phases["forward"].categories["gradients"]
         assert abs(bucket_bytes - grads) <= 0.01 * grads  # the Reducer's buckets, no .grad yet
 
 
 def test_fsdp_ranks_hold_half_the_weights(runs):
     records, _ = runs("fsdp")
-    full = records[0]["predicted"]["params"] * 4
+    full = records[0].predicted.params * 4
     for r in records:
-        shard = r["measured"]["phases"]["optimizer"]["categories"]["weights"]
+        shard = r.measured.phases["optimizer"].categories["weights"]
         assert abs(shard - full / NPROC) <= 0.01 * full / NPROC
 
 
@@ -79,19 +79,19 @@ def test_fsdp_ranks_hold_half_the_weights(runs):
 def test_per_rank_peaks_match_the_estimator(runs, sharding):
     records, _ = runs(sharding)
     for r in records:
-        predicted = r["predicted"]["phases"]
+        predicted = r.predicted.phases
         for phase in PHASES:
             pred = sum(v for k, v in predicted[phase].items() if k not in ("allocator", "context"))
-            got = r["measured"]["phases"][phase]["peak_allocated_bytes"]
-            assert abs(pred - got) <= PER_RANK_TOLERANCE * got, (r["rank"], phase, pred, got)
+            got = r.measured.phases[phase].peak_allocated_bytes
+            assert abs(pred - got) <= PER_RANK_TOLERANCE * got, (r.rank, phase, pred, got)
 
 
 def test_a_crashed_rank_gives_error_records_not_a_hang(tiny):
     setup = Setup(precision="fp32", seq=32, sharding="fsdp")
     records = run_distributed(tiny, setup, "cpu", steps=1, nproc=NPROC, timeout_s=60, _crash_rank=1)
-    assert [r["status"] for r in records] == ["error"] * NPROC
-    assert "exit code 3" in records[1]["message"]
-    assert "first failure: rank 1" in records[0]["message"]
+    assert [r.status for r in records] == ["error"] * NPROC
+    assert "exit code 3" in records[1].message
+    assert "first failure: rank 1" in records[0].message
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -125,15 +125,15 @@ SIM_CASES = [
 @pytest.mark.parametrize("nproc,kw", SIM_CASES, ids=[f"{n}-ranks" for n, _ in SIM_CASES])
 def test_sim_rank0_of_many_matches_the_estimator(nproc, kw):
     record = run_sim_rank0("llama-2-70b", Setup(sharding="fsdp", **kw), nproc, steps=1)
-    assert record["status"] == "ok", record["message"]
-    assert record["rank"] == 0 and record["world_size"] == nproc and record["case"]["nproc"] == nproc
-    assert record["backend"] == "sim"
+    assert record.status == "ok", record.message
+    assert record.rank == 0 and record.world_size == nproc and record.case.nproc == nproc
+    assert record.backend == "sim"
     if not WIRED:
         pytest.xfail("estimate() does not yet take its per-rank terms from estimator/sharding.py")
-    predicted = record["predicted"]["phases"]
+    predicted = record.predicted.phases
     for phase in PHASES:
         pred = sum(v for k, v in predicted[phase].items() if k not in ("allocator", "context"))
-        got = record["measured"]["phases"][phase]["peak_allocated_bytes"]
+        got = record.measured.phases[phase].peak_allocated_bytes
         assert abs(pred - got) <= PER_RANK_TOLERANCE * got, (nproc, phase, pred, got)
 
 

@@ -14,7 +14,7 @@ import pytest
 from estimator.setup import Setup
 from profiler.measure.run import run_case
 from profiler.sweeps.matrix import MatrixError, load_matrix, parse_shard
-from profiler.record import RecordsError, append_record, read_records, repair_tail
+from profiler.record import RecordError, append_record, read_records, repair_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_VS_CPU_TOLERANCE = 0.01  # issue: sim and cpu agree on the peak within 1%
@@ -39,12 +39,12 @@ def test_sim_matches_cpu_within_one_percent(tiny):
     setup = Setup(precision="fp32", batch=2, seq=32, attn="eager")
     cpu = run_case(tiny, setup, "cpu", steps=1)
     sim = run_case(tiny, setup, "sim", steps=1)
-    assert cpu["status"] == sim["status"] == "ok", (cpu["message"], sim["message"])
-    a, b = cpu["measured"]["peak_allocated_bytes"], sim["measured"]["peak_allocated_bytes"]
+    assert cpu.status == sim.status == "ok", (cpu.message, sim.message)
+    a, b = cpu.measured.peak_allocated_bytes, sim.measured.peak_allocated_bytes
     assert abs(a - b) <= SIM_VS_CPU_TOLERANCE * a
     for phase in ("forward", "backward", "optimizer"):
-        pa = cpu["measured"]["phases"][phase]["peak_allocated_bytes"]
-        pb = sim["measured"]["phases"][phase]["peak_allocated_bytes"]
+        pa = cpu.measured.phases[phase].peak_allocated_bytes
+        pb = sim.measured.phases[phase].peak_allocated_bytes
         assert abs(pa - pb) <= SIM_VS_CPU_TOLERANCE * pa, phase
 
 
@@ -61,13 +61,13 @@ def test_sim_matches_cpu_within_one_percent(tiny):
 ])
 def test_estimate_matches_sim_per_phase(model, kw):
     record = run_case(model, Setup(**kw), "sim", steps=1)
-    assert record["status"] == "ok", record["message"]
-    predicted = record["predicted"]["phases"]
-    for phase, measured in record["measured"]["phases"].items():
+    assert record.status == "ok", record.message
+    predicted = record.predicted.phases
+    for phase, measured in record.measured.phases.items():
         if phase == "zero_grad":
             continue
         pred = sum(v for k, v in predicted[phase].items() if k not in ("allocator", "context"))
-        got = measured["peak_allocated_bytes"]
+        got = measured.peak_allocated_bytes
         assert abs(pred - got) <= ESTIMATE_VS_SIM_TOLERANCE * got, (phase, pred, got)
 
 
@@ -76,20 +76,20 @@ def test_record_fields_and_roundtrip(tiny, tmp_path):
     out = tmp_path / "r.jsonl"
     append_record(out, record)
     (back,) = read_records(out)
-    assert back["schema"] == 1 and back["backend"] == "sim" and back["status"] == "ok"
-    assert back["case"]["config_hash"] and back["case"]["setup"]["device"] == "cpu"
-    assert isinstance(back["measured"]["peak_allocated_bytes"], int)
-    assert set(back["measured"]["categories"]) >= {"weights", "gradients", "optimizer_state", "activations"}
-    assert back["predicted"]["total_bytes"] > 0 and back["versions"]["torch"]
+    assert back.schema == 1 and back.backend == "sim" and back.status == "ok"
+    assert back.case.config_hash and back.case.setup["device"] == "cpu"
+    assert isinstance(back.measured.peak_allocated_bytes, int)
+    assert set(back.measured.categories) >= {"weights", "gradients", "optimizer_state", "activations"}
+    assert back.predicted.total_bytes > 0 and back.versions["torch"]
 
 
 def test_malformed_records_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"schema": 1}\n')
-    with pytest.raises(RecordsError, match="line 1: record lacks"):
+    with pytest.raises(RecordError, match="line 1: record lacks"):
         read_records(path)
     path.write_text("not json\n")
-    with pytest.raises(RecordsError, match="line 1: not valid JSON"):
+    with pytest.raises(RecordError, match="line 1: not valid JSON"):
         read_records(path)
 
 
@@ -156,9 +156,9 @@ def test_sweep_survives_kill_and_resumes_without_duplicates(tiny, tmp_path):
     r = _cli("sweep", str(m), "--backend", "sim", "--out", str(out), timeout=300)
     assert r.returncode == 0, r.stderr
     records = read_records(out)
-    keys = [x["case_key"] for x in records]
+    keys = [x.case_key for x in records]
     assert len(keys) == len(set(keys)) == 4
-    assert {x["case_key"] for x in first} <= set(keys)  # nothing completed was lost
+    assert {x.case_key for x in first} <= set(keys)  # nothing completed was lost
     again = _cli("sweep", str(m), "--backend", "sim", "--out", str(out))
     assert "running 0" in again.stderr and len(read_records(out)) == 4
 
@@ -168,7 +168,7 @@ def test_shards_partition_the_matrix(tmp_path):
     m = tmp_path / "m.toml"
     m.write_text('[[cases]]\nmodel = "gpt2"\nbatch = [1, 2, 3, 4, 5]\n')
     parts = [plan(m, "sim", (i, 2)) for i in range(2)]
-    keys = [c[3]["setup"]["batch"] for p in parts for c in p]
+    keys = [c.case.setup["batch"] for p in parts for c in p]
     assert sorted(keys) == [1, 2, 3, 4, 5] and len(parts[0]) == 3
 
 
@@ -186,9 +186,9 @@ def test_cuda_profile_measures_and_matches_estimate_roughly(tiny):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     record = run_case("smollm2-135m", Setup(precision="bf16", seq=256, batch=2), "cuda", steps=2)
-    assert record["status"] == "ok", record["message"]
-    m = record["measured"]
-    assert m["peak_reserved_bytes"] >= m["peak_allocated_bytes"] > 0
-    pred = record["predicted"]["allocated_bytes"]
+    assert record.status == "ok", record.message
+    m = record.measured
+    assert m.peak_reserved_bytes >= m.peak_allocated_bytes > 0
+    pred = record.predicted.allocated_bytes
     # uncalibrated: within 10% of max_memory_allocated (PyTorch's tracker tests use 10%)
-    assert abs(pred - m["peak_allocated_bytes"]) <= 0.10 * m["peak_allocated_bytes"]
+    assert abs(pred - m.peak_allocated_bytes) <= 0.10 * m.peak_allocated_bytes

@@ -57,43 +57,43 @@ def trained(tmp_path_factory):
 
 def test_one_record_per_step_written_and_valid(trained):
     callback, _, path = trained
-    assert [r["step"] for r in callback.records] == [1, 2, 3]
+    assert [r.step for r in callback.records] == [1, 2, 3]
     on_disk = read_records(path)  # validates every line (profiler.record.validate)
-    assert [r["measured"]["peak_allocated_bytes"] for r in on_disk] == \
-        [r["measured"]["peak_allocated_bytes"] for r in callback.records]
+    assert [r.measured.peak_allocated_bytes for r in on_disk] == \
+        [r.measured.peak_allocated_bytes for r in callback.records]
     first = on_disk[0]
-    assert first["schema"] == 1 and first["status"] == "ok" and first["backend"] == "cpu"
-    assert first["case"]["model"] == "tiny-llama" and first["case"]["steps"] == STEPS
-    assert first["case"]["setup"]["optimizer_impl"] == "fused"
-    assert len({r["case_key"] for r in on_disk}) == 1  # one case, three steps
-    assert first["predicted"]["allocated_bytes"] > 0
+    assert first.schema == 1 and first.status == "ok" and first.backend == "cpu"
+    assert first.case.model == "tiny-llama" and first.case.steps == STEPS
+    assert first.case.setup["optimizer_impl"] == "fused"
+    assert len({r.case_key for r in on_disk}) == 1  # one case, three steps
+    assert first.predicted.allocated_bytes > 0
 
 
 def test_peaks_hold_the_model_states_they_must(trained):
     callback, weights, _ = trained
     for r in callback.records:
-        m = r["measured"]
-        assert m["peak_allocated_bytes"] > weights
-        assert m["categories"]["weights"] >= weights
+        m = r.measured
+        assert m.peak_allocated_bytes > weights
+        assert m.categories["weights"] >= weights
         # after zero_grad(set_to_none=True) what stays is weights + AdamW's exp_avg and exp_avg_sq
-        assert 3 * weights <= m["end_bytes"] <= 3 * weights + 1024
+        assert 3 * weights <= m.end_bytes <= 3 * weights + 1024
     for r in callback.records[1:]:  # from step 2 the moments exist for the whole step
-        assert r["measured"]["categories"]["optimizer_state"] >= 2 * weights
+        assert r.measured.categories["optimizer_state"] >= 2 * weights
 
 
 def test_peaks_match_the_estimate_within_tolerance(trained):
     callback, _, _ = trained
     predicted = callback.predicted
-    state = predicted["components"]["optimizer_state"]
+    state = predicted.components["optimizer_state"]
     # Step 1's forward and backward run before AdamW creates its state (lazily, in the
     # first step()): its prediction is every phase without the state, but the optimizer's.
     first_step = max(sum(v for k, v in comp.items() if k not in ("allocator", "context"))
                      - (state if phase != "optimizer" else 0)
-                     for phase, comp in predicted["phases"].items())
+                     for phase, comp in predicted.phases.items())
     for r in callback.records:
-        expected = first_step if r["step"] == 1 else predicted["allocated_bytes"]
-        ratio = r["measured"]["peak_allocated_bytes"] / expected
-        assert abs(ratio - 1) <= TOLERANCE, (r["step"], r["measured"]["peak_allocated_bytes"], expected)
+        expected = first_step if r.step == 1 else predicted.allocated_bytes
+        ratio = r.measured.peak_allocated_bytes / expected
+        assert abs(ratio - 1) <= TOLERANCE, (r.step, r.measured.peak_allocated_bytes, expected)
 
 
 def test_the_dispatch_mode_is_gone_after_training(trained):

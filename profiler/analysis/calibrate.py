@@ -16,14 +16,16 @@ from __future__ import annotations
 import datetime
 import hashlib
 import statistics
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from estimator.calibration import CALIBRATION_SCHEMA
 from estimator.categories import TENSOR_CATEGORIES
 from estimator.modelspec import load_model
 from estimator.overheads import calibration_key
+
+from profiler.record import Case, Record
 
 MIN_GROUP_CASES = 2
 INFORMATIVE = 0.01  # x must be at least 1% of the measured peak to inform a factor
@@ -35,26 +37,26 @@ class Point:
 
     __slots__ = ("key", "group", "y", "phases", "record")
 
-    def __init__(self, record: dict):
+    def __init__(self, record: Record):
         self.record = record
-        self.key = record["case_key"]
-        predicted = record["predicted"]
-        self.group = predicted.get("calibration_key") or _group_of_case(record["case"])
-        self.y = int(record["measured"]["peak_allocated_bytes"])
+        self.key = record.case_key
+        predicted = record.predicted
+        self.group = predicted.calibration_key or _group_of_case(record.case)
+        self.y = int(record.measured.peak_allocated_bytes)
         # per predicted phase: (base, x)
-        self.phases: Dict[str, Tuple[int, int]] = {}
-        for name, comp in predicted["phases"].items():
+        self.phases: dict[str, tuple[int, int]] = {}
+        for name, comp in predicted.phases.items():
             x = comp.get("activations", 0) + comp.get("logits", 0)
             tensors = sum(v for k, v in comp.items() if k in _TENSOR)
             self.phases[name] = (tensors - x, x)
 
-    def at_measured_phase(self) -> Tuple[int, int]:
-        phase = self.record["measured"].get("peak_phase")
+    def at_measured_phase(self) -> tuple[int, int]:
+        phase = self.record.measured.peak_phase
         if phase in self.phases:
             return self.phases[phase]
         return max(self.phases.values(), key=lambda bx: bx[0] + bx[1])
 
-    def predict(self, factors: Dict[str, float], constant: float) -> float:
+    def predict(self, factors: dict[str, float], constant: float) -> float:
         k = factors.get(self.group, 1.0)
         return max(base + k * x for base, x in self.phases.values()) + constant
 
@@ -67,19 +69,17 @@ def _family(model: str) -> str:
         return "other"
 
 
-def _group_of_case(case: dict) -> str:
+def _group_of_case(case: Case) -> str:
     """Records written before predictions carried their calibration key."""
-    setup = case.get("setup", {})
-    return calibration_key(_family(case["model"]), str(setup.get("attn", "sdpa")),
-                           str(setup.get("precision", "bf16")))
+    setup = case.setup or {}
+    return calibration_key(_family(case.model), str(setup.get("attn", "sdpa")), str(setup.get("precision", "bf16")))
 
 
-def points(records: Sequence[dict]) -> List[Point]:
-    return [Point(r) for r in records if r.get("status") == "ok" and r.get("measured", {}).get("peak_allocated_bytes")
-            and r.get("predicted")]
+def points(records: Sequence[Record]) -> list[Point]:
+    return [Point(r) for r in records if r.ok and r.measured.peak_allocated_bytes and r.predicted is not None]
 
 
-def _solve(a: List[List[float]], b: List[float]) -> List[float]:
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     """Gaussian elimination with partial pivoting (small dense systems)."""
     n = len(b)
     m = [row[:] + [b[i]] for i, row in enumerate(a)]
@@ -96,9 +96,9 @@ def _solve(a: List[List[float]], b: List[float]) -> List[float]:
     return [m[i][n] / m[i][i] for i in range(n)]
 
 
-def fit(pts: Sequence[Point], fit_constant: bool = True) -> Tuple[Dict[str, float], float]:
+def fit(pts: Sequence[Point], fit_constant: bool = True) -> tuple[dict[str, float], float]:
     """(factors per group, constant bytes) minimising squared relative error."""
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for p in pts:
         base, x = p.at_measured_phase()
         if x >= INFORMATIVE * p.y:
@@ -139,7 +139,7 @@ def fit(pts: Sequence[Point], fit_constant: bool = True) -> Tuple[Dict[str, floa
     return factors, (sol[-1] * scale if fit_constant else 0.0)
 
 
-def summary(errors: Sequence[float]) -> Dict[str, float]:
+def summary(errors: Sequence[float]) -> dict[str, float]:
     """median, p95 (nearest rank) and max of |error|, as fractions."""
     if not errors:
         return {"median": 0.0, "p95": 0.0, "max": 0.0}
@@ -148,7 +148,7 @@ def summary(errors: Sequence[float]) -> Dict[str, float]:
     return {"median": statistics.median(a), "p95": a[rank - 1], "max": a[-1]}
 
 
-def leave_one_out(pts: Sequence[Point], fit_constant: bool = True) -> List[float]:
+def leave_one_out(pts: Sequence[Point], fit_constant: bool = True) -> list[float]:
     errors = []
     for i, p in enumerate(pts):
         factors, c = fit([q for j, q in enumerate(pts) if j != i], fit_constant)
@@ -156,7 +156,7 @@ def leave_one_out(pts: Sequence[Point], fit_constant: bool = True) -> List[float
     return errors
 
 
-def selected_loo(pts: Sequence[Point]) -> Tuple[List[float], bool]:
+def selected_loo(pts: Sequence[Point]) -> tuple[list[float], bool]:
     """Leave-one-out errors of the chosen model, and whether it fits the constant: the
     constant stays only if it lowers the leave-one-out max error (selection by LOO)."""
     without = leave_one_out(pts, fit_constant=False)
@@ -166,40 +166,40 @@ def selected_loo(pts: Sequence[Point]) -> Tuple[List[float], bool]:
     return without, False
 
 
-def _allocator_fraction(records: Sequence[dict]) -> Optional[float]:
+def _allocator_fraction(records: Sequence[Record]) -> float | None:
     ratios = []
     for r in records:
-        m = r.get("measured", {})
-        if r.get("backend") == "cuda" and m.get("peak_reserved_bytes") and m.get("peak_allocated_bytes"):
-            ratios.append((m["peak_reserved_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"])
+        m = r.measured
+        if r.backend == "cuda" and m.peak_reserved_bytes and m.peak_allocated_bytes:
+            ratios.append((m.peak_reserved_bytes - m.peak_allocated_bytes) / m.peak_allocated_bytes)
     return statistics.median(ratios) if ratios else None
 
 
-def _context(records: Sequence[dict]) -> Optional[int]:
-    values = [r["measured"].get("nvml_context_bytes") for r in records
-              if r.get("backend") == "cuda" and r.get("measured", {}).get("nvml_context_bytes") is not None]
+def _context(records: Sequence[Record]) -> int | None:
+    values = [r.measured.nvml_context_bytes for r in records
+              if r.backend == "cuda" and r.measured.nvml_context_bytes is not None]
     return int(statistics.median(values)) if values else None
 
 
-def calibrate(records: Sequence[dict], sources: Sequence[Path], name: str) -> dict:
+def calibrate(records: Sequence[Record], sources: Sequence[Path], name: str) -> dict:
     """The calibration file's content: fitted overheads, per-case errors, provenance."""
     pts = points(records)
     if not pts:
         raise ValueError("no ok records with a measured peak to calibrate on")
-    backends = sorted({p.record["backend"] for p in pts})
+    backends = sorted({p.record.backend for p in pts})
     if len(backends) > 1:
         raise ValueError(f"records mix backends ({', '.join(backends)}); calibrate one backend at a time")
     loo, use_constant = selected_loo(pts)
     factors, constant = fit(pts, fit_constant=use_constant)
     cases = []
     for p, lo in zip(pts, loo):
-        c = p.record["case"]
+        c = p.record.case
         unc = (p.predict({}, 0.0) - p.y) / p.y
-        cases.append({"case_key": p.key, "model": c["model"], "setup": c["setup"], "group": p.group,
+        cases.append({"case_key": p.key, "model": c.model, "setup": c.setup, "group": p.group,
                       "measured_bytes": p.y, "uncalibrated_error": unc,
                       "fitted_error": (p.predict(factors, constant) - p.y) / p.y, "loo_error": lo})
-    devices = sorted({str(p.record.get("device", {}).get("name", "")) for p in pts})
-    versions = sorted({tuple(sorted(p.record.get("versions", {}).items())) for p in pts})
+    devices = sorted({str((p.record.device or {}).get("name", "")) for p in pts})
+    versions = sorted({tuple(sorted(p.record.versions.items())) for p in pts})
     overheads = {"activation_factors": factors, "constant_bytes": int(round(constant)),
                  "allocator_fraction": _allocator_fraction(records)}
     context = _context(records)

@@ -3,13 +3,14 @@ estimate's error, as a markdown report fit for a pull-request comment."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
 
-from estimator.units import parse_bytes
+from estimator.units import GiB, MiB, parse_bytes
 
-from profiler.record import case_label
+from profiler.record import Record, Status
 
+#: (name, the Measured field compared)
 METRICS = (("peak allocated", "peak_allocated_bytes"), ("peak reserved", "peak_reserved_bytes"),
            ("NVML peak", "nvml_peak_used_bytes"))
 
@@ -36,13 +37,13 @@ class Threshold:
         return current - base > (self.fraction * base if self.fraction else self.bytes)
 
     def __str__(self) -> str:
-        return f"{100 * self.fraction:g}%" if self.fraction else f"{self.bytes / 2**20:g} MiB"
+        return f"{100 * self.fraction:g}%" if self.fraction else f"{self.bytes / MiB:g} MiB"
 
 
-def match_key(record: dict) -> str:
+def match_key(record: Record) -> str:
     """Cases match by model, setup, backend and steps (not by config hash or host)."""
-    c = record["case"]
-    return json.dumps([c["model"], c["setup"], c["backend"], c.get("steps"), record.get("rank", 0)], sort_keys=True)
+    c = record.case
+    return json.dumps([c.model, c.setup, c.backend, c.steps, record.rank or 0], sort_keys=True)
 
 
 @dataclass
@@ -56,41 +57,41 @@ class Finding:
 
 @dataclass
 class Comparison:
-    findings: List[Finding] = field(default_factory=list)
-    only_baseline: List[str] = field(default_factory=list)
-    only_current: List[str] = field(default_factory=list)
-    status_changes: List[Tuple[str, str, str]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    only_baseline: list[str] = field(default_factory=list)
+    only_current: list[str] = field(default_factory=list)
+    status_changes: list[tuple[str, str, str]] = field(default_factory=list)
     matched: int = 0
 
     @property
     def regressed(self) -> bool:
-        return any(f.regression for f in self.findings) or any(new != "ok" and old == "ok"
-                                                              for _, old, new in self.status_changes)
+        return any(f.regression for f in self.findings) or any(
+            new != Status.OK.value and old == Status.OK.value for _, old, new in self.status_changes)
 
 
-def _error(record: dict) -> Optional[float]:
-    m, p = record.get("measured", {}), record.get("predicted") or {}
-    if not m.get("peak_allocated_bytes") or "allocated_bytes" not in p:
+def _error(record: Record) -> float | None:
+    peak, p = record.measured.peak_allocated_bytes, record.predicted
+    if not peak or p is None:
         return None
-    return abs(p["allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
+    return abs(p.allocated_bytes - peak) / peak
 
 
-def compare(baseline: Sequence[dict], current: Sequence[dict], threshold: Threshold) -> Comparison:
+def compare(baseline: Sequence[Record], current: Sequence[Record], threshold: Threshold) -> Comparison:
     base = {match_key(r): r for r in baseline}
     cur = {match_key(r): r for r in current}
     out = Comparison()
-    out.only_baseline = sorted(case_label(base[k], backend=True) for k in base.keys() - cur.keys())
-    out.only_current = sorted(case_label(cur[k], backend=True) for k in cur.keys() - base.keys())
+    out.only_baseline = sorted(base[k].case.label(backend=True) for k in base.keys() - cur.keys())
+    out.only_current = sorted(cur[k].case.label(backend=True) for k in cur.keys() - base.keys())
     for key in sorted(base.keys() & cur.keys()):
         b, c = base[key], cur[key]
         out.matched += 1
-        label = case_label(c, backend=True)
-        if b["status"] != c["status"]:
-            out.status_changes.append((label, b["status"], c["status"]))
-        if b["status"] != "ok" or c["status"] != "ok":
+        label = c.case.label(backend=True)
+        if b.status is not c.status:
+            out.status_changes.append((label, b.status.value, c.status.value))
+        if not (b.ok and c.ok):
             continue
         for name, field_name in METRICS:
-            bv, cv = b["measured"].get(field_name), c["measured"].get(field_name)
+            bv, cv = getattr(b.measured, field_name), getattr(c.measured, field_name)
             if bv is None or cv is None:
                 continue
             out.findings.append(Finding(label, name, bv, cv, threshold.exceeded(bv, cv)))
@@ -98,7 +99,7 @@ def compare(baseline: Sequence[dict], current: Sequence[dict], threshold: Thresh
         if be is not None and ce is not None:
             # the estimate's |error| regresses when it grows by more than the threshold's fraction
             # of the measured peak (or, for a byte threshold, by that many bytes of the peak)
-            peak = c["measured"]["peak_allocated_bytes"]
+            peak = c.measured.peak_allocated_bytes
             allowed = threshold.fraction if threshold.fraction else threshold.bytes / peak
             out.findings.append(Finding(label, "estimate |error|", be, ce, ce - be > allowed))
     return out
@@ -116,7 +117,7 @@ def markdown(cmp: Comparison, threshold: Threshold) -> str:
                 lines.append(f"| {f.case} | {f.metric} | {100 * f.baseline:.2f}% | {100 * f.current:.2f}% | "
                              f"{100 * (f.current - f.baseline):+.2f} pt |")
             else:
-                lines.append(f"| {f.case} | {f.metric} | {f.baseline / 2**30:.3f} GiB | {f.current / 2**30:.3f} GiB | "
+                lines.append(f"| {f.case} | {f.metric} | {f.baseline / GiB:.3f} GiB | {f.current / GiB:.3f} GiB | "
                              f"{100 * (f.current - f.baseline) / f.baseline:+.2f}% |")
         lines.append("")
     for label, old, new in cmp.status_changes:

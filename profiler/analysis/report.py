@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from estimator.categories import Category
+from estimator.units import GiB
+
+from profiler.record import Record
 
 from profiler.analysis.validate import Validation
 
@@ -26,16 +29,16 @@ def _plt():
 def scatter(v: Validation, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 6))
-    meas = [r.measured / 2**30 for r in v.rows]
-    hi = max(max(meas), max(r.uncalibrated / 2**30 for r in v.rows)) * 1.1
+    meas = [r.measured / GiB for r in v.rows]
+    hi = max(max(meas), max(r.uncalibrated / GiB for r in v.rows)) * 1.1
     ax.plot([0, hi], [0, hi], color="black", lw=1)
     ax.fill_between([0, hi], [0, hi * (1 - BAND)], [0, hi * (1 + BAND)], color="tab:green", alpha=0.15,
                     label=f"+-{BAND:.0%}")
-    ax.scatter(meas, [r.uncalibrated / 2**30 for r in v.rows], label="vramlab (uncalibrated)", s=18)
-    loo = [r.measured * (1 + r.loo_error) / 2**30 for r in v.rows]
+    ax.scatter(meas, [r.uncalibrated / GiB for r in v.rows], label="vramlab (uncalibrated)", s=18)
+    loo = [r.measured * (1 + r.loo_error) / GiB for r in v.rows]
     ax.scatter(meas, loo, label="vramlab (calibrated, leave-one-out)", s=12, marker="x")
     for name, marker in (("rules_of_thumb", "^"), ("accelerate", "s")):
-        pts = [(r.measured / 2**30, r.simple[name] / 2**30) for r in v.rows if name in r.simple]
+        pts = [(r.measured / GiB, r.simple[name] / GiB) for r in v.rows if name in r.simple]
         if pts:
             ax.scatter(*zip(*pts), label=name.replace("_", " "), s=10, marker=marker, alpha=0.6)
     ax.set_xlim(0, hi)
@@ -61,7 +64,7 @@ def stacked_bars(v: Validation, path: Path) -> Path:
                                                   ("categories_measured", width / 2, "//"))):
         bottoms = [0.0] * len(rows)
         for ci, cat in enumerate(cats):
-            vals = [getattr(r, attr).get(cat, 0) / 2**30 for r in rows]
+            vals = [getattr(r, attr).get(cat, 0) / GiB for r in rows]
             ax.bar([i + offset for i in range(len(rows))], vals, width, bottom=bottoms, color=colors(ci),
                    hatch=hatch, label=cat if side == 0 else None, edgecolor="white", linewidth=0.3)
             bottoms = [b + x for b, x in zip(bottoms, vals)]
@@ -76,20 +79,19 @@ def stacked_bars(v: Validation, path: Path) -> Path:
     return path
 
 
-def timeline(records: Sequence[dict], path: Path) -> Optional[Path]:
+def timeline(records: Sequence[Record], path: Path) -> Path | None:
     """Memory over a run from the NVML samples (cuda) or the tracker timeline of the first record with one."""
     for r in records:
-        nvml = r.get("measured", {}).get("nvml_timeline")
-        series = nvml or r.get("measured", {}).get("timeline")
+        nvml = r.measured.nvml_timeline
+        series = nvml or r.measured.timeline
         if series:
             plt = _plt()
             fig, ax = plt.subplots(figsize=(8, 3.5))
             xs, ys = zip(*series)
-            ax.plot(xs, [y / 2**30 for y in ys], lw=1)
+            ax.plot(xs, [y / GiB for y in ys], lw=1)
             ax.set_xlabel("seconds" if nvml else "allocation/free event")
             ax.set_ylabel("NVML device used GiB" if nvml else "live tensor GiB")
-            c = r["case"]
-            ax.set_title(f"timeline: {c['model']} {c['setup']['mode']} {c['setup']['precision']} ({r['backend']})")
+            ax.set_title(f"timeline: {r.label} ({r.backend})")
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -97,7 +99,7 @@ def timeline(records: Sequence[dict], path: Path) -> Optional[Path]:
     return None
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.2f}%"
 
 
@@ -111,7 +113,7 @@ def summary_table_md(v: Validation) -> str:
     return "\n".join(lines)
 
 
-def _ratio_err(predicted: Optional[int], measured: Optional[int]) -> str:
+def _ratio_err(predicted: int | None, measured: int | None) -> str:
     return "-" if not predicted or not measured else f"{100 * (predicted - measured) / measured:+.2f}%"
 
 
@@ -124,16 +126,16 @@ def cases_table_md(v: Validation) -> str:
     lines = [head, "|" + "---|" * (4 + len(names) + (4 if gpu else 0))]
     for r in v.rows:
         simple = " | ".join(_pct(r.error(r.simple.get(n))) for n in names)
-        line = (f"| {r.label} | {r.measured / 2**30:.2f} | {_pct(r.error(r.uncalibrated))} | "
+        line = (f"| {r.label} | {r.measured / GiB:.2f} | {_pct(r.error(r.uncalibrated))} | "
                 f"{_pct(r.loo_error)} | {simple} |")
         if gpu:
-            line += (f" {(r.reserved or 0) / 2**30:.2f} | {_ratio_err(r.predicted_reserved, r.reserved)} | "
-                     f"{(r.nvml or 0) / 2**30:.2f} | {_ratio_err(r.predicted_total, r.nvml_process)} |")
+            line += (f" {(r.reserved or 0) / GiB:.2f} | {_ratio_err(r.predicted_reserved, r.reserved)} | "
+                     f"{(r.nvml or 0) / GiB:.2f} | {_ratio_err(r.predicted_total, r.nvml_process)} |")
         lines.append(line)
     return "\n".join(lines)
 
 
-def write_report(v: Validation, records: Sequence[dict], folder: Path, title: str) -> Dict[str, Path]:
+def write_report(v: Validation, records: Sequence[Record], folder: Path, title: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = {"scatter": scatter(v, folder / "scatter.png"), "bars": stacked_bars(v, folder / "categories.png")}
     tl = timeline(records, folder / "timeline.png")
@@ -163,7 +165,7 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def _html(v: Validation, title: str, images: List[Path]) -> str:
+def _html(v: Validation, title: str, images: list[Path]) -> str:
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                    for p in images)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"

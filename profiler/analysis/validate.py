@@ -2,22 +2,21 @@
 the estimator (uncalibrated, calibrated, leave-one-out) and for simpler predictors."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence
 
 from estimator.modelspec import ModelSpec, load_model
 from estimator.overheads import Overheads
 from estimator.setup import Mode, Precision, Quant, Setup
+from estimator.units import GB
 
 from profiler.analysis.calibrate import points, selected_loo, summary
-from profiler.record import case_label
-
-GB = 10**9
+from profiler.record import Record
 
 
 @lru_cache(maxsize=256)
-def _spec(model: str) -> Optional[ModelSpec]:
+def _spec(model: str) -> ModelSpec | None:
     try:
         return load_model(model)
     except ValueError:
@@ -62,27 +61,27 @@ class CaseRow:
     key: str
     label: str
     measured: int
-    reserved: Optional[int]
-    nvml: Optional[int]
+    reserved: int | None
+    nvml: int | None
     uncalibrated: int
-    calibrated: Optional[int]
+    calibrated: int | None
     loo_error: float
-    predicted_reserved: Optional[int] = None
-    predicted_total: Optional[int] = None  # tensors + allocator + context: what NVML should see
-    nvml_process: Optional[int] = None  # NVML used minus the idle baseline before CUDA init
-    simple: Dict[str, int] = field(default_factory=dict)
-    categories_measured: Dict[str, int] = field(default_factory=dict)
-    categories_predicted: Dict[str, int] = field(default_factory=dict)
+    predicted_reserved: int | None = None
+    predicted_total: int | None = None  # tensors + allocator + context: what NVML should see
+    nvml_process: int | None = None  # NVML used minus the idle baseline before CUDA init
+    simple: dict[str, int] = field(default_factory=dict)
+    categories_measured: dict[str, int] = field(default_factory=dict)
+    categories_predicted: dict[str, int] = field(default_factory=dict)
 
-    def error(self, predicted: Optional[int]) -> Optional[float]:
+    def error(self, predicted: int | None) -> float | None:
         return None if predicted is None else (predicted - self.measured) / self.measured
 
 
 @dataclass
 class Validation:
-    rows: List[CaseRow]
-    summaries: Dict[str, Dict[str, float]]
-    calibration_source: Optional[str] = None
+    rows: list[CaseRow]
+    summaries: dict[str, dict[str, float]]
+    calibration_source: str | None = None
 
     def to_dict(self) -> dict:
         out = {"cases": len(self.rows)}
@@ -92,36 +91,32 @@ class Validation:
         return out
 
 
-def validate(records: Sequence[dict], calibration: Optional[Overheads] = None) -> Validation:
+def validate(records: Sequence[Record], calibration: Overheads | None = None) -> Validation:
     pts = points(records)
     if not pts:
         raise ValueError("no ok records with a measured peak to validate")
     loo, _ = selected_loo(pts)
-    rows: List[CaseRow] = []
+    rows: list[CaseRow] = []
     for p, lo in zip(pts, loo):
         r = p.record
-        m = r["measured"]
-        case = r["case"]
-        setup = Setup.from_dict(case["setup"])
-        spec = _spec(case["model"])
+        m, predicted = r.measured, r.predicted
+        setup = Setup.from_dict(r.case.setup)
+        spec = _spec(r.case.model)
         calibrated = None
         if calibration is not None:
             calibrated = int(round(p.predict(dict(calibration.activation_factors), calibration.constant_bytes)))
         simple = {}
         if spec is not None:
-            params = r["predicted"]["params"]
-            simple = {name: fn(spec, setup, params) for name, fn in SIMPLE_PREDICTORS.items()}
-        phase = m.get("peak_phase")
+            simple = {name: fn(spec, setup, predicted.params) for name, fn in SIMPLE_PREDICTORS.items()}
         rows.append(CaseRow(
-            key=p.key, label=case_label(r), measured=p.y, reserved=m.get("peak_reserved_bytes"),
-            nvml=m.get("nvml_peak_used_bytes"), uncalibrated=int(round(p.predict({}, 0.0))),
+            key=p.key, label=r.label, measured=p.y, reserved=m.peak_reserved_bytes,
+            nvml=m.nvml_peak_used_bytes, uncalibrated=int(round(p.predict({}, 0.0))),
             calibrated=calibrated, loo_error=lo, simple=simple,
-            predicted_reserved=r["predicted"].get("reserved_bytes"),
-            predicted_total=r["predicted"].get("total_bytes"),
-            nvml_process=(m["nvml_peak_used_bytes"] - m.get("nvml_idle_used_bytes", 0))
-            if m.get("nvml_peak_used_bytes") else None,
-            categories_measured=dict(m.get("categories", {})),
-            categories_predicted=dict(r["predicted"]["phases"].get(phase, r["predicted"]["components"]))))
+            predicted_reserved=predicted.reserved_bytes, predicted_total=predicted.total_bytes,
+            nvml_process=(m.nvml_peak_used_bytes - (m.nvml_idle_used_bytes or 0))
+            if m.nvml_peak_used_bytes else None,
+            categories_measured=dict(m.categories or {}),
+            categories_predicted=predicted.tensors_at(m.peak_phase)))
     summaries = {"uncalibrated": summary([row.error(row.uncalibrated) for row in rows]),
                  "calibrated_loo": summary(loo)}
     if calibration is not None:

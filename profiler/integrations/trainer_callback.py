@@ -5,7 +5,7 @@
     from profiler.integrations.trainer_callback import VramCallback
     with VramCallback(spec=spec, setup=setup, out="runs/steps.jsonl") as cb:
         Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
-    cb.records  # one schema-1 record per optimizer step (profiler.record)
+    cb.records  # one profiler.record.Record per optimizer step
 
 A step runs from ``on_step_begin`` (before the forward of its first micro-batch) to
 ``on_step_end`` (after ``optimizer.step()``, the scheduler and ``zero_grad``), as
@@ -31,25 +31,22 @@ The backend is where the model's parameters live (``use_cpu=True`` on a GPU host
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-import socket
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
-from estimator.categories import Category
-from estimator.estimate import estimate
+from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
 from estimator.setup import Setup
 
-from profiler.measure.run import device_info, versions
-from profiler.record import SCHEMA_VERSION, append_record, case_key, validate
+from profiler.measure.run import device_info, prediction
+from profiler.measure.steps import Meter, classify_failure, summarise
 from profiler.measure.tracker import StorageTracker
+from profiler.record import Case, Record, Status, append_record, check_record, new_record
 
 __all__ = ["VramCallback"]
 
@@ -61,7 +58,7 @@ class VramCallback(TrainerCallback):
 
     Args:
         spec, setup: the estimator's model and setup; given together, each record
-            carries ``estimate(spec, setup).to_dict()`` under ``predicted``.
+            carries ``estimate(spec, setup)`` under ``predicted``.
         out: JSONL file each record is appended to (``profiler.record.append_record``).
         backend: ``"cuda"`` or ``"cpu"``; ``None`` picks the device of the model's
             parameters at ``on_train_begin``.
@@ -69,9 +66,9 @@ class VramCallback(TrainerCallback):
             model config's ``name_or_path`` or ``model_type``).
     """
 
-    def __init__(self, spec: Optional[ModelSpec] = None, setup: Optional[Setup] = None,
-                 out: "str | Path | None" = None, backend: Optional[str] = None,
-                 model_name: Optional[str] = None) -> None:
+    def __init__(self, spec: ModelSpec | None = None, setup: Setup | None = None,
+                 out: str | Path | None = None, backend: str | None = None,
+                 model_name: str | None = None) -> None:
         if (spec is None) != (setup is None):
             raise ValueError("pass spec and setup together (the estimate needs both), or neither")
         if spec is not None and not isinstance(spec, ModelSpec):
@@ -86,23 +83,27 @@ class VramCallback(TrainerCallback):
         self.out = Path(out) if out is not None else None
         self.backend = backend
         self.model_name = model_name
-        self.predicted = estimate(spec, setup).to_dict() if spec is not None else None
-        self.records: List[dict] = []
-        self._tracker: Optional[StorageTracker] = None
-        self._case: Optional[dict] = None
-        self._device: Optional[dict] = None
-        self._in_step = False
+        self.predicted = prediction(spec, setup) if spec is not None else None
+        self.records: list[Record] = []
+        self._tracker: StorageTracker | None = None
+        self._meter: Meter | None = None
+        self._case: Case | None = None
+        self._device: dict | None = None
+        self._step = 0
         self._watched: Any = None  # the optimizer whose state the tracker tags
 
     # ------------------------------------------------------------------ context manager
-    def __enter__(self) -> "VramCallback":
+    def __enter__(self) -> VramCallback:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self._meter is not None and isinstance(exc, Exception):
+            self._finish_step(*classify_failure(exc))  # the step that raised: oom or error, as data
         self.close()
 
     def close(self) -> None:
         """Leave the tracker's dispatch mode and remove its hooks (idempotent)."""
+        self._meter = None
         tracker = self._tracker
         if tracker is None:
             return
@@ -118,7 +119,6 @@ class VramCallback(TrainerCallback):
         tracker.remove_hooks()
         self._tracker = None
         self._watched = None
-        self._in_step = False
 
     # ------------------------------------------------------------------ callback events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -130,26 +130,24 @@ class VramCallback(TrainerCallback):
             self.backend = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
         self._case = self._make_case(model, state)
         self._device = device_info(self.backend)
+        tracker = StorageTracker()
         if self.backend == "cpu":
-            tracker = StorageTracker()
             tracker.track(model, Category.WEIGHTS)
             tracker.watch_grads(model)
             self._tracker = tracker
             self._watch(optimizer)
+        self._idle_tracker = tracker  # cuda: the meter's tracker sees nothing; the allocator measures
         return control
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self.backend == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        elif self._tracker is not None:
-            tracker = self._tracker
+        tracker = self._tracker or self._idle_tracker
+        if self._tracker is not None:
             self._watch(optimizer)  # the optimizer may be created after on_train_begin
-            tracker.default_category = Category.ACTIVATIONS
             if not tracker.active:
                 tracker.__enter__()
-            tracker.reset_peak()
-        self._in_step = True
+        self._step = state.global_step + 1
+        self._meter = Meter(tracker, cuda=self.backend == "cuda")
+        self._meter.begin(Phase.STEP, Category.ACTIVATIONS)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -158,23 +156,8 @@ class VramCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self._in_step:
-            return control
-        self._in_step = False
-        measured: dict = {"phases": {}}
-        if self.backend == "cuda":
-            torch.cuda.synchronize()
-            measured["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-            measured["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
-        else:
-            tracker = self._tracker
-            if tracker.active:
-                self._leave_step()
-            res = tracker.results()
-            measured["peak_allocated_bytes"] = int(res.peak_bytes)
-            measured["categories"] = {c.value: int(res.peak_breakdown.get(c.value, 0)) for c in Category}
-            measured["end_bytes"] = int(res.current_bytes)
-        self._emit(state.global_step, measured)
+        if self._meter is not None:
+            self._finish_step(Status.OK, "")
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -182,6 +165,23 @@ class VramCallback(TrainerCallback):
         return control
 
     # ------------------------------------------------------------------ helpers
+    def _finish_step(self, status: Status, message: str) -> None:
+        meter, self._meter = self._meter, None
+        meter.end()
+        tracker = meter.tracker
+        if self._tracker is not None and tracker.active:
+            self._leave_step()
+        record = new_record(self._case, status, message, predicted=self.predicted, source="trainer_callback",
+                            step=self._step, device=self._device)
+        summarise(record, meter, tracker, None, self.backend == "cuda", 0)
+        if self.backend == "cpu":
+            record.measured.end_bytes = int(tracker.current_bytes)
+            record.measured.rss_peak_bytes = record.measured.rss_before_bytes = None
+        check_record(record.to_json(), f"VramCallback record of step {self._step}")
+        self.records.append(record)
+        if self.out is not None:
+            append_record(self.out, record)
+
     def _leave_step(self) -> None:
         """Leave the tracker's mode at the end of a step, keeping it (and its hooks) for the next."""
         from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -204,7 +204,7 @@ class VramCallback(TrainerCallback):
         self._tracker.track(inner, Category.OPTIMIZER_STATE)  # state that already exists
         self._watched = inner
 
-    def _make_case(self, model: Any, state: Any) -> dict:
+    def _make_case(self, model: Any, state: Any) -> Case:
         config = getattr(model, "config", None)
         if self.spec is not None:
             name, config_hash = self.spec.name, self.spec.config_hash
@@ -216,17 +216,6 @@ class VramCallback(TrainerCallback):
             except ValueError:  # an architecture the estimator cannot read: hash the dict itself
                 text = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
                 config_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return {"model": self.model_name or name, "config_hash": config_hash,
-                "setup": self.setup.to_dict() if self.setup is not None else None,
-                "steps": int(state.max_steps), "backend": self.backend}
-
-    def _emit(self, step: int, measured: dict) -> None:
-        record = {"schema": SCHEMA_VERSION, "case": self._case, "case_key": case_key(self._case),
-                  "backend": self.backend, "status": "ok", "message": "", "source": "trainer_callback",
-                  "step": int(step), "versions": versions(), "host": socket.gethostname(),
-                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": self._device, "measured": measured, "predicted": self.predicted}
-        validate(record, f"VramCallback record of step {step}")
-        self.records.append(record)
-        if self.out is not None:
-            append_record(self.out, record)
+        return Case(model=self.model_name or name, config_hash=config_hash,
+                    setup=self.setup.to_dict() if self.setup is not None else None,
+                    steps=int(state.max_steps), backend=self.backend)

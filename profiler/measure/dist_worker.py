@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         if request.get("crash_rank") == rank:  # tests of the failure path: die like a segfault would
             os._exit(3)
         record = rank_record(request["model"], Setup.from_dict(request["setup"]), request["backend"],
-                             int(request["steps"]), rank, world, local_rank)
+                             int(request["steps"]), rank, world, local_rank).to_json()
         out = request.get("out")
         if out:
             with open(f"{out}.rank{rank}", "w", encoding="utf-8") as fh:

@@ -20,38 +20,33 @@ threads; :func:`fsdp_storage_hooks` accounts for both.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import json
 import os
 import re
-import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 
 from estimator.categories import Category
-from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
-from estimator.setup import Sharding, Setup
+from estimator.setup import Setup, Sharding
 
-from profiler.measure.build import (SetupUnavailable, build_model, build_optimizer, materialize_fake,
-                    synthetic_batch)
-from profiler.measure.run import _Meter, _summarise, _unmeasured, device_info, make_case, train_step, versions
-from profiler.record import SCHEMA_VERSION, append_record, case_key
+from profiler.measure.build import build_model, materialize_fake
+from profiler.measure.procs import ROOT, checkout_env
+from profiler.measure.run import device_info, make_case, prediction
+from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
+from profiler.record import Record, Status, append_record, check_record, new_record
 
 #: shardings this module can run for real (zero1/zero2 need DeepSpeed or ZeroRedundancyOptimizer)
 MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3)
 DIST_BACKENDS = ("cpu", "cuda")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def distributed_setup(setup: Setup, nproc: int) -> Setup:
@@ -189,95 +184,53 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DDP keeps the model as .module
 
 
-def _train_steps(model, spec, setup, device, steps, tracker, meter, timings):
-    """The harness's step loop on a wrapped model (forward through the wrapper)."""
-    inner = _inner(model)
-    opt = build_optimizer(inner, setup)
-    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
-    base_opt = getattr(opt, "inner", opt)
-    tracker.watch_optimizer(base_opt)
-    if base_opt is not opt:
-        tracker.track(opt.masters, Category.OPTIMIZER_STATE)
-    head = inner.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda *_: setattr(tracker, "default_category", Category.LOGITS))
-    ids = synthetic_batch(spec, setup, device)
-    try:
-        for step in range(steps + 1):  # step 0 is the warm-up (optimizer state, bucket rebuild)
-            measure = meter if step else _unmeasured(tracker)
-            if step == 1 and hasattr(model, "reducer"):
-                # DDP rebuilds its gradient buckets once, in the order gradients arrived in the
-                # first backward (torch/nn/parallel/distributed.py::_pre_forward); do it here,
-                # tagged as gradients, rather than inside the first measured forward.
-                tracker.default_category = Category.GRADIENTS
-                model.reducer._rebuild_buckets()
-            if step and device.startswith("cuda"):
-                gc.collect()
-                torch.cuda.empty_cache()
-            timings["warmup_s" if step == 0 else "step_s"].append(train_step(model, opt, ids, setup, device, measure))
-    finally:
-        hook.remove()
-        tracker.remove_hooks()
+def _rank_record(spec: ModelSpec, model: str, setup: Setup, backend: str, steps: int, rank: int,
+                 world: int) -> Record:
+    """The record's frame, as a single-device run writes it, plus rank, world size and nproc."""
+    case = make_case(spec, setup, backend, steps, nproc=world, model=model)
+    return new_record(case, predicted=prediction(spec, Setup.from_dict(case.setup)), rank=rank,
+                      world_size=world, device=device_info(backend))
 
 
-def _base_record(model: str, spec: ModelSpec, setup: Setup, backend: str, steps: int,
-                 rank: int, world: int) -> dict:
-    """The record's frame, as ``harness.run_case`` writes it, plus rank, world size and nproc."""
-    case = make_case(model, setup, backend, steps, spec)
-    case["nproc"] = world
-    return {"schema": SCHEMA_VERSION, "case": case, "case_key": case_key(case), "backend": backend,
-            "rank": rank, "world_size": world, "status": "ok", "message": "", "versions": versions(),
-            "host": socket.gethostname(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "predicted": estimate(spec, Setup.from_dict(case["setup"])).to_dict()}
+def _rebuild_ddp_buckets(wrapped, tracker: StorageTracker):
+    """DDP rebuilds its gradient buckets once, in the order gradients arrived in the first
+    backward (torch/nn/parallel/distributed.py::_pre_forward); do it before the first
+    measured step, tagged as gradients, rather than inside the first measured forward."""
+    def before_step(step: int) -> None:
+        if step == 1 and hasattr(wrapped, "reducer"):
+            tracker.default_category = Category.GRADIENTS
+            wrapped.reducer._rebuild_buckets()
+    return before_step
 
 
 def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, world: int,
-                local_rank: int = 0) -> dict:
+                local_rank: int = 0) -> Record:
     """Measure this rank (its process group already initialised) and return its record;
     a failing case is a record with status oom or error, never an exception."""
     spec = load_model(model)
     setup = distributed_setup(setup, world)
-    record = _base_record(model, spec, setup, backend, steps, rank, world)
-    setup = Setup.from_dict(record["case"]["setup"])
-    measured: dict = {}
-    record["measured"] = measured
-    timings: dict = {"build_s": None, "warmup_s": [], "step_s": []}
-    record["timings"] = timings
+    record = _rank_record(spec, model, setup, backend, steps, rank, world)
+    setup = Setup.from_dict(record.case.setup)
     cuda = backend == "cuda"
     device = f"cuda:{local_rank}" if cuda else "cpu"
-    record["device"] = device_info(backend)
-    tracker = StorageTracker()
-    meter = _Meter(tracker, cuda)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    try:
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
+
+    def build(tracker: StorageTracker) -> Model:
         model_obj = build_model(spec, setup, device)
         if setup.sharding is Sharding.DDP:
             tracker.track(model_obj, Category.WEIGHTS)
             with tracker:  # the Reducer allocates its gradient buckets in DDP's constructor
                 tracker.default_category = Category.GRADIENTS
                 wrapped = wrap(model_obj, spec, setup, device, world)
-            hooks = contextlib.nullcontext()
-        else:
-            wrapped = wrap(model_obj, spec, setup, device, world)
-            gc.collect()  # the unsharded parameters fully_shard replaced
-            tracker.track(wrapped, Category.WEIGHTS)  # this rank's local shards
-            hooks = fsdp_storage_hooks(tracker)
-        timings["build_s"] = round(time.perf_counter() - t0, 6)
-        with hooks, tracker:
-            _train_steps(wrapped, spec, setup, device, steps, tracker, meter, timings)
-    except SetupUnavailable as exc:
-        record["status"], record["message"] = "error", str(exc)
-    except torch.OutOfMemoryError as exc:
-        record["status"], record["message"] = "oom", str(exc).splitlines()[0][:300]
-    except Exception as exc:  # the case's failure is a data point (a peer's timeout included)
-        record["status"], record["message"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
-    _summarise(record, meter, tracker, None, cuda, rss0)
-    return record
+            return Model(wrapped, _inner(wrapped), device, before_step=_rebuild_ddp_buckets(wrapped, tracker))
+        wrapped = wrap(model_obj, spec, setup, device, world)
+        gc.collect()  # the unsharded parameters fully_shard replaced
+        tracker.track(wrapped, Category.WEIGHTS)  # this rank's local shards
+        return Model(wrapped, _inner(wrapped), device, contexts=[fsdp_storage_hooks(tracker)])
+
+    return measure_run(record, spec, setup, steps, build, cuda=cuda)
 
 
-def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> dict:
+def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> Record:
     """Rank 0 of ``nproc`` simulated in this process: FSDP2 over a fake process group
     (``torch.testing._internal.distributed.fake_pg``: collectives that move nothing) on fake
     tensors (``FakeTensorMode``: shapes, no memory, no compute), so a 70B model on 64 ranks
@@ -299,59 +252,45 @@ def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> dict:
         raise ValueError("a process group is already initialised in this process; "
                          "run_sim_rank0 needs its own (fake) one: call it from a fresh process")
     spec = load_model(model)
-    record = _base_record(model, spec, setup, "sim", steps, 0, nproc)
-    record["simulated"] = f"rank 0 of {nproc} (fake process group, fake tensors)"
-    setup = Setup.from_dict(record["case"]["setup"])
-    measured: dict = {}
-    record["measured"] = measured
-    timings: dict = {"build_s": None, "warmup_s": [], "step_s": []}
-    record["timings"] = timings
-    record["device"] = device_info("sim")
-    tracker = StorageTracker()
-    meter = _Meter(tracker, False)
+    record = _rank_record(spec, model, setup, "sim", steps, 0, nproc)
+    record.simulated = f"rank 0 of {nproc} (fake process group, fake tensors)"
+    setup = Setup.from_dict(record.case.setup)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
-    try:
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
+
+    def build(tracker: StorageTracker) -> Model:
         model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
         mesh = init_device_mesh("cpu", (nproc,))  # outside the fake mode: a real rank table
         with fake:
             wrapped = wrap(model_obj, spec, setup, "cpu", nproc, mesh)
         gc.collect()
         tracker.track(wrapped, Category.WEIGHTS)
-        timings["build_s"] = round(time.perf_counter() - t0, 6)
-        with fake, fsdp_storage_hooks(tracker), tracker:
-            _train_steps(wrapped, spec, setup, "cpu", steps, tracker, meter, timings)
-    except SetupUnavailable as exc:
-        record["status"], record["message"] = "error", str(exc)
-    except Exception as exc:  # the case's failure is a data point
-        record["status"], record["message"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+        return Model(wrapped, _inner(wrapped), "cpu", contexts=[fake, fsdp_storage_hooks(tracker)])
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
+    try:
+        return measure_run(record, spec, setup, steps, build, cuda=False)
     finally:
         dist.destroy_process_group()
-    _summarise(record, meter, tracker, None, False, 0)
-    return record
 
 
 def error_record(model: str, setup: Setup, backend: str, steps: int, rank: int, nproc: int,
-                 message: str) -> dict:
+                 message: str) -> Record:
     """The record of a rank that left none (it crashed, or the launcher was stopped)."""
     spec = load_model(model)
-    record = _base_record(model, spec, distributed_setup(setup, nproc), backend, steps, rank, nproc)
-    record.update(status="error", message=message[:600], measured={},
-                  timings={"build_s": None, "warmup_s": [], "step_s": []}, device=device_info(backend))
+    record = _rank_record(spec, model, distributed_setup(setup, nproc), backend, steps, rank, nproc)
+    record.fail(Status.ERROR, message[:600])
     return record
 
 
-def launch_command(request: dict, nproc: int) -> List[str]:
+def launch_command(request: dict, nproc: int) -> list[str]:
     """PyTorch's launcher (``torchrun``) running :mod:`profiler.measure.dist_worker` on ``nproc`` ranks."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "profiler.measure.dist_worker", json.dumps(request, sort_keys=True)]
 
 
 def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int = 1, nproc: int = 2,
-                    out: "str | Path | None" = None, timeout_s: float = 600.0,
-                    _crash_rank: Optional[int] = None) -> List[dict]:
+                    out: str | Path | None = None, timeout_s: float = 600.0,
+                    _crash_rank: int | None = None) -> list[Record]:
     """Run ``setup`` on ``nproc`` ranks under torchrun; one record per rank, rank order.
 
     Records are appended to ``out`` (JSONL) when given. A rank that crashed, or a launch
@@ -377,9 +316,7 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
                    "out": str(path), "timeout_s": float(timeout_s)}
         if _crash_rank is not None:
             request["crash_rank"] = int(_crash_rank)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=checkout_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous
@@ -422,9 +359,9 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _collect(path: Path, nproc: int) -> dict:
+def _collect(path: Path, nproc: int) -> dict[int, Record]:
     """Records by rank: rank 0's gathered file, else each rank's own file."""
-    found = {}
+    found: dict[int, Record] = {}
     candidates = [path] + [Path(f"{path}.rank{r}") for r in range(nproc)]
     for candidate in candidates:
         try:
@@ -433,11 +370,11 @@ def _collect(path: Path, nproc: int) -> dict:
             continue
         for line in lines:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = check_record(json.loads(line), str(candidate))
+            except ValueError:  # JSONDecodeError and RecordError: a torn or foreign line
                 continue
-            if isinstance(record, dict) and isinstance(record.get("rank"), int):
-                found.setdefault(record["rank"], record)
+            if record.rank is not None:
+                found.setdefault(record.rank, record)
     return found
 
 

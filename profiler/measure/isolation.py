@@ -24,14 +24,15 @@ check still marks the leaking case.
 from __future__ import annotations
 
 import gc
-from typing import Optional, Tuple
 
 import torch
 
+from estimator.modelspec import ModelSpec
 from estimator.setup import Setup
 
 from profiler.measure.run import run_case
 from profiler.measure.tracker import StorageTracker
+from profiler.record import Record, Status
 
 
 def settle(cuda: bool) -> int:
@@ -50,7 +51,7 @@ def settle(cuda: bool) -> int:
 
 
 def run_isolated(model: str, setup: Setup, backend: str, steps: int = 2, timeline: bool = False,
-                 cuda_context: Optional[dict] = None) -> Tuple[dict, bool]:
+                 cuda_context: dict | None = None, spec: ModelSpec | None = None) -> tuple[Record, bool]:
     """Run one case in this process between two settles; returns (record, clean).
 
     ``clean`` is False when the case left anything behind (a leaked tensor, or CUDA
@@ -60,21 +61,19 @@ def run_isolated(model: str, setup: Setup, backend: str, steps: int = 2, timelin
     before = settle(cuda)
     tracker = StorageTracker(record_timeline=timeline)
     record = run_case(model, setup, backend, steps=steps, timeline=timeline, tracker=tracker,
-                      cuda_context=cuda_context)
+                      cuda_context=cuda_context, spec=spec)
     after = settle(cuda)
     res = tracker.results()
     leaked_bytes, leaked_storages = int(res.current_bytes), int(res.live_storages)
     del tracker, res
     growth = after - before
-    record["isolation"] = {"allocated_before_bytes": before, "allocated_after_bytes": after,
-                           "leaked_bytes": leaked_bytes, "leaked_storages": leaked_storages}
+    record.isolation = {"allocated_before_bytes": before, "allocated_after_bytes": after,
+                        "leaked_bytes": leaked_bytes, "leaked_storages": leaked_storages}
     if leaked_storages:
-        record["status"] = "error"
         note = (f"leak: {leaked_bytes} bytes in {leaked_storages} tensor storages made by this case "
                 f"were still alive after it ended; its measurements are kept but not trusted")
-        record["message"] = f"{note}; {record['message']}" if record.get("message") else note
+        record.fail(Status.ERROR, f"{note}; {record.message}" if record.message else note)
     elif growth:
-        note = (f"{growth} bytes stayed allocated after the case with no tensor of it alive "
-                f"(a library allocation); the worker is replaced before the next case")
-        record["message"] = f"{record['message']}; {note}" if record.get("message") else note
+        record.note(f"{growth} bytes stayed allocated after the case with no tensor of it alive "
+                    f"(a library allocation); the worker is replaced before the next case")
     return record, not leaked_storages and growth == 0

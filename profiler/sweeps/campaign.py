@@ -40,18 +40,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
 
-from profiler.record import SCHEMA_VERSION, append_record, case_key, case_label
-from profiler.sweeps.sweep import done_keys, plan
-
-ROOT = Path(__file__).resolve().parents[2]
+from profiler.measure.procs import ROOT, checkout_env, die_with_parent
+from profiler.record import Record, RecordError, Status, append_record, check_record, new_record
+from profiler.sweeps.sweep import Planned, done_keys, plan
 
 #: Headroom kept free on the card beyond the admitted predictions: the estimator's own
 #: error on unmeasured setups is unknown until the first CUDA records exist, so admit a
@@ -72,16 +71,16 @@ DEVICE_NVML_KEYS = ("nvml_idle_used_bytes", "nvml_context_bytes", "nvml_peak_use
 
 @dataclass
 class Job:
-    """One planned case."""
+    """One planned case and what the scheduler knows of it."""
     index: int
-    model: str
-    setup: Setup
-    steps: int
-    case: dict
-    key: str
+    planned: Planned
     need_bytes: int            # predicted reserved bytes + admission headroom
     exclusive: bool = False    # runs with nothing beside it (too big, or an OOM rerun)
     attempts: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.planned.key
 
 
 @dataclass
@@ -91,7 +90,7 @@ class _Worker:
     log_path: Path
     state: str = "starting"    # starting -> imported -> initializing -> ready <-> busy -> dead
     buffer: bytes = b""
-    job: Optional[Job] = None
+    job: Job | None = None
     started: float = 0.0       # when the current job was sent
     overlapped: bool = False   # something else ran while the current job ran
     context: dict = field(default_factory=dict)
@@ -105,29 +104,20 @@ def _default_workers(backend: str) -> int:
     return max(1, min(3 if backend == "cuda" else 2, cores))
 
 
-def plan_jobs(matrix: "str | Path", backend: str, done: set, card_bytes: Optional[int] = None) -> List[Job]:
+def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None) -> list[Job]:
     """The matrix's cases not yet done, largest predicted need first."""
     jobs = []
-    for index, (model, setup, steps, case) in enumerate(plan(matrix, backend)):
-        key = case_key(case)
-        if key in done:
+    for index, planned in enumerate(plan(matrix, backend)):
+        if planned.key in done:
             continue
-        from estimator.modelspec import load_model
-        predicted = estimate(load_model(model), Setup.from_dict(case["setup"])).reserved_bytes
+        predicted = estimate(planned.spec, Setup.from_dict(planned.case.setup)).reserved_bytes
         need = predicted + max(ADMIT_MIN_BYTES, int(predicted * ADMIT_FRACTION))
-        jobs.append(Job(index, model, setup, steps, case, key, need,
-                        exclusive=card_bytes is not None and need > card_bytes))
+        jobs.append(Job(index, planned, need, exclusive=card_bytes is not None and need > card_bytes))
     jobs.sort(key=lambda j: (-j.need_bytes, j.index))
     return jobs
 
 
-def _error_record(job: Job, backend: str, message: str) -> dict:
-    return {"schema": SCHEMA_VERSION, "case": job.case, "case_key": job.key, "backend": backend,
-            "status": "error", "message": message, "measured": {}, "versions": {},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def _nvml_device_used() -> Optional[int]:
+def _nvml_device_used() -> int | None:
     """Device memory NVML reports used now (None without NVML); no CUDA initialisation."""
     try:
         import pynvml
@@ -140,11 +130,11 @@ def _nvml_device_used() -> Optional[int]:
 class Campaign:
     """Run ``matrix`` on ``backend`` into ``records``; see the module docstring."""
 
-    def __init__(self, matrix: "str | Path", backend: str, records: "str | Path", *,
-                 workers: Optional[int] = None, budget_s: float = 330.0, case_timeout_s: float = 120.0,
-                 card_bytes: Optional[int] = None, tests: Optional[Sequence[str]] = None,
-                 tests_log: "str | Path | None" = None, log_dir: "str | Path | None" = None,
-                 worker_cmd: Optional[Sequence[str]] = None, say: Callable[[str], None] = print):
+    def __init__(self, matrix: str | Path, backend: str, records: str | Path, *,
+                 workers: int | None = None, budget_s: float = 330.0, case_timeout_s: float = 120.0,
+                 card_bytes: int | None = None, tests: Sequence[str] | None = None,
+                 tests_log: str | Path | None = None, log_dir: str | Path | None = None,
+                 worker_cmd: Sequence[str] | None = None, say: Callable[[str], None] = print):
         if budget_s <= 0 or case_timeout_s <= 0:
             raise ValueError("the budget and the case timeout must be positive numbers of seconds")
         self.matrix, self.backend, self.records = Path(matrix), backend, Path(records)
@@ -159,15 +149,15 @@ class Campaign:
         self.worker_cmd = list(worker_cmd) if worker_cmd else [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
         self.say = say
         self.sel = selectors.DefaultSelector()
-        self.workers: Dict[int, _Worker] = {}
-        self.pending: List[Job] = []
-        self.done_rows: List[dict] = []   # one per written record: seconds per case
+        self.workers: dict[int, _Worker] = {}
+        self.pending: list[Job] = []
+        self.done_rows: list[dict] = []   # one per written record: seconds per case
         self.counts = {"ok": 0, "oom": 0, "error": 0}
         self.start_failures = 0
-        self.tests_proc: Optional[subprocess.Popen] = None
+        self.tests_proc: subprocess.Popen | None = None
         self.tests_started = self.tests_seconds = None
-        self.free_bytes: Optional[int] = None
-        self.idle_device_bytes: Optional[int] = None
+        self.free_bytes: int | None = None
+        self.idle_device_bytes: int | None = None
         self.device: dict = {}
         self.versions: dict = {}
         self.resumed = 0
@@ -175,13 +165,12 @@ class Campaign:
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, slot: int) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env = checkout_env()
         env["PYTHONUNBUFFERED"] = "1"
         log_path = self.log_dir / f"worker-{slot}.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(self.worker_cmd + [self.backend], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, env=env, cwd=str(ROOT), preexec_fn=_die_with_parent)
+                                stderr=log, env=env, cwd=str(ROOT), preexec_fn=die_with_parent)
         log.close()
         os.set_blocking(proc.stdout.fileno(), False)
         w = _Worker(slot, proc, log_path)
@@ -221,7 +210,7 @@ class Campaign:
             return "no log"
         return (lines or ["no output"])[-1][:300]
 
-    def _busy(self) -> List[_Worker]:
+    def _busy(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.state == "busy"]
 
     def _something_runs(self) -> bool:
@@ -244,59 +233,61 @@ class Campaign:
                 self.free_bytes = int(msg["free_bytes"])  # the last worker's view: every context exists
             self.start_failures = 0
         elif op == "record" and w.job is not None:
-            self._finish(w, msg.get("record") or {}, bool(msg.get("clean")))
+            try:
+                record = check_record(msg.get("record"), f"worker {w.slot}'s record")
+            except RecordError as exc:
+                record = new_record(w.job.planned.case, Status.ERROR, str(exc))
+            self._finish(w, record, bool(msg.get("clean")))
 
-    def _finish(self, w: _Worker, record: dict, clean: bool) -> None:
+    def _finish(self, w: _Worker, record: Record, clean: bool) -> None:
         job, seconds = w.job, round(time.monotonic() - w.started, 3)
         w.job, w.cases_run = None, w.cases_run + 1
         w.state = "ready" if clean else "retiring"
         if not clean:
             self._send(w, {"op": "exit"})
         alone = not w.overlapped
-        if record.get("case_key") != job.key:
-            record = _error_record(job, self.backend, f"worker answered for case {record.get('case_key')!r}, "
-                                                      f"not {job.key!r}")
-        if record.get("status") == "oom" and not alone and job.attempts < 2:
+        if record.case_key != job.key:
+            record = new_record(job.planned.case, Status.ERROR,
+                                f"worker answered for case {record.case_key!r}, not {job.key!r}")
+        if record.status is Status.OOM and not alone and job.attempts < 2:
             job.exclusive = True  # an OOM beside other cases says nothing about this case: run it alone
             self.pending.insert(0, job)
-            self.say(f"  oom beside other cases: {case_label(record)} runs again alone")
+            self.say(f"  oom beside other cases: {record.label} runs again alone")
             return
         self._annotate(record, w, alone, seconds, job)
         self._write(record, seconds, w.slot, alone)
 
-    def _annotate(self, record: dict, w: _Worker, alone: bool, seconds: float, job: Job) -> None:
-        measured = record.setdefault("measured", {})
+    def _annotate(self, record: Record, w: _Worker, alone: bool, seconds: float, job: Job) -> None:
+        m = record.measured
         scope = None
-        if any(k in measured for k in DEVICE_NVML_KEYS + ("nvml_peak_process_bytes",)):
+        if any(getattr(m, k) is not None for k in DEVICE_NVML_KEYS + ("nvml_peak_process_bytes",)):
             if alone and w.context_clean and self.idle_device_bytes is not None:
                 others = sum(int(o.context.get("context_bytes") or 0) for o in self.workers.values()
                              if o is not w and o.state != "dead")
-                measured["nvml_idle_used_bytes"] = self.idle_device_bytes + others
-                peak, reserved = measured.get("nvml_peak_used_bytes"), measured.get("peak_reserved_bytes")
-                if peak is not None and reserved is not None and "categories" in measured:
-                    measured["categories"]["context"] = max(0, int(peak - measured["nvml_idle_used_bytes"] - reserved))
+                m.nvml_idle_used_bytes = self.idle_device_bytes + others
+                if m.nvml_peak_used_bytes is not None and m.peak_reserved_bytes is not None and m.categories:
+                    m.categories["context"] = max(0, m.nvml_peak_used_bytes - m.nvml_idle_used_bytes
+                                                  - m.peak_reserved_bytes)
                 scope = "device"
             else:
                 for k in DEVICE_NVML_KEYS:
-                    measured.pop(k, None)
-                if "categories" in measured:
-                    measured["categories"]["context"] = 0
-                scope = "process" if measured.get("nvml_peak_process_bytes") is not None else "none"
-        record["campaign"] = {"worker": w.slot, "worker_pid": w.proc.pid, "worker_case_index": w.cases_run,
-                              "ran_alone": alone, "case_s": seconds, "attempts": job.attempts,
-                              "nvml_scope": scope}
-        record.setdefault("timings", {})["case_s"] = seconds
+                    setattr(m, k, None)
+                if m.categories:
+                    m.categories["context"] = 0
+                scope = "process" if m.nvml_peak_process_bytes is not None else "none"
+        record.campaign = {"worker": w.slot, "worker_pid": w.proc.pid, "worker_case_index": w.cases_run,
+                           "ran_alone": alone, "case_s": seconds, "attempts": job.attempts, "nvml_scope": scope}
+        record.timings.case_s = seconds
 
-    def _write(self, record: dict, seconds: float, slot: int, alone: bool) -> None:
+    def _write(self, record: Record, seconds: float, slot: int, alone: bool) -> None:
         append_record(self.records, record)
-        status = record.get("status", "error")
+        status = record.status.value
         self.counts[status] = self.counts.get(status, 0) + 1
-        label = case_label(record) if record.get("case", {}).get("setup") else record.get("case_key", "?")
-        self.done_rows.append({"case": label, "status": status, "seconds": seconds, "worker": slot,
-                               "alone": alone, "case_key": record.get("case_key")})
+        self.done_rows.append({"case": record.label, "status": status, "seconds": seconds, "worker": slot,
+                               "alone": alone, "case_key": record.case_key})
         n = len(self.done_rows)
-        msg = f" ({record.get('message', '')[:120]})" if status != "ok" else ""
-        self.say(f"[{n}/{self.total}] {seconds:6.1f} s  w{slot}  {status:5s} {label}{msg}")
+        msg = f" ({record.message[:120]})" if status != "ok" else ""
+        self.say(f"[{n}/{self.total}] {seconds:6.1f} s  w{slot}  {status:5s} {record.label}{msg}")
 
     def _lost(self, w: _Worker, why: str) -> None:
         """The worker died or was killed: its job gets an error record, its slot a new process."""
@@ -304,7 +295,7 @@ class Campaign:
         self._kill(w)
         if job is not None:
             seconds = round(time.monotonic() - w.started, 3)
-            record = _error_record(job, self.backend, why)
+            record = new_record(job.planned.case, Status.ERROR, why)
             self._annotate(record, w, not w.overlapped, seconds, job)
             self._write(record, seconds, w.slot, not w.overlapped)
             w.job = None
@@ -356,7 +347,7 @@ class Campaign:
                 if cuda:
                     return
 
-    def _budget(self) -> Optional[int]:
+    def _budget(self) -> int | None:
         if self.card_bytes is not None:
             return self.card_bytes
         if self.free_bytes is None:
@@ -390,8 +381,8 @@ class Campaign:
             w.job, w.state, w.started, w.overlapped = head, "busy", time.monotonic(), self._something_runs()
             for other in busy:
                 other.overlapped = True
-            if not self._send(w, {"op": "case", "model": head.model, "setup": head.case["setup"],
-                                  "steps": head.steps, "key": head.key}):
+            if not self._send(w, {"op": "case", "model": head.planned.model, "setup": head.planned.case.setup,
+                                  "steps": head.planned.steps, "key": head.key}):
                 self._lost(w, "worker closed its input before the case was sent")
 
     def _start_tests(self) -> None:
@@ -400,10 +391,8 @@ class Campaign:
         if any(w.state in ("starting", "imported", "initializing") for w in self.workers.values()):
             return  # after every initial worker has measured its context
         log = open(self.tests_log, "wb") if self.tests_log else subprocess.DEVNULL
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env,
-                                           preexec_fn=_die_with_parent)
+        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                           env=checkout_env(), preexec_fn=die_with_parent)
         if log is not subprocess.DEVNULL:
             log.close()
         self.tests_started = time.monotonic()
@@ -499,7 +488,7 @@ class Campaign:
 def seconds_table(summary: dict) -> str:
     """Markdown: seconds per case, grouped by model and mode, then every case."""
     rows = summary["cases"]
-    groups: Dict[str, List[float]] = {}
+    groups: dict[str, list[float]] = {}
     for r in rows:
         model, mode = r["case"].split(" ")[:2]
         groups.setdefault(f"{model} {mode}", []).append(r["seconds"])
@@ -522,16 +511,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when the campaign process dies, however it dies
-    (prctl PR_SET_PDEATHSIG), so a killed campaign leaves no worker holding GPU memory."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except Exception:
-        pass
-
-
 # ---------------------------------------------------------------------- worker side
 def worker_main(backend: str) -> int:
     """A persistent worker: JSON lines in on stdin, JSON lines out on the original stdout;
@@ -546,9 +525,10 @@ def worker_main(backend: str) -> int:
 
     import torch  # noqa: F401  (the imports this process pays once)
     import transformers  # noqa: F401
-    from profiler.measure.run import device_info, measure_cuda_context, versions
     from profiler.measure.isolation import run_isolated
     from profiler.measure.nvml import NvmlSampler
+    from profiler.measure.run import device_info, measure_cuda_context
+    from profiler.record import versions
     send({"op": "imported", "pid": os.getpid()})
     context = None
     for line in sys.stdin:
@@ -568,7 +548,7 @@ def worker_main(backend: str) -> int:
         elif op == "case":
             record, clean = run_isolated(msg["model"], Setup.from_dict(msg["setup"]), backend,
                                          steps=int(msg["steps"]), cuda_context=context)
-            send({"op": "record", "key": msg.get("key"), "record": record, "clean": clean})
+            send({"op": "record", "key": msg.get("key"), "record": record.to_json(), "clean": clean})
             if not clean:
                 return 0
         elif op == "exit":
@@ -576,7 +556,7 @@ def worker_main(backend: str) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "worker":
         return worker_main(argv[1])

@@ -12,7 +12,7 @@ def main() -> int:
     from profiler.measure.run import run_case
     record = run_case(request["model"], Setup.from_dict(request["setup"]), request["backend"],
                       steps=int(request["steps"]), timeline=bool(request.get("timeline", False)))
-    sys.stdout.write("\n" + json.dumps(record) + "\n")
+    sys.stdout.write("\n" + json.dumps(record.to_json()) + "\n")
     sys.stdout.flush()
     return 0
 

@@ -1,0 +1,295 @@
+"""The one step loop and what every run shares around it.
+
+- :class:`Meter` measures one phase of a step: the tracker's phase always (live tensor
+  bytes per category), and on CUDA the caching allocator's peaks, reset at the phase's
+  start (``torch.cuda.reset_peak_memory_stats``, read with ``max_memory_allocated`` /
+  ``max_memory_reserved`` at its end). It keeps the worst step of each phase. It opens
+  and closes phases either as a context manager (the loops below) or with
+  :meth:`Meter.begin` / :meth:`Meter.end` (a Trainer callback, whose step begins and
+  ends in two different callbacks).
+- :func:`train_step` / :func:`run_steps`: warm-up step 0 unmeasured, then N measured
+  steps, each split into forward, backward, optimizer and zero_grad; inference runs a
+  prefill and ``new_tokens`` decode steps. :class:`Model` carries what the loop needs of
+  a built model and its hooks (DDP's bucket rebuild before the first measured step).
+- :func:`classify_failure`: an exception as a status and one line (OOM is a data point;
+  cuBLAS/cuDNN allocation failures arrive as plain RuntimeErrors and count as OOM).
+- :func:`summarise`: the record's measured peaks from the meter, the tracker and NVML.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from estimator.categories import Category, Phase
+from estimator.setup import Setup
+
+from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
+from profiler.measure.nvml import NvmlSampler
+from profiler.measure.tracker import StorageTracker
+from profiler.record import PhaseMeasure, Record, Status, Timings
+
+#: torch.cuda.memory_stats() keys kept per phase (CUDACachingAllocator DeviceStats)
+CUDA_STATS = ("num_alloc_retries", "num_ooms", "active_bytes.all.peak",
+              "inactive_split_bytes.all.peak", "segment.all.peak", "requested_bytes.all.peak")
+MESSAGE_CHARS = 300
+
+
+class Meter:
+    """Measures phases of steps: the tracker always, the CUDA allocator's peaks on cuda."""
+
+    def __init__(self, tracker: StorageTracker, cuda: bool):
+        self.tracker = tracker
+        self.cuda = cuda
+        self.phases: dict[str, PhaseMeasure] = {}
+        self._open: contextlib.ExitStack | None = None
+        self._record = None
+        self._phase = ""
+
+    def begin(self, phase: Phase, default: Category) -> None:
+        self.tracker.default_category = default
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._open = contextlib.ExitStack()
+        self._record = self._open.enter_context(self.tracker.phase(phase.value))
+        self._phase = phase.value
+
+    def end(self) -> None:
+        stack, rec, phase = self._open, self._record, self._phase
+        if stack is None:
+            return
+        self._open = self._record = None
+        stack.close()
+        if self.cuda:
+            torch.cuda.synchronize()
+            alloc, reserved = int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
+        else:
+            alloc, reserved = int(rec.peak_bytes), None
+        prev = self.phases.get(phase)
+        if prev is None or alloc > prev.peak_allocated_bytes:  # keep the worst step
+            entry = PhaseMeasure(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved,
+                                 tracked_peak_bytes=int(rec.peak_bytes), start_bytes=int(rec.start_bytes),
+                                 end_bytes=int(self.tracker.current_bytes),
+                                 categories={k: int(v) for k, v in rec.peak_breakdown.items()})
+            if self.cuda:
+                entry.untracked_bytes = max(0, alloc - int(rec.peak_bytes))
+                stats = torch.cuda.memory_stats()
+                entry.memory_stats = {k: int(stats.get(k, 0)) for k in CUDA_STATS}
+            self.phases[phase] = entry
+
+    @contextlib.contextmanager
+    def __call__(self, phase: Phase, default: Category) -> Iterator[None]:
+        self.begin(phase, default)
+        try:
+            yield
+        finally:
+            self.end()
+
+
+def unmeasured(tracker: StorageTracker):
+    """A stand-in for :class:`Meter` on warm-up steps: tags, measures nothing."""
+    @contextlib.contextmanager
+    def measure(phase: Phase, default: Category) -> Iterator[None]:
+        tracker.default_category = default
+        yield
+    return measure
+
+
+@dataclass
+class Model:
+    """A built model as the loop sees it: ``forward`` is what runs the step (a DDP or
+    FSDP wrapper, or the model itself), ``inner`` the transformers model (its parameters,
+    output head, generation cache). ``before_step(step)`` runs before each step."""
+
+    forward: torch.nn.Module
+    inner: torch.nn.Module
+    device: str
+    before_step: Callable[[int], None] | None = None
+    contexts: list = field(default_factory=list)  # entered around the steps (fake mode, FSDP hooks)
+
+
+def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
+    """One training step split into measured phases; returns its wall time in seconds.
+    ``device`` may name an index (``cuda:1``)."""
+    kind = device.split(":")[0]
+    t0 = time.perf_counter()
+    with measure(Phase.FORWARD, Category.ACTIVATIONS):
+        with autocast_context(setup, kind):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        loss = out.loss
+        del out
+    with measure(Phase.BACKWARD, Category.ACTIVATIONS):
+        loss.backward()
+        del loss
+    with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
+        opt.step()
+    with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
+        opt.zero_grad(set_to_none=True)
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 6)
+
+
+def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
+              timings: Timings) -> None:
+    """Warm-up step 0 (optimizer state, cuBLAS handles, DDP's buckets), then ``steps``
+    measured ones; training or inference by the setup's mode."""
+    if setup.training:
+        _train_steps(built, spec, setup, steps, tracker, meter, timings)
+    else:
+        _infer_steps(built, spec, setup, steps, tracker, meter, timings)
+
+
+def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
+    inner, device = built.inner, built.device
+    opt = build_optimizer(inner, setup)
+    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
+    base_opt = getattr(opt, "inner", opt)
+    tracker.watch_optimizer(base_opt)
+    if base_opt is not opt:
+        tracker.track(opt.masters, Category.OPTIMIZER_STATE)  # fp32 master weights
+    head = inner.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda *_: setattr(tracker, "default_category", Category.LOGITS))
+    ids = synthetic_batch(spec, setup, device)
+    cuda = device.startswith("cuda")
+    try:
+        for step in range(steps + 1):
+            if built.before_step is not None:
+                built.before_step(step)
+            if step and cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else unmeasured(tracker))
+            (timings.step_s if step else timings.warmup_s).append(seconds)
+    finally:
+        hook.remove()
+        tracker.remove_hooks()
+
+
+def _kv_tensors(cache):
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
+    model, device = built.forward, built.device
+    ids = synthetic_batch(spec, setup, device)
+    with torch.no_grad():
+        for step in range(steps + 1):
+            measure = meter if step else unmeasured(tracker)
+            t0 = time.perf_counter()
+            with measure(Phase.PREFILL, Category.ACTIVATIONS):
+                with autocast_context(setup, device):
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+                del out
+            tracker.track(list(_kv_tensors(cache)), Category.KV_CACHE)
+            for _ in range(setup.new_tokens):
+                with measure(Phase.DECODE, Category.ACTIVATIONS):
+                    with autocast_context(setup, device):
+                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    del out
+                tracker.track(list(_kv_tensors(cache)), Category.KV_CACHE)
+            del cache, nxt
+            if device == "cuda":
+                torch.cuda.synchronize()
+            (timings.step_s if step else timings.warmup_s).append(round(time.perf_counter() - t0, 6))
+
+
+# ---------------------------------------------------------------------- one run
+def classify_failure(exc: BaseException) -> tuple[Status, str]:
+    """An exception from a run as (status, one line): out-of-memory is ``oom`` (a data
+    point), everything else ``error``."""
+    if isinstance(exc, SetupUnavailable):
+        return Status.ERROR, str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return Status.OOM, (str(exc).splitlines() or ["out of memory"])[0][:MESSAGE_CHARS]
+    text = str(exc)
+    # cuBLAS/cuDNN allocation failures arrive as plain RuntimeErrors
+    oom = "out of memory" in text.lower() or "ALLOC_FAILED" in text
+    return (Status.OOM if oom else Status.ERROR), f"{type(exc).__name__}: {text[:MESSAGE_CHARS]}"
+
+
+def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[[StorageTracker], Model], *,
+                cuda: bool, tracker: StorageTracker | None = None, sampler: NvmlSampler | None = None,
+                timeline: bool = False) -> Record:
+    """The skeleton every run shares: build (timed), enter the model's contexts and the
+    tracker, run the steps, turn a failure into the record's status, summarise. Never
+    raises for the run's own failures."""
+    tracker = tracker if tracker is not None else StorageTracker(record_timeline=timeline)
+    meter = Meter(tracker, cuda)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        built = build(tracker)
+        record.timings.build_s = round(time.perf_counter() - t0, 6)
+        if sampler is not None:
+            sampler.start()
+        with contextlib.ExitStack() as stack:
+            for context in built.contexts:
+                stack.enter_context(context)
+            stack.enter_context(tracker)
+            run_steps(built, spec, setup, steps, tracker, meter, record.timings)
+    except Exception as exc:  # a data point too: the failure is recorded, the sweep goes on
+        record.fail(*classify_failure(exc))
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    try:
+        summarise(record, meter, tracker, sampler, cuda, rss0)
+    except Exception as exc:  # a summary bug must not lose the status of the run
+        record.note(f"summary failed: {type(exc).__name__}: {exc}")
+    return record
+
+
+def summarise(record: Record, meter: Meter, tracker: StorageTracker, sampler: NvmlSampler | None,
+              cuda: bool, rss0: int) -> None:
+    """The record's peaks: the worst phase, its categories (on cuda plus what the tracker
+    did not see, and the allocator's cache), NVML's peaks and context, RSS on cpu."""
+    m = record.measured
+    phases = meter.phases
+    m.phases = phases
+    if cuda and record.status is Status.OOM:
+        m.peak_allocated_bytes = int(torch.cuda.max_memory_allocated())
+        m.peak_reserved_bytes = int(torch.cuda.max_memory_reserved())
+    if phases:
+        peak_phase = max(phases, key=lambda p: phases[p].peak_allocated_bytes)
+        top = phases[peak_phase]
+        m.peak_phase = peak_phase
+        m.peak_allocated_bytes = max(m.peak_allocated_bytes or 0, top.peak_allocated_bytes)
+        reserved = [p.peak_reserved_bytes for p in phases.values() if p.peak_reserved_bytes is not None]
+        if reserved:
+            m.peak_reserved_bytes = max(reserved)
+        categories = {c.value: 0 for c in Category}
+        for k, v in top.categories.items():
+            categories[k] = categories.get(k, 0) + v
+        if cuda:
+            categories[Category.TEMPORARIES.value] += top.untracked_bytes or 0
+            categories[Category.ALLOCATOR.value] = int(top.peak_reserved_bytes - top.peak_allocated_bytes)
+        m.categories = categories
+    if sampler is not None and sampler.available:
+        m.nvml_timeline = [list(p) for p in sampler.timeline()]
+        dev, proc = sampler.peak()
+        m.nvml_peak_used_bytes, m.nvml_peak_process_bytes = dev, proc
+        if dev is not None and m.peak_reserved_bytes is not None and m.categories is not None:
+            m.categories[Category.CONTEXT.value] = max(0, int(dev - (m.nvml_idle_used_bytes or 0)
+                                                             - m.peak_reserved_bytes))
+    if record.backend == "cpu":
+        m.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        m.rss_before_bytes = rss0
+    res = tracker.results()
+    m.tracked_live_storages_end = res.live_storages
+    if res.timeline is not None:
+        m.timeline = [list(p) for p in res.timeline]
