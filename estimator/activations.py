@@ -6,29 +6,27 @@ with 2-byte activations and 1-byte dropout masks. Here every term is derived fro
 ops of the transformers modeling file instead (RMSNorm upcasts, SwiGLU, GQA, fused
 attention kernels, dropout masks on cpu vs cuda, LoRA adapter inputs, MoE routing), and
 checked against the profiler's tracked storages on small models
-(``tests/test_estimate_vs_sim.py``). Notation: T = batch*seq tokens, h hidden, f
+(``tests/test_profiler.py``, test_estimate_matches_sim_per_phase). Notation: T = batch*seq tokens, h hidden, f
 intermediate, a heads, kv kv-heads, d head dim, s seq, p compute bytes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, NamedTuple
 
 from .modelspec import ModelSpec
 from .params import layer_linears, lora_targets
-from .setup import Attention, Device, Mode, Precision, Setup
-
-FP32 = 4  # bytes of float32: softmax/norm statistics and loss upcasts are fp32
+from .setup import Attention, Device, Mode, Setup
+from .units import FP32, HALF
 
 
 @dataclass(frozen=True)
 class Activations:
     """Saved bytes of one decoder layer (named terms), times ``layers``, plus the rest."""
 
-    per_layer: Dict[str, int]
+    per_layer: dict[str, int]
     layers: int
-    outside: Dict[str, int] = field(default_factory=dict)  # once per model (embedding dropout, rope tables)
+    outside: dict[str, int] = field(default_factory=dict)  # once per model (embedding dropout, rope tables)
 
     @property
     def layer_bytes(self) -> int:
@@ -45,7 +43,7 @@ def _dtypes(setup: Setup):
     if setup.precision.is_autocast:
         # torch.autocast keeps the residual stream fp32 (embeddings and adds run in fp32)
         # and casts every matmul input to half: linears save the half copy.
-        return p, FP32, 2
+        return p, FP32, HALF
     return p, p, p
 
 
@@ -56,11 +54,11 @@ def dropout_mask_bytes(setup: Setup, p: int) -> int:
     return 1 if setup.device is Device.CUDA else p
 
 
-def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> Dict[str, int]:
+def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     """Per token, bytes saved by the attention core (after q/k/v projections)."""
     a, d, s = spec.num_heads, spec.head_dim, setup.seq
     q, kvd = a * d, spec.kv_dim
-    out: Dict[str, int] = {}
+    out: dict[str, int] = {}
     dropout = spec.attn_dropout > 0
     if setup.attn is Attention.SDPA and setup.device is Device.CPU and dropout:
         # sdpa's CPU flash kernel has no dropout: the math fallback upcasts to fp32 and saves
@@ -101,9 +99,8 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
     """Bytes autograd saves during the forward of one training step.
 
     Every term is linear in the batch (per-token bytes times b*s), so the batch-1 result
-    is memoised per (model, setup without batch) and scaled."""
-    one = _training_activations_b1(spec, _ActKey(setup.mode, setup.precision, setup.attn, setup.device,
-                                                  setup.seq, setup.lora_rank, setup.lora_targets))
+    is memoised per (model, :attr:`Setup.per_sequence`) and scaled."""
+    one = _training_activations_b1(spec, setup.per_sequence)
     b = setup.batch
     if b == 1:
         return one
@@ -111,23 +108,12 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
                        outside={k: v * b for k, v in one.outside.items()})
 
 
-class _ActKey(NamedTuple):
-    mode: Mode
-    precision: Precision
-    attn: Attention
-    device: Device
-    seq: int
-    lora_rank: int
-    lora_targets: tuple
-    batch: int = 1
-
-
 @lru_cache(maxsize=8192)
-def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
+def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     p, resid, lin_in = _dtypes(setup)
     h, f = spec.hidden_size, spec.intermediate_size
     trainable_base = setup.mode is Mode.FULL
-    terms: Dict[str, int] = {}
+    terms: dict[str, int] = {}
     norms_before_linear = 2  # attention input and MLP input
     if spec.norm == "rmsnorm":
         # LlamaRMSNorm: x.to(fp32) (a copy unless already fp32), pow/mul save it; rsqrt
@@ -175,7 +161,7 @@ def _training_activations_b1(spec: ModelSpec, setup: _ActKey) -> Activations:
     return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
 
 
-def _lora_terms(spec: ModelSpec, setup: Setup) -> Dict[str, int]:
+def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     """peft LoRA Linear: x -> dropout -> cast to the adapter dtype -> lora_A (saves it) ->
     lora_B (saves r values). peft keeps adapters fp32 over a half base
     (``autocast_adapter_dtype=True``), so a half input is copied to fp32 per adapter."""
@@ -199,7 +185,7 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
                        outside={**full.outside, "recomputed_layer": full.layer_bytes})
 
 
-def logits_bytes(spec: ModelSpec, setup: Setup) -> Dict[str, int]:
+def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     """Bytes of the LM head output and the loss during a training step.
 
     transformers ForCausalLMLoss upcasts the logits to fp32 (``logits.float()``) and

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 from .overheads import DEFAULT, Overheads
 
@@ -15,7 +14,7 @@ CALIBRATION_SCHEMA = 1
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "results" / "calibration"
 
 
-def load_calibration(path: "str | Path") -> Overheads:
+def load_calibration(path: str | Path) -> Overheads:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -44,12 +43,12 @@ def overheads_from_dict(data: dict, where: str) -> Overheads:
         raise ValueError(f"calibration {where} is malformed ({type(exc).__name__}: {exc})") from None
 
 
-def find_calibration(backend: str, gpu_name: Optional[str] = None,
-                     folder: Path = CALIBRATION_DIR) -> Optional[Path]:
+def find_calibration(backend: str, gpu_name: str | None = None,
+                     folder: Path = CALIBRATION_DIR) -> Path | None:
     """The committed calibration for this backend (and GPU, for cuda), newest first."""
     if not folder.is_dir():
         return None
-    matches: List[tuple] = []
+    matches: list[tuple] = []
     for path in folder.glob("*.json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

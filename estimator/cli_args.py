@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from .setup import (DEFAULT_LORA_TARGETS, Attention, Device, Mode, Optimizer, OptimizerImpl,
-                    Precision, Quant, Setup, Sharding)
+from .setup import (
+    DEFAULT_LORA_TARGETS,
+    Attention,
+    Device,
+    Mode,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+    Quant,
+    Setup,
+    Sharding,
+)
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,17 +2,17 @@
 the strategies that bring a setup under the budget, cheapest first."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
 
 from .estimate import Estimate, estimate
 from .gpus import GPU
 from .modelspec import ModelSpec
 from .overheads import DEFAULT, Overheads
 from .setup import Mode, Optimizer, Precision, Quant, Setup, Sharding
+from .sharding import smallest_world
 
 MAX_SEARCH = 1 << 20  # upper bound for batch and sequence searches
-MAX_WORLD = 1024
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class FitResult:
     fits: bool
     max_batch: int  # at the setup's seq; 0 when even batch 1 does not fit
     max_seq: int  # at the setup's batch; 0 when even 1 token does not fit
-    strategies: List[Strategy] = field(default_factory=list)
-    min_gpus: Optional[int] = None  # ZeRO-3 ranks needed for the setup as given
+    strategies: list[Strategy] = field(default_factory=list)
+    min_gpus: int | None = None  # ZeRO-3 ranks needed for the setup as given
 
     def to_dict(self) -> dict:
         return {
@@ -69,7 +69,7 @@ def _total(spec, setup, gpu, overheads) -> int:
     return estimate(spec, setup, gpu, overheads).total_bytes
 
 
-def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: Optional[GPU] = None,
+def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None,
         overheads: Overheads = DEFAULT) -> FitResult:
     if memory_bytes <= 0:
         raise ValueError(f"memory must be positive, got {memory_bytes}")
@@ -82,21 +82,18 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: Optional[GPU] = N
     for name, candidate in _ladder(setup):
         total = _total(spec, candidate, gpu, overheads)
         strategies.append(Strategy(name, candidate, total, total <= memory_bytes,
-                                   _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
+                                   _largest(lambda b, c=candidate: under(c.replace(batch=b)), MAX_SEARCH)))
+    fits = est.total_bytes <= memory_bytes
     min_gpus = None
-    if setup.training and setup.sharding is Sharding.NONE:
-        n = 2
-        while n <= MAX_WORLD:
+    if setup.training and setup.sharding is Sharding.NONE and not fits:
+        n = smallest_world(spec, setup, memory_bytes, lambda sp, su: estimate(sp, su, gpu, overheads),
+                           Sharding.ZERO3)
+        if n is not None:
+            min_gpus = n
             candidate = setup.replace(world_size=n, sharding=Sharding.ZERO3)
-            if under(candidate):
-                min_gpus = n
-                strategies.append(Strategy(f"ZeRO-3 over {n} GPUs", candidate,
-                                           _total(spec, candidate, gpu, overheads), True,
-                                           _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
-                break
-            n *= 2
-    return FitResult(spec.name, memory_bytes, setup, est, est.total_bytes <= memory_bytes,
-                     max_batch, max_seq, strategies, min_gpus)
+            strategies.append(Strategy(f"ZeRO-3 over {n} GPUs", candidate, _total(spec, candidate, gpu, overheads),
+                                       True, _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
+    return FitResult(spec.name, memory_bytes, setup, est, fits, max_batch, max_seq, strategies, min_gpus)
 
 
 def _ladder(setup: Setup):

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict
 
 GPUS_FILE = Path(__file__).parent / "data" / "gpus.json"
 
@@ -21,7 +20,7 @@ class GPU:
 
 
 @lru_cache(maxsize=1)
-def gpu_presets() -> Dict[str, GPU]:
+def gpu_presets() -> dict[str, GPU]:
     data = json.loads(GPUS_FILE.read_text())
     return {key: GPU(key=key, name=v["name"], memory_bytes=int(v["memory_bytes"]),
                      architecture=v["architecture"], compute_capability=str(v["compute_capability"]))

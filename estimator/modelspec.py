@@ -12,9 +12,10 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 MODELS_DIR = Path(__file__).parent / "data" / "models"
 
@@ -182,11 +183,11 @@ def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: st
         source=source, config=config)
 
 
-def registry_names() -> List[str]:
+def registry_names() -> list[str]:
     return sorted(p.stem for p in MODELS_DIR.glob("*.json"))
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -199,7 +200,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def _hf_cache_dirs() -> List[Path]:
+def _hf_cache_dirs() -> list[Path]:
     # huggingface_hub constants: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
     dirs = []
     if os.environ.get("HF_HUB_CACHE"):
@@ -209,7 +210,7 @@ def _hf_cache_dirs() -> List[Path]:
     return dirs
 
 
-def _from_hf_cache(repo_id: str) -> Optional[Path]:
+def _from_hf_cache(repo_id: str) -> Path | None:
     folder = "models--" + repo_id.replace("/", "--")
     for cache in _hf_cache_dirs():
         snapshots = cache / folder / "snapshots"
@@ -232,7 +233,7 @@ def _download_config(repo_id: str) -> Path:
                          f"({type(exc).__name__}); pass a local config.json or a shipped name") from None
 
 
-def _source_index() -> Dict[str, str]:
+def _source_index() -> dict[str, str]:
     """hub id (lower case) -> registry name, from each shipped file's ``_vramlab_source``."""
     index = {}
     for path in MODELS_DIR.glob("*.json"):

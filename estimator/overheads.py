@@ -5,13 +5,15 @@ then these are the defaults, each cited.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 from .units import MiB
 
 #: CUDA context as NVML sees it after torch initialises CUDA with lazy module loading:
-#: REFERENCE.md ("~300-500 MiB with lazy module loading"); upper end taken.
+#: 300-500 MiB with lazy module loading (CUDA_MODULE_LOADING=LAZY, the default since CUDA
+#: 11.7: CUDA C++ Programming Guide, "Lazy Loading"); the upper end is taken until a CUDA
+#: record measures it (campaign records carry nvml_context_bytes).
 CUDA_CONTEXT_BYTES = 500 * MiB
 
 #: cuBLAS workspace PyTorch allocates through its caching allocator per handle/stream
@@ -39,7 +41,7 @@ class Overheads:
     #: a fitted constant added to every phase's temporaries (what no formula term explains)
     constant_bytes: int = 0
     #: fitted reserved - allocated as a fraction of allocated; None: the rounding model above
-    allocator_fraction: Optional[float] = None
+    allocator_fraction: float | None = None
     source: str = "defaults (estimator/overheads.py)"
 
     def factor_for(self, key: str) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Tuple
 
 from .modelspec import ModelSpec
 
@@ -41,11 +40,11 @@ class Linear:
 
 
 @lru_cache(maxsize=256)
-def layer_linears(spec: ModelSpec) -> Tuple[Linear, ...]:
+def layer_linears(spec: ModelSpec) -> tuple[Linear, ...]:
     return tuple(_layer_linears(spec))
 
 
-def _layer_linears(spec: ModelSpec) -> List[Linear]:
+def _layer_linears(spec: ModelSpec) -> list[Linear]:
     """The matrices of one decoder layer."""
     h, f = spec.hidden_size, spec.intermediate_size
     t = spec.model_type
@@ -94,7 +93,7 @@ def _final_norms(spec: ModelSpec) -> int:
 
 @dataclass(frozen=True)
 class ParamCount:
-    groups: Dict[str, int]
+    groups: dict[str, int]
     exact: bool  # True: from a formula; False: counted by a meta-device build
     note: str = ""
 
@@ -123,7 +122,7 @@ def count_params(spec: ModelSpec) -> ParamCount:
 
 
 @lru_cache(maxsize=256)
-def param_tensor_sizes(spec: ModelSpec) -> Tuple[int, ...]:
+def param_tensor_sizes(spec: ModelSpec) -> tuple[int, ...]:
     """Element count of every parameter tensor of the model (tied heads once)."""
     h = spec.hidden_size
     embed_dim = spec.embed_dim or h
@@ -132,7 +131,7 @@ def param_tensor_sizes(spec: ModelSpec) -> Tuple[int, ...]:
         sizes.append(spec.learned_positions * h)
     if embed_dim != h:
         sizes += [h * embed_dim, h * embed_dim]
-    layer: List[int] = []
+    layer: list[int] = []
     for lin in layer_linears(spec):
         layer.append(lin.copies * lin.in_features * lin.out_features)
         if lin.bias:
@@ -188,7 +187,7 @@ def build_meta_model(spec: ModelSpec):
 
 # --- LoRA and quantization: which matrices they touch ----------------------------------
 
-def lora_params(spec: ModelSpec, targets: Tuple[str, ...], rank: int) -> int:
+def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
     """Adapter parameters: r * (in + out) per targeted matrix (peft LoraLayer: lora_A in->r, lora_B r->out)."""
     per_layer = 0
     for lin in lora_targets(spec, targets):
@@ -196,7 +195,7 @@ def lora_params(spec: ModelSpec, targets: Tuple[str, ...], rank: int) -> int:
     return spec.num_layers * per_layer
 
 
-def lora_targets(spec: ModelSpec, targets: Tuple[str, ...]) -> List[Linear]:
+def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     """The matrices of one layer that a list of peft ``target_modules`` names selects."""
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
         return layer_linears(spec)  # peft "all-linear": every linear but the output layer
@@ -209,7 +208,7 @@ def lora_targets(spec: ModelSpec, targets: Tuple[str, ...]) -> List[Linear]:
     return [lin for lin in linears if lin.name in targets]
 
 
-def quantized_params(spec: ModelSpec) -> Tuple[int, int, int]:
+def quantized_params(spec: ModelSpec) -> tuple[int, int, int]:
     """(quantized weight elements, their output rows, biases) over all layers.
 
     bitsandbytes replaces the decoder's linear layers; ``lm_head`` is kept in the

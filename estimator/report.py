@@ -1,16 +1,15 @@
 """Show what the estimator gathered: tables for people (rich), nothing computed here."""
 from __future__ import annotations
 
-from typing import List
-
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .categories import Category, TENSOR_CATEGORIES
+from .categories import TENSOR_CATEGORIES, Category
 from .estimate import Estimate
 from .fit import FitResult
-from .rules import GB, RuleRow
-from .units import GiB
+from .rules import RuleRow
+from .units import BILLION, GB, GiB
 
 
 def _gib(n: int) -> str:
@@ -56,26 +55,49 @@ def fit_table(result: FitResult) -> Table:
     return table
 
 
-def rules_tables(rows: List[RuleRow]) -> Table:
-    table = Table(title="Rules of thumb (REFERENCE.md) beside the detailed estimate, in GB (10^9 bytes)",
-                  caption="batch 1 x seq 512 unless said; the estimate is the step's peak on one CUDA GPU")
-    for col, just in (("size", "left"), ("model", "left"), ("setting", "left"), ("rule GB", "right"),
-                      ("estimate GB", "right"), ("ZeRO-3 on H100 80GB: GPUs x GB each", "right"),
-                      ("what the rule leaves out (GB)", "left")):
+def _rule_text(r: RuleRow) -> str:
+    if r.rule_low_bytes == r.rule_high_bytes:
+        return f"{r.rule_low_bytes / GB:,.1f}"
+    if r.rule_high_bytes is None:
+        return f"> {r.rule_low_bytes / GB:,.0f}"
+    return f"{r.rule_low_bytes / GB:,.0f}-{r.rule_high_bytes / GB:,.0f}"
+
+
+#: causes smaller than this are left out of the narrow table (they print as +0.0)
+NARROW_CAUSE_MIN_BYTES = GB // 20
+
+
+def rules_tables(rows: list[RuleRow], wide: bool = False) -> Table:
+    """The rules beside the estimate: 80 columns by default (sizes, short settings, the
+    largest cause by a short name); ``wide`` adds the model column and every cause."""
+    per_gpu = "H100s x GB" if not wide else "ZeRO-3 on H100 80GB: GPUs x GB each"
+    models = "; ".join(sorted({f"{r.size} = {r.model} ({r.params / BILLION:.2f}B)" for r in rows},
+                              key=lambda t: float(t.split("B")[0])))
+    table = Table(title="Rules of thumb beside the estimate, GB (10^9 B)" if not wide else
+                  "Rules of thumb (Deep Learning 101, 2023) beside the detailed estimate, in GB (10^9 bytes)",
+                  caption=f"{models}; batch 1 x seq 512 unless said; the estimate is the step's peak on one "
+                          f"CUDA GPU{'' if wide else '; --wide names every cause'}",
+                  box=None if not wide else box.HEAVY_HEAD, pad_edge=False)
+    columns = [("size", "left"), ("setting", "left"), ("rule", "right"), ("est.", "right"), (per_gpu, "right"),
+               ("largest gap" if not wide else "what the rule leaves out (GB)", "left")]
+    if wide:
+        columns.insert(1, ("model", "left"))
+    for col, just in columns:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
-        if r.rule_low_bytes == r.rule_high_bytes:
-            rule = f"{r.rule_low_bytes / GB:,.1f}"
-        elif r.rule_high_bytes is None:
-            rule = f"> {r.rule_low_bytes / GB:,.0f}"
+        fits = "-" if r.per_gpu is None else f"{r.per_gpu[0]} x {r.per_gpu[1] / GB:,.1f}"
+        if wide:
+            causes = "; ".join(f"{c.why} {c.bytes / GB:+,.2f}" for c in r.causes)
+            table.add_row(r.size, f"{r.model} ({r.params / BILLION:.2f}B)", r.setting, _rule_text(r),
+                          f"{r.estimate.total_bytes / GB:,.1f}", fits, causes)
         else:
-            rule = f"{r.rule_low_bytes / GB:,.0f}-{r.rule_high_bytes / GB:,.0f}"
-        causes = "; ".join(f"{why} {b / GB:+,.1f}" for why, b in r.causes)
-        per_gpu = "-" if r.per_gpu is None else f"{r.per_gpu[0]} x {r.per_gpu[1] / GB:,.1f}"
-        table.add_row(r.size, f"{r.model} ({r.params / 1e9:.2f}B)", r.setting, rule,
-                      f"{r.estimate.total_bytes / GB:,.1f}", per_gpu, causes)
+            big = sorted((c for c in r.causes if abs(c.bytes) >= NARROW_CAUSE_MIN_BYTES), key=lambda c: -abs(c.bytes))
+            causes = f"{big[0].name} {big[0].bytes / GB:+,.1f}" if big else ""
+            table.add_row(r.size, r.short or r.setting, _rule_text(r), f"{r.estimate.total_bytes / GB:,.1f}",
+                          fits, causes)
     return table
 
 
-def print_table(table: Table) -> None:
-    Console(width=max(Console().width, 120)).print(table)
+def print_table(table: Table, min_width: int = 120) -> None:
+    """Print at the terminal's width, at least ``min_width`` columns (0: the terminal's)."""
+    Console(width=max(Console().width, min_width)).print(table)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Optional, Tuple, Type, TypeVar
+from typing import TypeVar
+
+from .units import FP32, HALF
 
 E = TypeVar("E", bound=Enum)
 
@@ -17,7 +19,7 @@ class _Choice(str, Enum):
         return self.value
 
     @classmethod
-    def parse(cls: Type[E], value: "str | E") -> E:
+    def parse(cls: type[E], value: str | E) -> E:
         if isinstance(value, cls):
             return value
         text = str(value).strip().lower().replace("_", "-")
@@ -48,12 +50,12 @@ class Precision(_Choice):
     @property
     def param_bytes(self) -> int:
         """Bytes per element of the model's parameters as they sit on the device."""
-        return 4 if self in (Precision.FP32, Precision.AMP_FP16, Precision.AMP_BF16) else 2
+        return FP32 if self in (Precision.FP32, Precision.AMP_FP16, Precision.AMP_BF16) else HALF
 
     @property
     def compute_bytes(self) -> int:
         """Bytes per element of matmul outputs / most activations."""
-        return 4 if self is Precision.FP32 else 2
+        return FP32 if self is Precision.FP32 else HALF
 
     @property
     def is_autocast(self) -> bool:
@@ -121,10 +123,10 @@ class Sharding(_Choice):
 
 #: peft's LoRA defaults for Llama-style models
 #: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj).
-DEFAULT_LORA_TARGETS: Tuple[str, ...] = ("q_proj", "v_proj")
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class Setup:
     """One training or inference configuration. Sizes are counts, never bytes."""
 
@@ -138,8 +140,8 @@ class Setup:
     grad_ckpt: bool = False
     attn: Attention = Attention.SDPA
     lora_rank: int = 16
-    lora_alpha: Optional[int] = None  # default 2 * rank, a common convention
-    lora_targets: Tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_alpha: int | None = None  # default 2 * rank, a common convention
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     device: Device = Device.CUDA
     world_size: int = 1
     sharding: Sharding = Sharding.NONE
@@ -183,6 +185,40 @@ class Setup:
         if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
             raise ValueError("adamw-8bit (bitsandbytes) has no fused/foreach choice; leave --optimizer-impl auto")
 
+    def __hash__(self) -> int:  # cached: setups key the estimator's caches
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    @property
+    def shape_free(self) -> Setup:
+        """The cache key of every estimator term that batch and sequence length do not change:
+        this setup at batch 1, seq 1, no generated tokens, and with what no memory term reads
+        (LoRA alpha; the LoRA fields of a non-LoRA mode) at their defaults. Memoised."""
+        key = self.__dict__.get("_shape_free")
+        if key is None:
+            key = self._normalised(seq=1)
+            object.__setattr__(self, "_shape_free", key)
+        return key
+
+    @property
+    def per_sequence(self) -> Setup:
+        """The cache key of terms linear in the batch (activations): as :attr:`shape_free`
+        but keeping the sequence length. Memoised."""
+        key = self.__dict__.get("_per_sequence")
+        if key is None:
+            key = self._normalised(seq=self.seq)
+            object.__setattr__(self, "_per_sequence", key)
+        return key
+
+    def _normalised(self, seq: int) -> Setup:
+        lora = self.mode in (Mode.LORA, Mode.QLORA)
+        return replace(self, batch=1, seq=seq, new_tokens=0, lora_alpha=None,
+                       lora_rank=self.lora_rank if lora else 16,
+                       lora_targets=self.lora_targets if lora else DEFAULT_LORA_TARGETS)
+
     @property
     def training(self) -> bool:
         return self.mode is not Mode.INFERENCE
@@ -198,7 +234,7 @@ class Setup:
             return self.optimizer_impl
         return OptimizerImpl.FOREACH if self.device is Device.CUDA else OptimizerImpl.FORLOOP
 
-    def replace(self, **changes) -> "Setup":
+    def replace(self, **changes) -> Setup:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -213,7 +249,7 @@ class Setup:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Setup":
+    def from_dict(cls, data: dict) -> Setup:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -62,21 +62,22 @@ zero3 / fsdp, and the root group then has no gradients.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from .activations import training_activations
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets
 from .setup import Attention, Mode, Quant, Setup, Sharding
+from .units import FP32, HALF, MiB
 
-FP32 = 4  # bytes of a float32
+#: The largest world any search or estimate here considers.
 MAX_WORLD_SIZE = 1024
 #: DDP's bucket limits: ``bucket_cap_mb=25`` (torch/nn/parallel/distributed.py) and a first
 #: bucket of ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`` = 1 MiB (c10d reducer.hpp).
-DDP_BUCKET_CAP_BYTES = 25 * 2**20
-DDP_FIRST_BUCKET_BYTES = 2**20
+DDP_BUCKET_CAP_BYTES = 25 * MiB
+DDP_FIRST_BUCKET_BYTES = MiB
 _GATHERING = (Sharding.ZERO3, Sharding.FSDP)  # parameters sharded, gathered per layer
 
 
@@ -121,7 +122,7 @@ class RankStates:
     def gathers(self) -> bool:
         return self.sharding in _GATHERING
 
-    def forward_extra(self) -> Dict[str, int]:
+    def forward_extra(self) -> dict[str, int]:
         """Extra bytes at the forward's loss, beside the activations and the logits: DDP's
         buckets; FSDP2's root parameters and the last layer's all-gather buffer (the loss is
         computed inside the root's forward; the root's post-forward frees that buffer)."""
@@ -130,7 +131,7 @@ class RankStates:
             out["temporaries"] = self.root_params + self.layer_params
         return out
 
-    def forward_layer(self, saved: int, per_layer: int, working_set: int = 0) -> Optional[Dict[str, int]]:
+    def forward_layer(self, saved: int, per_layer: int, working_set: int = 0) -> dict[str, int] | None:
         """FSDP2's forward peak among the decoder layers (``None`` for the other schemes).
 
         ``saved``: activations held after the last layer's forward; ``per_layer``: what one
@@ -148,7 +149,7 @@ class RankStates:
             return None
         L, P, R = self.layers, self.layer_params, self.root_params
 
-        def at(activations: int, temporaries: int) -> Dict[str, int]:
+        def at(activations: int, temporaries: int) -> dict[str, int]:
             return {"activations": max(0, activations), "gradients": self.buckets, "temporaries": temporaries}
 
         moments = [at(0, 2 * R + 2 * P), at(saved + working_set, R + 2 * P)]
@@ -156,7 +157,7 @@ class RankStates:
             moments.append(at(saved - per_layer, R + 3 * P))
         return max(moments, key=lambda m: sum(m.values()))
 
-    def backward_loss_extra(self) -> Dict[str, int]:
+    def backward_loss_extra(self) -> dict[str, int]:
         """At the loss's backward: the root parameters and the last layer's prefetched
         all-gather buffer (the root's pre-backward prefetches it)."""
         out = {"gradients": self.buckets} if self.buckets else {}
@@ -164,7 +165,7 @@ class RankStates:
             out["temporaries"] = self.root_params + self.layer_params
         return out
 
-    def backward_end_extra(self) -> Dict[str, int]:
+    def backward_end_extra(self) -> dict[str, int]:
         """At the end of backward, beside the resident gradient shards.
 
         FSDP2: before the root's post-backward, the root's unsharded parameters, its
@@ -178,7 +179,7 @@ class RankStates:
         return out
 
     def backward_layer(self, saved: int, per_layer: int, working_set: int,
-                       recomputed: int = 0) -> Optional[Dict[str, int]]:
+                       recomputed: int = 0) -> dict[str, int] | None:
         """FSDP2's backward peak inside a decoder layer (``None`` for the other schemes).
 
         ``saved``: activations held when backward reaches the last layer; ``per_layer``:
@@ -193,7 +194,7 @@ class RankStates:
             return None
         L, P, RS = self.layers, self.layer_params, self.layer_reduce_input
 
-        def at(i: int, params: int, reduce_inputs: int, transient: int) -> Dict[str, int]:
+        def at(i: int, params: int, reduce_inputs: int, transient: int) -> dict[str, int]:
             done = L - 1 - i
             return {"activations": max(0, saved - done * per_layer) + recomputed + transient,
                     "gradients": self.buckets + self.head_grads + done * self.layer_grad_shard,
@@ -211,7 +212,7 @@ class RankStates:
                 moments += [at(L - 2, 2, 1, working_set), at(1, 2, 1, working_set)]
         return max(moments, key=lambda m: sum(m.values()))
 
-    def optimizer_extra(self) -> Dict[str, int]:
+    def optimizer_extra(self) -> dict[str, int]:
         return {"gradients": self.buckets} if self.buckets else {}
 
     def to_dict(self) -> dict:
@@ -222,12 +223,12 @@ class RankStates:
 
 
 def ddp_bucket_sizes(grad_bytes: Sequence[int], cap: int = DDP_BUCKET_CAP_BYTES,
-                     first: int = DDP_FIRST_BUCKET_BYTES) -> List[int]:
+                     first: int = DDP_FIRST_BUCKET_BYTES) -> list[int]:
     """Bytes of each DDP bucket for gradients of ``grad_bytes`` (in ``model.parameters()``
     order): the Reducer fills buckets in reverse order, closing one once it reaches its
     limit (``_compute_bucket_assignment_by_size``: ``first``, then ``cap``). The buckets
     always sum to the gradients -- the cap sets how many, not how much."""
-    sizes: List[int] = []
+    sizes: list[int] = []
     current, limit = 0, first
     for nbytes in reversed(list(grad_bytes)):
         current += nbytes
@@ -239,7 +240,7 @@ def ddp_bucket_sizes(grad_bytes: Sequence[int], cap: int = DDP_BUCKET_CAP_BYTES,
     return sizes
 
 
-def with_extra(extra: Dict[str, int], **parts: int) -> Dict[str, int]:
+def with_extra(extra: dict[str, int], **parts: int) -> dict[str, int]:
     """``parts`` (category name -> bytes) plus ``extra``: ``phase(n, **with_extra(x, weights=W))``."""
     if extra:
         for key, value in extra.items():
@@ -247,33 +248,19 @@ def with_extra(extra: Dict[str, int], **parts: int) -> Dict[str, int]:
     return parts
 
 
-class _Key(NamedTuple):
-    """The fields of a Setup that per-rank states depend on (a cheap cache key)."""
-
-    sharding: Sharding
-    world_size: int
-    mode: Mode
-    param_bytes: int
-    quant: Quant
-    lora_rank: int  # 0 unless LoRA/QLoRA
-    lora_targets: tuple  # () unless LoRA/QLoRA
-
-
 def per_rank_states(spec: ModelSpec, setup: Setup, states, gradient_as_bucket_view: bool = False) -> RankStates:
     """Per-rank bytes of ``states`` (an ``estimate.ModelStates``: unsharded weights,
     gradients, optimizer state, trainable count) under ``setup.sharding`` over
     ``setup.world_size`` ranks. ``gradient_as_bucket_view``: DDP's option of that name."""
-    lora = setup.mode in (Mode.LORA, Mode.QLORA)
-    key = _Key(setup.sharding, setup.world_size, setup.mode, setup.precision.param_bytes, setup.quant,
-               setup.lora_rank if lora else 0, setup.lora_targets if lora else ())
-    return _per_rank(spec, key, states.weights, states.gradients, states.optimizer_state,
+    return _per_rank(spec, setup.shape_free, states.weights, states.gradients, states.optimizer_state,
                      states.trainable, bool(gradient_as_bucket_view))
 
 
 @lru_cache(maxsize=4096)
-def _per_rank(spec: ModelSpec, key: _Key, w: int, g: int, o: int, trainable: int,
+def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: int,
               bucket_view: bool) -> RankStates:
     n, sh = key.world_size, key.sharding
+    param_bytes = key.precision.param_bytes
     if not 1 <= n <= MAX_WORLD_SIZE:
         raise ValueError(f"world size {n} is outside 1..{MAX_WORLD_SIZE}")
     if sh is Sharding.NONE:
@@ -307,14 +294,14 @@ def _per_rank(spec: ModelSpec, key: _Key, w: int, g: int, o: int, trainable: int
         base_shard = root_shard + L * layer_shard
         adapters = _ceil_div(trainable, L) if not full else 0  # per layer; lora_A (r, in), lora_B (out, r)
         adapter_shard = 0 if full else _shard_elems(_lora_shapes(spec, key, adapters), n)
-        w_rank = base_shard * key.param_bytes + L * adapter_shard * FP32
+        w_rank = base_shard * param_bytes + L * adapter_shard * FP32
         trainable_shard = base_shard if full else L * adapter_shard
         g_rank = trainable_shard * grad_bytes
         o_rank = _ceil_div(o * trainable_shard, max(trainable, 1))
-        layer_params = n * (layer_shard * key.param_bytes + adapter_shard * FP32)  # the padded all-gather
+        layer_params = n * (layer_shard * param_bytes + adapter_shard * FP32)  # the padded all-gather
         layer_grads = (_layer_elems(spec) if full else adapters) * grad_bytes
         layer_grad_shard = (layer_shard if full else adapter_shard) * grad_bytes
-        root_bytes = n * root_shard * key.param_bytes
+        root_bytes = n * root_shard * param_bytes
     if full:
         root_grads = root_elems * grad_bytes
         head_grads = _head_elems(spec, root_elems) * grad_bytes
@@ -367,7 +354,7 @@ def _dim0_shapes(spec: ModelSpec):
     return tuple(root), tuple(layer)
 
 
-def _lora_shapes(spec: ModelSpec, key: _Key, adapters: int):
+def _lora_shapes(spec: ModelSpec, key: Setup, adapters: int):
     """peft's adapters of one layer: lora_A (r, in) and lora_B (out, r) per targeted linear
     (peft LoraLayer); a flat block, evenly chunked, where peft's shapes are not known here
     (fused MoE experts under all-linear) or do not add up."""
@@ -388,13 +375,13 @@ def _layer_elems(spec: ModelSpec) -> int:
     return sum(lin.params for lin in layer_linears(spec)) + spec.norms_per_layer * norm
 
 
-def _root_group(spec: ModelSpec, key: _Key):
+def _root_group(spec: ModelSpec, key: Setup):
     """(elements, bytes) of what ``fully_shard(model)`` owns beyond the decoder layers:
     embeddings (and learned positions, OPT's projections), the final norm and an untied
     LM head. Quantized models keep these in the 2-byte compute dtype (bitsandbytes)."""
     count = count_params(spec)
     elems = max(count.total - spec.num_layers * _layer_elems(spec), 0)
-    per_elem = 2 if key.quant is not Quant.NONE else key.param_bytes
+    per_elem = HALF if key.quant is not Quant.NONE else key.precision.param_bytes
     return elems, elems * per_elem
 
 
@@ -422,45 +409,45 @@ def layer_working_set(spec: ModelSpec, setup: Setup) -> int:
 
     It decides the peak only where a layer's backward is the peak: FSDP2 / ZeRO-3."""
     T, s = setup.batch * setup.seq, setup.seq
-    down, mlp_grads, in_mlp, mlp_saved, attn_token, attn_square = _working_terms(
-        spec, setup.mode, setup.precision, setup.quant, setup.attn, setup.device, setup.lora_rank,
-        setup.lora_targets)
+    down, mlp_grads, in_mlp, mlp_saved, attn_token, attn_square = _working_terms(spec, setup.shape_free)
     attn = attn_token * T + attn_square * setup.batch * s * s
     return max(down + in_mlp * T, mlp_grads - mlp_saved * T + attn)
 
 
 @lru_cache(maxsize=1024)
-def _working_terms(spec: ModelSpec, mode: Mode, precision, quant: Quant, attn: Attention, device,
-                   lora_rank: int, lora_targets: tuple):
-    """The batch- and sequence-free coefficients of :func:`layer_working_set`."""
-    f, p = spec.intermediate_size, precision.compute_bytes
+def _working_terms(spec: ModelSpec, key: Setup):
+    """The batch- and sequence-free coefficients of :func:`layer_working_set` (``key``: a
+    :attr:`Setup.shape_free` setup, one token)."""
+    f, p = spec.intermediate_size, key.precision.compute_bytes
     experts = spec.experts_per_token if spec.num_experts else 1
-    grad = precision.param_bytes if mode is Mode.FULL else 0
+    grad = key.precision.param_bytes if key.mode is Mode.FULL else 0
     mlp = [lin for lin in layer_linears(spec) if lin.group == "mlp"]
     down = (mlp[-1].params // max(mlp[-1].copies, 1)) * experts * grad if mlp else 0
     mlp_grads = sum(lin.params for lin in mlp) * grad
-    one_token = Setup(mode=mode, precision=precision, quant=quant, attn=attn, device=device, batch=1, seq=1,
-                      lora_rank=lora_rank, lora_targets=lora_targets)
-    mlp_saved = training_activations(spec, one_token).per_layer.get("mlp", 0)
-    if attn is Attention.EAGER:
+    mlp_saved = training_activations(spec, key).per_layer.get("mlp", 0)
+    if key.attn is Attention.EAGER:
         probs = FP32 if spec.family in ("llama", "opt") else p  # softmax(dtype=float32) in those
         return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, 2 * probs * spec.num_heads
     return down, mlp_grads, 2 * f * p * experts, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
 
 
-def min_world_size(spec: ModelSpec, setup: Setup, memory_bytes: int,
+def smallest_world(spec: ModelSpec, setup: Setup, memory_bytes: int,
                    estimate_fn: Callable[[ModelSpec, Setup], object],
-                   sharding: Sharding = Sharding.FSDP) -> Optional[int]:
-    """Fewest ranks (1..1024) whose per-rank ``estimate_fn(spec, setup).total_bytes`` fits
-    ``memory_bytes`` under ``sharding``; ``None`` if none does. A plain scan: FSDP2's padded
-    all-gather buffers make per-rank memory not quite monotone in N (65 ranks can need a
-    little more than 64), so a bisection could miss the smallest."""
+                   sharding: Sharding = Sharding.FSDP, powers_of_two: bool = False) -> int | None:
+    """Fewest ranks (up to MAX_WORLD_SIZE; only powers of two when asked) whose per-rank
+    ``estimate_fn(spec, setup).total_bytes`` fits ``memory_bytes`` under ``sharding``;
+    ``None`` if none does. One rank is the setup as given (no sharding). A plain scan:
+    FSDP2's padded all-gather buffers make per-rank memory not quite monotone in N (65
+    ranks can need a little more than 64), so a bisection could miss the smallest."""
     if memory_bytes <= 0:
         raise ValueError(f"memory must be positive, got {memory_bytes}")
     sharding = Sharding.parse(sharding)
     if sharding is Sharding.NONE:
-        raise ValueError("min_world_size needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
-    for n in range(1, MAX_WORLD_SIZE + 1):
-        if estimate_fn(spec, setup.replace(world_size=n, sharding=sharding)).total_bytes <= memory_bytes:
+        raise ValueError("smallest_world needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
+    n = 1
+    while n <= MAX_WORLD_SIZE:
+        candidate = setup if n == 1 else setup.replace(world_size=n, sharding=sharding)
+        if estimate_fn(spec, candidate).total_bytes <= memory_bytes:
             return n
+        n = 2 * n if powers_of_two else n + 1
     return None

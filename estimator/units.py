@@ -13,6 +13,13 @@ MiB = 2**20
 KiB = 2**10
 GB = 10**9
 
+#: Bytes of one element: float32 (softmax and norm statistics, loss upcasts, fp32 states)
+#: and the 16-bit types (fp16, bf16).
+FP32 = 4
+HALF = 2
+#: Parameter counts in billions, as the rules of thumb speak (a count, not bytes).
+BILLION = 10**9
+
 #: Unit -> bytes. Binary (IEC) and decimal (SI) prefixes, case-insensitive on input.
 UNITS = {
     "b": 1,

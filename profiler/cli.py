@@ -45,6 +45,7 @@ def cmd_estimate(args) -> int:
     from estimator.estimate import estimate
     from estimator.gpus import get_gpu
     from estimator.modelspec import load_model
+    from estimator.units import format_gib
     spec = load_model(args.model)
     setup = setup_from_args(args)
     gpu = get_gpu(args.gpu) if args.gpu else None
@@ -58,7 +59,7 @@ def cmd_estimate(args) -> int:
             print(f"note: {note}")
         if gpu:
             verdict = "fits" if est.total_bytes <= gpu.memory_bytes else "does NOT fit"
-            print(f"{verdict} on {gpu.name} ({gpu.memory_bytes / 2**30:.1f} GiB)")
+            print(f"{verdict} on {gpu.name} ({format_gib(gpu.memory_bytes, 1)})")
     return 0
 
 
@@ -87,15 +88,10 @@ def cmd_rules(args) -> int:
     from estimator.rules import rules_table
     rows = rules_table(batch=int(args.batch), seq=int(args.seq))
     if args.json:
-        print(json.dumps([{"size": r.size, "model": r.model, "params": r.params, "setting": r.setting,
-                           "rule_low_bytes": r.rule_low_bytes, "rule_high_bytes": r.rule_high_bytes,
-                           "estimate_total_bytes": r.estimate.total_bytes,
-                           "per_gpu": None if r.per_gpu is None else
-                           {"gpu": "h100-80gb", "ranks": r.per_gpu[0], "bytes_per_rank": r.per_gpu[1]},
-                           "causes": [{"cause": c, "bytes": b} for c, b in r.causes]} for r in rows], indent=2))
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
     else:
         from estimator.report import print_table, rules_tables
-        print_table(rules_tables(rows))
+        print_table(rules_tables(rows, wide=args.wide), min_width=120 if args.wide else 0)
     return 0
 
 
@@ -251,7 +247,8 @@ def cmd_validate(args) -> int:
         from estimator.report import print_table
         from profiler.analysis.report import cases_table_md
         from profiler.show import summary_table
-        print_table(summary_table(result.summaries, f"{len(result.rows)} cases: error as a fraction of the measured peak"))
+        title = f"{len(result.rows)} cases: error as a fraction of the measured peak"
+        print_table(summary_table(result.summaries, title))
         print(cases_table_md(result))
     return 0
 
@@ -307,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rules", help="the rules of thumb for 1B, 7B, 70B beside the detailed estimate")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--wide", action="store_true", help="every cause in full, with the model column (120+ columns)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rules)
     p = sub.add_parser("profile", help="run real steps and measure them beside the estimate")

@@ -106,6 +106,7 @@ class Measured:
     rss_peak_bytes: int | None = None
     tracked_live_storages_end: int | None = None
     timeline: list[list[int]] | None = None       # (allocation/free event, live bytes)
+    timeline_phases: list[list[Any]] | None = None  # (phase, first event, last event) per measured phase
 
 
 @dataclass
@@ -190,7 +191,7 @@ def new_record(case: Case, status: Status = Status.OK, message: str = "",
     """The one record constructor: identity, versions, host and time filled in."""
     return Record(case=case, case_key=case.key, backend=case.backend, status=status, message=message,
                   predicted=predicted, versions=versions(), host=socket.gethostname(),
-                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   **fields)
 
 

@@ -7,7 +7,6 @@ from rich.table import Table
 
 from estimator.categories import Category
 from estimator.units import MiB
-
 from profiler.record import Record
 
 

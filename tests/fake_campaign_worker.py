@@ -57,8 +57,9 @@ def main() -> int:
             if batch == 6:
                 clean = False
             time.sleep(0.3 if batch in (1, 3, 6) else 1.0)
-            record = {"schema": 1, "case": {"model": msg["model"], "config_hash": None, "setup": msg["setup"], "backend": backend,
-                                            "steps": msg["steps"]},
+            case = {"model": msg["model"], "config_hash": None, "setup": msg["setup"], "backend": backend,
+                    "steps": msg["steps"]}
+            record = {"schema": 1, "case": case,
                       "case_key": msg["key"], "backend": backend, "status": status, "message": "",
                       "measured": {"peak_allocated_bytes": batch, "peak_reserved_bytes": 2**20,
                                    "nvml_peak_used_bytes": 8 * 2**20, "nvml_peak_process_bytes": 3,

@@ -15,15 +15,16 @@ from estimator.overheads import Overheads
 from estimator.setup import Setup
 from profiler.analysis.calibrate import calibrate, fit, points, summary
 from profiler.analysis.compare import Threshold, compare
-from profiler.record import Case, Measured, Prediction, Record, Status, append_record, check_record, read_records
 from profiler.analysis.validate import validate
+from profiler.record import Case, Measured, Prediction, Record, Status, append_record, check_record, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOVERY_TOLERANCE = 1e-4  # relative: factors fitted from noise-free synthetic records
 
 TRUE_FACTORS = {"llama|eager|half": 1.15, "gpt2|sdpa|fp32": 0.9}
 TRUE_CONSTANT = 300 * 2**20
-CASES = [("smollm2-135m", dict(precision="bf16", attn="eager", batch=b, seq=s)) for b, s in ((4, 512), (8, 1024), (2, 2048))] + \
+CASES = [("smollm2-135m", dict(precision="bf16", attn="eager", batch=b, seq=s))
+         for b, s in ((4, 512), (8, 1024), (2, 2048))] + \
         [("gpt2", dict(precision="fp32", attn="sdpa", batch=b, seq=s)) for b, s in ((4, 512), (8, 1024), (16, 512))]
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from estimator.setup import Setup
 from estimator.modelspec import load_model
+from estimator.setup import Setup
 from profiler.measure import steps
-from profiler.measure.run import make_case
-from profiler.sweeps.campaign import Campaign, plan_jobs
 from profiler.measure.isolation import run_isolated
+from profiler.measure.run import make_case
 from profiler.record import read_records
+from profiler.sweeps.campaign import Campaign, plan_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = [sys.executable, str(Path(__file__).with_name("fake_campaign_worker.py"))]

@@ -1,6 +1,6 @@
 """Exact identities of estimate(): model states per precision recipe and optimizer (ZeRO
 paper Sec. 3, PyTorch optimizers keep state in the parameter's dtype), LoRA adapters,
-quantized weights, the KV cache (REFERENCE.md), ZeRO sharding, the JSON record and the
+quantized weights, the KV cache (transformers' DynamicCache), ZeRO sharding, the JSON record and the
 error messages for bad input."""
 from __future__ import annotations
 

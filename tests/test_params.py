@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from functools import lru_cache
-from typing import Dict
+from functools import cache
 
 import pytest
 
@@ -37,24 +36,24 @@ PUBLISHED = {
 }
 
 
-def _hf_config(config: Dict):
+def _hf_config(config: dict):
     cfg = {k: v for k, v in config.items() if not k.startswith("_vramlab")}
     return transformers.AutoConfig.for_model(**cfg)
 
 
-def _build(config: Dict):
+def _build(config: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(_hf_config(config))
 
 
-def _shipped_config(name: str) -> Dict:
+def _shipped_config(name: str) -> dict:
     return json.loads((MODELS_DIR / f"{name}.json").read_text())
 
 
-@lru_cache(maxsize=None)
-def meta_groups(name: str) -> Dict[str, int]:
+@cache
+def meta_groups(name: str) -> dict[str, int]:
     """Parameters per group of the meta-device build of a shipped config (cached per run)."""
     model = _build(_shipped_config(name))
     groups = {g: 0 for g in GROUPS}

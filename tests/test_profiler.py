@@ -13,8 +13,8 @@ import pytest
 
 from estimator.setup import Setup
 from profiler.measure.run import run_case
-from profiler.sweeps.matrix import MatrixError, load_matrix, parse_shard
 from profiler.record import RecordError, append_record, read_records, repair_tail
+from profiler.sweeps.matrix import MatrixError, load_matrix, parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_VS_CPU_TOLERANCE = 0.01  # issue: sim and cpu agree on the peak within 1%

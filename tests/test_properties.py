@@ -14,8 +14,7 @@ from estimator.categories import Category, Phase
 from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.params import layer_linears
-from estimator.setup import (Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant,
-                             Setup, Sharding)
+from estimator.setup import Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 
 MODELS = ("gpt2", "opt-125m", "smollm2-135m", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini",
           "llama-2-7b", "mixtral-8x7b", "llama-3.1-70b")

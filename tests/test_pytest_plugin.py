@@ -13,18 +13,26 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+
 # Imported before any inline pytester run: pytester removes the modules a run imported
 # when it ends, and importing torch a second time in one process crashes it.
 import torch  # noqa: F401
-import profiler.measure.tracker  # noqa: F401
 
-from profiler.integrations.pytest_plugin import (VALID_UNITS, Tolerance, VramResult, load_baseline, parse_tolerance,
-                                    summary_lines)
+import profiler.measure.tracker  # noqa: F401
+from profiler.integrations.pytest_plugin import (
+    VALID_UNITS,
+    Tolerance,
+    VramResult,
+    load_baseline,
+    parse_tolerance,
+    summary_lines,
+)
 
 pytest_plugins = ["pytester"]
 
 # This module imports the plugin first, so pytest cannot assert-rewrite it: say nothing of that.
-PLUGIN = ("-p", "no:vramlab", "-p", "profiler.integrations.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning")
+PLUGIN = ("-p", "no:vramlab", "-p", "profiler.integrations.pytest_plugin",
+          "-W", "ignore::pytest.PytestAssertRewriteWarning")
 CPU = ("--vram-backend", "cpu")
 N = 1_000_000  # bytes of one torch.uint8 tensor of N elements: its storage's nbytes()
 USAGE_ERROR = int(pytest.ExitCode.USAGE_ERROR)  # 4

@@ -10,8 +10,7 @@ from estimator.estimate import estimate, model_states
 from estimator.modelspec import load_model, spec_from_config
 from estimator.params import count_params
 from estimator.setup import Setup
-from estimator.sharding import (DDP_FIRST_BUCKET_BYTES, MAX_WORLD_SIZE, ddp_bucket_sizes, min_world_size,
-                                per_rank_states)
+from estimator.sharding import DDP_FIRST_BUCKET_BYTES, MAX_WORLD_SIZE, ddp_bucket_sizes, per_rank_states, smallest_world
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
@@ -167,16 +166,38 @@ def test_world_size_beyond_1024_is_a_clear_error(llama7b):
         per_rank_states(llama7b, setup, model_states(llama7b, setup))
 
 
-def test_min_world_size_is_the_boundary(llama7b):
+def test_smallest_world_is_the_boundary(llama7b):
     setup = Setup(precision="bf16", seq=1024, grad_ckpt=True)
     budget = 24 * 2**30
-    n = min_world_size(llama7b, setup, budget, estimate, sharding="fsdp")
+
+    def fits(w):
+        ranked = setup if w == 1 else setup.replace(world_size=w, sharding="fsdp")
+        return estimate(llama7b, ranked).total_bytes <= budget
+
+    n = smallest_world(llama7b, setup, budget, estimate, sharding="fsdp")
     assert n is not None and n > 1
-    fits = lambda w: estimate(llama7b, setup.replace(world_size=w, sharding="fsdp")).total_bytes <= budget  # noqa: E731
-    assert fits(n) and not fits(n - 1)
-    assert min_world_size(llama7b, setup, 2**20, estimate) is None  # 1 MiB: never
+    assert fits(n) and not any(fits(w) for w in range(1, n))
+    pow2 = smallest_world(llama7b, setup, budget, estimate, sharding="fsdp", powers_of_two=True)
+    assert pow2 >= n and pow2 & (pow2 - 1) == 0 and fits(pow2) and not fits(pow2 // 2)
+    assert smallest_world(llama7b, setup, estimate(llama7b, setup).total_bytes, estimate) == 1  # fits as given
+    assert smallest_world(llama7b, setup, 2**20, estimate) is None  # 1 MiB: never
     with pytest.raises(ValueError, match="needs a sharding"):
-        min_world_size(llama7b, setup, budget, estimate, sharding="none")
+        smallest_world(llama7b, setup, budget, estimate, sharding="none")
+
+
+def test_fit_and_rules_use_the_same_search(llama7b):
+    from estimator.fit import fit
+    from estimator.rules import _per_gpu
+    setup = Setup(precision="mixed-bf16", seq=512)
+    budget = 80 * 10**9
+    result = fit(llama7b, setup, budget)
+    assert result.min_gpus == smallest_world(llama7b, setup, budget, estimate, sharding="zero3")
+    assert not result.fits and result.min_gpus > 1
+    h100 = 85017755648  # estimator/data/gpus.json h100-80gb
+    assert _per_gpu(llama7b, setup)[0] == smallest_world(llama7b, setup, h100, estimate, sharding="zero3",
+                                                         powers_of_two=True)
+    roomy = fit(llama7b, setup.replace(mode="lora"), budget)
+    assert roomy.fits and roomy.min_gpus is None  # never "fits as given" and "needs N GPUs" together
 
 
 def test_sharding_module_imports_no_torch():

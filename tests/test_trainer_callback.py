@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from estimator.modelspec import spec_from_config
 from estimator.setup import Setup
-from profiler.record import read_records
 from profiler.integrations.trainer_callback import VramCallback
+from profiler.record import read_records
 
 SEQ = 32
 BATCH = 2

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from estimator.setup import (Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant,
-                             Setup, Sharding)
+from estimator.setup import Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 from estimator.units import GB, GiB, KiB, MiB, format_bytes, format_gib, parse_bytes
-
 
 # --- parse_bytes ------------------------------------------------------------------------
 

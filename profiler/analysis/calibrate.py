@@ -24,7 +24,6 @@ from estimator.calibration import CALIBRATION_SCHEMA
 from estimator.categories import TENSOR_CATEGORIES
 from estimator.modelspec import load_model
 from estimator.overheads import calibration_key
-
 from profiler.record import Case, Record
 
 MIN_GROUP_CASES = 2
@@ -209,7 +208,7 @@ def calibrate(records: Sequence[Record], sources: Sequence[Path], name: str) -> 
         "schema": CALIBRATION_SCHEMA, "name": name, "backend": backends[0],
         "gpu": devices[0] if backends[0] == "cuda" and len(devices) == 1 else None,
         "devices": devices,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "records": [{"path": str(s), "sha256": hashlib.sha256(Path(s).read_bytes()).hexdigest()}
                     for s in sources],
         "cases_used": len(pts),

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from estimator.units import GiB, MiB, parse_bytes
-
 from profiler.record import Record, Status
 
 #: (name, the Measured field compared)
@@ -21,13 +20,14 @@ class Threshold:
     bytes: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Threshold":
+    def parse(cls, text: str) -> Threshold:
         t = str(text).strip()
         if t.endswith("%"):
             try:
                 value = float(t[:-1]) / 100
             except ValueError:
-                raise ValueError(f"cannot read threshold {text!r}: write a percentage (2%) or a size (256MiB)") from None
+                raise ValueError(f"cannot read threshold {text!r}: write a percentage (2%) "
+                                 f"or a size (256MiB)") from None
             if value < 0:
                 raise ValueError(f"threshold must not be negative, got {text!r}")
             return cls(fraction=value)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from estimator.categories import Category
 from estimator.units import GiB
-
-from profiler.record import Record
-
 from profiler.analysis.validate import Validation
+from profiler.record import Record
 
 BAND = 0.05  # the +-5% band drawn around the diagonal
 MAX_BARS = 16  # cases shown in the stacked-bar chart
@@ -79,23 +77,48 @@ def stacked_bars(v: Validation, path: Path) -> Path:
     return path
 
 
+#: phase -> colour of its band in the timeline plot
+PHASE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green",
+                 "zero_grad": "tab:gray", "prefill": "tab:purple", "decode": "tab:pink", "step": "tab:olive"}
+
+
 def timeline(records: Sequence[Record], path: Path) -> Path | None:
-    """Memory over a run from the NVML samples (cuda) or the tracker timeline of the first record with one."""
+    """Live tensor bytes over a run, phases shaded and steps marked (the tracker's timeline of
+    the first record with one), else NVML's device memory over seconds (cuda)."""
     for r in records:
-        nvml = r.measured.nvml_timeline
-        series = nvml or r.measured.timeline
-        if series:
-            plt = _plt()
-            fig, ax = plt.subplots(figsize=(8, 3.5))
-            xs, ys = zip(*series)
+        m = r.measured
+        if not (m.timeline or m.nvml_timeline):
+            continue
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        if m.timeline:
+            xs, ys = zip(*m.timeline)
+            ax.plot(xs, [y / GiB for y in ys], lw=1, color="black")
+            starts = []
+            for name, first, last in m.timeline_phases or []:
+                label = name if name not in {s[0] for s in starts} else None
+                ax.axvspan(first, max(last, first + 1), color=PHASE_COLOURS.get(name, "tab:cyan"), alpha=0.2,
+                           lw=0, label=label)
+                if name in ("forward", "prefill", "step"):
+                    starts.append((name, first))
+                elif label:
+                    starts.append((name, None))
+            ticks = [first for _, first in starts if first is not None]
+            if ticks:
+                ax.set_xticks(ticks, [f"step {i}" for i in range(1, len(ticks) + 1)])
+                ax.legend(fontsize=7, loc="upper left", ncol=4)
+            ax.set_xlabel("measured steps (the warm-up step before them)")
+            ax.set_ylabel("live tensor GiB")
+        else:
+            xs, ys = zip(*m.nvml_timeline)
             ax.plot(xs, [y / GiB for y in ys], lw=1)
-            ax.set_xlabel("seconds" if nvml else "allocation/free event")
-            ax.set_ylabel("NVML device used GiB" if nvml else "live tensor GiB")
-            ax.set_title(f"timeline: {r.label} ({r.backend})")
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            return path
+            ax.set_xlabel("seconds")
+            ax.set_ylabel("NVML device used GiB")
+        ax.set_title(f"timeline: {r.label} ({r.backend})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
     return None
 
 

@@ -9,8 +9,7 @@ from functools import lru_cache
 from estimator.modelspec import ModelSpec, load_model
 from estimator.overheads import Overheads
 from estimator.setup import Mode, Precision, Quant, Setup
-from estimator.units import GB
-
+from estimator.units import BILLION, GB
 from profiler.analysis.calibrate import points, selected_loo, summary
 from profiler.record import Record
 
@@ -24,9 +23,9 @@ def _spec(model: str) -> ModelSpec | None:
 
 
 def rules_of_thumb(spec: ModelSpec, setup: Setup, params: int) -> int:
-    """REFERENCE.md (Deep Learning 101, 2023): inference 4X fp32 / 2X half / 1X int8; full
+    """Deep Learning 101 (2023-04-12): inference 4X fp32 / 2X half / 1X int8; full
     training 16X fp32, 12X fp16/bf16; LoRA only as 7B: 16-24 GB, read as 20/7 X here."""
-    x = params / 1e9
+    x = params / BILLION
     if setup.mode is Mode.INFERENCE:
         per = 1 if setup.quant is not Quant.NONE else (4 if setup.precision is Precision.FP32 else 2)
     elif setup.mode is Mode.FULL:

@@ -36,11 +36,11 @@ import gc
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -87,7 +87,7 @@ def parse_tolerance(text: str) -> Tolerance:
         raise ValueError(f"{exc} (or write a percentage of the baseline, e.g. 2%)") from None
 
 
-def load_baseline(path: "str | Path") -> Dict[str, int]:
+def load_baseline(path: str | Path) -> dict[str, int]:
     """``{nodeid: peak bytes}`` from a JSON file; ``ValueError`` naming the file and problem."""
     path = Path(path)
     try:
@@ -109,7 +109,7 @@ def load_baseline(path: "str | Path") -> Dict[str, int]:
     return data
 
 
-def save_baseline(path: "str | Path", peaks: Dict[str, int]) -> None:
+def save_baseline(path: str | Path, peaks: dict[str, int]) -> None:
     """Write ``peaks`` merged over what ``path`` already holds (a subset run keeps the rest)."""
     path = Path(path)
     merged = load_baseline(path) if path.exists() else {}
@@ -126,11 +126,11 @@ def save_baseline(path: "str | Path", peaks: Dict[str, int]) -> None:
 class VramOptions:
     backend: str = "auto"
     measure_all: bool = False
-    baseline: Optional[Dict[str, int]] = None
-    baseline_path: Optional[str] = None
+    baseline: dict[str, int] | None = None
+    baseline_path: str | None = None
     fail_on_increase: bool = False
     tolerance: Tolerance = field(default_factory=Tolerance)
-    save_path: Optional[str] = None
+    save_path: str | None = None
     top: int = DEFAULT_TOP
 
 
@@ -181,9 +181,9 @@ class VramResult:
     backend: str
     completed: bool = True
     """False when the test body raised (a failure, skip or xfail): its peak is partial."""
-    limit_bytes: Optional[int] = None
-    baseline_bytes: Optional[int] = None
-    allowed_increase_bytes: Optional[int] = None
+    limit_bytes: int | None = None
+    baseline_bytes: int | None = None
+    allowed_increase_bytes: int | None = None
     """Set only when ``--vram-fail-on-increase`` checks this test against its baseline."""
     tolerance: str = ""
     baseline_path: str = ""
@@ -242,7 +242,7 @@ def limit_of(marker: pytest.Mark) -> int:
         raise ValueError(f"vram_limit({raw!r}) is not a size: {message}") from None
 
 
-def summary_lines(results: List[VramResult], top: int = DEFAULT_TOP) -> List[str]:
+def summary_lines(results: list[VramResult], top: int = DEFAULT_TOP) -> list[str]:
     """One line per measured test, largest peak first (``top`` of them; 0 = all)."""
     rows = sorted(results, key=lambda r: (-r.peak_bytes, r.nodeid))
     shown = rows if not top else rows[:top]
@@ -275,7 +275,7 @@ def resolve_backend(backend: str) -> str:
 
 
 @contextmanager
-def measure(backend: str, box: List[int]) -> Iterator[List[int]]:
+def measure(backend: str, box: list[int]) -> Iterator[list[int]]:
     """Measure the block; ``box[0]`` holds its peak bytes once the block has exited."""
     if backend == "cuda":
         import torch
@@ -306,9 +306,9 @@ class VramPlugin:
 
     def __init__(self, options: VramOptions):
         self.options = options
-        self.results: Dict[str, VramResult] = {}
-        self.backend: Optional[str] = None  # resolved at the first measured test
-        self.saved_to: Optional[str] = None
+        self.results: dict[str, VramResult] = {}
+        self.backend: str | None = None  # resolved at the first measured test
+        self.saved_to: str | None = None
 
     def _wants(self, item: pytest.Item) -> bool:
         opts = self.options
@@ -343,7 +343,7 @@ class VramPlugin:
             pytest.fail(result.long_repr, pytrace=False)
         return outcome
 
-    def _result(self, nodeid: str, peak: int, completed: bool, limit: Optional[int]) -> VramResult:
+    def _result(self, nodeid: str, peak: int, completed: bool, limit: int | None) -> VramResult:
         opts = self.options
         baseline = opts.baseline.get(nodeid) if opts.baseline is not None else None
         allowed = opts.tolerance.allowed(baseline) if opts.fail_on_increase and baseline is not None else None

@@ -42,7 +42,6 @@ from transformers import TrainerCallback
 from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
 from estimator.setup import Setup
-
 from profiler.measure.run import device_info, prediction
 from profiler.measure.steps import Meter, classify_failure, summarise
 from profiler.measure.tracker import StorageTracker

@@ -5,7 +5,8 @@ Random initialisation, never a download; ``trust_remote_code`` stays off."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -116,7 +117,7 @@ class MixedPrecisionOptimizer:
     """mixed-bf16: bf16 weights and grads on the model, fp32 master weights and fp32
     optimizer state (ZeRO's recipe, Rajbhandari et al. 2019 Sec. 3; DeepSpeed bf16 optimizer)."""
 
-    def __init__(self, params: List[torch.nn.Parameter], make: Callable[[List[torch.Tensor]], Any]):
+    def __init__(self, params: list[torch.nn.Parameter], make: Callable[[list[torch.Tensor]], Any]):
         self.params = params
         self.masters = [p.detach().float().requires_grad_(True) for p in params]
         self.inner = make(self.masters)
@@ -174,6 +175,6 @@ def autocast_context(setup: Setup, device: str):
     return contextlib.nullcontext()
 
 
-def synthetic_batch(spec: ModelSpec, setup: Setup, device: str, generator: Optional[torch.Generator] = None):
+def synthetic_batch(spec: ModelSpec, setup: Setup, device: str, generator: torch.Generator | None = None):
     """Token ids of shape (batch, seq); labels are the same ids (causal LM loss)."""
     return torch.randint(0, spec.vocab_size, (setup.batch, setup.seq), device=device, generator=generator)

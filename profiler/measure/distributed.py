@@ -36,7 +36,6 @@ import torch
 from estimator.categories import Category
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup, Sharding
-
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.procs import ROOT, checkout_env
 from profiler.measure.run import device_info, make_case, prediction
@@ -316,8 +315,8 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
                    "out": str(path), "timeout_s": float(timeout_s)}
         if _crash_rank is not None:
             request["crash_rank"] = int(_crash_rank)
-        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=checkout_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=checkout_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous
             cause = f"torchrun exited with code {proc.returncode}" if proc.returncode else ""

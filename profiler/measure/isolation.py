@@ -29,7 +29,6 @@ import torch
 
 from estimator.modelspec import ModelSpec
 from estimator.setup import Setup
-
 from profiler.measure.run import run_case
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Record, Status

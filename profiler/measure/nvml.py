@@ -1,7 +1,8 @@
 """NVML sampling in a background thread (nvidia-ml-py, ``import pynvml``).
 
 Missing NVML degrades loudly: one sentence in the record, the rest still measured.
-Per-process memory may be unavailable inside containers and VMs (REFERENCE.md); the
+Per-process memory may be unavailable inside containers and VMs (NVML's
+``nvmlDeviceGetComputeRunningProcesses`` lists host pids, or reports no usedGpuMemory); the
 device's used memory minus the idle baseline is the fallback.
 """
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import List, Optional, Tuple
 
 #: Sampling period: a few ms, enough to catch phase peaks of steps lasting >= 10 ms.
 SAMPLE_PERIOD_S = 0.005
@@ -23,9 +23,9 @@ class NvmlSampler:
         self.available = False
         self.message = ""
         self.driver = ""
-        self.samples: List[Tuple[float, int, Optional[int]]] = []  # (t, device used, process used)
+        self.samples: list[tuple[float, int, int | None]] = []  # (t, device used, process used)
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         try:
             import pynvml
             pynvml.nvmlInit()
@@ -38,7 +38,7 @@ class NvmlSampler:
         except Exception as exc:  # NVMLError_LibraryNotFound, no driver
             self.message = f"NVML is not usable here ({type(exc).__name__}); NVML figures are left out"
 
-    def used(self) -> Tuple[int, Optional[int]]:
+    def used(self) -> tuple[int, int | None]:
         info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
         proc = None
         try:
@@ -72,12 +72,12 @@ class NvmlSampler:
             self._thread.join()
             self._thread = None
 
-    def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> List[Tuple[float, int]]:
+    def timeline(self, max_points: int = MAX_TIMELINE_POINTS) -> list[tuple[float, int]]:
         """(seconds, device used bytes), every n-th sample so at most max_points remain."""
         step = max(1, -(-len(self.samples) // max_points))
         return [(round(t, 4), used) for t, used, _ in self.samples[::step]]
 
-    def peak(self) -> Tuple[Optional[int], Optional[int]]:
+    def peak(self) -> tuple[int | None, int | None]:
         if not self.samples:
             return None, None
         dev = max(s[1] for s in self.samples)

@@ -16,7 +16,6 @@ from estimator.categories import Category
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
-
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.nvml import NvmlSampler
 from profiler.measure.steps import Model, measure_run

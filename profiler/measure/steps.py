@@ -28,7 +28,6 @@ import torch
 
 from estimator.categories import Category, Phase
 from estimator.setup import Setup
-
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.nvml import NvmlSampler
 from profiler.measure.tracker import StorageTracker
@@ -293,3 +292,4 @@ def summarise(record: Record, meter: Meter, tracker: StorageTracker, sampler: Nv
     m.tracked_live_storages_end = res.live_storages
     if res.timeline is not None:
         m.timeline = [list(p) for p in res.timeline]
+        m.timeline_phases = [[p.name, p.start_event, p.end_event] for p in res.phases if p.start_event >= 0]

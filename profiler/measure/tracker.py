@@ -41,10 +41,10 @@ Usage::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Hashable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -99,6 +99,9 @@ class PhaseRecord:
     peak_breakdown: dict[str, int] = field(default_factory=dict)
     """Bytes per tag at the moment ``peak_bytes`` was first reached."""
     end_breakdown: dict[str, int] = field(default_factory=dict)
+    start_event: int = -1
+    """Timeline event index at entry and exit (with ``record_timeline``; -1 otherwise)."""
+    end_event: int = -1
 
     @property
     def peak_delta(self) -> int:
@@ -439,9 +442,10 @@ class StorageTracker(TorchDispatchMode):
         """
         cur = self.current_bytes
         snap = dict(self._totals)
+        timed = self._timeline is not None
         rec = PhaseRecord(
             name=str(name), index=len(self._phases), start_bytes=cur,
-            peak_bytes=cur, peak_breakdown=snap,
+            peak_bytes=cur, peak_breakdown=snap, start_event=self._event if timed else -1,
         )
         self._phases.append(rec)
         self._open.append(rec)
@@ -453,6 +457,8 @@ class StorageTracker(TorchDispatchMode):
             self._open.remove(rec)
             rec.end_bytes = self.current_bytes
             rec.end_breakdown = _plain(self._totals)
+            if timed:
+                rec.end_event = self._event
             self._recompute_threshold()
 
     def results(self) -> TrackerResults:
@@ -464,6 +470,7 @@ class StorageTracker(TorchDispatchMode):
                 end_bytes=r.end_bytes if r.end_bytes >= 0 else -1,
                 peak_breakdown=_plain(r.peak_breakdown),
                 end_breakdown=dict(r.end_breakdown),
+                start_event=r.start_event, end_event=r.end_event,
             )
             for r in self._phases
         ]
@@ -485,7 +492,7 @@ class StorageTracker(TorchDispatchMode):
         )
 
     # ------------------------------------------------------------------ mode entry
-    def __enter__(self) -> "StorageTracker":
+    def __enter__(self) -> StorageTracker:
         self._depth += 1
         super().__enter__()
         return self

@@ -47,7 +47,6 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
-
 from profiler.measure.procs import ROOT, checkout_env, die_with_parent
 from profiler.record import Record, RecordError, Status, append_record, check_record, new_record
 from profiler.sweeps.sweep import Planned, done_keys, plan
@@ -146,7 +145,8 @@ class Campaign:
             None if backend == "cuda" else DEFAULT_CARD_BYTES)
         self.tests, self.tests_log = (list(tests) if tests else None), tests_log
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="vramlab-campaign-"))
-        self.worker_cmd = list(worker_cmd) if worker_cmd else [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
+        self.worker_cmd = list(worker_cmd) if worker_cmd else \
+            [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
         self.say = say
         self.sel = selectors.DefaultSelector()
         self.workers: dict[int, _Worker] = {}
@@ -412,7 +412,7 @@ class Campaign:
     def run(self) -> dict:
         t0 = time.monotonic()
         deadline = t0 + self.budget_s
-        self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         done = done_keys(self.records)
         self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes)
         self.resumed = len(done)
@@ -525,6 +525,7 @@ def worker_main(backend: str) -> int:
 
     import torch  # noqa: F401  (the imports this process pays once)
     import transformers  # noqa: F401
+
     from profiler.measure.isolation import run_isolated
     from profiler.measure.nvml import NvmlSampler
     from profiler.measure.run import device_info, measure_cuda_context

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Tuple
 
 from estimator.setup import Setup
 
@@ -35,7 +35,7 @@ def _expand(table: dict, where: str) -> Iterator[dict]:
         yield dict(zip(keys, combo))
 
 
-def load_matrix(path: "str | Path") -> List[Tuple[str, Setup, int]]:
+def load_matrix(path: str | Path) -> list[tuple[str, Setup, int]]:
     """(model, setup, steps) for every case; a malformed matrix raises MatrixError."""
     path = Path(path)
     try:
@@ -50,7 +50,7 @@ def load_matrix(path: "str | Path") -> List[Tuple[str, Setup, int]]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise MatrixError(f"matrix {path}: [[cases]] must be an array of tables")
     defaults = data
-    out: List[Tuple[str, Setup, int]] = []
+    out: list[tuple[str, Setup, int]] = []
     seen = set()
     for i, table in enumerate(tables, start=1):
         merged = {**defaults, **table}
@@ -72,7 +72,7 @@ def load_matrix(path: "str | Path") -> List[Tuple[str, Setup, int]]:
     return out
 
 
-def parse_shard(text: str) -> Tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> (I, N) with 0 <= I < N."""
     try:
         i, n = (int(x) for x in text.split("/"))

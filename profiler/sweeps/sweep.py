@@ -11,11 +11,19 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup
-
 from profiler.measure.procs import checkout_env, die_with_parent
 from profiler.measure.run import make_case
-from profiler.record import Case, Record, RecordError, Status, append_record, check_record, new_record, \
-    read_records, repair_tail
+from profiler.record import (
+    Case,
+    Record,
+    RecordError,
+    Status,
+    append_record,
+    check_record,
+    new_record,
+    read_records,
+    repair_tail,
+)
 from profiler.sweeps.matrix import load_matrix
 
 #: Seconds one case may run before it is recorded as an error (a hung kernel, a swap storm).
