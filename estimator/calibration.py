@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import read_document
 from .overheads import DEFAULT, Overheads
 
 CALIBRATION_SCHEMA = 1
@@ -15,14 +16,7 @@ CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "results" / "calibration
 
 
 def load_calibration(path: str | Path) -> Overheads:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read calibration {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"calibration {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return overheads_from_dict(data, str(path))
+    return overheads_from_dict(read_document(path, "calibration"), str(path))
 
 
 def overheads_from_dict(data: dict, where: str) -> Overheads:

@@ -283,6 +283,17 @@ def cmd_loop(args) -> int:
     return 0
 
 
+def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeout: str) -> argparse.ArgumentParser:
+    """A command that runs a matrix: its file, the backend, where records go, a case timeout."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("matrix")
+    p.add_argument("--backend", default=backend, choices=("cuda", "cpu", "sim"))
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--case-timeout", default=case_timeout,
+                   help=f"seconds before a case is stopped (default {case_timeout})")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
@@ -317,21 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", default="1", help="ranks: > 1 runs DDP/FSDP2 under torchrun (sim: rank 0 of N)")
     p.add_argument("--json", action="store_true", help="print the record")
     p.set_defaults(func=cmd_profile)
-    p = sub.add_parser("sweep", help="run a TOML matrix, one subprocess per case, resumable")
-    p.add_argument("matrix")
-    p.add_argument("--backend", default="cpu", choices=("cuda", "cpu", "sim"))
-    p.add_argument("--out", required=True, help="JSONL file; cases already in it are skipped")
+    p = _matrix_parser(sub, "sweep", "run a TOML matrix, one subprocess per case, resumable", backend="cpu",
+                       out="JSONL file; cases already in it are skipped", case_timeout="900")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th")
-    p.add_argument("--case-timeout", default="900", help="seconds before a case is stopped (default 900)")
     p.add_argument("--timeline", action="store_true", help="keep each run's memory timeline")
     p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("campaign", help="a whole matrix in persistent workers, in parallel where the card allows")
-    p.add_argument("matrix")
-    p.add_argument("--backend", default="cuda", choices=("cuda", "cpu", "sim"))
-    p.add_argument("--out", required=True, help="folder for records, campaign.json, worker and test logs")
+    p = _matrix_parser(sub, "campaign", "a whole matrix in persistent workers, in parallel where the card allows",
+                       backend="cuda", out="folder for records, campaign.json, worker and test logs",
+                       case_timeout="120")
     p.add_argument("--records", help="JSONL file (default OUT/BACKEND-MATRIX.jsonl); its cases are skipped")
     p.add_argument("--budget-s", default="330", help="stop starting cases and end after this many seconds")
-    p.add_argument("--case-timeout", default="120", help="seconds before a case's worker is stopped")
     p.add_argument("--workers", help="worker processes (default: 3 on cuda, 2 otherwise, at most the cores)")
     p.add_argument("--card-memory", help="memory the cases share, e.g. 80GiB (default: CUDA's free "
                                          "memory; 80GiB for sim and cpu)")

@@ -191,29 +191,25 @@ class StorageTracker(TorchDispatchMode):
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **kwargs) if kwargs else func(*args)
-        if type(out) in _PLAIN_TENSOR_TYPES:
-            st = out.untyped_storage()
-            ref = self._refs.get(id(st))
-            if ref is None:
-                self._add(st, None)
-            elif ref.nbytes != st.nbytes():
-                self._resize(ref, st.nbytes())
+        if type(out) in _PLAIN_TENSOR_TYPES:  # the common case first: one plain tensor
+            self._see_storage(out.untyped_storage())
         elif isinstance(out, (tuple, list)):
             self._see_many(out)
         elif isinstance(out, _Tensor):
             self._see_tensor(out)
         return out
 
+    def _see_storage(self, st) -> None:
+        ref = self._refs.get(id(st))
+        if ref is None:
+            self._add(st, None)
+        elif ref.nbytes != st.nbytes():
+            self._resize(ref, st.nbytes())
+
     def _see_many(self, outs) -> None:
-        refs = self._refs
         for o in outs:
             if type(o) in _PLAIN_TENSOR_TYPES:
-                st = o.untyped_storage()
-                ref = refs.get(id(st))
-                if ref is None:
-                    self._add(st, None)
-                elif ref.nbytes != st.nbytes():
-                    self._resize(ref, st.nbytes())
+                self._see_storage(o.untyped_storage())
             elif isinstance(o, (tuple, list)):
                 self._see_many(o)
             elif isinstance(o, _Tensor):
@@ -253,9 +249,12 @@ class StorageTracker(TorchDispatchMode):
         key = id(st)
         self._refs[key] = _StorageRef(st, self._on_free_cb, key, n, tag)
         self.n_allocs += 1
+        self._grow(tag, n)
+
+    def _grow(self, tag: Hashable, delta: int) -> None:
         totals = self._totals
-        totals[tag] = totals.get(tag, 0) + n
-        cur = self.current_bytes + n
+        totals[tag] = totals.get(tag, 0) + delta
+        cur = self.current_bytes + delta
         self.current_bytes = cur
         if cur > self._threshold:
             self._new_peak(cur)
@@ -275,13 +274,7 @@ class StorageTracker(TorchDispatchMode):
     def _resize(self, ref: _StorageRef, n: int) -> None:
         delta = n - ref.nbytes
         ref.nbytes = n
-        self._totals[ref.tag] += delta
-        cur = self.current_bytes + delta
-        self.current_bytes = cur
-        if cur > self._threshold:
-            self._new_peak(cur)
-        if self._timeline is not None:
-            self._sample(cur)
+        self._grow(ref.tag, delta)
 
     def _retag(self, ref: _StorageRef, tag: Hashable) -> None:
         totals = self._totals

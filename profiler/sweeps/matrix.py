@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import itertools
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+from estimator.files import read_document
 from estimator.setup import Setup
 
 SETUP_KEYS = set(Setup.__dataclass_fields__)
@@ -39,11 +39,9 @@ def load_matrix(path: str | Path) -> list[tuple[str, Setup, int]]:
     """(model, setup, steps) for every case; a malformed matrix raises MatrixError."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MatrixError(f"cannot read matrix {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MatrixError(f"matrix {path} is not valid TOML ({exc})") from None
+        data = read_document(path, "matrix", fmt="toml")
+    except ValueError as exc:
+        raise MatrixError(str(exc)) from None
     tables = data.pop("cases", None)
     if tables is None:
         tables = [{}]
