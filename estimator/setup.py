@@ -121,6 +121,10 @@ class Sharding(_Choice):
     FSDP = "fsdp"  # FSDP2 fully_shard: parameters, gradients and states sharded (like ZeRO-3)
 
 
+#: Normalised setups (Setup.shape_free / per_sequence), one object per distinct key,
+#: found by the fields a normalised setup keeps.
+_INTERNED: dict = {}
+
 #: peft's LoRA defaults for Llama-style models
 #: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
@@ -214,10 +218,23 @@ class Setup:
         return key
 
     def _normalised(self, seq: int) -> Setup:
+        """A copy with the neutral values, built without re-validating (every field is
+        already checked), and interned: equal keys are one object, so the estimator's
+        caches match them by identity instead of comparing 16 fields."""
         lora = self.mode in (Mode.LORA, Mode.QLORA)
-        return replace(self, batch=1, seq=seq, new_tokens=0, lora_alpha=None,
-                       lora_rank=self.lora_rank if lora else 16,
-                       lora_targets=self.lora_targets if lora else DEFAULT_LORA_TARGETS)
+        rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
+        fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
+                  self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding)
+        key = _INTERNED.get(fields)
+        if key is None:
+            key = object.__new__(Setup)
+            key.__dict__.update(self.__dict__)
+            for name in ("_hash", "_shape_free", "_per_sequence"):
+                key.__dict__.pop(name, None)
+            key.__dict__.update(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank,
+                                lora_targets=targets)
+            _INTERNED[fields] = key
+        return key
 
     @property
     def training(self) -> bool:
