@@ -38,7 +38,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup, Sharding
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.procs import ROOT, checkout_env
-from profiler.measure.run import device_info, make_case, prediction
+from profiler.measure.run import backend_setup, device_info, make_case, prediction
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Record, Status, append_record, check_record, new_record
@@ -187,7 +187,7 @@ def _rank_record(spec: ModelSpec, model: str, setup: Setup, backend: str, steps:
                  world: int) -> Record:
     """The record's frame, as a single-device run writes it, plus rank, world size and nproc."""
     case = make_case(spec, setup, backend, steps, nproc=world, model=model)
-    return new_record(case, predicted=prediction(spec, Setup.from_dict(case.setup)), rank=rank,
+    return new_record(case, predicted=prediction(spec, backend_setup(setup, backend)), rank=rank,
                       world_size=world, device=device_info(backend))
 
 
@@ -209,7 +209,7 @@ def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, w
     spec = load_model(model)
     setup = distributed_setup(setup, world)
     record = _rank_record(spec, model, setup, backend, steps, rank, world)
-    setup = Setup.from_dict(record.case.setup)
+    setup = backend_setup(setup, backend)
     cuda = backend == "cuda"
     device = f"cuda:{local_rank}" if cuda else "cpu"
 
@@ -253,7 +253,7 @@ def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> Recor
     spec = load_model(model)
     record = _rank_record(spec, model, setup, "sim", steps, 0, nproc)
     record.simulated = f"rank 0 of {nproc} (fake process group, fake tensors)"
-    setup = Setup.from_dict(record.case.setup)
+    setup = backend_setup(setup, "sim")
     fake = FakeTensorMode(allow_non_fake_inputs=True)
 
     def build(tracker: StorageTracker) -> Model:

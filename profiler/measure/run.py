@@ -85,9 +85,8 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     ``process_used_bytes``); without it this process measures them now, before and after
     its own CUDA initialisation. ``spec``: the model, when the caller has loaded it."""
     spec = spec or load_model(model)
-    case = make_case(spec, setup, backend, steps, model=model)
-    setup = Setup.from_dict(case.setup)
-    record = new_record(case, predicted=prediction(spec, setup))
+    setup = backend_setup(setup, backend)
+    record = new_record(make_case(spec, setup, backend, steps, model=model), predicted=prediction(spec, setup))
     cuda = backend == "cuda"
     sampler = None
     if cuda:

@@ -48,6 +48,7 @@ from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
 from profiler.measure.procs import ROOT, checkout_env, die_with_parent
+from profiler.measure.run import backend_setup
 from profiler.record import Record, RecordError, Status, append_record, check_record, new_record
 from profiler.sweeps.sweep import Planned, done_keys, plan
 
@@ -109,7 +110,7 @@ def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int 
     for index, planned in enumerate(plan(matrix, backend)):
         if planned.key in done:
             continue
-        predicted = estimate(planned.spec, Setup.from_dict(planned.case.setup)).reserved_bytes
+        predicted = estimate(planned.spec, backend_setup(planned.setup, backend)).reserved_bytes
         need = predicted + max(ADMIT_MIN_BYTES, int(predicted * ADMIT_FRACTION))
         jobs.append(Job(index, planned, need, exclusive=card_bytes is not None and need > card_bytes))
     jobs.sort(key=lambda j: (-j.need_bytes, j.index))
