@@ -18,6 +18,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.nvml import NvmlSampler
+from profiler.measure.sim import never_packed
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Case, Prediction, Record, new_record
@@ -110,7 +111,7 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
             from torch._subclasses.fake_tensor import FakeTensorMode
             fake = FakeTensorMode(allow_non_fake_inputs=True)
             model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
-            contexts = [fake]
+            contexts = [fake, never_packed()]
         else:
             model_obj = build_model(spec, setup, "cuda" if cuda else "cpu")
             contexts = []
