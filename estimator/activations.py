@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .modelspec import ModelSpec
-from .params import layer_linears, lora_targets
+from .params import Linear, layer_linears, lora_targets
 from .setup import Attention, Device, Mode, Setup
 from .units import FP32, HALF
 
@@ -66,12 +66,22 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         out["attn_qkv"] = FP32 * 3 * q
         out["attn_scores"] = 3 * FP32 * a * s
         return out
+    if setup.attn is Attention.SDPA and cuda_sdpa_backend(spec, setup) == "math":
+        # _scaled_dot_product_attention_math (aten/src/ATen/native/transformers/attention.cpp)
+        # computes in fp32 (allowFP16BF16ReductionMathSDP is off by default) and repeats
+        # grouped K/V to a heads: it saves the scaled q and transposed scaled k, the repeated
+        # v, the probabilities (_safe_softmax), and with dropout the bool mask and its output
+        out["attn_qkv"] = FP32 * 3 * q
+        out["attn_scores"] = FP32 * a * s + ((1 + FP32) * a * s if dropout else 0)
+        return out
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
         if spec.family in ("llama", "opt"):
             # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
             out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
+        elif setup.device is Device.CUDA and setup.precision.is_autocast:
+            out["attn_scores"] = FP32 * a * s  # CUDA autocast runs softmax with an fp32 output
         else:
             out["attn_scores"] = p * a * s  # GPT-2 softmax in the compute dtype
         if spec.model_type == "gemma2":
@@ -84,7 +94,38 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     out["attn_qkv"] = p * (q + 2 * kvd)
     out["attn_out"] = p * q
     out["attn_lse"] = FP32 * a
+    if setup.device is Device.CUDA and cuda_sdpa_backend(spec, setup) == "efficient":
+        # mem-efficient attention pads its logsumexp to 32 queries (_meta_registrations.py)
+        out["attn_lse"] = FP32 * a * -(-s // 32) * 32 // s
     return out
+
+
+def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
+    """The sdpa kernel torch's CUDA dispatcher picks for this model in training (no mask,
+    ``enable_gqa`` for grouped heads; sdp_utils.cpp select_sdp_backend; the same rules the
+    sim applies, profiler/measure/sim.py): cuDNN or flash for 16-bit inputs (autocast casts
+    sdpa's inputs) up to head_dim 256, mem-efficient for fp32 without grouped heads,
+    math otherwise. cuDNN and flash save the same tensors, so they are one answer here."""
+    if setup.device is not Device.CUDA:
+        return "cpu"
+    d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads
+    if setup.precision.compute_bytes == HALF and d <= 256:
+        return "fused"
+    if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
+        return "efficient"
+    return "math"
+
+
+def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
+    """Whether the merged heads reach o_proj as a copy of the attention output: eager and
+    math attention produce (b, heads, s, d), so ``transpose(1, 2).contiguous()`` copies;
+    fused kernels write (b, s, heads, d) and it copies nothing (Phi3Attention copies anyway).
+    On CPU, sdpa with dropout runs math."""
+    if setup.attn is Attention.EAGER or spec.model_type == "phi3":
+        return True
+    if setup.device is Device.CPU:
+        return spec.attn_dropout > 0
+    return cuda_sdpa_backend(spec, setup) == "math"
 
 
 def _input_linears(spec: ModelSpec) -> int:
@@ -131,14 +172,18 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         copies = _input_linears(spec) if setup.precision.is_autocast else norms_before_linear
         terms["linear_inputs"] = copies * lin_in * h
     terms.update(_attention_kernel(spec, setup, p))
-    if trainable_base and (setup.attn is Attention.EAGER or spec.attn_dropout > 0
-                           or spec.model_type == "phi3"):
-        # merged heads made contiguous (Phi3Attention copies even after sdpa)
+    if trainable_base and _attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
     if spec.gated_mlp:
         # act(gate) saves gate; mul saves act(gate) and up; down_proj saves the product
         terms["mlp"] = mlp_tokens * p * f * (4 if trainable_base else 3)
+    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new" and setup.device is Device.CUDA \
+            and setup.precision.is_autocast:
+        # NewGELUActivation under CUDA autocast: pow runs on an fp32 copy of x, which it
+        # saves, so tanh(.) and 1+tanh(.) are fp32 too; 0.5*x stays half; c_proj saves a half
+        # cast of the fp32 product
+        terms["mlp"] = 3 * FP32 * f + HALF * f + (HALF * f if trainable_base else 0)
     elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new":
         # NewGELUActivation is a Python formula: saves x, tanh(.), 0.5*x and 1+tanh(.);
         # c_proj saves the product
@@ -158,19 +203,56 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     outside = {}
     if spec.embd_dropout > 0:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
+    # after the last layer: the final norm saves what a layer's norm saves, and a trainable
+    # LM head saves its input (the final norm's output; a half cast of it under autocast)
+    outside["final_norm"] = per_norm * T
+    if trainable_base:
+        outside["head_input"] = lin_in * h * T
     return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
 
 
+def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
+    """Whether ``lin`` reads its block's normed input (q/k/v, gate/up, c_attn, fc1), which
+    the other input projections of the block read too, rather than a tensor of its own (the
+    block's output projection: o_proj, down_proj, c_proj, fc2)."""
+    group = [x for x in layer_linears(spec) if x.group == lin.group]
+    return lin is not group[-1]
+
+
+def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
+    """Whether an output projection's input is a tensor the frozen model saves anyway, so an
+    fp32 adapter reading it adds nothing: the attention output a fused sdpa kernel saves
+    (it is laid out (b, s, heads, d), so the transpose and ``contiguous()`` before o_proj
+    copy nothing), and a non-gated ReLU's output (OPT's fc2 input)."""
+    if lin.group == "attention":
+        return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes)
+    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new")
+
+
 def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
-    """peft LoRA Linear: x -> dropout -> cast to the adapter dtype -> lora_A (saves it) ->
-    lora_B (saves r values). peft keeps adapters fp32 over a half base
-    (``autocast_adapter_dtype=True``), so a half input is copied to fp32 per adapter."""
-    adapter = FP32
+    """peft LoRA Linear: x -> dropout (identity at 0) -> cast to the adapter dtype ->
+    lora_A (saves its input) -> lora_B (saves the r values). peft keeps adapters fp32
+    (``autocast_adapter_dtype=True``), so:
+
+    - a 16-bit base: each adapter copies its input to fp32 (``_cast_input_dtype``);
+    - an fp32 base: no copy, so adapters reading one tensor (q and v on the attention
+      input) save it once;
+    - autocast over an fp32 base: no peft copy, but autocast casts lora_A's input to half
+      for each adapter (activations are not cached, autocast_mode.cpp cached_cast), and
+      lora_B's input is lora_A's half output."""
     r = setup.lora_rank
-    total = 0
-    for lin in lora_targets(spec, setup.lora_targets):
-        total += adapter * lin.in_features + adapter * r
-    return {"lora_adapters": total}
+    targets = lora_targets(spec, setup.lora_targets)
+    if setup.precision.is_autocast:
+        return {"lora_adapters": sum(HALF * (lin.in_features + r) for lin in targets)}
+    if setup.precision.compute_bytes == FP32:
+        inputs = {}
+        for lin in targets:
+            if shares_block_input(spec, lin):
+                inputs[(lin.group, "in")] = lin.in_features
+            elif not _input_already_saved(spec, setup, lin):
+                inputs[(lin.group, lin.name)] = lin.in_features
+        return {"lora_adapters": FP32 * (sum(inputs.values()) + r * len(targets))}
+    return {"lora_adapters": sum(FP32 * (lin.in_features + r) for lin in targets)}
 
 
 def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:

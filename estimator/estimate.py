@@ -181,8 +181,12 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     count = count_params(spec)
     group = _group(spec.family, setup.attn, setup.precision)
     cuda = setup.device is Device.CUDA
+    # one cuBLAS workspace per handle and stream (CublasHandlePool.cpp), handles per thread:
+    # training adds autograd's CUDA device thread (torch/csrc/autograd/engine.cpp), whose
+    # workspace, made in the first backward, stays; inference has the forward's only
+    workspaces = 2 if setup.training else 1
     st = _static(spec, setup.shape_free,
-                 (workspace_for(gpu.architecture) if gpu else overheads.workspace_bytes) if cuda else 0,
+                 workspaces * (workspace_for(gpu.architecture) if gpu else overheads.workspace_bytes) if cuda else 0,
                  overheads.context_bytes if cuda else 0, overheads.allocator_per_large_tensor_bytes if cuda else 0)
     phase = _Phases(st, overheads, cuda)
     k = overheads.factor_for(group)
@@ -206,13 +210,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
     A = int(act.total * k)
     logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
-    fb_temps = st.workspace + st.cast_cache + constant
+    fb_temps = st.workspace + st.cast_fwd + constant
+    bwd_temps = st.workspace + st.cast_bwd + constant
     n_act = len(act.per_layer) * act.layers + len(act.outside)
     recomputed = act.outside.get("recomputed_layer", 0)
     saved = A - recomputed
     phases: dict[Phase, dict[Category, int]] = {}
+    # The forward's peak is at the loss: every saved activation, the logits and the loss's
+    # buffers; a checkpointed layer's full set exists only while backward recomputes it.
     forward = [phase(big + n_states + n_act + 3, **with_extra(
-        ranked.forward_extra(), weights=W, optimizer_state=O, activations=A,
+        ranked.forward_extra(), weights=W, optimizer_state=O, activations=saved,
         logits=logits["forward"], temporaries=fb_temps))]
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
         forward.append(phase(big + n_states + n_act + 3, **with_extra(
@@ -225,19 +232,19 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     candidates = [
         phase(big + n_states + n_act + 3, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O, activations=saved,
-            logits=logits["backward"], temporaries=fb_temps)),
+            logits=logits["backward"], temporaries=bwd_temps)),
         phase(big + n_states + n_grads, **with_extra(
-            ranked.backward_end_extra(), weights=W, optimizer_state=O, gradients=G,
-            temporaries=fb_temps - st.cast_cache + st.embed_bwd)),
+            ranked.backward_end_extra(), weights=W, optimizer_state=O, gradients=G - st.tied_pending,
+            temporaries=st.workspace + constant + st.embed_bwd + st.tied_pending)),
     ]
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O,
-            activations=saved + recomputed, temporaries=fb_temps)))
+            activations=saved + recomputed, temporaries=bwd_temps)))
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed),
-            weights=W, optimizer_state=O, temporaries=fb_temps)))
+            weights=W, optimizer_state=O, temporaries=bwd_temps)))
     phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
     phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
         ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
@@ -275,8 +282,10 @@ class _Static(NamedTuple):
     big: int
     n_states: int
     n_grads: int
-    cast_cache: int
+    cast_fwd: int  # autocast's half weight copies alive at the loss
+    cast_bwd: int  # ... and in backward
     embed_bwd: int
+    tied_pending: int  # the tied embedding's summed gradient before it becomes .grad
     master_grads: int
     opt_temps: int
 
@@ -290,15 +299,18 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     full = key.mode is Mode.FULL
     # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
     big = _large_tensors(spec, key.precision.param_bytes)
-    # autocast caches the half copy of every matmul weight; autograd keeps them saved
-    # until backward frees them (torch/csrc/autograd autocast cache, torch.autocast docs)
-    cast_cache = HALF * states.linear_weights if key.precision.is_autocast and full else 0
-    # At the end of backward a tied embedding's dense (V, h) gradient and its sum with the
-    # lm_head's gradient coexist with the accumulated .grad (measured by the sim backend;
-    # an untied embedding's gradient is stolen into .grad without a copy).
+    cast_fwd, cast_bwd = _autocast_weight_copies(spec, key, states.linear_weights)
+    # At the end of backward a tied embedding matrix has two gradients, the lm_head's (made
+    # early in backward) and the embedding's dense (V, h) one, and autograd's InputBuffer
+    # sums them before AccumulateGrad steals the sum into .grad (torch/csrc/autograd/
+    # input_buffer.cpp): at that moment three (V, h) tensors exist and .grad does not yet,
+    # so the sum counts as temporaries, not gradients (read off the tracker's categories;
+    # an untied embedding's gradient is stolen into .grad without a copy). Under ZeRO-2/3
+    # and FSDP the gradients are sharded and the root group's are modelled in sharding.py.
     grad_bytes = states.gradients // max(states.trainable, 1) if full else 0
-    embed_bwd = 2 * spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes \
-        if spec.tie_word_embeddings else 0
+    tied = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes if spec.tie_word_embeddings else 0
+    embed_bwd = 2 * tied
+    tied_pending = tied if key.sharding in (Sharding.NONE, Sharding.DDP) else 0
     # mixed-bf16: the fp32 copy of every gradient the master step reads
     master_grads = FP32 * states.trainable if key.precision is Precision.MIXED_BF16 and full else 0
     opt_temps = optimizer_temporaries(key, states.optimizer_state, states.trainable,
@@ -310,7 +322,52 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
-                   cast_cache, embed_bwd, master_grads, opt_temps)
+                   cast_fwd, cast_bwd, embed_bwd, tied_pending, master_grads, opt_temps)
+
+
+def _autocast_weight_copies(spec: ModelSpec, key: Setup, linear_weights: int) -> tuple[int, int]:
+    """Bytes of the half copies of matmul weights autocast makes, alive at the loss and in
+    backward. autocast caches the cast of a trainable leaf weight for its region and
+    casts a frozen weight anew at every use (aten/src/ATen/autocast_mode.cpp, cached_cast:
+    ``can_try_cache`` needs ``requires_grad``); the cache is cleared when the outermost
+    region exits, after the loss, but autograd keeps each copy it saved until that matmul's
+    backward. Checkpointed layers drop what they saved and recompute one layer at a time.
+    - full training: every weight's copy is cached; in backward, with checkpointing, only
+      the LM head's and one recomputed layer's;
+    - LoRA: a frozen weight's copy is saved where its linear's input needs a gradient:
+      every linear after the first adapter, and the LM head (the adapters' own fp32
+      weights are cached); with checkpointing, the LM head's (and one layer's in backward)."""
+    if not (key.precision.is_autocast and key.training):
+        return 0, 0
+    head = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+    layer = (linear_weights - head) // max(spec.num_layers, 1)
+    if key.mode is Mode.FULL:
+        return HALF * linear_weights, HALF * (head + layer if key.grad_ckpt else linear_weights)
+    adapters = HALF * lora_params(spec, key.lora_targets, key.lora_rank)
+    if key.grad_ckpt:
+        return HALF * head + adapters, HALF * (head + layer) + adapters
+    saved = HALF * (linear_weights - _frozen_before_first_adapter(spec, key)) + adapters
+    return saved, saved
+
+
+def _frozen_before_first_adapter(spec: ModelSpec, key: Setup) -> int:
+    """Weight elements of the first layer's linears whose input needs no gradient: those
+    run before any adapter's output joins the stream (the block input projections of the
+    first block holding an adapter, and every linear of the blocks before it)."""
+    targets = {id(lin) for lin in lora_targets(spec, key.lora_targets)}
+    linears = layer_linears(spec)
+    elems = 0
+    for group in dict.fromkeys(lin.group for lin in linears):
+        members = [lin for lin in linears if lin.group == group]
+        if not any(id(lin) in targets for lin in members):
+            elems += sum(lin.copies * lin.in_features * lin.out_features for lin in members)
+            continue
+        inputs, output = members[:-1], members[-1]
+        elems += sum(lin.copies * lin.in_features * lin.out_features for lin in inputs)
+        if not any(id(lin) in targets for lin in inputs):  # only the output projection adapted
+            elems += output.copies * output.in_features * output.out_features
+        return elems
+    return elems
 
 
 @lru_cache(maxsize=1024)

@@ -107,6 +107,7 @@ class Measured:
     tracked_live_storages_end: int | None = None
     timeline: list[list[int]] | None = None       # (allocation/free event, live bytes)
     timeline_phases: list[list[Any]] | None = None  # (phase, first event, last event) per measured phase
+    analytic: dict[str, int] | None = None        # sim: non-tensor bytes added to every phase (cuBLAS workspaces)
 
 
 @dataclass

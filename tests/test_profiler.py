@@ -73,7 +73,9 @@ def test_record_fields_and_roundtrip(tiny, tmp_path):
     append_record(out, record)
     (back,) = read_records(out)
     assert back.schema == 1 and back.backend == "sim" and back.status == "ok"
-    assert back.case.config_hash and back.case.setup["device"] == "cpu"
+    assert back.case.config_hash and back.case.setup["device"] == "cuda"  # sim emulates CUDA by default
+    assert back.measured.analytic == {"cublas_workspaces": 2 * 32 * 2**20}  # two threads' workspaces, H100
+    assert back == record  # everything survives the round trip
     assert isinstance(back.measured.peak_allocated_bytes, int)
     assert set(back.measured.categories) >= {"weights", "gradients", "optimizer_state", "activations"}
     assert back.predicted.total_bytes > 0 and back.versions["torch"]

@@ -138,7 +138,10 @@ class MixedPrecisionOptimizer:
 
 def build_optimizer(model: torch.nn.Module, setup: Setup):
     params = [p for p in model.parameters() if p.requires_grad]
-    impl = setup.optimizer_impl
+    # Say which implementation, always: torch's default (torch/optim/optimizer.py:
+    # _default_to_fused_or_foreach) picks the for-loop for fake tensors even where a CUDA
+    # step would run foreach, since FakeTensor is not in _foreach_supported_types.
+    impl = setup.resolved_optimizer_impl
     kw = {}
     if impl is OptimizerImpl.FOREACH:
         kw = {"foreach": True}

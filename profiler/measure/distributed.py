@@ -38,8 +38,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup, Sharding
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.procs import ROOT, checkout_env
-from profiler.measure.run import backend_setup, device_info, make_case, prediction
-from profiler.measure.sim import never_packed
+from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Record, Status, append_record, check_record, new_record
@@ -258,13 +257,15 @@ def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> Recor
     fake = FakeTensorMode(allow_non_fake_inputs=True)
 
     def build(tracker: StorageTracker) -> Model:
+        contexts, analytic = sim_contexts(setup, tracker)
         model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
         mesh = init_device_mesh("cpu", (nproc,))  # outside the fake mode: a real rank table
         with fake:
             wrapped = wrap(model_obj, spec, setup, "cpu", nproc, mesh)
         gc.collect()
         tracker.track(wrapped, Category.WEIGHTS)
-        return Model(wrapped, _inner(wrapped), "cpu", contexts=[fake, never_packed(), fsdp_storage_hooks(tracker)])
+        return Model(wrapped, _inner(wrapped), "cpu", contexts=[fake, *contexts, fsdp_storage_hooks(tracker)],
+                     analytic=analytic)
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
     try:

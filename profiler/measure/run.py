@@ -18,7 +18,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.nvml import NvmlSampler
-from profiler.measure.sim import never_packed
+from profiler.measure.sim import CUDA_BLOCK_BYTES, analytic_bytes, cuda_semantics, never_packed
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Case, Prediction, Record, new_record
@@ -27,8 +27,21 @@ BACKENDS = ("cuda", "cpu", "sim")
 
 
 def backend_setup(setup: Setup, backend: str) -> Setup:
-    """cpu and sim run with CPU semantics (dropout noise tensors, the for-loop optimizer)."""
+    """The semantics a backend runs: cuda's and cpu's are their own; sim emulates either,
+    as the setup's device says (CUDA unless told otherwise: profiler/measure/sim.py)."""
+    if backend == "sim":
+        return setup
     return setup.replace(device=Device.CUDA if backend == "cuda" else Device.CPU)
+
+
+def sim_contexts(setup: Setup, tracker: StorageTracker) -> tuple[list, dict[str, int]]:
+    """What a sim run enters around its steps, and the non-tensor bytes it adds: CPU
+    semantics need only the packed-sequence fix; CUDA semantics the emulation too, and
+    the tracker counts 512-byte blocks."""
+    if setup.device is not Device.CUDA:
+        return [never_packed()], {}
+    tracker.round_bytes = CUDA_BLOCK_BYTES
+    return [never_packed(), cuda_semantics(setup)], analytic_bytes(setup)
 
 
 def make_case(spec: ModelSpec, setup: Setup, backend: str, steps: int, nproc: int | None = None,
@@ -107,16 +120,19 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
         record.device["driver"] = sampler.driver
 
     def build(tracker: StorageTracker) -> Model:
+        analytic: dict[str, int] = {}
         if backend == "sim":  # build on meta (peft attaches adapters there), then fake CPU tensors
             from torch._subclasses.fake_tensor import FakeTensorMode
             fake = FakeTensorMode(allow_non_fake_inputs=True)
+            contexts, analytic = sim_contexts(setup, tracker)
             model_obj = materialize_fake(build_model(spec, setup, "meta"), fake)
-            contexts = [fake, never_packed()]
+            contexts.insert(0, fake)
         else:
             model_obj = build_model(spec, setup, "cuda" if cuda else "cpu")
             contexts = []
         tracker.track(model_obj, Category.WEIGHTS)
-        return Model(forward=model_obj, inner=model_obj, device="cuda" if cuda else "cpu", contexts=contexts)
+        return Model(forward=model_obj, inner=model_obj, device="cuda" if cuda else "cpu", contexts=contexts,
+                     analytic=analytic)
 
     return measure_run(record, spec, setup, steps, build, cuda=cuda, tracker=tracker, sampler=sampler,
                        timeline=timeline)

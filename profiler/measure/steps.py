@@ -97,6 +97,7 @@ def unmeasured(tracker: StorageTracker):
     def measure(phase: Phase, default: Category) -> Iterator[None]:
         tracker.default_category = default
         yield
+    measure.tracker = tracker
     return measure
 
 
@@ -111,11 +112,57 @@ class Model:
     device: str
     before_step: Callable[[int], None] | None = None
     contexts: list = field(default_factory=list)  # entered around the steps (fake mode, FSDP hooks)
+    analytic: dict[str, int] = field(default_factory=dict)  # non-tensor bytes a sim adds to every phase
+
+
+@contextlib.contextmanager
+def recomputation_as_activations(tracker: StorageTracker) -> Iterator[None]:
+    """While backward runs, a checkpointed layer's recomputation allocates activations,
+    whatever the backward's own default. Non-reentrant torch.utils.checkpoint reruns the
+    forward inside ``with _recomputation_hook(...)`` in its unpack hook and may stop it
+    early by raising ``_StopRecomputationError`` (torch/utils/checkpoint.py), so the
+    category is switched in that context manager's ``__enter__`` and ``__exit__``, which run
+    however the recomputation ends. Installed and removed in a pair."""
+    from torch.utils import checkpoint
+    cls = getattr(checkpoint, "_recomputation_hook", None)
+    if cls is None:  # a torch without it: categories in backward stay as they are
+        yield
+        return
+    own = {name: cls.__dict__[name] for name in ("__enter__", "__exit__") if name in cls.__dict__}
+    enter, leave = cls.__enter__, cls.__exit__
+    stack: list = []
+
+    def tagged_enter(self):
+        stack.append(tracker.default_category)
+        tracker.default_category = Category.ACTIVATIONS
+        return enter(self)
+
+    def tagged_exit(self, *exc):
+        try:
+            return leave(self, *exc)
+        finally:
+            tracker.default_category = stack.pop()
+
+    cls.__enter__, cls.__exit__ = tagged_enter, tagged_exit
+    try:
+        yield
+    finally:
+        for name in ("__enter__", "__exit__"):
+            if name in own:
+                setattr(cls, name, own[name])
+            else:
+                delattr(cls, name)
 
 
 def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
     """One training step split into measured phases; returns its wall time in seconds.
-    ``device`` may name an index (``cuda:1``)."""
+    ``device`` may name an index (``cuda:1``).
+
+    Categories in backward: the loss's backward buffers are logits until the gradient of
+    the LM head's output exists (a hook on that tensor, :func:`_tag_head`); from then on
+    what backward allocates is temporaries (activation gradients, a weight's gradient until
+    it lands in ``.grad``, which the tracker then calls gradients), except a recomputed
+    checkpointed layer's activations."""
     kind = device.split(":")[0]
     t0 = time.perf_counter()
     with measure(Phase.FORWARD, Category.ACTIVATIONS):
@@ -123,7 +170,8 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
             out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
         del out
-    with measure(Phase.BACKWARD, Category.ACTIVATIONS):
+    recompute = recomputation_as_activations(measure.tracker) if setup.grad_ckpt else contextlib.nullcontext()
+    with measure(Phase.BACKWARD, Category.LOGITS), recompute:
         loss.backward()
         del loss
     with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
@@ -154,7 +202,7 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> N
     if base_opt is not opt:
         tracker.track(opt.masters, Category.OPTIMIZER_STATE)  # fp32 master weights
     head = inner.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda *_: setattr(tracker, "default_category", Category.LOGITS))
+    hooks = _tag_head(head, tracker)
     ids = synthetic_batch(spec, setup, device)
     cuda = device.startswith("cuda")
     try:
@@ -167,8 +215,22 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> N
             seconds = train_step(built.forward, opt, ids, setup, device, meter if step else unmeasured(tracker))
             (timings.step_s if step else timings.warmup_s).append(seconds)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         tracker.remove_hooks()
+
+
+def _tag_head(head: torch.nn.Module, tracker: StorageTracker) -> list:
+    """Forward: what the LM head and the loss allocate is logits. Backward: once the
+    gradient of the head's output exists, the loss's part is over (temporaries from then)."""
+    def before(*_):
+        tracker.default_category = Category.LOGITS
+
+    def after(module, args, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: setattr(tracker, "default_category", Category.TEMPORARIES))
+
+    return [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
 
 
 def _kv_tensors(cache):
@@ -229,10 +291,12 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
     tracker = tracker if tracker is not None else StorageTracker(record_timeline=timeline)
     meter = Meter(tracker, cuda)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+    analytic: dict[str, int] = {}
     try:
         t0 = time.perf_counter()
         torch.manual_seed(0)
         built = build(tracker)
+        analytic = built.analytic
         record.timings.build_s = round(time.perf_counter() - t0, 6)
         if sampler is not None:
             sampler.start()
@@ -247,18 +311,25 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
         if sampler is not None:
             sampler.stop()
     try:
-        summarise(record, meter, tracker, sampler, cuda, rss0)
+        summarise(record, meter, tracker, sampler, cuda, rss0, analytic)
     except Exception as exc:  # a summary bug must not lose the status of the run
         record.note(f"summary failed: {type(exc).__name__}: {exc}")
     return record
 
 
 def summarise(record: Record, meter: Meter, tracker: StorageTracker, sampler: NvmlSampler | None,
-              cuda: bool, rss0: int) -> None:
+              cuda: bool, rss0: int, analytic: dict[str, int] | None = None) -> None:
     """The record's peaks: the worst phase, its categories (on cuda plus what the tracker
-    did not see, and the allocator's cache), NVML's peaks and context, RSS on cpu."""
+    did not see, and the allocator's cache), NVML's peaks and context, RSS on cpu. A sim's
+    ``analytic`` non-tensor bytes are added to every phase as temporaries, and named."""
     m = record.measured
     phases = meter.phases
+    if analytic:
+        extra = sum(analytic.values())
+        for p in phases.values():
+            p.peak_allocated_bytes += extra
+            p.categories[Category.TEMPORARIES.value] = p.categories.get(Category.TEMPORARIES.value, 0) + extra
+        m.analytic = dict(analytic)
     m.phases = phases
     if cuda and record.status is Status.OOM:
         m.peak_allocated_bytes = int(torch.cuda.max_memory_allocated())

@@ -187,6 +187,23 @@ class StorageTracker(TorchDispatchMode):
         self._depth = 0
         self._hooks: list[Any] = []
         self._unpatch: list[Any] = []
+        self._round = 1
+
+    @property
+    def round_bytes(self) -> int:
+        """Count each storage rounded up to a multiple of this (1: exact bytes; 512: the
+        CUDA caching allocator's blocks). Set it before anything is tracked."""
+        return self._round
+
+    @round_bytes.setter
+    def round_bytes(self, value: int) -> None:
+        if value != self._round and self._refs:
+            raise ValueError("set round_bytes before the tracker holds any storage")
+        self._round = max(1, int(value))
+
+    def _size(self, n: int) -> int:
+        r = self._round
+        return n if r == 1 else -(-n // r) * r
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -249,7 +266,7 @@ class StorageTracker(TorchDispatchMode):
         key = id(st)
         self._refs[key] = _StorageRef(st, self._on_free_cb, key, n, tag)
         self.n_allocs += 1
-        self._grow(tag, n)
+        self._grow(tag, n if self._round == 1 else self._size(n))
 
     def _grow(self, tag: Hashable, delta: int) -> None:
         totals = self._totals
@@ -266,20 +283,22 @@ class StorageTracker(TorchDispatchMode):
         if self._refs.get(ref.key) is ref:
             del self._refs[ref.key]
         self.n_frees += 1
-        self._totals[ref.tag] -= ref.nbytes
-        self.current_bytes -= ref.nbytes
+        n = ref.nbytes if self._round == 1 else self._size(ref.nbytes)
+        self._totals[ref.tag] -= n
+        self.current_bytes -= n
         if self._timeline is not None:
             self._sample(self.current_bytes)
 
     def _resize(self, ref: _StorageRef, n: int) -> None:
-        delta = n - ref.nbytes
+        delta = self._size(n) - self._size(ref.nbytes)
         ref.nbytes = n
         self._grow(ref.tag, delta)
 
     def _retag(self, ref: _StorageRef, tag: Hashable) -> None:
         totals = self._totals
-        totals[ref.tag] -= ref.nbytes
-        totals[tag] = totals.get(tag, 0) + ref.nbytes
+        n = self._size(ref.nbytes)
+        totals[ref.tag] -= n
+        totals[tag] = totals.get(tag, 0) + n
         ref.tag = tag
 
     def _new_peak(self, cur: int) -> None:
