@@ -92,6 +92,10 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # flash / memory-efficient kernels save q, k and v (GQA at kv heads: transformers passes
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
     out["attn_qkv"] = p * (q + 2 * kvd)
+    if _fused_qkv(spec):
+        # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
+        # output stays alive beside the rotated q and k the kernel saves
+        out["attn_qkv"] += p * (q + kvd)
     out["attn_out"] = p * q
     out["attn_lse"] = FP32 * a
     if setup.device is Device.CUDA and cuda_sdpa_backend(spec, setup) == "efficient":
@@ -116,16 +120,25 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     return "math"
 
 
+def _fused_qkv(spec: ModelSpec) -> bool:
+    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj)."""
+    return any(lin.name == "qkv_proj" for lin in layer_linears(spec)) and not spec.learned_positions
+
+
 def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
-    """Whether the merged heads reach o_proj as a copy of the attention output: eager and
-    math attention produce (b, heads, s, d), so ``transpose(1, 2).contiguous()`` copies;
-    fused kernels write (b, s, heads, d) and it copies nothing (Phi3Attention copies anyway).
-    On CPU, sdpa with dropout runs math."""
-    if setup.attn is Attention.EAGER or spec.model_type == "phi3":
+    """Whether the merged heads reach o_proj as a copy of the attention output, made by
+    ``transpose(1, 2).contiguous()``: eager and math attention write (b, heads, s, d), so
+    it copies; mem-efficient attention always writes (b, s, heads, d) and it copies
+    nothing; flash (CPU and CUDA) and cuDNN lay their output out like the query
+    (``empty_like(query)`` in _meta_registrations.py), which is (b, s, heads, d) after a
+    projection's view and RoPE, but not when q is sliced out of a fused projection. On CPU,
+    sdpa with dropout runs math."""
+    if setup.attn is Attention.EAGER:
         return True
     if setup.device is Device.CPU:
-        return spec.attn_dropout > 0
-    return cuda_sdpa_backend(spec, setup) == "math"
+        return spec.attn_dropout > 0 or _fused_qkv(spec)
+    backend = cuda_sdpa_backend(spec, setup)
+    return backend == "math" or (backend == "fused" and _fused_qkv(spec))
 
 
 def _input_linears(spec: ModelSpec) -> int:
@@ -225,7 +238,8 @@ def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     (it is laid out (b, s, heads, d), so the transpose and ``contiguous()`` before o_proj
     copy nothing), and a non-gated ReLU's output (OPT's fc2 input)."""
     if lin.group == "attention":
-        return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes)
+        return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes) \
+            and not _attention_output_copied(spec, setup)
     return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new")
 
 
@@ -280,7 +294,10 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     V = spec.vocab_size
     p = setup.precision.compute_bytes
     upcast = 0 if p == FP32 else FP32
+    # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
+    # its output, a second logits-sized tensor until its backward
+    softcap = p if spec.logit_softcap else 0
     return {
-        "forward": (p + upcast + FP32) * T * V,
-        "backward": 3 * FP32 * T * V,
+        "forward": (p + upcast + FP32 + softcap) * T * V,
+        "backward": (3 * FP32 + softcap) * T * V,
     }

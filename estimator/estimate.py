@@ -212,6 +212,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
     fb_temps = st.workspace + st.cast_fwd + constant
     bwd_temps = st.workspace + st.cast_bwd + constant
+    recompute_temps = bwd_temps + st.cast_layer  # a recomputed layer casts its weights again
     n_act = len(act.per_layer) * act.layers + len(act.outside)
     recomputed = act.outside.get("recomputed_layer", 0)
     saved = A - recomputed
@@ -240,7 +241,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O,
-            activations=saved + recomputed, temporaries=bwd_temps)))
+            activations=saved + recomputed, temporaries=recompute_temps)))
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed),
@@ -263,8 +264,12 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
                                    activations=int(k * prefill_transient(spec, setup)), logits=logits,
                                    temporaries=st.workspace + constant)}
     if setup.new_tokens:
-        # DynamicCache.update concatenates per layer: one layer's old and new cache coexist
+        # DynamicCache.update concatenates per layer: one layer's old and new cache coexist;
+        # the math kernel (fp32 grouped heads on CUDA) repeats that layer's keys and values
+        # to every head in fp32
         growth = kv // max(spec.num_layers, 1)
+        if acts.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
+            growth += 2 * FP32 * spec.q_dim * setup.batch * (setup.seq + setup.new_tokens)
         phases[Phase.DECODE] = phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                                      logits=logits, temporaries=st.workspace + constant)
     return phases
@@ -283,7 +288,8 @@ class _Static(NamedTuple):
     n_states: int
     n_grads: int
     cast_fwd: int  # autocast's half weight copies alive at the loss
-    cast_bwd: int  # ... and in backward
+    cast_bwd: int  # ... and at the start of backward
+    cast_layer: int  # ... that a checkpointed layer's recomputation adds
     embed_bwd: int
     tied_pending: int  # the tied embedding's summed gradient before it becomes .grad
     master_grads: int
@@ -299,7 +305,7 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     full = key.mode is Mode.FULL
     # live tensors over 1 MiB, for the allocator's rounding slack (overheads.py)
     big = _large_tensors(spec, key.precision.param_bytes)
-    cast_fwd, cast_bwd = _autocast_weight_copies(spec, key, states.linear_weights)
+    cast_fwd, cast_bwd, cast_layer = _autocast_weight_copies(spec, key, states.linear_weights)
     # At the end of backward a tied embedding matrix has two gradients, the lm_head's (made
     # early in backward) and the embedding's dense (V, h) one, and autograd's InputBuffer
     # sums them before AccumulateGrad steals the sum into .grad (torch/csrc/autograd/
@@ -322,13 +328,14 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
-                   cast_fwd, cast_bwd, embed_bwd, tied_pending, master_grads, opt_temps)
+                   cast_fwd, cast_bwd, cast_layer, embed_bwd, tied_pending, master_grads, opt_temps)
 
 
-def _autocast_weight_copies(spec: ModelSpec, key: Setup, linear_weights: int) -> tuple[int, int]:
-    """Bytes of the half copies of matmul weights autocast makes, alive at the loss and in
-    backward. autocast caches the cast of a trainable leaf weight for its region and
-    casts a frozen weight anew at every use (aten/src/ATen/autocast_mode.cpp, cached_cast:
+def _autocast_weight_copies(spec: ModelSpec, key: Setup, linear_weights: int) -> tuple[int, int, int]:
+    """Bytes of the half copies of matmul weights autocast makes: alive at the loss, at the
+    start of backward, and added while a checkpointed layer is recomputed. autocast caches
+    the cast of a trainable leaf weight for its region and casts a frozen weight anew at
+    every use (aten/src/ATen/autocast_mode.cpp, cached_cast:
     ``can_try_cache`` needs ``requires_grad``); the cache is cleared when the outermost
     region exits, after the loss, but autograd keeps each copy it saved until that matmul's
     backward. Checkpointed layers drop what they saved and recompute one layer at a time.
@@ -338,16 +345,18 @@ def _autocast_weight_copies(spec: ModelSpec, key: Setup, linear_weights: int) ->
       every linear after the first adapter, and the LM head (the adapters' own fp32
       weights are cached); with checkpointing, the LM head's (and one layer's in backward)."""
     if not (key.precision.is_autocast and key.training):
-        return 0, 0
+        return 0, 0, 0
     head = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
-    layer = (linear_weights - head) // max(spec.num_layers, 1)
+    layer = HALF * (linear_weights - head) // max(spec.num_layers, 1)
     if key.mode is Mode.FULL:
-        return HALF * linear_weights, HALF * (head + layer if key.grad_ckpt else linear_weights)
+        if key.grad_ckpt:
+            return HALF * linear_weights, HALF * head, layer
+        return HALF * linear_weights, HALF * linear_weights, 0
     adapters = HALF * lora_params(spec, key.lora_targets, key.lora_rank)
     if key.grad_ckpt:
-        return HALF * head + adapters, HALF * (head + layer) + adapters
+        return HALF * head + adapters, HALF * head + adapters, layer
     saved = HALF * (linear_weights - _frozen_before_first_adapter(spec, key)) + adapters
-    return saved, saved
+    return saved, saved, 0
 
 
 def _frozen_before_first_adapter(spec: ModelSpec, key: Setup) -> int:
@@ -389,15 +398,32 @@ def kv_cache_bytes(spec: ModelSpec, setup: Setup, tokens: int) -> int:
 
 
 def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
-    """Working set of one layer during the no-grad prefill: the residual stream and the
-    larger of the MLP (act(gate), up and their product) and the attention core."""
+    """Working set of one layer during the no-grad prefill: the residual stream (with the
+    embedding output, which the model's forward keeps referenced, and the normed input)
+    and the larger of the MLP and the attention core. The MLP holds act(gate), up and their
+    product (SwiGLU); the fused gate_up output and those two (Phi-3: gate and up are views
+    of it); x, 0.5*x and two links of the GELU-tanh chain (GPT-2's NewGELUActivation); the
+    activation and its input (ReLU). Attention holds q, k, v and the output, the scores
+    and their fp32 softmax (eager), or the fp32 scaled q, repeated k and v and two
+    (heads, s, s) fp32 matrices (the math kernel a CUDA step runs for fp32 grouped heads,
+    activations.cuda_sdpa_backend)."""
     T = setup.batch * setup.seq
     p = setup.precision.compute_bytes
     h, f = spec.hidden_size, spec.intermediate_size
-    resid = 2 * p * h * T  # residual + normed input
-    mlp = (3 if spec.gated_mlp else 2) * p * f * T
+    resid = 3 * p * h * T
+    if any(lin.name == "gate_up_proj" and not lin.fused_experts for lin in layer_linears(spec)):
+        mlp = 4 * p * f * T
+    elif spec.gated_mlp:
+        mlp = 3 * p * f * T
+    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new":
+        mlp = 4 * p * f * T
+    else:
+        mlp = 2 * p * f * T
+    a, s = spec.num_heads, setup.seq
     if setup.attn.value == "eager":
-        attn = (FP32 + p) * spec.num_heads * setup.seq * T + 2 * p * spec.q_dim * T
+        attn = (FP32 + p) * a * s * T + 2 * p * spec.q_dim * T
+    elif acts.cuda_sdpa_backend(spec, setup) == "math":
+        attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
     return resid + max(mlp, attn)

@@ -60,6 +60,7 @@ class ModelSpec:
     embd_dropout: float = 0.0
     learned_positions: int = 0  # rows of a learned position table (GPT-2, OPT); 0 = rotary
     embed_dim: int = 0  # OPT word_embed_proj_dim when it differs from hidden_size
+    logit_softcap: bool = False  # Gemma 2: logits = tanh(logits / cap) * cap (final_logit_softcapping)
     source: str = ""  # where the config came from
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -180,6 +181,7 @@ def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: st
         attn_dropout=float(config.get("attention_dropout", 0.0) or 0.0),
         resid_dropout=float(config.get("resid_pdrop", 0.0) or 0.0),
         embd_dropout=float(config.get("embd_pdrop", 0.0) or 0.0),
+        logit_softcap=bool(config.get("final_logit_softcapping")),
         source=source, config=config)
 
 

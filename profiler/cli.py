@@ -245,11 +245,13 @@ def cmd_validate(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         from estimator.report import print_table
-        from profiler.analysis.report import cases_table_md
+        from profiler.analysis.report import cases_table_md, categories_table_md
         from profiler.show import summary_table
         title = f"{len(result.rows)} cases: error as a fraction of the measured peak"
         print_table(summary_table(result.summaries, title))
         print(cases_table_md(result))
+        print()
+        print(categories_table_md(result))
     return 0
 
 

@@ -7,7 +7,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from estimator.categories import Category
+from estimator.categories import TENSOR_CATEGORIES, Category
 from estimator.units import GiB
 from profiler.analysis.validate import Validation
 from profiler.record import Record
@@ -158,6 +158,19 @@ def cases_table_md(v: Validation) -> str:
     return "\n".join(lines)
 
 
+def categories_table_md(v: Validation) -> str:
+    """Per case, each tensor category at the measured peak phase: measured GiB and the
+    estimate's difference as a share of the peak; the worst category last."""
+    cats = [c.value for c in TENSOR_CATEGORIES]
+    lines = ["| case | " + " | ".join(c.replace("_", " ") for c in cats) + " | worst |",
+             "|" + "---|" * (len(cats) + 2)]
+    for r in v.rows:
+        errors = r.category_errors()
+        cells = [f"{r.categories_measured.get(c, 0) / GiB:.2f} ({100 * errors[c]:+.1f}%)" for c in cats]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {100 * r.worst_category_error:.2f}% |")
+    return "\n".join(lines)
+
+
 def write_report(v: Validation, records: Sequence[Record], folder: Path, title: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = {"scatter": scatter(v, folder / "scatter.png"), "bars": stacked_bars(v, folder / "categories.png")}
@@ -172,7 +185,9 @@ def write_report(v: Validation, records: Sequence[Record], folder: Path, title: 
            "![categories](categories.png)", ""]
     if tl:
         md += ["![timeline](timeline.png)", ""]
-    md += ["## Per case", "", cases_table_md(v), ""]
+    md += ["## Per case", "", cases_table_md(v), "",
+           "## Per category at the measured peak: measured GiB (estimate - measured, share of the peak)", "",
+           categories_table_md(v), ""]
     out["markdown"] = folder / "summary.md"
     out["markdown"].write_text("\n".join(md), encoding="utf-8")
     out["html"] = folder / "report.html"
@@ -198,4 +213,5 @@ def _html(v: Validation, title: str, images: list[Path]) -> str:
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{len(v.rows)} cases; errors are (predicted - measured) / measured peak allocated bytes.</p>"
             f"{_md_table_to_html(summary_table_md(v))}{imgs}<h2>Per case</h2>"
-            f"{_md_table_to_html(cases_table_md(v))}</body></html>")
+            f"{_md_table_to_html(cases_table_md(v))}<h2>Per category at the measured peak</h2>"
+            f"{_md_table_to_html(categories_table_md(v))}</body></html>")

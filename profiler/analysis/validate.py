@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from estimator.categories import TENSOR_CATEGORIES
 from estimator.modelspec import ModelSpec, load_model
 from estimator.overheads import Overheads
 from estimator.setup import Mode, Precision, Quant, Setup
@@ -75,6 +76,16 @@ class CaseRow:
     def error(self, predicted: int | None) -> float | None:
         return None if predicted is None else (predicted - self.measured) / self.measured
 
+    def category_errors(self) -> dict[str, float]:
+        """(predicted - measured) per tensor category at the measured peak phase, as a
+        fraction of the measured peak: where the bytes go, not only how many."""
+        return {c.value: (self.categories_predicted.get(c.value, 0) - self.categories_measured.get(c.value, 0))
+                / self.measured for c in TENSOR_CATEGORIES}
+
+    @property
+    def worst_category_error(self) -> float:
+        return max((abs(e) for e in self.category_errors().values()), default=0.0)
+
 
 @dataclass
 class Validation:
@@ -85,6 +96,7 @@ class Validation:
     def to_dict(self) -> dict:
         out = {"cases": len(self.rows)}
         out.update(self.summaries)
+        out["worst_category"] = summary([r.worst_category_error for r in self.rows])
         if self.calibration_source:
             out["calibration"] = self.calibration_source
         return out

@@ -62,6 +62,7 @@ from torch.overrides import TorchFunctionMode
 
 from estimator.overheads import workspace_for
 from estimator.setup import Setup
+from profiler.measure.recompute import around_recomputation
 
 #: CUDACachingAllocator's smallest block and rounding unit (kMinBlockSize)
 CUDA_BLOCK_BYTES = 512
@@ -278,9 +279,14 @@ def cuda_semantics(setup: Setup, target: CudaTarget | None = None) -> Iterator[N
     originals = (f.scaled_dot_product_attention, f.dropout)
     f.scaled_dot_product_attention = _cuda_sdpa(target)
     f.dropout = _native_dropout(originals[1])
-    mode = CudaAutocastPolicy() if setup.precision.is_autocast else contextlib.nullcontext()
     try:
-        with mode:
+        with contextlib.ExitStack() as stack:
+            if setup.precision.is_autocast:
+                stack.enter_context(CudaAutocastPolicy())
+                inner: list = []  # and again inside each checkpointed recomputation
+                stack.enter_context(around_recomputation(
+                    lambda: inner.append(CudaAutocastPolicy().__enter__()),
+                    lambda: inner.pop().__exit__(None, None, None)))
             yield
     finally:
         f.scaled_dot_product_attention, f.dropout = originals

@@ -30,6 +30,7 @@ from estimator.categories import Category, Phase
 from estimator.setup import Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.nvml import NvmlSampler
+from profiler.measure.recompute import around_recomputation
 from profiler.measure.tracker import StorageTracker
 from profiler.record import PhaseMeasure, Record, Status, Timings
 
@@ -115,43 +116,19 @@ class Model:
     analytic: dict[str, int] = field(default_factory=dict)  # non-tensor bytes a sim adds to every phase
 
 
-@contextlib.contextmanager
-def recomputation_as_activations(tracker: StorageTracker) -> Iterator[None]:
+def recomputation_as_activations(tracker: StorageTracker):
     """While backward runs, a checkpointed layer's recomputation allocates activations,
-    whatever the backward's own default. Non-reentrant torch.utils.checkpoint reruns the
-    forward inside ``with _recomputation_hook(...)`` in its unpack hook and may stop it
-    early by raising ``_StopRecomputationError`` (torch/utils/checkpoint.py), so the
-    category is switched in that context manager's ``__enter__`` and ``__exit__``, which run
-    however the recomputation ends. Installed and removed in a pair."""
-    from torch.utils import checkpoint
-    cls = getattr(checkpoint, "_recomputation_hook", None)
-    if cls is None:  # a torch without it: categories in backward stay as they are
-        yield
-        return
-    own = {name: cls.__dict__[name] for name in ("__enter__", "__exit__") if name in cls.__dict__}
-    enter, leave = cls.__enter__, cls.__exit__
+    whatever the backward's own default (profiler/measure/recompute.py)."""
     stack: list = []
 
-    def tagged_enter(self):
+    def enter() -> None:
         stack.append(tracker.default_category)
         tracker.default_category = Category.ACTIVATIONS
-        return enter(self)
 
-    def tagged_exit(self, *exc):
-        try:
-            return leave(self, *exc)
-        finally:
-            tracker.default_category = stack.pop()
+    def leave() -> None:
+        tracker.default_category = stack.pop()
 
-    cls.__enter__, cls.__exit__ = tagged_enter, tagged_exit
-    try:
-        yield
-    finally:
-        for name in ("__enter__", "__exit__"):
-            if name in own:
-                setattr(cls, name, own[name])
-            else:
-                delattr(cls, name)
+    return around_recomputation(enter, leave)
 
 
 def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
@@ -241,10 +218,40 @@ def _kv_tensors(cache):
                 yield t
 
 
+@contextlib.contextmanager
+def cache_updates_as_kv(tracker: StorageTracker) -> Iterator[None]:
+    """What transformers' cache allocates in ``Cache.update`` (the ``torch.cat`` of old and
+    new keys and values, cache_utils.py) is the KV cache from its first byte. Patched on
+    the class, restored on exit; a transformers without ``Cache.update`` is left alone."""
+    try:
+        from transformers import cache_utils
+    except ImportError:
+        yield
+        return
+    cls = getattr(cache_utils, "Cache", None)
+    original = getattr(cls, "update", None) if cls is not None else None
+    if original is None:
+        yield
+        return
+
+    def update(self, *args, **kwargs):
+        previous, tracker.default_category = tracker.default_category, Category.KV_CACHE
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            tracker.default_category = previous
+
+    cls.update = update
+    try:
+        yield
+    finally:
+        cls.update = original
+
+
 def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
     model, device = built.forward, built.device
     ids = synthetic_batch(spec, setup, device)
-    with torch.no_grad():
+    with torch.no_grad(), cache_updates_as_kv(tracker):
         for step in range(steps + 1):
             measure = meter if step else unmeasured(tracker)
             t0 = time.perf_counter()
