@@ -114,6 +114,7 @@ class Model:
     before_step: Callable[[int], None] | None = None
     contexts: list = field(default_factory=list)  # entered around the steps (fake mode, FSDP hooks)
     analytic: dict[str, int] = field(default_factory=dict)  # non-tensor bytes a sim adds to every phase
+    make_optimizer: Callable | None = None  # (module, setup) -> optimizer; default build.build_optimizer
 
 
 def recomputation_as_activations(tracker: StorageTracker):
@@ -172,12 +173,15 @@ def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTrac
 
 def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
     inner, device = built.inner, built.device
-    opt = build_optimizer(inner, setup)
+    opt = (built.make_optimizer or build_optimizer)(inner, setup)
     tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
-    base_opt = getattr(opt, "inner", opt)
+    base_opt, masters = opt, []
+    while not isinstance(base_opt, torch.optim.Optimizer) and hasattr(base_opt, "inner"):
+        masters += getattr(base_opt, "masters", None) or []  # mixed-bf16's fp32 master weights
+        base_opt = base_opt.inner
     tracker.watch_optimizer(base_opt)
-    if base_opt is not opt:
-        tracker.track(opt.masters, Category.OPTIMIZER_STATE)  # fp32 master weights
+    if masters:
+        tracker.track(masters, Category.OPTIMIZER_STATE)
     head = inner.get_output_embeddings()
     hooks = _tag_head(head, tracker)
     ids = synthetic_batch(spec, setup, device)
