@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from estimator.setup import Setup
 from profiler.measure.run import run_case
+from profiler.measure.sim import CUDA_BLOCK_BYTES, CudaTarget, cuda_semantics, sdpa_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, VOCAB, SEQ = 8, 4096, 512
@@ -51,10 +54,6 @@ def test_sim_equals_cpu_to_the_byte_with_sdpa_and_gqa(shapes, model, precision, 
 
 
 # ---------------------------------------------------------------------- CUDA semantics
-import torch  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-
-from profiler.measure.sim import (CUDA_BLOCK_BYTES, CudaTarget, cuda_semantics, sdpa_backend)  # noqa: E402
 
 #: Estimator vs sim with CUDA semantics, per phase: measured at most 0.5 % on these cases
 #: (and 0.7 % over 280 cases of 11 architectures); the two paths share no code.
