@@ -92,10 +92,13 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # flash / memory-efficient kernels save q, k and v (GQA at kv heads: transformers passes
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
     out["attn_qkv"] = p * (q + 2 * kvd)
-    if _fused_qkv(spec):
+    if _fused_qkv(spec) and not setup.use_cache:
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
-        # output stays alive beside the rotated q and k the kernel saves
+        # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
+        # attention runs on the cache's copy of v instead)
         out["attn_qkv"] += p * (q + kvd)
+    if _cache_copies_saved(spec, setup):
+        out["attn_cache"] = p * 2 * kvd
     out["attn_out"] = p * q
     out["attn_lse"] = FP32 * a
     if setup.device is Device.CUDA and cuda_sdpa_backend(spec, setup) == "efficient":
@@ -118,6 +121,46 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
         return "efficient"
     return "math"
+
+
+def _sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:
+    """eager, math or fused (flash, cuDNN, mem-efficient: kernels that save their inputs)."""
+    if setup.attn is Attention.EAGER:
+        return "eager"
+    if setup.device is Device.CPU:
+        return "math" if spec.attn_dropout > 0 else "fused"
+    return "math" if cuda_sdpa_backend(spec, setup) == "math" else "fused"
+
+
+def _qkv_views(spec: ModelSpec) -> bool:
+    """q, k and v are views of one projection without RoPE (GPT-2's c_attn)."""
+    return any(lin.name == "c_attn" for lin in layer_linears(spec))
+
+
+def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
+    """Whether attention saves a training forward's KV cache in addition to what it saves
+    without one. ``DynamicLayer.update`` concatenates each layer's keys and values into new
+    tensors and attention runs on those (transformers cache_utils.py: ``torch.cat``, then
+    ``return self.keys, self.values``). Where q, k and v are views of one projection
+    without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
+    output alive, and saves the cache's copies of k and v beside it."""
+    return setup.use_cache and not setup.grad_ckpt and _qkv_views(spec) and _sdpa_kernel(spec, setup) == "fused"
+
+
+def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
+    """The fraction of a training forward's KV cache that no saved tensor holds: alive only
+    while the model's outputs are. Kernels that save their k and v inputs as they are
+    (flash, cuDNN, mem-efficient; eager matmuls without repeated heads) leave nothing; the
+    math kernel saves a scaled copy of k and, for grouped heads or a half dtype it upcasts,
+    of v (attention.cpp _scaled_dot_product_attention_math); eager attention saves
+    repeat_kv's copies for grouped heads. Transformers turns the cache off under gradient
+    checkpointing."""
+    if not setup.use_cache or setup.grad_ckpt:
+        return 0.0
+    grouped, kernel = spec.num_kv_heads < spec.num_heads, _sdpa_kernel(spec, setup)
+    k_kept = kernel == "fused" or (kernel == "eager" and not grouped)
+    v_kept = kernel == "fused" or not grouped and (kernel == "eager" or setup.precision.compute_bytes == FP32)
+    return ((not k_kept) + (not v_kept)) / 2
 
 
 def _fused_qkv(spec: ModelSpec) -> bool:
@@ -157,9 +200,28 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
     one = _training_activations_b1(spec, setup.per_sequence)
     b = setup.batch
     if b == 1:
-        return one
+        return _batch_one(spec, setup, one)
     return Activations(per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
                        outside={k: v * b for k, v in one.outside.items()})
+
+
+def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
+    """What only a batch of one saves where q, k and v are views of one projection without
+    RoPE (GPT-2's c_attn): the matmuls' ``reshape(b * heads, s, d)`` is a view when b is 1,
+    so where sdpa falls back to its math kernel on CPU (attention dropout) the matmul saves
+    the whole projection output (q and k too) instead of a copy of v, and eager attention
+    with a KV cache keeps it beside the cache's copies of k and v."""
+    math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
+    if setup.attn is Attention.EAGER and _qkv_views(spec) and setup.use_cache and not setup.grad_ckpt:
+        # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
+        # which keeps the projection output alive beside the cache's copies of k and v
+        extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
+        return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
+    fused_views = _qkv_views(spec) and not setup.use_cache  # a cache hands attention copies
+    if not (math_on_cpu and fused_views):
+        return one
+    extra = FP32 * 2 * spec.q_dim * setup.seq
+    return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
 
 
 @lru_cache(maxsize=8192)

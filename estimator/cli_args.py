@@ -7,6 +7,7 @@ from .setup import (
     DEFAULT_LORA_TARGETS,
     Attention,
     Device,
+    Loop,
     Mode,
     Optimizer,
     OptimizerImpl,
@@ -37,6 +38,11 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda", help=f"{choices(Device)} semantics (default cuda)")
     g.add_argument("--world-size", default="1", help="number of data-parallel ranks (default 1)")
     g.add_argument("--sharding", default="none", help=f"{choices(Sharding)} (default none)")
+    g.add_argument("--loop", default="trainer", help=f"{choices(Loop)}: manual keeps the outputs through "
+                                                     f"backward (default trainer)")
+    g.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay")
+    g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
 
 
 def _int(name: str, text) -> int:
@@ -55,4 +61,6 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         lora_rank=_int("lora-rank", args.lora_rank),
         lora_alpha=None if args.lora_alpha is None else _int("lora-alpha", args.lora_alpha),
         lora_targets=args.lora_targets, device=args.device,
-        world_size=_int("world-size", args.world_size), sharding=args.sharding)
+        world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
+        grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
+        use_cache=bool(args.use_cache))

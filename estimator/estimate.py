@@ -18,7 +18,7 @@ from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import count_params, layer_linears, lora_params, lora_targets, param_tensor_sizes, quantized_params
-from .setup import Device, Mode, Precision, Quant, Setup, Sharding
+from .setup import Device, Loop, Mode, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
@@ -48,6 +48,9 @@ class Estimate:
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
     calibration_key: str = ""
+    #: the first optimizer step's phases, where they differ from the steady state (optimizer
+    #: state is made in the first ``step()``; kept gradients exist from the first backward)
+    first_step_phases: dict[Phase, dict[Category, int]] | None = None
 
     @property
     def components(self) -> dict[Category, int]:
@@ -67,7 +70,24 @@ class Estimate:
     def reserved_bytes(self) -> int:
         return self.allocated_bytes + self.components.get(Category.ALLOCATOR, 0)
 
+    @property
+    def first_step_peak_phase(self) -> Phase:
+        phases = self.first_step_phases or self.phases
+        return max(phases, key=lambda ph: sum(phases[ph].values()))
+
+    @property
+    def first_step_allocated_bytes(self) -> int:
+        phases = self.first_step_phases or self.phases
+        return sum(v for k, v in phases[self.first_step_peak_phase].items() if k in TENSOR_CATEGORIES)
+
     def to_dict(self) -> dict:
+        first = None
+        if self.first_step_phases is not None:
+            first = {"peak_phase": self.first_step_peak_phase.value,
+                     "allocated_bytes": self.first_step_allocated_bytes,
+                     "total_bytes": sum(self.first_step_phases[self.first_step_peak_phase].values()),
+                     "phases": {ph.value: {c.value: comp.get(c, 0) for c in Category}
+                                for ph, comp in self.first_step_phases.items()}}
         return {
             "model": self.model,
             "total_bytes": self.total_bytes,
@@ -84,6 +104,7 @@ class Estimate:
             "overheads": self.overheads_source,
             "calibration_key": self.calibration_key,
             "notes": list(self.notes),
+            "first_step": first,
         }
 
 
@@ -119,7 +140,7 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
     linear_weights = sum(l.copies * l.in_features * l.out_features for l in layer_linears(spec)) \
         * spec.num_layers + spec.vocab_size * (spec.embed_dim or spec.hidden_size)
     weights = _weight_bytes(spec, key, n)
-    if key.mode is Mode.INFERENCE:
+    if not key.training:
         return ModelStates(weights, 0, 0, 0, 0, linear_weights)
     if key.mode in (Mode.LORA, Mode.QLORA):
         trainable = lora_params(spec, key.lora_targets, key.lora_rank)
@@ -190,21 +211,47 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
                  overheads.context_bytes if cuda else 0, overheads.allocator_per_large_tensor_bytes if cuda else 0)
     phase = _Phases(st, overheads, cuda)
     k = overheads.factor_for(group)
+    first = None
     if setup.training:
         phases = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase)
+        first = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase, first_step=True)
+        first = None if first == phases else first
+    elif setup.mode is Mode.EVAL:
+        phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=(count.note,) if count.note else (), overheads_source=overheads.source,
-                    calibration_key=group)
+                    calibration_key=group, first_step_phases=first)
+
+
+def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
+    """Gradients that exist before the worst micro-batch's backward: from the second
+    micro-batch of gradient accumulation, and in every step after the first when
+    ``zero_grad(set_to_none=False)`` keeps them (torch/optim/optimizer.py: zero_grad). Under
+    FSDP2 a micro-batch without gradient sync (``set_requires_gradient_sync(False)``, what
+    accelerate's no_sync does) accumulates *unsharded* gradients
+    (torch 2.13: torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py:605-611,
+    post_backward skips the reduce-scatter; _fsdp_param.py:802-815,
+    to_accumulated_grad_if_needed / accumulate_unsharded_grad_if_needed), all of them at once."""
+    accumulating = setup.grad_accum > 1
+    if not accumulating and not (setup.keep_grads and not first_step):
+        return 0
+    if accumulating and setup.sharding in (Sharding.FSDP, Sharding.ZERO3):
+        return st.states.gradients
+    return st.gradients
 
 
 def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                     phase: _Phases) -> dict[Phase, dict[Category, int]]:
-    """Forward, backward and optimizer step of a training step, each at its peak moment."""
+                     phase: _Phases, first_step: bool = False) -> dict[Phase, dict[Category, int]]:
+    """Forward, backward and optimizer step of a training step, each at its peak moment
+    (of the steady state, or of the first step: optimizer state, which torch.optim makes in
+    the first ``step()``, does not exist before it; mixed-bf16's master weights do)."""
     W, G, O = st.weights, st.gradients, st.optimizer_state
+    O_fwd = O if not first_step else st.master_weights
+    R = _resident_gradients(setup, st, first_step)
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
@@ -216,41 +263,80 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     n_act = len(act.per_layer) * act.layers + len(act.outside)
     recomputed = act.outside.get("recomputed_layer", 0)
     saved = A - recomputed
+    # the model's outputs: a KV cache when the forward builds one, and in a hand-written loop
+    # the logits, both alive until the outputs are dropped: before backward in the Trainer's
+    # loop, after it otherwise. Attention saves much of the cache anyway (acts.cache_beside_saved);
+    # once backward has freed the saved tensors, a held cache is all there
+    full_cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache and not setup.grad_ckpt else 0
+    cache = int(full_cache * acts.cache_beside_saved(spec, setup))
+    manual = setup.loop is Loop.MANUAL
+    held_logits = setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes if manual else 0
+    held_kv, held_kv_end = (cache, full_cache) if manual else (0, 0)
     phases: dict[Phase, dict[Category, int]] = {}
     # The forward's peak is at the loss: every saved activation, the logits and the loss's
     # buffers; a checkpointed layer's full set exists only while backward recomputes it.
     forward = [phase(big + n_states + n_act + 3, **with_extra(
-        ranked.forward_extra(), weights=W, optimizer_state=O, activations=saved,
-        logits=logits["forward"], temporaries=fb_temps))]
+        ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+        logits=logits["forward"], kv_cache=cache, temporaries=fb_temps))]
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
         forward.append(phase(big + n_states + n_act + 3, **with_extra(
             ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
-            weights=W, optimizer_state=O, temporaries=fb_temps)))
+            weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
     phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
     # Backward is a line from "all activations saved, no gradients" to "no activations,
     # all gradients", so its peak is at one of three moments: the loss backward (fp32
-    # log-softmax gradients), the recomputation of a checkpointed layer, or the end.
+    # log-softmax gradients), the recomputation of a checkpointed layer, or the end. With
+    # gradients already there, each arrives as a new tensor added into .grad in place
+    # (AccumulateGrad): the embedding's dense gradient is the largest such transient.
+    end_grads, end_temps = G - st.tied_pending, st.embed_bwd + st.tied_pending
+    if R and not ranked.gathers:  # .grad exists: the tied sum is added into it, an untied embedding's too
+        end_grads = max(G, R)
+        end_temps += st.untied_embed_grad
+    # (FSDP2 accumulating: the last micro-batch reduce-scatters the accumulated unsharded
+    # gradients layer by layer, so its backward ends with the shards, as without accumulation)
     candidates = [
         phase(big + n_states + n_act + 3, **with_extra(
-            ranked.backward_loss_extra(), weights=W, optimizer_state=O, activations=saved,
-            logits=logits["backward"], temporaries=bwd_temps)),
+            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+            logits=logits["backward"] + held_logits, kv_cache=held_kv, temporaries=bwd_temps)),
         phase(big + n_states + n_grads, **with_extra(
-            ranked.backward_end_extra(), weights=W, optimizer_state=O, gradients=G - st.tied_pending,
-            temporaries=st.workspace + constant + st.embed_bwd + st.tied_pending)),
+            ranked.backward_end_extra(), weights=W, optimizer_state=O_fwd, gradients=end_grads,
+            logits=held_logits, kv_cache=held_kv_end, temporaries=st.workspace + constant + end_temps)),
     ]
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
-            ranked.backward_loss_extra(), weights=W, optimizer_state=O,
-            activations=saved + recomputed, temporaries=recompute_temps)))
+            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
+            activations=saved + recomputed, logits=held_logits, kv_cache=held_kv, temporaries=recompute_temps)))
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
+        layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
+        if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
+            layer = dict(layer, gradients=0)
         candidates.append(phase(big + n_states + n_act, **with_extra(
-            ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed),
-            weights=W, optimizer_state=O, temporaries=bwd_temps)))
+            layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
+            temporaries=bwd_temps)))
     phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
     phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
         ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
         temporaries=st.workspace + st.opt_temps + constant))
     return phases
+
+
+def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
+                 phase: _Phases) -> dict[Phase, dict[Category, int]]:
+    """One forward under no_grad with full logits and the loss (``model(ids, labels=ids)``
+    in an evaluation, perplexity or reward-scoring loop): its peak is inside a layer (the
+    prefill's working set, with the KV cache when the model builds one) or at the loss,
+    where the logits, their fp32 copy (transformers ForCausalLMLoss: ``logits.float()``,
+    none when they are fp32) and cross_entropy's fp32 log-softmax coexist."""
+    W, big = st.weights, st.big
+    T, V, p = setup.batch * setup.seq, spec.vocab_size, setup.precision.compute_bytes
+    cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache else 0
+    loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
+    layer = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache,
+                  activations=int(k * prefill_transient(spec, setup)), temporaries=st.workspace + constant)
+    at_loss = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache, logits=int(k * loss),
+                    activations=int(k * setup.precision.compute_bytes * spec.hidden_size * T),
+                    temporaries=st.workspace + constant)
+    return {Phase.FORWARD: max((layer, at_loss), key=lambda c: sum(c.values()))}
 
 
 def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
@@ -292,6 +378,8 @@ class _Static(NamedTuple):
     cast_layer: int  # ... that a checkpointed layer's recomputation adds
     embed_bwd: int
     tied_pending: int  # the tied embedding's summed gradient before it becomes .grad
+    untied_embed_grad: int  # an untied embedding's dense gradient
+    master_weights: int  # mixed-bf16: the fp32 masters among the optimizer state (made with the optimizer)
     master_grads: int
     opt_temps: int
 
@@ -317,6 +405,9 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     tied = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes if spec.tie_word_embeddings else 0
     embed_bwd = 2 * tied
     tied_pending = tied if key.sharding in (Sharding.NONE, Sharding.DDP) else 0
+    untied = 0 if spec.tie_word_embeddings else spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes
+    masters = FP32 * states.trainable if key.precision is Precision.MIXED_BF16 and full else 0
+    masters = masters * ranked.optimizer_state // max(states.optimizer_state, 1)  # this rank's share
     # mixed-bf16: the fp32 copy of every gradient the master step reads
     master_grads = FP32 * states.trainable if key.precision is Precision.MIXED_BF16 and full else 0
     opt_temps = optimizer_temporaries(key, states.optimizer_state, states.trainable,
@@ -328,7 +419,7 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
-                   cast_fwd, cast_bwd, cast_layer, embed_bwd, tied_pending, master_grads, opt_temps)
+                   cast_fwd, cast_bwd, cast_layer, embed_bwd, tied_pending, untied, masters, master_grads, opt_temps)
 
 
 def _autocast_weight_copies(spec: ModelSpec, key: Setup, linear_weights: int) -> tuple[int, int, int]:

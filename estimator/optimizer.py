@@ -72,7 +72,7 @@ def optimizer_temporaries(setup: Setup, optimizer_state: int, trainable: int, la
     makes one state-sized list; the for-loop path builds ``exp_avg_sq.sqrt() / bias_correction2_sqrt``
     per tensor (two temporaries of the largest tensor at once); fused kernels allocate none.
     """
-    if setup.mode is Mode.INFERENCE or setup.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.SGD,
+    if not setup.training or setup.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.SGD,
                                                            Optimizer.SGD_MOMENTUM):
         return 0
     per_elem = optimizer_state // max(trainable, 1) // (2 if setup.optimizer is Optimizer.ADAMW else 1)

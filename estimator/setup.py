@@ -31,10 +31,19 @@ class _Choice(str, Enum):
 
 
 class Mode(_Choice):
-    INFERENCE = "inference"
+    INFERENCE = "inference"  # generate: a prefill with logits_to_keep=1, then decode steps
+    EVAL = "eval"  # one forward under no_grad with full logits and the loss (perplexity, scoring)
     FULL = "full"  # full training / full fine-tuning: every parameter trainable
     LORA = "lora"
     QLORA = "qlora"
+
+
+class Loop(_Choice):
+    """How a training step holds the model's outputs (transformers' no_trainer examples and
+    PEFT's: ``out = model(**batch); out.loss.backward()``)."""
+
+    TRAINER = "trainer"  # transformers.Trainer: compute_loss returns the loss, outputs dropped before backward
+    MANUAL = "manual"  # a hand-written loop: the outputs (logits, a cache) alive until after backward
 
 
 class Precision(_Choice):
@@ -150,19 +159,26 @@ class Setup:
     world_size: int = 1
     sharding: Sharding = Sharding.NONE
     new_tokens: int = 0  # inference: tokens decoded after the prompt of `seq` tokens
+    loop: Loop = Loop.TRAINER
+    grad_accum: int = 1  # micro-batches per optimizer step (gradients resident from the second)
+    keep_grads: bool = False  # zero_grad(set_to_none=False): zeroed gradients stay allocated
+    use_cache: bool = False  # training/eval forward builds a KV cache (model.config.use_cache)
 
     def __post_init__(self) -> None:
         # accept strings for the enums so callers and JSON records can pass plain values
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
-                           ("attn", Attention), ("device", Device), ("sharding", Sharding)):
+                           ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
                                tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
         else:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        for name in ("batch", "seq", "world_size"):
+        for name in ("grad_ckpt", "keep_grads", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("batch", "seq", "world_size", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -184,8 +200,8 @@ class Setup:
         if self.world_size > 1 and self.sharding is Sharding.NONE:
             raise ValueError(
                 f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
-        if self.mode is Mode.INFERENCE and self.sharding not in (Sharding.NONE,):
-            raise ValueError("sharding applies to training; inference runs on one device here")
+        if not self.training and self.sharding not in (Sharding.NONE,):
+            raise ValueError(f"sharding applies to training; {self.mode} runs on one device here")
         if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
             raise ValueError("adamw-8bit (bitsandbytes) has no fused/foreach choice; leave --optimizer-impl auto")
 
@@ -224,7 +240,8 @@ class Setup:
         lora = self.mode in (Mode.LORA, Mode.QLORA)
         rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
         fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
-                  self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding)
+                  self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding,
+                  self.loop, self.grad_accum, self.keep_grads, self.use_cache)
         key = _INTERNED.get(fields)
         if key is None:
             key = object.__new__(Setup)
@@ -238,7 +255,7 @@ class Setup:
 
     @property
     def training(self) -> bool:
-        return self.mode is not Mode.INFERENCE
+        return self.mode in (Mode.FULL, Mode.LORA, Mode.QLORA)
 
     @property
     def alpha(self) -> int:

@@ -14,7 +14,7 @@ from estimator.categories import Category, Phase
 from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.params import layer_linears
-from estimator.setup import Attention, Device, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from estimator.setup import Attention, Device, Loop, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 
 MODELS = ("gpt2", "opt-125m", "smollm2-135m", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini",
           "llama-2-7b", "mixtral-8x7b", "llama-3.1-70b")
@@ -50,7 +50,7 @@ def model_and_setup(draw, sharded=None):
     if sharded:
         sharding = draw(st.sampled_from([Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP]))
         world = draw(st.integers(2, 64))
-    elif sharded is None and mode is not Mode.INFERENCE:
+    elif sharded is None and mode not in (Mode.INFERENCE, Mode.EVAL):
         sharding = draw(st.sampled_from(list(Sharding)))
         world = 1 if sharding is Sharding.NONE else draw(st.integers(1, 64))
     else:
@@ -62,7 +62,9 @@ def model_and_setup(draw, sharded=None):
         attn=draw(st.sampled_from(list(Attention))), lora_rank=draw(st.integers(1, 256)),
         lora_alpha=draw(st.one_of(st.none(), st.integers(1, 512))),
         lora_targets=draw(_target_choices(spec)), device=draw(st.sampled_from(list(Device))),
-        world_size=world, sharding=sharding, new_tokens=new_tokens)
+        world_size=world, sharding=sharding, new_tokens=new_tokens,
+        loop=draw(st.sampled_from(list(Loop))), grad_accum=draw(st.integers(1, 8)),
+        keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()))
     return spec, setup
 
 

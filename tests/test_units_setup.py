@@ -126,7 +126,7 @@ def test_frozen():
     (dict(world_size=4), r"world size 4 needs a sharding: ddp, zero1, zero2, zero3 or fsdp"),
     (dict(mode="inference", world_size=2, sharding="zero3"), r"sharding applies to training"),
     (dict(optimizer="adamw-8bit", optimizer_impl="fused"), r"adamw-8bit \(bitsandbytes\) has no fused"),
-    (dict(mode="train"), r"unknown mode 'train'; choose one of: inference, full, lora, qlora"),
+    (dict(mode="train"), r"unknown mode 'train'; choose one of: inference, eval, full, lora, qlora"),
     (dict(precision="fp8"), r"unknown precision 'fp8'; choose one of: fp32, fp16, bf16, amp-fp16, "
                             r"amp-bf16, mixed-bf16"),
     (dict(quant="int4"), r"unknown quant 'int4'; choose one of: none, int8, nf4, nf4-dq"),
