@@ -108,6 +108,7 @@ class Measured:
     timeline: list[list[int]] | None = None       # (allocation/free event, live bytes)
     timeline_phases: list[list[Any]] | None = None  # (phase, first event, last event) per measured phase
     analytic: dict[str, int] | None = None        # sim: non-tensor bytes added to every phase (cuBLAS workspaces)
+    first_step: dict[str, PhaseMeasure] | None = None  # the first step's phases (steady state: ``phases``)
 
 
 @dataclass
@@ -128,10 +129,22 @@ class Prediction:
     overheads: str
     notes: list[str]
     calibration_key: str | None = None
+    first_step: dict[str, Any] | None = None  # the first step, where it differs (Estimate.first_step_phases)
 
-    def tensors_at(self, phase: str | None) -> dict[str, int]:
+    def phases_of(self, first_step: bool = False) -> dict[str, dict[str, int]]:
+        """The predicted phases of the first step (where it differs) or of steady state."""
+        if first_step and self.first_step and self.first_step.get("phases"):
+            return self.first_step["phases"]
+        return self.phases
+
+    def tensors_at(self, phase: str | None, first_step: bool = False) -> dict[str, int]:
         """The predicted categories of ``phase`` (the peak phase's when it has none)."""
-        return dict(self.phases.get(phase, self.components) if phase else self.components)
+        phases = self.phases_of(first_step)
+        if phase in phases:
+            return dict(phases[phase])
+        if first_step and phases is not self.phases:
+            return dict(max(phases.values(), key=lambda c: sum(c.values())))
+        return dict(self.components)
 
 
 @dataclass
@@ -161,6 +174,7 @@ class Record:
     simulated: str | None = None                  # sim rank 0 of N: how it was simulated
     source: str | None = None                     # "trainer_callback" for Trainer steps
     step: int | None = None                       # Trainer steps: the global step
+    first_step: bool | None = None                # Trainer steps: the run's first optimizer step
     campaign: dict[str, Any] | None = None        # campaign bookkeeping (worker, alone, seconds)
     isolation: dict[str, int] | None = None       # persistent workers: the before/after checks
     schema: int = SCHEMA_VERSION

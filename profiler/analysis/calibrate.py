@@ -42,9 +42,10 @@ class Point:
         predicted = record.predicted
         self.group = predicted.calibration_key or _group_of_case(record.case)
         self.y = int(record.measured.peak_allocated_bytes)
-        # per predicted phase: (base, x)
+        # per predicted phase: (base, x); a Trainer record of the first step is compared
+        # with the estimate of the first step, every other record with steady state
         self.phases: dict[str, tuple[int, int]] = {}
-        for name, comp in predicted.phases.items():
+        for name, comp in predicted.phases_of(bool(record.first_step)).items():
             x = comp.get("activations", 0) + comp.get("logits", 0)
             tensors = sum(v for k, v in comp.items() if k in _TENSOR)
             self.phases[name] = (tensors - x, x)

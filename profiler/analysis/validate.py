@@ -27,7 +27,7 @@ def rules_of_thumb(spec: ModelSpec, setup: Setup, params: int) -> int:
     """Deep Learning 101 (2023-04-12): inference 4X fp32 / 2X half / 1X int8; full
     training 16X fp32, 12X fp16/bf16; LoRA only as 7B: 16-24 GB, read as 20/7 X here."""
     x = params / BILLION
-    if setup.mode is Mode.INFERENCE:
+    if not setup.training:
         per = 1 if setup.quant is not Quant.NONE else (4 if setup.precision is Precision.FP32 else 2)
     elif setup.mode is Mode.FULL:
         per = 16 if setup.precision in (Precision.FP32, Precision.AMP_BF16, Precision.AMP_FP16) else 12
@@ -48,10 +48,12 @@ def korthikanti(spec: ModelSpec, setup: Setup, params: int) -> int:
     Korthikanti et al. 2022's sbh(34 + 5as/h) per layer (no recomputation)."""
     s, b, h, a, L = setup.seq, setup.batch, spec.hidden_size, spec.num_heads, spec.num_layers
     states = 16 * params if setup.mode is Mode.FULL else setup.precision.param_bytes * params
-    if setup.mode is Mode.INFERENCE:
+    if not setup.training:
         return states
     return int(states + L * s * b * h * (34 + 5 * a * s / h))
 
+
+_TENSOR = {c.value for c in TENSOR_CATEGORIES}
 
 SIMPLE_PREDICTORS = {"rules_of_thumb": rules_of_thumb, "accelerate": accelerate_rule, "korthikanti": korthikanti}
 
@@ -72,6 +74,7 @@ class CaseRow:
     simple: dict[str, int] = field(default_factory=dict)
     categories_measured: dict[str, int] = field(default_factory=dict)
     categories_predicted: dict[str, int] = field(default_factory=dict)
+    first_step: tuple[int, int] | None = None  # (measured, predicted) peak of the first step, measured apart
 
     def error(self, predicted: int | None) -> float | None:
         return None if predicted is None else (predicted - self.measured) / self.measured
@@ -102,6 +105,18 @@ class Validation:
         return out
 
 
+def _first_step(record: Record) -> tuple[int, int] | None:
+    """(measured, predicted) peak allocated bytes of a harness record's first step."""
+    first = record.measured.first_step
+    phases = record.predicted.phases_of(first_step=True) if record.predicted else {}
+    common = [ph for ph in (first or {}) if ph in phases]
+    if not common:
+        return None
+    measured = max(first[ph].peak_allocated_bytes for ph in common)
+    predicted = max(sum(v for k, v in phases[ph].items() if k in _TENSOR) for ph in common)
+    return (measured, predicted) if measured else None
+
+
 def validate(records: Sequence[Record], calibration: Overheads | None = None) -> Validation:
     pts = points(records)
     if not pts:
@@ -127,11 +142,15 @@ def validate(records: Sequence[Record], calibration: Overheads | None = None) ->
             nvml_process=(m.nvml_peak_used_bytes - (m.nvml_idle_used_bytes or 0))
             if m.nvml_peak_used_bytes else None,
             categories_measured=dict(m.categories or {}),
-            categories_predicted=predicted.tensors_at(m.peak_phase)))
+            categories_predicted=predicted.tensors_at(m.peak_phase, first_step=bool(r.first_step)),
+            first_step=_first_step(r)))
     summaries = {"uncalibrated": summary([row.error(row.uncalibrated) for row in rows]),
                  "calibrated_loo": summary(loo)}
     if calibration is not None:
         summaries["calibrated"] = summary([row.error(row.calibrated) for row in rows])
+    firsts = [(p - m) / m for m, p in (row.first_step for row in rows if row.first_step)]
+    if firsts:  # the first steps the harness measured apart, against the estimate of a first step
+        summaries["first_step"] = summary(firsts)
     for name in SIMPLE_PREDICTORS:
         errs = [row.error(row.simple[name]) for row in rows if name in row.simple]
         summaries[name] = summary(errs)

@@ -133,7 +133,10 @@ class MixedPrecisionOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
-            p.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
 
 def build_optimizer(model: torch.nn.Module, setup: Setup):

@@ -7,10 +7,11 @@
   and closes phases either as a context manager (the loops below) or with
   :meth:`Meter.begin` / :meth:`Meter.end` (a Trainer callback, whose step begins and
   ends in two different callbacks).
-- :func:`train_step` / :func:`run_steps`: warm-up step 0 unmeasured, then N measured
-  steps, each split into forward, backward, optimizer and zero_grad; inference runs a
-  prefill and ``new_tokens`` decode steps. :class:`Model` carries what the loop needs of
-  a built model and its hooks (DDP's bucket rebuild before the first measured step).
+- :func:`train_step` / :func:`run_steps`: the first step, measured apart (optimizer state
+  and library handles are made in it), then N steady-state steps, each split into forward,
+  backward (per micro-batch), optimizer and zero_grad; an evaluation runs one no-grad
+  forward with the loss; inference a prefill and ``new_tokens`` decode steps. :class:`Model`
+  carries what the loop needs of a built model and its hooks (DDP's bucket rebuild).
 - :func:`classify_failure`: an exception as a status and one line (OOM is a data point;
   cuBLAS/cuDNN allocation failures arrive as plain RuntimeErrors and count as OOM).
 - :func:`summarise`: the record's measured peaks from the meter, the tracker and NVML.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Setup
+from estimator.setup import Loop, Mode, Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.nvml import NvmlSampler
 from profiler.measure.recompute import around_recomputation
@@ -92,16 +93,6 @@ class Meter:
             self.end()
 
 
-def unmeasured(tracker: StorageTracker):
-    """A stand-in for :class:`Meter` on warm-up steps: tags, measures nothing."""
-    @contextlib.contextmanager
-    def measure(phase: Phase, default: Category) -> Iterator[None]:
-        tracker.default_category = default
-        yield
-    measure.tracker = tracker
-    return measure
-
-
 @dataclass
 class Model:
     """A built model as the loop sees it: ``forward`` is what runs the step (a DDP or
@@ -132,9 +123,40 @@ def recomputation_as_activations(tracker: StorageTracker):
     return around_recomputation(enter, leave)
 
 
+def _gradient_sync(model: torch.nn.Module, sync: bool):
+    """A micro-batch before the last one of gradient accumulation skips the gradient
+    reduction, as accelerate's ``no_sync`` does: DDP's ``no_sync()``
+    (torch/nn/parallel/distributed.py:1659, torch 2.13) and FSDP2's
+    ``set_requires_gradient_sync(False)`` (torch/distributed/fsdp/_fully_shard/_fully_shard.py:413),
+    after which ``FSDPParamGroup.post_backward`` skips the reduce-scatter and keeps each
+    parameter's unsharded gradient (_fsdp_param_group.py:605-611, ``to_accumulated_grad_if_needed``
+    and ``accumulate_unsharded_grad_if_needed`` in _fsdp_param.py:802-815) until the
+    synced micro-batch reduce-scatters the sum. One device: nothing to skip."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def unsynced():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return unsynced()
+    return contextlib.nullcontext()
+
+
 def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
-    """One training step split into measured phases; returns its wall time in seconds.
-    ``device`` may name an index (``cuda:1``).
+    """One optimizer step of ``setup.grad_accum`` micro-batches, split into measured phases
+    (a phase's peak is the worst micro-batch's); returns its wall time in seconds. ``device``
+    may name an index (``cuda:1``).
+
+    The loop: the Trainer's drops the model's outputs before backward (``compute_loss``
+    returns the loss, scaled by the accumulation steps, trainer.py); a hand-written loop
+    (``out = model(**batch); out.loss.backward()``) keeps them until after. Gradients
+    are set to None after the step, or zeroed and kept (``keep_grads``).
 
     Categories in backward: the loss's backward buffers are logits until the gradient of
     the LM head's output exists (a hook on that tensor, :func:`_tag_head`); from then on
@@ -143,35 +165,42 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
     checkpointed layer's activations."""
     kind = device.split(":")[0]
     t0 = time.perf_counter()
-    with measure(Phase.FORWARD, Category.ACTIVATIONS):
-        with autocast_context(setup, kind):
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-        loss = out.loss
-        del out
-    recompute = recomputation_as_activations(measure.tracker) if setup.grad_ckpt else contextlib.nullcontext()
-    with measure(Phase.BACKWARD, Category.LOGITS), recompute:
-        loss.backward()
-        del loss
+    for micro in range(setup.grad_accum):
+        recompute = recomputation_as_activations(measure.tracker) if setup.grad_ckpt else contextlib.nullcontext()
+        with _gradient_sync(model, micro == setup.grad_accum - 1):
+            with measure(Phase.FORWARD, Category.ACTIVATIONS):
+                with autocast_context(setup, kind):
+                    out = model(input_ids=ids, labels=ids, use_cache=setup.use_cache)
+                loss = out.loss / setup.grad_accum if setup.grad_accum > 1 else out.loss
+                if setup.loop is Loop.TRAINER:
+                    out = None
+            with measure(Phase.BACKWARD, Category.LOGITS), recompute:
+                loss.backward()
+                loss = None
+            out = None
     with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
         opt.step()
     with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not setup.keep_grads)
     if kind == "cuda":
         torch.cuda.synchronize()
     return round(time.perf_counter() - t0, 6)
 
 
 def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
-              timings: Timings) -> None:
-    """Warm-up step 0 (optimizer state, cuBLAS handles, DDP's buckets), then ``steps``
-    measured ones; training or inference by the setup's mode."""
+              timings: Timings, first: Meter) -> None:
+    """The first step (optimizer state, cuBLAS handles, DDP's buckets are made in it),
+    measured on ``first``, then ``steps`` steady-state steps on ``meter``; training, an
+    evaluation forward or generation by the setup's mode."""
     if setup.training:
-        _train_steps(built, spec, setup, steps, tracker, meter, timings)
+        _train_steps(built, spec, setup, steps, tracker, meter, timings, first)
+    elif setup.mode is Mode.EVAL:
+        _eval_steps(built, spec, setup, steps, tracker, meter, timings, first)
     else:
-        _infer_steps(built, spec, setup, steps, tracker, meter, timings)
+        _infer_steps(built, spec, setup, steps, tracker, meter, timings, first)
 
 
-def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
+def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
     inner, device = built.inner, built.device
     opt = (built.make_optimizer or build_optimizer)(inner, setup)
     tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
@@ -193,12 +222,32 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> N
             if step and cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
-            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else unmeasured(tracker))
+            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first)
             (timings.step_s if step else timings.warmup_s).append(seconds)
     finally:
         for hook in hooks:
             hook.remove()
         tracker.remove_hooks()
+
+
+def _eval_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
+    """``model(input_ids, labels=input_ids)`` under no_grad: full logits and the loss."""
+    model, device = built.forward, built.device
+    hooks = _tag_head(built.inner.get_output_embeddings(), tracker)
+    ids = synthetic_batch(spec, setup, device)
+    try:
+        with torch.no_grad(), cache_updates_as_kv(tracker):
+            for step in range(steps + 1):
+                t0 = time.perf_counter()
+                with (meter if step else first)(Phase.FORWARD, Category.ACTIVATIONS):
+                    with autocast_context(setup, device):
+                        model(input_ids=ids, labels=ids, use_cache=setup.use_cache)  # outputs dropped
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                (timings.step_s if step else timings.warmup_s).append(round(time.perf_counter() - t0, 6))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _tag_head(head: torch.nn.Module, tracker: StorageTracker) -> list:
@@ -252,12 +301,12 @@ def cache_updates_as_kv(tracker: StorageTracker) -> Iterator[None]:
         cls.update = original
 
 
-def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings) -> None:
+def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
     model, device = built.forward, built.device
     ids = synthetic_batch(spec, setup, device)
     with torch.no_grad(), cache_updates_as_kv(tracker):
         for step in range(steps + 1):
-            measure = meter if step else unmeasured(tracker)
+            measure = meter if step else first
             t0 = time.perf_counter()
             with measure(Phase.PREFILL, Category.ACTIVATIONS):
                 with autocast_context(setup, device):
@@ -300,7 +349,7 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
     tracker, run the steps, turn a failure into the record's status, summarise. Never
     raises for the run's own failures."""
     tracker = tracker if tracker is not None else StorageTracker(record_timeline=timeline)
-    meter = Meter(tracker, cuda)
+    meter, first = Meter(tracker, cuda), Meter(tracker, cuda)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
     analytic: dict[str, int] = {}
     try:
@@ -315,33 +364,36 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
             for context in built.contexts:
                 stack.enter_context(context)
             stack.enter_context(tracker)
-            run_steps(built, spec, setup, steps, tracker, meter, record.timings)
+            run_steps(built, spec, setup, steps, tracker, meter, record.timings, first)
     except Exception as exc:  # a data point too: the failure is recorded, the sweep goes on
         record.fail(*classify_failure(exc))
     finally:
         if sampler is not None:
             sampler.stop()
     try:
-        summarise(record, meter, tracker, sampler, cuda, rss0, analytic)
+        summarise(record, meter, tracker, sampler, cuda, rss0, analytic, first)
     except Exception as exc:  # a summary bug must not lose the status of the run
         record.note(f"summary failed: {type(exc).__name__}: {exc}")
     return record
 
 
 def summarise(record: Record, meter: Meter, tracker: StorageTracker, sampler: NvmlSampler | None,
-              cuda: bool, rss0: int, analytic: dict[str, int] | None = None) -> None:
-    """The record's peaks: the worst phase, its categories (on cuda plus what the tracker
-    did not see, and the allocator's cache), NVML's peaks and context, RSS on cpu. A sim's
-    ``analytic`` non-tensor bytes are added to every phase as temporaries, and named."""
+              cuda: bool, rss0: int, analytic: dict[str, int] | None = None, first: Meter | None = None) -> None:
+    """The record's peaks: the worst steady-state phase, its categories (on cuda plus what
+    the tracker did not see, and the allocator's cache), the first step's phases apart,
+    NVML's peaks and context, RSS on cpu. A sim's ``analytic`` non-tensor bytes are added to
+    every phase as temporaries, and named."""
     m = record.measured
     phases = meter.phases
     if analytic:
         extra = sum(analytic.values())
-        for p in phases.values():
+        for p in list(phases.values()) + list(first.phases.values() if first else []):
             p.peak_allocated_bytes += extra
             p.categories[Category.TEMPORARIES.value] = p.categories.get(Category.TEMPORARIES.value, 0) + extra
         m.analytic = dict(analytic)
     m.phases = phases
+    if first is not None and first.phases:
+        m.first_step = first.phases
     if cuda and record.status is Status.OOM:
         m.peak_allocated_bytes = int(torch.cuda.max_memory_allocated())
         m.peak_reserved_bytes = int(torch.cuda.max_memory_reserved())
