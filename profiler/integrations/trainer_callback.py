@@ -37,11 +37,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
-from estimator.setup import Setup
+from estimator.setup import Device, Loop, Mode, Optimizer, OptimizerImpl, Precision, Setup
 from profiler.measure.run import device_info, prediction
 from profiler.measure.steps import Meter, classify_failure, summarise
 from profiler.measure.tracker import StorageTracker
@@ -56,8 +57,12 @@ class VramCallback(TrainerCallback):
     """Per-step peak memory of a ``transformers.Trainer`` run, as profiler records.
 
     Args:
-        spec, setup: the estimator's model and setup; given together, each record
-            carries ``estimate(spec, setup)`` under ``predicted``.
+        spec, setup: the estimator's model and setup, given together; left out, they are
+            read from the model's config and the ``TrainingArguments`` (batch, gradient
+            accumulation, checkpointing, precision, optimizer, LoRA) and the first batch's
+            sequence length (:func:`setup_from_trainer`). Each record carries the estimate
+            under ``predicted``; the first record is flagged ``first_step`` and is compared
+            with the estimate's first step.
         out: JSONL file each record is appended to (``profiler.record.append_record``).
         backend: ``"cuda"`` or ``"cpu"``; ``None`` picks the device of the model's
             parameters at ``on_train_begin``.
@@ -79,10 +84,15 @@ class VramCallback(TrainerCallback):
                              f"(or leave it None to follow the model's device)")
         self.spec = spec
         self.setup = setup
+        self._given = setup is not None
         self.out = Path(out) if out is not None else None
         self.backend = backend
         self.model_name = model_name
         self.predicted = prediction(spec, setup) if spec is not None else None
+        self._args: Any = None
+        self._model: Any = None
+        self._seq: int | None = None
+        self._seq_hook: Any = None
         self.records: list[Record] = []
         self._tracker: StorageTracker | None = None
         self._meter: Meter | None = None
@@ -127,6 +137,11 @@ class VramCallback(TrainerCallback):
         if self.backend is None:
             param = next(model.parameters(), None)
             self.backend = "cuda" if param is not None and param.device.type == "cuda" else "cpu"
+        self._args, self._model = args, model
+        if self.spec is None:
+            self.spec = _spec_of(model)
+        if not self._given:  # the sequence length comes with the first batch
+            self._seq_hook = model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
         self._case = self._make_case(model, state)
         self._device = device_info(self.backend)
         tracker = StorageTracker()
@@ -164,14 +179,35 @@ class VramCallback(TrainerCallback):
         return control
 
     # ------------------------------------------------------------------ helpers
+    def _see_batch(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2 and self._seq is None:
+            self._seq = int(ids.shape[-1])
+
+    def _predict(self) -> None:
+        """The setup and estimate, once the first batch has shown the sequence length."""
+        if self._given or self.predicted is not None or self.spec is None or self._seq is None:
+            return
+        if self._seq_hook is not None:
+            self._seq_hook.remove()
+            self._seq_hook = None
+        try:
+            self.setup = setup_from_trainer(self._model, self._args, self._seq, self.backend)
+            self.predicted = prediction(self.spec, self.setup)
+        except ValueError as exc:  # a model or option the estimator cannot read: records without it
+            warnings.warn(f"VramCallback: no estimate beside the records ({exc})", RuntimeWarning, stacklevel=2)
+            self.spec = None
+        self._case.setup = self.setup.to_dict() if self.setup is not None else None
+
     def _finish_step(self, status: Status, message: str) -> None:
         meter, self._meter = self._meter, None
         meter.end()
         tracker = meter.tracker
         if self._tracker is not None and tracker.active:
             self._leave_step()
+        self._predict()
         record = new_record(self._case, status, message, predicted=self.predicted, source="trainer_callback",
-                            step=self._step, device=self._device)
+                            step=self._step, device=self._device, first_step=not self.records)
         summarise(record, meter, tracker, None, self.backend == "cuda", 0)
         if self.backend == "cpu":
             record.measured.end_bytes = int(tracker.current_bytes)
@@ -218,3 +254,59 @@ class VramCallback(TrainerCallback):
         return Case(model=self.model_name or name, config_hash=config_hash,
                     setup=self.setup.to_dict() if self.setup is not None else None,
                     steps=int(state.max_steps), backend=self.backend)
+
+
+def _spec_of(model: Any) -> ModelSpec | None:
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    if config is None:
+        return None
+    raw = config.to_dict()
+    try:
+        return spec_from_config(raw, name=getattr(config, "name_or_path", "") or raw.get("model_type", "model"))
+    except ValueError:
+        return None
+
+
+#: transformers OptimizerNames (training_args.py) -> the estimator's optimizer and implementation
+_OPTIMIZERS = {"adamw_torch_fused": (Optimizer.ADAMW, OptimizerImpl.FUSED),
+               "adamw_torch": (Optimizer.ADAMW, OptimizerImpl.AUTO),
+               "sgd": (Optimizer.SGD, OptimizerImpl.AUTO),
+               "adafactor": (Optimizer.ADAFACTOR, OptimizerImpl.AUTO),
+               "adamw_bnb_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO),
+               "adamw_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO)}
+
+
+def setup_from_trainer(model: Any, args: Any, seq: int, backend: str) -> Setup:
+    """The estimator's setup of a ``transformers.Trainer`` run: the per-device batch,
+    ``gradient_accumulation_steps``, ``gradient_checkpointing``, the precision (the
+    parameters' dtype, with autocast when ``bf16``/``fp16`` is set over fp32 weights), the
+    optimizer (``optim``; the Trainer's default on torch >= 2.8 is ``adamw_torch_fused``),
+    LoRA from a peft model, the attention implementation and ``use_cache`` from the config,
+    the Trainer's own loop (outputs dropped before backward, ``model.zero_grad()`` setting
+    gradients to None). ``ValueError`` for an optimizer the estimator does not model."""
+    param = next(model.parameters())
+    dtype = param.dtype
+    if dtype == torch.float32:
+        precision = Precision.AMP_BF16 if args.bf16 else Precision.AMP_FP16 if args.fp16 else Precision.FP32
+    else:
+        precision = Precision.BF16 if dtype == torch.bfloat16 else Precision.FP16
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in _OPTIMIZERS:
+        raise ValueError(f"optimizer {optim!r} is not one the estimator models ({', '.join(sorted(_OPTIMIZERS))})")
+    optimizer, impl = _OPTIMIZERS[optim]
+    kw: dict[str, Any] = {}
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:
+        lora = next(iter(peft_config.values()))
+        kw = dict(mode=Mode.LORA, lora_rank=int(lora.r), lora_alpha=int(lora.lora_alpha),
+                  lora_targets=tuple(sorted(lora.target_modules)) if not isinstance(lora.target_modules, str)
+                  else (lora.target_modules,))
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    attn = {"flash_attention_2": "flash"}.get(getattr(config, "_attn_implementation", "sdpa"),
+                                              getattr(config, "_attn_implementation", "sdpa"))
+    ckpt = bool(args.gradient_checkpointing)
+    return Setup(precision=precision, optimizer=optimizer, optimizer_impl=impl,
+                 batch=int(args.per_device_train_batch_size), seq=seq, grad_ckpt=ckpt, attn=attn,
+                 device=Device.CUDA if backend == "cuda" else Device.CPU,
+                 grad_accum=int(args.gradient_accumulation_steps), loop=Loop.TRAINER,
+                 use_cache=bool(getattr(config, "use_cache", False)) and not ckpt, **kw)
