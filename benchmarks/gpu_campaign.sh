@@ -26,7 +26,8 @@ RECORDS="$OUT/${BACKEND}-standard.jsonl"
 if [ -n "${RESUME:-}" ] && [ -f "$RESUME" ] && [ "$(realpath "$RESUME")" != "$(realpath -m "$RECORDS")" ]; then
   cp "$RESUME" "$RECORDS"
 fi
-COMMIT="$(git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
+# COMMIT (a file) wins: a device copy of the tree may carry a stale .git
+COMMIT="$(cat COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)"
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   echo "commit: $COMMIT"

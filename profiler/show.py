@@ -7,6 +7,7 @@ from rich.table import Table
 
 from estimator.categories import Category
 from estimator.units import MiB
+from profiler.analysis.validate import summary_label
 from profiler.record import Record
 
 
@@ -41,7 +42,7 @@ def summary_table(summaries: dict[str, dict[str, float]], title: str) -> Table:
     for col in ("predictor", "median |error|", "p95", "max"):
         table.add_column(col, justify="left" if col == "predictor" else "right")
     for name, s in summaries.items():
-        table.add_row(name.replace("_", " "), f"{100 * s['median']:.2f}%", f"{100 * s['p95']:.2f}%",
+        table.add_row(summary_label(name), f"{100 * s['median']:.2f}%", f"{100 * s['p95']:.2f}%",
                       f"{100 * s['max']:.2f}%")
     return table
 

@@ -10,8 +10,8 @@ import pytest
 
 from estimator.modelspec import load_model
 from estimator.setup import Setup
-from profiler.measure import steps
-from profiler.measure.isolation import run_isolated
+from profiler.measure import isolation, steps
+from profiler.measure.isolation import PROCESS_RESIDUAL_LIMIT_BYTES, run_isolated
 from profiler.measure.run import make_case
 from profiler.record import read_records
 from profiler.sweeps.campaign import Campaign, plan_jobs
@@ -81,22 +81,39 @@ def test_a_leaking_case_is_marked_and_does_not_move_the_next(monkeypatch):
     assert _peaks(after) == _peaks(alone)
 
 
+@pytest.mark.parametrize("after, clean", [(512, True), (PROCESS_RESIDUAL_LIMIT_BYTES, True),
+                                          (PROCESS_RESIDUAL_LIMIT_BYTES + 512, False)])
+def test_a_small_process_lifetime_allocation_keeps_the_worker_a_larger_one_replaces_it(monkeypatch, after, clean):
+    # CUDA's settle reports what stays allocated; here it is driven: 0 before the case, `after` after it
+    # (the first H200 campaign saw 512 B after every case, no tensor of it alive)
+    model, setup = ISOLATION_CASES[0]
+    readings = iter([0, after])
+    monkeypatch.setattr(isolation, "settle", lambda cuda: next(readings))
+    record, got_clean = run_isolated(model, setup, "cpu", steps=1)
+    assert record.status == "ok" and got_clean is clean
+    assert record.isolation["allocated_after_bytes"] == after
+    if clean:
+        assert record.isolation["residual_bytes"] == after and "process-lifetime" in record.message
+    else:
+        assert "residual_bytes" not in record.isolation and "worker is replaced" in record.message
+
+
 # ---------------------------------------------------------------------- scheduler
-def _matrix(tmp_path: Path, batches, model="smollm2-135m") -> Path:
+def _matrix(tmp_path: Path, batches, model="smollm2-135m", seq=(64,)) -> Path:
     path = tmp_path / "m.toml"
-    path.write_text(f'steps = 1\n[[cases]]\nmodel = "{model}"\nprecision = "bf16"\nseq = 64\n'
+    path.write_text(f'steps = 1\n[[cases]]\nmodel = "{model}"\nprecision = "bf16"\nseq = {list(seq)}\n'
                     f"batch = {list(batches)}\n")
     return path
 
 
-def _campaign(tmp_path, batches, monkeypatch, **kw) -> tuple:
+def _campaign(tmp_path, batches, monkeypatch, seq=(64,), **kw) -> tuple:
     monkeypatch.setenv("FAKE_STATE", str(tmp_path))
     records = tmp_path / "out.jsonl"
     lines: list = []
     kw.setdefault("workers", 2)
     kw.setdefault("card_bytes", 100 * 2**30)
     backend = kw.pop("backend", "cuda" if kw.get("card_bytes", 0) is None else "sim")
-    c = Campaign(_matrix(tmp_path, batches), backend, records, worker_cmd=FAKE_WORKER, log_dir=tmp_path,
+    c = Campaign(_matrix(tmp_path, batches, seq=seq), backend, records, worker_cmd=FAKE_WORKER, log_dir=tmp_path,
                  say=lines.append, **kw)
     return c, c.run(), records, lines
 
@@ -174,6 +191,23 @@ def test_cuda_workers_measure_their_contexts_one_at_a_time_and_alone_cases_keep_
             assert r.campaign["nvml_scope"] == "process" and r.measured.nvml_peak_used_bytes is None
 
 
+def test_cuda_replacement_workers_start_beside_running_cases_and_tests_still_run(tmp_path, monkeypatch):
+    # every batch-6 case ends unclean, so its worker is replaced; the first H200 campaign
+    # replaced every worker and held each new one until no case ran (one case at a time)
+    monkeypatch.setenv("FAKE_FREE_BYTES", str(100 * 2**30))
+    tests = [sys.executable, "-c", "print('gpu tests')"]
+    _, summary, records, _ = _campaign(tmp_path, [6, 2], monkeypatch, seq=(64, 128, 256), workers=2,
+                                       card_bytes=None, tests=tests, tests_log=tmp_path / "tests.log")
+    assert summary["counts"]["ok"] == 6 and summary["not_run"] == 0
+    assert summary["tests"]["exit"] == 0
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    inits = [e["init"] for e in events if "init" in e]
+    assert len(inits) >= 4  # 2 initial workers + a replacement per unclean case that had work after it
+    spans = [r.extra["fake_times"] for r in read_records(records)]
+    beside = [i for i in inits if any(s["start"] < i[0] < s["end"] for s in spans)]
+    assert beside, "no replacement initialised while another case ran"
+
+
 def test_resume_skips_recorded_cases_and_the_budget_keeps_what_finished(tmp_path, monkeypatch):
     c, summary, records, _ = _campaign(tmp_path, [7, 8, 9, 10], monkeypatch, workers=1, budget_s=2.5)
     assert summary["stopped_by_budget"] and 0 < len(read_records(records)) < 4
@@ -223,7 +257,7 @@ def test_cuda_cases_in_two_orders_give_the_same_allocator_peaks():
         for model, setup in order:
             record, clean = run_isolated(model, setup, "cuda", steps=1)
             assert record.status == "ok" and clean, (record.message, record.isolation)
-            assert record.isolation["allocated_after_bytes"] == 0
+            assert record.isolation["allocated_after_bytes"] <= PROCESS_RESIDUAL_LIMIT_BYTES
             seen.setdefault((model, setup), []).append(
                 {p: v.peak_allocated_bytes for p, v in record.measured.phases.items()})
     for key, (first, second) in seen.items():

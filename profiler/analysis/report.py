@@ -9,12 +9,13 @@ from pathlib import Path
 
 from estimator.categories import TENSOR_CATEGORIES, Category
 from estimator.units import GiB
-from profiler.analysis.validate import Validation
+from profiler.analysis.validate import Validation, summary_label
 from profiler.record import Record
 
 BAND = 0.05  # the +-5% band drawn around the diagonal
 MAX_BARS = 16  # cases shown in the stacked-bar chart
-PREDICTORS = ("uncalibrated", "calibrated", "calibrated_loo", "rules_of_thumb", "accelerate", "korthikanti")
+PREDICTORS = ("uncalibrated", "calibrated", "calibrated_loo", "first_step", "rules_of_thumb", "accelerate",
+              "korthikanti", "reserved", "nvml")
 
 
 def _plt():
@@ -131,9 +132,13 @@ def summary_table_md(v: Validation) -> str:
     for name in PREDICTORS:
         s = v.summaries.get(name)
         if s:
-            lines.append(f"| {name.replace('_', ' ')} | {100 * s['median']:.2f}% | {100 * s['p95']:.2f}% | "
+            lines.append(f"| {summary_label(name)} | {100 * s['median']:.2f}% | {100 * s['p95']:.2f}% | "
                          f"{100 * s['max']:.2f}% |")
     return "\n".join(lines)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if not n else f"{n / GiB:.2f}"
 
 
 def _ratio_err(predicted: int | None, measured: int | None) -> str:
@@ -152,8 +157,8 @@ def cases_table_md(v: Validation) -> str:
         line = (f"| {r.label} | {r.measured / GiB:.2f} | {_pct(r.error(r.uncalibrated))} | "
                 f"{_pct(r.loo_error)} | {simple} |")
         if gpu:
-            line += (f" {(r.reserved or 0) / GiB:.2f} | {_ratio_err(r.predicted_reserved, r.reserved)} | "
-                     f"{(r.nvml or 0) / GiB:.2f} | {_ratio_err(r.predicted_total, r.nvml_process)} |")
+            line += (f" {_gib(r.reserved)} | {_ratio_err(r.predicted_reserved, r.reserved)} | "
+                     f"{_gib(r.nvml)} | {_ratio_err(r.predicted_total, r.nvml_process)} |")
         lines.append(line)
     return "\n".join(lines)
 

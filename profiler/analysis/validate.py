@@ -55,6 +55,15 @@ def korthikanti(spec: ModelSpec, setup: Setup, params: int) -> int:
 
 _TENSOR = {c.value for c in TENSOR_CATEGORIES}
 
+#: How the summary tables name each summary (the others: their key with spaces).
+SUMMARY_LABELS = {"reserved": "reserved (vs max_memory_reserved)",
+                  "nvml": "NVML (vs device peak, cases alone)"}
+
+
+def summary_label(name: str) -> str:
+    return SUMMARY_LABELS.get(name, name.replace("_", " "))
+
+
 SIMPLE_PREDICTORS = {"rules_of_thumb": rules_of_thumb, "accelerate": accelerate_rule, "korthikanti": korthikanti}
 
 
@@ -154,4 +163,15 @@ def validate(records: Sequence[Record], calibration: Overheads | None = None) ->
     for name in SIMPLE_PREDICTORS:
         errs = [row.error(row.simple[name]) for row in rows if name in row.simple]
         summaries[name] = summary(errs)
+    # Other metrics, each against its own prediction (CUDA records): the caching allocator's
+    # max_memory_reserved vs the estimate's reserved bytes; NVML's device peak over the
+    # idle baseline (cases that ran alone) vs tensors + allocator + context.
+    reserved = [(row.predicted_reserved - row.reserved) / row.reserved for row in rows
+                if row.reserved and row.predicted_reserved]
+    if reserved:
+        summaries["reserved"] = summary(reserved)
+    nvml = [(row.predicted_total - row.nvml_process) / row.nvml_process for row in rows
+            if row.nvml_process and row.predicted_total]
+    if nvml:
+        summaries["nvml"] = summary(nvml)
     return Validation(rows, summaries, calibration.source if calibration else None)

@@ -17,6 +17,17 @@ nothing of one case survives into the next:
   worker *unclean*: the campaign replaces the process before the next case, so one bad
   case cannot move another case's peaks.
 
+  One exception, seen on the first CUDA campaign (H200, torch 2.11): every case left
+  exactly 512 bytes allocated with no tensor of it alive, a process-lifetime allocation
+  some library makes once (512 B is the caching allocator's smallest block,
+  c10/cuda/CUDACachingAllocator.cpp kMinBlockSize). Replacing the worker after every
+  case cost a CUDA initialisation per case and serialised the campaign. So a process may
+  keep up to ``PROCESS_RESIDUAL_LIMIT_BYTES`` in all: the record names the bytes
+  (``isolation.residual_bytes``) and the worker stays. A fresh process makes the same
+  allocation during its own case, so the next case's peak moves by at most that much
+  (0 when the allocation comes before the peak, as a lazy initialisation does); the
+  two-order tests check it to the byte.
+
 On cpu and sim the tracker counts only storages it sees allocated (plus the weights it
 is told about), so a leak from an earlier case cannot enter a later case's peaks; the
 check still marks the leaking case.
@@ -32,6 +43,10 @@ from estimator.setup import Setup
 from profiler.measure.run import run_case
 from profiler.measure.tracker import StorageTracker
 from profiler.record import Record, Status
+
+#: What one worker process may keep allocated across cases with no tensor alive (see the
+#: module docstring): 1 MiB, under 0.1 % of the smallest CUDA peak in the standard matrix.
+PROCESS_RESIDUAL_LIMIT_BYTES = 1 << 20
 
 
 def settle(cuda: bool) -> int:
@@ -72,7 +87,13 @@ def run_isolated(model: str, setup: Setup, backend: str, steps: int = 2, timelin
         note = (f"leak: {leaked_bytes} bytes in {leaked_storages} tensor storages made by this case "
                 f"were still alive after it ended; its measurements are kept but not trusted")
         record.fail(Status.ERROR, f"{note}; {record.message}" if record.message else note)
-    elif growth:
+    kept = 0 < growth and after <= PROCESS_RESIDUAL_LIMIT_BYTES
+    if kept:
+        record.isolation["residual_bytes"] = growth
+        record.note(f"{growth} bytes stayed allocated after the case with no tensor of it alive "
+                    f"(a process-lifetime library allocation; the process keeps {after} bytes in all, "
+                    f"within {PROCESS_RESIDUAL_LIMIT_BYTES} bytes)")
+    elif growth > 0:
         record.note(f"{growth} bytes stayed allocated after the case with no tensor of it alive "
                     f"(a library allocation); the worker is replaced before the next case")
-    return record, not leaked_storages and growth == 0
+    return record, not leaked_storages and (growth <= 0 or kept)

@@ -89,6 +89,7 @@ class _Worker:
     proc: subprocess.Popen
     log_path: Path
     state: str = "starting"    # starting -> imported -> initializing -> ready <-> busy -> dead
+    replacement: bool = False  # started in the slot of a worker that ended
     buffer: bytes = b""
     job: Job | None = None
     started: float = 0.0       # when the current job was sent
@@ -163,6 +164,10 @@ class Campaign:
         self.versions: dict = {}
         self.resumed = 0
         self.stopped_by_budget = False
+        # The first context a CUDA worker measured alone: a worker that replaces another
+        # initialises while cases run (NVML's before/after is not its own then) and takes it.
+        self.context_reference: dict | None = None
+        self.first_round_done = False  # every initial worker has been ready once
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, slot: int) -> None:
@@ -174,7 +179,7 @@ class Campaign:
                                 stderr=log, env=env, cwd=str(ROOT), preexec_fn=die_with_parent)
         log.close()
         os.set_blocking(proc.stdout.fileno(), False)
-        w = _Worker(slot, proc, log_path)
+        w = _Worker(slot, proc, log_path, replacement=slot in self.workers)
         self.workers[slot] = w
         self.sel.register(proc.stdout, selectors.EVENT_READ, w)
 
@@ -220,6 +225,10 @@ class Campaign:
     def _tests_running(self) -> bool:
         return self.tests_proc is not None and self.tests_proc.poll() is None
 
+    def _retiring(self) -> bool:
+        """A worker is exiting: its context is being freed, NVML's device figure moves."""
+        return any(w.state == "retiring" and w.proc.poll() is None for w in self.workers.values())
+
     # ------------------------------------------------------------------ messages
     def _on_message(self, w: _Worker, msg: dict) -> None:
         op = msg.get("op")
@@ -228,6 +237,8 @@ class Campaign:
         elif op == "ready":
             w.state = "ready"
             w.context = msg.get("context") or {}
+            if w.context and w.context_clean and not w.context.get("assumed_from") and self.context_reference is None:
+                self.context_reference = dict(w.context, assumed_from=f"worker {w.slot}'s measured context")
             self.device = self.device or msg.get("device") or {}
             self.versions = self.versions or msg.get("versions") or {}
             if msg.get("free_bytes") is not None:
@@ -339,14 +350,22 @@ class Campaign:
         if cuda and any(w.state == "initializing" for w in self.workers.values()):
             return
         for w in sorted(self.workers.values(), key=lambda w: w.slot):
-            if w.state == "imported":
-                if cuda and self._busy():
-                    return
-                w.context_clean = not self._tests_running()
-                if self._send(w, {"op": "init"}):
+            if w.state != "imported":
+                continue
+            if cuda and w.replacement and self.context_reference is not None:
+                # a replacement: it initialises at once beside the running cases and takes
+                # the measured context (every worker is the same program on the same card)
+                w.context_clean = False
+                if self._send(w, {"op": "init", "context": self.context_reference}):
                     w.state = "initializing"
-                if cuda:
-                    return
+                continue
+            if cuda and self._busy():
+                return
+            w.context_clean = not self._tests_running() and not self._retiring()
+            if self._send(w, {"op": "init"}):
+                w.state = "initializing"
+            if cuda:
+                return
 
     def _budget(self) -> int | None:
         if self.card_bytes is not None:
@@ -359,7 +378,8 @@ class Campaign:
         budget = self._budget()
         if budget is None:
             return
-        waiting = any(w.state in ("imported", "initializing") for w in self.workers.values())
+        waiting = any(w.state in ("imported", "initializing") and not (w.replacement and self.context_reference)
+                      for w in self.workers.values())
         if self.backend == "cuda" and (waiting or self.free_bytes is None):
             return  # a worker waits to measure its context: let the running cases drain first
         while self.pending:
@@ -389,8 +409,10 @@ class Campaign:
     def _start_tests(self) -> None:
         if not self.tests or self.tests_proc is not None:
             return
-        if any(w.state in ("starting", "imported", "initializing") for w in self.workers.values()):
-            return  # after every initial worker has measured its context
+        if not self.first_round_done:
+            if any(w.state in ("starting", "imported", "initializing") for w in self.workers.values()):
+                return  # after every initial worker has measured its context (not after replacements)
+            self.first_round_done = True
         log = open(self.tests_log, "wb") if self.tests_log else subprocess.DEVNULL
         self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
                                            env=checkout_env(), preexec_fn=die_with_parent)
@@ -541,6 +563,8 @@ def worker_main(backend: str) -> int:
             if backend == "cuda":
                 sampler = NvmlSampler()
                 context = measure_cuda_context(sampler)
+                if msg.get("context"):  # initialised beside running cases: the campaign's measured context
+                    context = dict(msg["context"], process_used_bytes=context.get("process_used_bytes"))
                 free, _total = torch.cuda.mem_get_info()
                 ready.update(device=dict(device_info("cuda"), driver=sampler.driver), context=context,
                              free_bytes=int(free))
