@@ -91,7 +91,9 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         return out
     # flash / memory-efficient kernels save q, k and v (GQA at kv heads: transformers passes
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
-    out["attn_qkv"] = p * (q + 2 * kvd)
+    # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
+    # are what the kernel saves; estimator/versions.py)
+    out["attn_qkv"] = p * (q + 2 * (q if _kv_repeated(spec, setup) else kvd))
     if _fused_qkv(spec) and not setup.use_cache:
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
@@ -115,12 +117,18 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     math otherwise. cuDNN and flash save the same tensors, so they are one answer here."""
     if setup.device is not Device.CUDA:
         return "cpu"
-    d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads
+    d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads and not _kv_repeated(spec, setup)
     if setup.precision.compute_bytes == HALF and d <= 256:
         return "fused"
     if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
         return "efficient"
     return "math"
+
+
+def _kv_repeated(spec: ModelSpec, setup: Setup) -> bool:
+    """Grouped keys and values reach sdpa repeated to every head (repeat_kv), as
+    transformers < 4.54 does (Semantics.sdpa_repeats_kv)."""
+    return spec.num_kv_heads < spec.num_heads and setup.semantics.sdpa_repeats_kv
 
 
 def _sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:
@@ -158,8 +166,9 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
     if not setup.use_cache or setup.grad_ckpt:
         return 0.0
     grouped, kernel = spec.num_kv_heads < spec.num_heads, _sdpa_kernel(spec, setup)
-    k_kept = kernel == "fused" or (kernel == "eager" and not grouped)
-    v_kept = kernel == "fused" or not grouped and (kernel == "eager" or setup.precision.compute_bytes == FP32)
+    fused = kernel == "fused" and not _kv_repeated(spec, setup)  # repeated: the kernel saves copies
+    k_kept = fused or (kernel == "eager" and not grouped)
+    v_kept = fused or not grouped and (kernel == "eager" or setup.precision.compute_bytes == FP32)
     return ((not k_kept) + (not v_kept)) / 2
 
 
@@ -178,10 +187,12 @@ def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
     sdpa with dropout runs math."""
     if setup.attn is Attention.EAGER:
         return True
+    # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
+    like_query_copies = _fused_qkv(spec) or setup.semantics.sdpa_inputs_contiguous
     if setup.device is Device.CPU:
-        return spec.attn_dropout > 0 or _fused_qkv(spec)
+        return spec.attn_dropout > 0 or like_query_copies
     backend = cuda_sdpa_backend(spec, setup)
-    return backend == "math" or (backend == "fused" and _fused_qkv(spec))
+    return backend == "math" or (backend == "fused" and like_query_copies)
 
 
 def _input_linears(spec: ModelSpec) -> int:
@@ -359,6 +370,15 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
     # its output, a second logits-sized tensor until its backward
     softcap = p if spec.logit_softcap else 0
+    if setup.semantics.loss_copies_shifted_logits:
+        # transformers < 4.49 (estimator/versions.py): cross_entropy runs on a contiguous fp32
+        # copy of the logits without their last position, S = b * (s - 1) rows: at the loss the
+        # half logits, the fp32 logits, the shifted copy and its log-softmax coexist; backward
+        # starts with the saved log-softmax, its incoming gradient and the returned one (S rows
+        # each), after which slice's backward writes them into a zeroed (T, V) gradient
+        S = setup.batch * (setup.seq - 1)
+        return {"forward": (p + upcast + softcap) * T * V + 2 * FP32 * S * V,
+                "backward": softcap * T * V + FP32 * max(3 * S, S + T) * V}
     return {
         "forward": (p + upcast + FP32 + softcap) * T * V,
         "backward": (3 * FP32 + softcap) * T * V,

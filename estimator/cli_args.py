@@ -16,6 +16,7 @@ from .setup import (
     Setup,
     Sharding,
 )
+from .versions import parse_overrides
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
     g.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay")
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
+    g.add_argument("--versions", default="", help="library versions whose memory semantics to assume, e.g. "
+                                                  "transformers=4.48,torch=2.4 (default: the installed ones)")
 
 
 def _int(name: str, text) -> int:
@@ -63,4 +66,4 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         lora_targets=args.lora_targets, device=args.device,
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
-        use_cache=bool(args.use_cache))
+        use_cache=bool(args.use_cache), versions=parse_overrides(getattr(args, "versions", "") or ""))

@@ -331,6 +331,8 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     T, V, p = setup.batch * setup.seq, spec.vocab_size, setup.precision.compute_bytes
     cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache else 0
     loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
+    if setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
+        loss += FP32 * (2 * setup.batch * (setup.seq - 1) - T) * V
     layer = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache,
                   activations=int(k * prefill_transient(spec, setup)), temporaries=st.workspace + constant)
     at_loss = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache, logits=int(k * loss),

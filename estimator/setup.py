@@ -10,6 +10,7 @@ from enum import Enum
 from typing import TypeVar
 
 from .units import FP32, HALF
+from .versions import LIBRARIES, Semantics, parse_version, resolve
 
 E = TypeVar("E", bound=Enum)
 
@@ -139,6 +140,23 @@ _INTERNED: dict = {}
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
+def _versions_field(value) -> tuple[tuple[str, str], ...]:
+    """Sorted (library, version) pairs from a dict, pairs or ``"a=1,b=2"``; checked."""
+    if isinstance(value, str):
+        value = [item.split("=", 1) for item in value.split(",") if item.strip()]
+    items = value.items() if isinstance(value, dict) else value
+    out = {}
+    for pair in items:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"versions are (library, version) pairs, got {pair!r}")
+        name, version = str(pair[0]).strip().lower(), str(pair[1]).strip()
+        if name not in LIBRARIES:
+            raise ValueError(f"versions: unknown library {name!r}; choose from: {', '.join(LIBRARIES)}")
+        parse_version(version)
+        out[name] = version
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True, eq=True)
 class Setup:
     """One training or inference configuration. Sizes are counts, never bytes."""
@@ -163,6 +181,9 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step (gradients resident from the second)
     keep_grads: bool = False  # zero_grad(set_to_none=False): zeroed gradients stay allocated
     use_cache: bool = False  # training/eval forward builds a KV cache (model.config.use_cache)
+    # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
+    # () assumes what is installed
+    versions: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # accept strings for the enums so callers and JSON records can pass plain values
@@ -175,6 +196,7 @@ class Setup:
                                tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
         else:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "versions", _versions_field(self.versions))
         for name in ("grad_ckpt", "keep_grads", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -241,17 +263,26 @@ class Setup:
         rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
         fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
                   self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding,
-                  self.loop, self.grad_accum, self.keep_grads, self.use_cache)
+                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.versions)
         key = _INTERNED.get(fields)
         if key is None:
             key = object.__new__(Setup)
             key.__dict__.update(self.__dict__)
-            for name in ("_hash", "_shape_free", "_per_sequence"):
+            for name in ("_hash", "_shape_free", "_per_sequence", "_semantics"):
                 key.__dict__.pop(name, None)
             key.__dict__.update(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank,
                                 lora_targets=targets)
             _INTERNED[fields] = key
         return key
+
+    @property
+    def semantics(self) -> Semantics:
+        """What the assumed library versions change (installed ones under :attr:`versions`)."""
+        found = self.__dict__.get("_semantics")
+        if found is None:
+            found = Semantics(resolve(self.versions))
+            object.__setattr__(self, "_semantics", found)
+        return found
 
     @property
     def training(self) -> bool:
@@ -278,8 +309,10 @@ class Setup:
             if isinstance(value, Enum):
                 value = value.value
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[key] = value
+        if not self.versions:
+            del out["versions"]  # the installed versions: records keep their case keys
         return out
 
     @classmethod

@@ -51,12 +51,14 @@ def cmd_estimate(args) -> int:
     gpu = get_gpu(args.gpu) if args.gpu else None
     est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
     if args.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print(json.dumps(dict(est.to_dict(), assumed_versions=setup.semantics.to_dict()), indent=2))
     else:
         from estimator.report import estimate_table, print_table
         print_table(estimate_table(est))
         for note in est.notes:
             print(f"note: {note}")
+        assumed = setup.semantics.to_dict()["versions"]
+        print("assumed: " + ", ".join(f"{k} {v}" for k, v in assumed.items()))
         if gpu:
             verdict = "fits" if est.total_bytes <= gpu.memory_bytes else "does NOT fit"
             print(f"{verdict} on {gpu.name} ({format_gib(gpu.memory_bytes, 1)})")

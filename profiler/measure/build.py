@@ -12,6 +12,7 @@ import torch
 
 from estimator.modelspec import ModelSpec
 from estimator.setup import Attention, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup
+from profiler.measure.compat import dtype_kwargs
 
 ATTN_IMPL = {Attention.EAGER: "eager", Attention.SDPA: "sdpa", Attention.FLASH: "flash_attention_2"}
 
@@ -38,7 +39,7 @@ def build_model(spec: ModelSpec, setup: Setup, device: str) -> torch.nn.Module:
         return _build_quantized(cfg, setup, device)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(
-            cfg, attn_implementation=ATTN_IMPL[setup.attn], dtype=dtype, trust_remote_code=False)
+            cfg, attn_implementation=ATTN_IMPL[setup.attn], trust_remote_code=False, **dtype_kwargs(dtype))
     if setup.training:
         model.train()
         model.config.use_cache = False  # as fine-tuning scripts do; no KV cache while training
@@ -69,7 +70,7 @@ def _build_quantized(cfg, setup: Setup, device: str):
             bnb_4bit_compute_dtype=getattr(torch, setup.precision.compute_dtype_name))
     model = transformers.AutoModelForCausalLM.from_config(
         cfg, attn_implementation=ATTN_IMPL[setup.attn], quantization_config=qc,
-        dtype=getattr(torch, setup.precision.compute_dtype_name))
+        **dtype_kwargs(getattr(torch, setup.precision.compute_dtype_name)))
     model.to(device)
     if setup.mode is Mode.QLORA:
         from peft import prepare_model_for_kbit_training

@@ -30,6 +30,7 @@ import torch
 from estimator.categories import Category, Phase
 from estimator.setup import Loop, Mode, Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
+from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
 from profiler.measure.recompute import around_recomputation
 from profiler.measure.tracker import StorageTracker
@@ -310,7 +311,7 @@ def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             t0 = time.perf_counter()
             with measure(Phase.PREFILL, Category.ACTIVATIONS):
                 with autocast_context(setup, device):
-                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    out = model(input_ids=ids, use_cache=True, **keep_last_logits())
                 cache = out.past_key_values
                 nxt = out.logits[:, -1:].argmax(-1)
                 del out
@@ -318,7 +319,7 @@ def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             for _ in range(setup.new_tokens):
                 with measure(Phase.DECODE, Category.ACTIVATIONS):
                     with autocast_context(setup, device):
-                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **keep_last_logits())
                     nxt = out.logits[:, -1:].argmax(-1)
                     del out
                 tracker.track(list(_kv_tensors(cache)), Category.KV_CACHE)

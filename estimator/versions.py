@@ -1,0 +1,113 @@
+"""Which library versions an estimate assumes, and what they change in memory.
+
+The same model and setup take different memory under different transformers and torch
+releases. The estimator reads the installed versions through ``importlib.metadata``
+(no import of torch or transformers) unless the user names others
+(``--versions transformers=4.48,torch=2.4``), and every estimate states the semantics it
+assumed (``assumed_versions`` in ``--json``).
+
+Each switch below is read from the released wheels (``pip download transformers==X``;
+file and line in that wheel), and each is checked by measuring it where it can be: the
+cpu and sim backends run under whatever transformers is installed
+(``tests/test_versions.py`` runs in a venv with transformers 4.48).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+
+#: The libraries whose versions move memory, as pip names them.
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+_VERSION = re.compile(r"^\d+(\.\d+){0,3}")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"4.48.3"`` -> (4, 48, 3); ``"2.11.0+cu130"`` -> (2, 11, 0); a bare ``"4.48"`` is 4.48.0."""
+    m = _VERSION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a version number (e.g. 4.48 or 2.4.1)")
+    parts = tuple(int(x) for x in m.group(0).split("."))
+    return parts + (0,) * (3 - len(parts)) if len(parts) < 3 else parts
+
+
+@lru_cache(maxsize=1)
+def installed_versions() -> dict[str, str]:
+    """The installed version of each library in :data:`LIBRARIES` (absent ones left out)."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """``"transformers=4.48,torch=2.4"`` -> {"transformers": "4.48", "torch": "2.4"}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in str(text).split(","))):
+        name, sep, version = item.partition("=")
+        name = name.strip().lower()
+        if not sep or not version.strip():
+            raise ValueError(f"--versions takes NAME=VERSION pairs separated by commas, got {item!r}")
+        if name not in LIBRARIES:
+            raise ValueError(f"--versions: unknown library {name!r}; choose from: {', '.join(LIBRARIES)}")
+        parse_version(version)
+        out[name] = version.strip()
+    return out
+
+
+def resolve(overrides: dict[str, str] | tuple | None = None) -> tuple[tuple[str, str], ...]:
+    """The versions an estimate assumes: the installed ones, with ``overrides`` on top;
+    sorted pairs, hashable for a frozen Setup."""
+    merged = dict(installed_versions())
+    merged.update(dict(overrides or {}))
+    return tuple(sorted(merged.items()))
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """What the assumed versions do that moves memory (the shipped architectures)."""
+
+    versions: tuple[tuple[str, str], ...]
+
+    def _at_least(self, name: str, version: str, missing: bool = True) -> bool:
+        have = dict(self.versions).get(name)
+        if have is None:
+            return missing
+        return parse_version(have) >= parse_version(version)
+
+    @property
+    def loss_copies_shifted_logits(self) -> bool:
+        """transformers < 4.49: the causal-LM loss shifts the fp32 logits with
+        ``logits[..., :-1, :].contiguous()`` (4.48.3 loss/loss_utils.py:39; in the model's
+        forward before 4.46, 4.45.0 models/llama/modeling_llama.py:1221), a second fp32
+        (b, s-1, vocab) tensor at the loss. 4.49 pads the labels instead and shifts them
+        (4.49.0 loss/loss_utils.py:39; transformers PR #35646)."""
+        return not self._at_least("transformers", "4.49")
+
+    @property
+    def sdpa_repeats_kv(self) -> bool:
+        """transformers < 4.54 (or torch < 2.5) repeats grouped keys and values to every
+        head before sdpa (4.48.3 integrations/sdpa_attention.py:30 ``repeat_kv``); 4.54
+        passes ``enable_gqa=True`` when there is no mask and torch >= 2.5 (4.54.0
+        integrations/sdpa_attention.py:27-57; transformers PR #39412). Modelled in training
+        (what attention saves); the no-grad prefill's transient copies are not."""
+        return not (self._at_least("transformers", "4.54") and self._at_least("torch", "2.5"))
+
+    @property
+    def sdpa_inputs_contiguous(self) -> bool:
+        """transformers < 4.56 makes sdpa's query, key and value contiguous first (4.55.0
+        integrations/sdpa_attention.py:72-74; gone in 4.56.0): kernels that lay their output
+        out like the query (flash, cuDNN) then return (b, heads, s, d), and merging the heads
+        (``transpose(1, 2).contiguous()``, 4.55.0 :99) copies it for o_proj to save."""
+        return not self._at_least("transformers", "4.56")
+
+    def to_dict(self) -> dict:
+        return {"versions": dict(self.versions),
+                "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
+                "sdpa_repeats_kv": self.sdpa_repeats_kv,
+                "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous}

@@ -1,0 +1,104 @@
+"""Version-aware estimates (estimator/versions.py): the switches read from released
+transformers wheels, and the estimate under old semantics against steps measured under
+those versions (results/versions/, measured in a venv with transformers 4.48.3)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from estimator.estimate import estimate
+from estimator.modelspec import load_model
+from estimator.setup import Setup
+from estimator.versions import Semantics, parse_overrides, parse_version
+from profiler.record import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD_RECORDS = ROOT / "results" / "versions" / "transformers-4.48.3" / "cpu-steps.jsonl"
+
+#: A real CPU step under old library versions and the estimate under those versions'
+#: semantics: the same bound as every other knob (tests/test_workloads.py KNOB_TOLERANCE).
+VERSION_TOLERANCE = 0.01
+
+
+def _sem(**versions) -> Semantics:
+    return Semantics(tuple(sorted(versions.items())))
+
+
+@pytest.mark.parametrize("transformers, torch, shifted, repeats, contiguous", [
+    ("4.48.3", "2.4", True, True, True),
+    ("4.49.0", "2.4", False, True, True),     # 4.49 pads the labels (PR #35646)
+    ("4.53.3", "2.6", False, True, True),
+    ("4.54.0", "2.4", False, True, True),     # enable_gqa needs torch >= 2.5
+    ("4.54.0", "2.5", False, False, True),    # PR #39412
+    ("4.55.0", "2.13", False, False, True),
+    ("4.56.0", "2.13", False, False, False),  # q, k, v no longer made contiguous
+    ("5.24.0", "2.13", False, False, False),
+])
+def test_semantics_switch_at_the_releases_read_from_the_wheels(transformers, torch, shifted, repeats, contiguous):
+    s = _sem(transformers=transformers, torch=torch)
+    assert (s.loss_copies_shifted_logits, s.sdpa_repeats_kv, s.sdpa_inputs_contiguous) == (shifted, repeats, contiguous)
+
+
+def test_version_overrides_are_checked():
+    assert parse_overrides("transformers=4.48, torch=2.4") == {"transformers": "4.48", "torch": "2.4"}
+    assert parse_version("2.11.0+cu130") == (2, 11, 0) and parse_version("4.48") == (4, 48, 0)
+    with pytest.raises(ValueError, match="unknown library 'foo'"):
+        parse_overrides("foo=1")
+    with pytest.raises(ValueError, match="NAME=VERSION"):
+        parse_overrides("transformers")
+    with pytest.raises(ValueError, match="not a version number"):
+        parse_overrides("transformers=latest")
+    with pytest.raises(ValueError, match="unknown library"):
+        Setup(versions={"tensorflow": "2.0"})
+
+
+def test_the_installed_versions_leave_setups_and_case_keys_as_they_were():
+    assert "versions" not in Setup().to_dict()  # records keep their case keys
+    pinned = Setup(versions="transformers=4.48")
+    assert pinned.to_dict()["versions"] == [["transformers", "4.48"]]
+    assert Setup.from_dict(pinned.to_dict()) == pinned
+
+
+def test_old_semantics_move_the_estimate_where_the_measurements_say():
+    # GQA (SmolLM2: 9 heads over 3 kv heads) in bf16 on cpu: all three switches apply
+    spec = load_model("smollm2-135m")
+    setup = Setup(precision="bf16", batch=2, seq=512, device="cpu")
+    new = estimate(spec, setup.replace(versions={"transformers": "5.24"}))
+    old = estimate(spec, setup.replace(versions={"transformers": "4.48.3"}))
+    assert old.allocated_bytes > new.allocated_bytes
+
+
+def test_estimate_json_states_the_versions_it_assumed(cli):
+    r = cli("estimate", "smollm2-135m", "--versions", "transformers=4.48", "--json")
+    assert r.code == 0, r.err
+    assumed = json.loads(r.out)["assumed_versions"]
+    assert assumed["versions"]["transformers"] == "4.48" and assumed["loss_copies_shifted_logits"] is True
+    r = cli("estimate", "smollm2-135m", "--versions", "transformers=new")
+    assert r.code == 2 and "not a version number" in r.err
+
+
+@pytest.mark.parametrize("record", read_records(OLD_RECORDS) if OLD_RECORDS.exists() else [],
+                         ids=lambda r: r.label)
+def test_committed_old_version_steps_agree_with_the_estimate_under_their_versions(record):
+    # measured under transformers 4.48.3 (cpu backend, results/versions/.../provenance.txt);
+    # the estimate is recomputed here under the versions the record names
+    assert record.ok, record.message
+    versions = {k: v for k, v in record.versions.items() if k in ("torch", "transformers", "peft")}
+    setup = Setup.from_dict(record.case.setup).replace(versions=versions)
+    predicted = estimate(load_model(record.case.model), setup).allocated_bytes
+    measured = record.measured.peak_allocated_bytes
+    assert abs(predicted - measured) / measured <= VERSION_TOLERANCE, (predicted, measured)
+
+
+def test_a_real_step_under_the_installed_old_transformers_agrees():
+    import transformers
+    if parse_version(transformers.__version__) >= (4, 56):
+        pytest.skip(f"needs transformers < 4.56 installed (have {transformers.__version__}); "
+                    f"the committed 4.48.3 records are checked above")
+    from profiler.measure.run import run_case
+    record = run_case("smollm2-135m", Setup(precision="bf16", batch=2, seq=512), "cpu", steps=1)
+    assert record.ok, record.message
+    measured, predicted = record.measured.peak_allocated_bytes, record.predicted.allocated_bytes
+    assert abs(predicted - measured) / measured <= VERSION_TOLERANCE
