@@ -159,7 +159,7 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
 def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
     if key.quant is Quant.NONE:
         return n * key.precision.param_bytes
-    q_elems, q_rows, q_bias = quantized_params(spec)
+    q_elems, q_rows, q_bias = quantized_params(spec, key.semantics.moe_experts_fused)
     rest = n - q_elems - q_bias
     if key.quant is Quant.INT8:
         # LLM.int8 (Dettmers et al. 2022): int8 weights + one fp32 scale per output row (SCB)

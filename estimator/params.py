@@ -208,16 +208,19 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     return [lin for lin in linears if lin.name in targets]
 
 
-def quantized_params(spec: ModelSpec) -> tuple[int, int, int]:
+def quantized_params(spec: ModelSpec, experts_fused: bool = True) -> tuple[int, int, int]:
     """(quantized weight elements, their output rows, biases) over all layers.
 
     bitsandbytes replaces the decoder's linear layers; ``lm_head`` is kept in the
     compute dtype (transformers ``get_keys_to_not_convert``), as are embeddings, norms
-    and fused MoE expert parameters (not nn.Linear modules).
+    and fused MoE expert parameters (not nn.Linear modules). ``experts_fused=False``:
+    transformers < 5 built each expert from nn.Linear modules (4.57.0
+    models/mixtral/modeling_mixtral.py:63 ``self.w1 = nn.Linear``), which bitsandbytes
+    quantizes (estimator/versions.py Semantics.moe_experts_fused).
     """
     weights = rows = biases = 0
     for lin in layer_linears(spec):
-        if lin.fused_experts:
+        if lin.fused_experts and experts_fused:
             continue
         weights += lin.copies * lin.in_features * lin.out_features
         rows += lin.copies * lin.out_features

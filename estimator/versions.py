@@ -106,8 +106,19 @@ class Semantics:
         (``transpose(1, 2).contiguous()``, 4.55.0 :99) copies it for o_proj to save."""
         return not self._at_least("transformers", "4.56")
 
+    @property
+    def moe_experts_fused(self) -> bool:
+        """transformers >= 5 stores MoE experts as fused 3-D parameters (5.0.0
+        models/mixtral/modeling_mixtral.py:63-72 ``MixtralExperts.gate_up_proj``, ``down_proj``),
+        which bitsandbytes leaves unquantized: it replaces nn.Linear modules
+        (integrations/bitsandbytes.py ``replace_with_bnb_linear``). transformers 4.x built
+        every expert from nn.Linear (4.57.0 modeling_mixtral.py:63), all quantized. Cited,
+        not measured here (no bitsandbytes on this machine)."""
+        return self._at_least("transformers", "5.0")
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
                 "sdpa_repeats_kv": self.sdpa_repeats_kv,
-                "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous}
+                "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous,
+                "moe_experts_fused": self.moe_experts_fused}

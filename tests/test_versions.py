@@ -102,3 +102,15 @@ def test_a_real_step_under_the_installed_old_transformers_agrees():
     assert record.ok, record.message
     measured, predicted = record.measured.peak_allocated_bytes, record.predicted.allocated_bytes
     assert abs(predicted - measured) / measured <= VERSION_TOLERANCE
+
+
+def test_mixtral_qlora_experts_are_quantized_before_transformers_5_and_not_after():
+    # the example: fused 3-D experts stay bf16 under bitsandbytes in transformers >= 5
+    spec = load_model("mixtral-8x7b")
+    setup = Setup(mode="qlora", quant="nf4", precision="bf16", batch=1, seq=512)
+    old = estimate(spec, setup.replace(versions={"transformers": "4.48"})).components
+    new = estimate(spec, setup.replace(versions={"transformers": "5.0"})).components
+    from estimator.categories import Category
+    experts = 32 * 8 * 3 * 4096 * 14336  # layers x experts x (w1, w2, w3) x hidden x ffn (Mixtral config)
+    # bf16 (2 bytes) vs nf4 (0.5 byte + one fp32 absmax per 64-element block: 1/16 byte)
+    assert new[Category.WEIGHTS] - old[Category.WEIGHTS] == experts * 2 - (experts // 2 + 4 * (experts // 64))

@@ -122,10 +122,13 @@ class MixedPrecisionOptimizer:
         self.params = params
         self.masters = [p.detach().float().requires_grad_(True) for p in params]
         self.inner = make(self.masters)
+        self.on_master_grads: Callable[[list[torch.Tensor]], None] | None = None  # the harness tags them
 
     def step(self) -> None:
         for m, p in zip(self.masters, self.params):
             m.grad = None if p.grad is None else p.grad.float()
+        if self.on_master_grads is not None:  # fp32 copies of the gradients: gradients, as the estimate names them
+            self.on_master_grads([m.grad for m in self.masters if m.grad is not None])
         self.inner.step()
         with torch.no_grad():
             for m, p in zip(self.masters, self.params):

@@ -208,6 +208,8 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
     base_opt, masters = opt, []
     while not isinstance(base_opt, torch.optim.Optimizer) and hasattr(base_opt, "inner"):
         masters += getattr(base_opt, "masters", None) or []  # mixed-bf16's fp32 master weights
+        if hasattr(base_opt, "on_master_grads"):
+            base_opt.on_master_grads = lambda grads: tracker.track(grads, Category.GRADIENTS)
         base_opt = base_opt.inner
     tracker.watch_optimizer(base_opt)
     if masters:
