@@ -272,6 +272,10 @@ def _kv_tensors(cache):
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
                 yield t
+    for name in ("key_cache", "value_cache"):  # transformers 4.x DynamicCache: per-layer lists
+        for t in getattr(cache, name, None) or []:
+            if isinstance(t, torch.Tensor):
+                yield t
 
 
 @contextlib.contextmanager
@@ -284,24 +288,37 @@ def cache_updates_as_kv(tracker: StorageTracker) -> Iterator[None]:
     except ImportError:
         yield
         return
-    cls = getattr(cache_utils, "Cache", None)
-    original = getattr(cls, "update", None) if cls is not None else None
-    if original is None:
-        yield
-        return
+    # transformers 5 updates every cache through Cache.update; 4.x caches define their own
+    # (4.48.3 cache_utils.py DynamicCache.update)
+    classes = [c for c in (getattr(cache_utils, n, None) for n in ("Cache", "DynamicCache"))
+               if c is not None and "update" in vars(c)]
+    originals = {cls: vars(cls)["update"] for cls in classes}
 
-    def update(self, *args, **kwargs):
-        previous, tracker.default_category = tracker.default_category, Category.KV_CACHE
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            tracker.default_category = previous
+    def wrap(original):
+        def update(self, *args, **kwargs):
+            previous, tracker.default_category = tracker.default_category, Category.KV_CACHE
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                tracker.default_category = previous
+            # a cache that keeps the new keys and values by reference (4.x DynamicCache's
+            # first update appends them: key_cache[layer_idx] is key_states) holds them from here on
+            idx, lists = (args[2] if len(args) > 2 else None), (getattr(self, "key_cache", None),
+                                                                  getattr(self, "value_cache", None))
+            if isinstance(idx, int) and all(isinstance(x, list) and idx < len(x) for x in lists):
+                held = [t for t in args[:2] if any(t is x[idx] for x in lists)]
+                if held:
+                    tracker.track(held, Category.KV_CACHE)
+            return out
+        return update
 
-    cls.update = update
+    for cls, original in originals.items():
+        cls.update = wrap(original)
     try:
         yield
     finally:
-        cls.update = original
+        for cls, original in originals.items():
+            cls.update = original
 
 
 def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
