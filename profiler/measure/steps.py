@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Loop, Mode, Setup
+from estimator.setup import Device, Loop, Mode, Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
@@ -55,6 +55,7 @@ class Meter:
 
     def begin(self, phase: Phase, default: Category) -> None:
         self.tracker.default_category = default
+        self.tracker.mark(("begin", id(self), phase.value))
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -68,6 +69,7 @@ class Meter:
             return
         self._open = self._record = None
         stack.close()
+        self.tracker.mark(("end", id(self), phase))
         if self.cuda:
             torch.cuda.synchronize()
             alloc, reserved = int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
@@ -222,6 +224,8 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
         for step in range(steps + 1):
             if built.before_step is not None:
                 built.before_step(step)
+            if step:
+                tracker.mark("empty_cache")  # the sim's allocator replay does the same
             if step and cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -370,6 +374,9 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
     raises for the run's own failures."""
     tracker = tracker if tracker is not None else StorageTracker(record_timeline=timeline)
     meter, first = Meter(tracker, cuda), Meter(tracker, cuda)
+    replaying = record.backend == "sim" and setup.device is Device.CUDA and tracker.events is None
+    if replaying:
+        tracker.events = []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
     analytic: dict[str, int] = {}
     try:
@@ -392,9 +399,36 @@ def measure_run(record: Record, spec, setup: Setup, steps: int, build: Callable[
             sampler.stop()
     try:
         summarise(record, meter, tracker, sampler, cuda, rss0, analytic, first)
+        if replaying:
+            replay_allocator(record, meter, tracker, setup, analytic)
     except Exception as exc:  # a summary bug must not lose the status of the run
         record.note(f"summary failed: {type(exc).__name__}: {exc}")
+    finally:
+        if replaying:
+            tracker.events = None
     return record
+
+
+def replay_allocator(record: Record, meter: Meter, tracker: StorageTracker, setup: Setup,
+                     analytic: dict[str, int] | None) -> None:
+    """A CUDA-semantics sim run: its tensor trace through the caching allocator's rules
+    (profiler/measure/allocator.py) gives what ``max_memory_reserved`` and
+    ``max_memory_allocated`` would say. Reserved goes where a GPU record has it; the
+    allocator's counters go to each phase's ``memory_stats``, named as
+    ``torch.cuda.memory_stats`` names them. ``peak_allocated_bytes`` stays the tensors'
+    bytes (the allocator counts whole blocks: ``allocated_bytes.all.peak``)."""
+    from profiler.measure.allocator import replay
+    total = sum((analytic or {}).values())
+    count = 2 if setup.training else 1  # sim.analytic_bytes: one cuBLAS workspace per thread
+    stats = replay(tracker.events or [], id(meter), [total // count] * count if total else [])
+    m = record.measured
+    for phase, p in m.phases.items():
+        if phase in stats:
+            p.memory_stats = dict(stats[phase])
+            p.peak_reserved_bytes = stats[phase]["reserved_bytes.all.peak"]
+    reserved = [p.peak_reserved_bytes for p in m.phases.values() if p.peak_reserved_bytes is not None]
+    if reserved:
+        m.peak_reserved_bytes = max(reserved)
 
 
 def summarise(record: Record, meter: Meter, tracker: StorageTracker, sampler: NvmlSampler | None,

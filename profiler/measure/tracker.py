@@ -188,6 +188,15 @@ class StorageTracker(TorchDispatchMode):
         self._hooks: list[Any] = []
         self._unpatch: list[Any] = []
         self._round = 1
+        # Set to a list to log every allocation ("a", key, bytes), free ("f", key) and
+        # mark ("m", label) in order: the sim replays it through the CUDA caching
+        # allocator (profiler/measure/allocator.py).
+        self.events: list | None = None
+
+    def mark(self, label: Any) -> None:
+        """A labelled point in the event log (nothing without one)."""
+        if self.events is not None:
+            self.events.append(("m", label))
 
     @property
     def round_bytes(self) -> int:
@@ -266,6 +275,8 @@ class StorageTracker(TorchDispatchMode):
         key = id(st)
         self._refs[key] = _StorageRef(st, self._on_free_cb, key, n, tag)
         self.n_allocs += 1
+        if self.events is not None:
+            self.events.append(("a", key, n))
         self._grow(tag, n if self._round == 1 else self._size(n))
 
     def _grow(self, tag: Hashable, delta: int) -> None:
@@ -283,6 +294,8 @@ class StorageTracker(TorchDispatchMode):
         if self._refs.get(ref.key) is ref:
             del self._refs[ref.key]
         self.n_frees += 1
+        if self.events is not None:
+            self.events.append(("f", ref.key))
         n = ref.nbytes if self._round == 1 else self._size(ref.nbytes)
         self._totals[ref.tag] -= n
         self.current_bytes -= n
@@ -290,6 +303,8 @@ class StorageTracker(TorchDispatchMode):
             self._sample(self.current_bytes)
 
     def _resize(self, ref: _StorageRef, n: int) -> None:
+        if self.events is not None:  # a resized storage is a new block to the allocator
+            self.events += [("f", ref.key), ("a", ref.key, n)]
         delta = self._size(n) - self._size(ref.nbytes)
         ref.nbytes = n
         self._grow(ref.tag, delta)
