@@ -221,10 +221,18 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
+    notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
-                    notes=(count.note,) if count.note else (), overheads_source=overheads.source,
+                    notes=notes, overheads_source=overheads.source,
                     calibration_key=group, first_step_phases=first)
+
+
+def _ignored_note(spec: ModelSpec) -> str:
+    if not spec.ignored_keys:
+        return ""
+    return (f"ignored config keys that would load code or kernels: {', '.join(spec.ignored_keys)} "
+            f"(the attention implementation comes from --attn; remote code never runs)")
 
 
 def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
