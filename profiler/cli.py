@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
 from estimator.cli_args import add_setup_arguments, setup_from_args
 
@@ -297,7 +299,9 @@ def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.")
+    parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.",
+                     epilog=EXIT_CODES)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     p = sub.add_parser("estimate", help="predict peak memory of one step, per category")
     _add_model(p)
@@ -368,23 +372,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")
     p.add_argument("--backend", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_loop)
+    for command in sub.choices.values():  # --debug after the command works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, print the traceback too")
+        command.epilog = EXIT_CODES
     return parser
 
 
+#: Exit codes, as ``--help`` and the README state them.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = ("exit codes: 0 done; 1 the command's verdict (compare: a regression; profile, campaign: a failed "
+              "case) or an internal error (a bug: one line, --debug shows the traceback); 2 bad input (a flag, "
+              "a file, a config: one line naming it); 130 interrupted")
+#: An internal error's one line stays short; --debug prints the whole traceback.
+INTERNAL_MESSAGE_CHARS = 300
+
+
+def _one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The exception's message on one line (cut at ``limit`` characters, if given)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quiet_stdout() -> None:
+    """After a closed stdout pipe (``vramlab rules | head -1``): point stdout at /dev/null so
+    the interpreter's last flush does not report it again (Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr: bad input (a ``UsageError``,
+    ``ValueError``, ``TypeError`` or ``OSError``) exits 2, anything else is an internal
+    error and exits 1; ``--debug`` prints the traceback first. Ctrl-C exits 130; a closed
+    stdout pipe ends the command quietly."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
-            return 2
-        return args.func(args)
-    except (UsageError, ValueError, OSError) as exc:
-        print(f"vramlab: error: {exc}", file=sys.stderr)
-        return 2
+            return EXIT_BAD_INPUT
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except SystemExit as exc:  # --help; sys.exit() in a command
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or EXIT_OK
+        print(f"vramlab: error: {exc.code}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("vramlab: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"vramlab: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            traceback.print_exc()
+        print(f"vramlab: internal error: {type(exc).__name__}: {_one_line(exc, INTERNAL_MESSAGE_CHARS)} "
+              f"(a bug: rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover
