@@ -20,6 +20,7 @@ from .configcheck import (
     where_of,
 )
 from .modelspec import FAMILIES, ModelSpec
+from .setup import DEFAULT_LORA_TARGETS
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 
@@ -220,6 +221,20 @@ def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
     return spec.num_layers * per_layer
 
 
+#: peft's default LoRA target_modules per model_type, what ``LoraConfig(target_modules=None)``
+#: adapts (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
+#: peft has no entry for phi3; its fused ``qkv_proj`` holds the q and v projections the others adapt.
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"), "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "phi3": ("qkv_proj",)}
+
+
+def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """The LoRA targets a user gets without naming any: peft's default for the model type."""
+    return PEFT_DEFAULT_TARGETS.get(spec.model_type, DEFAULT_LORA_TARGETS)
+
+
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     """The matrices of one layer that a list of peft ``target_modules`` names selects."""
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
@@ -227,6 +242,10 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     linears = [lin for lin in layer_linears(spec) if not lin.fused_experts]  # named: nn.Linear only
     names = {lin.name for lin in linears}
     unknown = [t for t in targets if t not in names]
+    if unknown and tuple(targets) == DEFAULT_LORA_TARGETS:
+        raise ValueError(f"the default LoRA targets {','.join(targets)} are not modules of {spec.name} "
+                         f"({spec.model_type}); pass --lora-targets with some of: {', '.join(sorted(names))} "
+                         f"or all-linear (peft's default here: {','.join(default_lora_targets(spec))})")
     if unknown:
         raise ValueError(f"LoRA target {unknown[0]!r} is not a module of {spec.name} "
                          f"({spec.model_type}); choose from: {', '.join(sorted(names))} or all-linear")

@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from estimator.cli_args import add_setup_arguments, setup_from_args
+from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
 
 
 class UsageError(Exception):
@@ -24,6 +24,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="shipped name (e.g. llama-2-7b), path to config.json or folder, or hub id")
+
+
+def _setup(args, device: str | None = None):
+    """The Setup of the setup flags. Each flag it ignores gets a one-line warning on stderr
+    once the command has succeeded (a failing command prints its one error line only)."""
+    setup = setup_from_args(args, device)
+    args.warnings = flag_warnings(args)
+    return setup
+
+
+def _gpu(args):
+    """The --gpu preset, None without --gpu; an empty --gpu is a UsageError, not "no GPU"."""
+    from estimator.gpus import get_gpu, gpu_presets
+    if args.gpu is None:
+        return None
+    if not args.gpu.strip():
+        raise UsageError(f"--gpu is empty; name a GPU preset ({', '.join(sorted(gpu_presets()))})")
+    return get_gpu(args.gpu)
 
 
 def _overheads(args, setup, gpu):
@@ -45,12 +63,11 @@ def _overheads(args, setup, gpu):
 
 def cmd_estimate(args) -> int:
     from estimator.estimate import estimate
-    from estimator.gpus import get_gpu
     from estimator.modelspec import load_model
     from estimator.units import format_gib
+    setup = _setup(args)
+    gpu = _gpu(args)
     spec = load_model(args.model)
-    setup = setup_from_args(args)
-    gpu = get_gpu(args.gpu) if args.gpu else None
     est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
@@ -67,22 +84,22 @@ def cmd_estimate(args) -> int:
 
 def cmd_fit(args) -> int:
     from estimator.fit import fit
-    from estimator.gpus import get_gpu
     from estimator.modelspec import load_model
     from estimator.units import parse_bytes
-    if bool(args.gpu) == bool(args.memory):
+    if (args.gpu is None) == (args.memory is None):
         raise UsageError("fit needs exactly one of --gpu NAME or --memory SIZE (e.g. --memory 24GiB)")
-    gpu = get_gpu(args.gpu) if args.gpu else None
+    if args.memory is not None and not args.memory.strip():
+        raise UsageError("--memory is empty; give a size, e.g. --memory 24GiB or 80GB")
+    gpu = _gpu(args)
     memory = gpu.memory_bytes if gpu else parse_bytes(args.memory)
-    setup = setup_from_args(args)
+    setup = _setup(args)
     result = fit(load_model(args.model), setup, memory, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         from estimator.report import fit_table, print_table
         print_table(fit_table(result))
-        if result.min_gpus:
-            print(f"ZeRO-3 needs {result.min_gpus} GPUs of this size for the setup as given.")
+        print(result.verdict())
     return 0
 
 
@@ -103,7 +120,7 @@ def cmd_profile(args) -> int:
     from profiler.record import append_record
     from profiler.show import print_records
     spec = load_model(args.model)  # bad names fail before torch is imported
-    setup = setup_from_args(args)
+    setup = _setup(args, device="cpu" if args.backend == "cpu" else None)
     steps = _positive(args.steps, "steps")
     nproc = _positive(args.nproc, "nproc")
     if nproc > 1:
@@ -419,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        for warning in getattr(args, "warnings", ()):
+            print(f"vramlab: warning: {warning}", file=sys.stderr)
         return code
     except SystemExit as exc:  # --help; sys.exit() in a command
         if isinstance(exc.code, int) or exc.code is None:
