@@ -25,13 +25,14 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="full", help=f"{choices(Mode)} (default full)")
     g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16)")
     g.add_argument("--quant", default="none", help=f"{choices(Quant)} (inference, qlora)")
-    g.add_argument("--optimizer", default="adamw", help=f"{choices(Optimizer)} (default adamw)")
-    g.add_argument("--optimizer-impl", default="auto", help=f"{choices(OptimizerImpl)} (default: as torch picks)")
+    g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; training only)")
+    g.add_argument("--optimizer-impl", default=None,
+                   help=f"{choices(OptimizerImpl)} (default: as torch picks; training only)")
     g.add_argument("--batch", default="1", help="micro-batch size per device (default 1)")
     g.add_argument("--seq", default="512", help="sequence length in tokens (default 512)")
-    g.add_argument("--new-tokens", default="0", help="inference: tokens decoded after the prompt (default 0)")
-    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per decoder layer")
-    g.add_argument("--attn", default="sdpa", help=f"{choices(Attention)} (default sdpa)")
+    g.add_argument("--new-tokens", default=None, help="inference: tokens decoded after the prompt (default 0)")
+    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per decoder layer (training)")
+    g.add_argument("--attn", default="sdpa", help=f"{choices(Attention)} (default sdpa; flash: CUDA, 16-bit)")
     g.add_argument("--lora-rank", default="16", help="LoRA rank r (default 16)")
     g.add_argument("--lora-alpha", default=None, help="LoRA alpha (default 2r)")
     g.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
@@ -55,15 +56,48 @@ def _int(name: str, text) -> int:
         raise ValueError(f"--{name} must be an integer, got {text!r}") from None
 
 
-def setup_from_args(args: argparse.Namespace) -> Setup:
-    """Build a validated Setup; raises ValueError with a one-sentence message."""
-    return Setup(
-        mode=args.mode, precision=args.precision, quant=args.quant, optimizer=args.optimizer,
-        optimizer_impl=args.optimizer_impl, batch=_int("batch", args.batch), seq=_int("seq", args.seq),
-        new_tokens=_int("new-tokens", args.new_tokens), grad_ckpt=bool(args.grad_ckpt), attn=args.attn,
+def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setup:
+    """Build a validated Setup; raises ValueError with a one-sentence message, also for flags
+    that contradict each other (:func:`check_flags`). ``device`` overrides ``--device``
+    where the command decides it (``profile --backend cpu`` runs CPU semantics). Flags that
+    do not apply to the mode (:func:`flag_warnings`) are left out of the Setup."""
+    setup = Setup(
+        mode=args.mode, precision=args.precision, quant=args.quant, optimizer=args.optimizer or "adamw",
+        optimizer_impl=args.optimizer_impl or "auto", batch=_int("batch", args.batch), seq=_int("seq", args.seq),
+        new_tokens=_int("new-tokens", args.new_tokens or 0), grad_ckpt=bool(args.grad_ckpt), attn=args.attn,
         lora_rank=_int("lora-rank", args.lora_rank),
         lora_alpha=None if args.lora_alpha is None else _int("lora-alpha", args.lora_alpha),
-        lora_targets=args.lora_targets, device=args.device,
+        lora_targets=args.lora_targets, device=device or args.device,
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), versions=parse_overrides(getattr(args, "versions", "") or ""))
+    check_flags(setup)
+    if not setup.training:  # what flag_warnings says is ignored
+        setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)
+    return setup
+
+
+def check_flags(setup: Setup) -> None:
+    """Flags that contradict each other: a ValueError naming both."""
+    if setup.new_tokens and setup.mode is not Mode.INFERENCE:
+        raise ValueError(f"--new-tokens {setup.new_tokens} applies to --mode inference (tokens decoded after the "
+                         f"prompt); --mode {setup.mode} runs on --seq tokens and decodes none")
+    if setup.attn is Attention.FLASH and setup.device is Device.CPU:
+        # flash-attn's kernels are CUDA only (Dao-AILab/flash-attention README: "Requirements: CUDA")
+        raise ValueError("--attn flash (FlashAttention-2) runs on CUDA only; on the cpu device use --attn sdpa "
+                         "or eager")
+    if setup.attn is Attention.FLASH and setup.precision is Precision.FP32:
+        # flash-attn takes fp16 and bf16 inputs only (README: "Datatype fp16 and bf16"); under
+        # autocast (amp-*) the attention inputs are 16-bit
+        raise ValueError("--attn flash needs 16-bit attention inputs (FlashAttention-2 takes fp16 and bf16 "
+                         "only); with --precision fp32 use --attn sdpa or eager, or pick bf16 or amp-bf16")
+
+
+def flag_warnings(args: argparse.Namespace) -> list[str]:
+    """Flags given that the mode ignores, one sentence each (the Setup leaves them out)."""
+    mode = Mode.parse(args.mode)
+    if mode not in (Mode.INFERENCE, Mode.EVAL):
+        return []
+    given = [flag for flag, value in (("--grad-ckpt", args.grad_ckpt), ("--optimizer", args.optimizer),
+                                      ("--optimizer-impl", args.optimizer_impl)) if value]
+    return [f"{flag} has no effect with --mode {mode} (no backward, no optimizer step); ignored" for flag in given]

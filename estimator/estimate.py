@@ -24,7 +24,7 @@ from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
 _ZERO = dict.fromkeys(Category, 0)  # iterating an Enum is slow: copy this template instead
-_CONTEXT, _ALLOCATOR = Category.CONTEXT, Category.ALLOCATOR
+_CONTEXT, _ALLOCATOR, _TEMPORARIES = Category.CONTEXT, Category.ALLOCATOR, Category.TEMPORARIES
 _SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)
 
 #: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
@@ -185,6 +185,13 @@ class _Phases:
         out = _ZERO.copy()
         for key, value in parts.items():
             out[_CATEGORY[key]] = int(value)
+        if out[_TEMPORARIES] < 0:
+            # a negative calibration constant (calibrate.py fits it to the phase's total): what
+            # the temporaries cannot give is taken from the largest tensor term, so the total
+            # keeps the fitted correction and no category goes below zero
+            deficit, out[_TEMPORARIES] = -out[_TEMPORARIES], 0
+            largest = max(TENSOR_CATEGORIES, key=out.__getitem__)
+            out[largest] = max(out[largest] - deficit, 0)
         out[_CONTEXT] = self.context
         if self.fraction is None or not self.cuda:
             out[_ALLOCATOR] = self.per_tensor * tensors
@@ -221,10 +228,18 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
+    notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
-                    notes=(count.note,) if count.note else (), overheads_source=overheads.source,
+                    notes=notes, overheads_source=overheads.source,
                     calibration_key=group, first_step_phases=first)
+
+
+def _ignored_note(spec: ModelSpec) -> str:
+    if not spec.ignored_keys:
+        return ""
+    return (f"ignored config keys that would load code or kernels: {', '.join(spec.ignored_keys)} "
+            f"(the attention implementation comes from --attn; remote code never runs)")
 
 
 def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:

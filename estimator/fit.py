@@ -9,8 +9,10 @@ from .estimate import Estimate, estimate
 from .gpus import GPU
 from .modelspec import ModelSpec
 from .overheads import DEFAULT, Overheads
+from .params import default_lora_targets
 from .setup import Mode, Optimizer, Precision, Quant, Setup, Sharding
 from .sharding import smallest_world
+from .units import GiB
 
 MAX_SEARCH = 1 << 20  # upper bound for batch and sequence searches
 
@@ -35,6 +37,19 @@ class FitResult:
     max_seq: int  # at the setup's batch; 0 when even 1 token does not fit
     strategies: list[Strategy] = field(default_factory=list)
     min_gpus: int | None = None  # ZeRO-3 ranks needed for the setup as given
+
+    def verdict(self) -> str:
+        """One sentence about the setup as given: it fits, or it does not and what would
+        (never both: ``min_gpus`` is searched only when the setup does not fit)."""
+        total, budget = self.estimate.total_bytes / GiB, self.memory_bytes / GiB
+        if self.fits:
+            return f"The setup as given fits: {total:.2f} of {budget:.2f} GiB."
+        one_gpu = any(s.fits for s in self.strategies if s.setup.world_size == 1)
+        text = f"The setup as given does not fit: it needs {total:.2f} GiB of {budget:.2f}; " + \
+            ("a one-GPU strategy above does" if one_gpu else "no one-GPU strategy above does")
+        if self.min_gpus:
+            text += f"; ZeRO-3 needs {self.min_gpus} GPUs of this size"
+        return text + "."
 
     def to_dict(self) -> dict:
         return {
@@ -79,7 +94,7 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None
     max_batch = _largest(lambda b: under(setup.replace(batch=b)), MAX_SEARCH)
     max_seq = _largest(lambda s: under(setup.replace(seq=s)), max(max_pos, 1))
     strategies = []
-    for name, candidate in _ladder(setup):
+    for name, candidate in _ladder(setup, default_lora_targets(spec)):
         total = _total(spec, candidate, gpu, overheads)
         strategies.append(Strategy(name, candidate, total, total <= memory_bytes,
                                    _largest(lambda b, c=candidate: under(c.replace(batch=b)), MAX_SEARCH)))
@@ -96,10 +111,13 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None
     return FitResult(spec.name, memory_bytes, setup, est, fits, max_batch, max_seq, strategies, min_gpus)
 
 
-def _ladder(setup: Setup):
+def _ladder(setup: Setup, lora_targets: tuple[str, ...]):
     """Cumulative memory savers, in order of what they cost the run: precision (none for
     bf16-capable GPUs), recomputation (~1/3 more compute, Chen et al. 2016), 8-bit
-    optimizer state, then fewer trainable parameters (LoRA), then a 4-bit base (QLoRA)."""
+    optimizer state, then fewer trainable parameters (LoRA), then a 4-bit base (QLoRA).
+    A full-training setup switched to LoRA adapts ``lora_targets`` (the model's default)."""
+    if setup.mode is Mode.FULL:
+        setup = setup.replace(lora_targets=lora_targets)
     if not setup.training:
         if setup.precision is Precision.FP32:
             yield "bf16 weights", setup.replace(precision=Precision.BF16)

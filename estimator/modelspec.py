@@ -17,6 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configcheck import (
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    ConfigError,
+    Fields,
+    check_model_type,
+    check_shapes,
+    check_values,
+    parse_config_bytes,
+    strip_code_keys,
+    where_of,
+)
+
 MODELS_DIR = Path(__file__).parent / "data" / "models"
 
 #: Llama-style decoders: RMSNorm, rotary positions, gated (SwiGLU/GeGLU) MLP, GQA.
@@ -63,11 +82,14 @@ class ModelSpec:
     logit_softcap: bool = False  # Gemma 2: logits = tanh(logits / cap) * cap (final_logit_softcapping)
     source: str = ""  # where the config came from
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    #: config keys that would load code or kernels, dropped before transformers sees the config
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False, hash=False)
 
     def __hash__(self) -> int:  # cached: specs key the estimator's caches
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__ if f != "config"))
+            cached = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__
+                                if f not in ("config", "ignored_keys")))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -97,92 +119,85 @@ class ModelSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _need(config: Mapping[str, Any], *keys: str, default: Any = None, required: bool = True) -> Any:
-    for key in keys:
-        if key in config and config[key] is not None:
-            return config[key]
-    if required and default is None:
-        raise ValueError(f"config is missing the field {keys[0]!r}" +
-                         (f" (or {', '.join(map(repr, keys[1:]))})" if len(keys) > 1 else ""))
-    return default
-
-
 def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: str = "") -> ModelSpec:
-    """Normalise a config.json dict. Raises ``ValueError`` naming a missing field."""
+    """Normalise and check a config.json dict: the one place a config is validated
+    (``configcheck``). Raises :class:`~estimator.configcheck.ConfigError` (a ``ValueError``)
+    naming the file (``source``, else ``name``) and the key. Keys that load code or kernels
+    are dropped here, before any transformers config is built, and kept in ``ignored_keys``."""
+    where = where_of(source, name)
     if not isinstance(config, Mapping):
-        raise ValueError(f"config of {name!r} is not a JSON object")
-    config = {k: v for k, v in config.items() if not k.startswith("_vramlab")}
-    model_type = _need(config, "model_type")
-    tie = bool(config.get("tie_word_embeddings", _TIE_DEFAULT.get(model_type, True)))
+        raise ConfigError(f"config of {where} is not a JSON object")
+    bad_keys = [k for k in config if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{where}: config keys must be strings, got {bad_keys[0]!r}")
+    check_values(config, where)
+    config, ignored = strip_code_keys({k: v for k, v in config.items() if not k.startswith("_vramlab")})
+    model_type = check_model_type(config, where)
+    f = Fields(config, where)
+    tie = f.bool("tie_word_embeddings", _TIE_DEFAULT.get(model_type, True))
+    common = dict(name=name, model_type=model_type, tie_word_embeddings=tie, source=source, config=config,
+                  ignored_keys=ignored)
     if model_type == "gpt2":
-        h = int(_need(config, "n_embd", "hidden_size"))
-        heads = int(_need(config, "n_head", "num_attention_heads"))
+        h = f.int("n_embd", "hidden_size", limit=MAX_HIDDEN)
+        heads = f.int("n_head", "num_attention_heads", limit=MAX_HEADS)
+        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
+        positions = f.int("n_positions", "max_position_embeddings", limit=MAX_POSITIONS)
         return ModelSpec(
-            name=name, model_type=model_type, hidden_size=h,
-            num_layers=int(_need(config, "n_layer", "num_hidden_layers")),
+            hidden_size=h, num_layers=f.int("n_layer", "num_hidden_layers", limit=MAX_LAYERS),
             num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=int(config.get("n_inner") or 4 * h),  # GPT2MLP: n_inner or 4*h
-            vocab_size=int(_need(config, "vocab_size")),
-            max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
-            tie_word_embeddings=tie, gated_mlp=False,
-            hidden_act=str(config.get("activation_function", "gelu_new")),
+            intermediate_size=f.int("n_inner", limit=MAX_INTERMEDIATE, default=4 * h),  # GPT2MLP: n_inner or 4*h
+            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
+            hidden_act=f.text("activation_function", default="gelu_new"),
             norm="layernorm", norms_per_layer=2, qkv_bias=True, o_bias=True, mlp_bias=True,
             # GPT2Config defaults: resid/embd/attn_pdrop = 0.1
-            attn_dropout=float(config.get("attn_pdrop", 0.1)),
-            resid_dropout=float(config.get("resid_pdrop", 0.1)),
-            embd_dropout=float(config.get("embd_pdrop", 0.1)),
-            learned_positions=int(_need(config, "n_positions", "max_position_embeddings")),
-            source=source, config=config)
+            attn_dropout=f.fraction("attn_pdrop", 0.1), resid_dropout=f.fraction("resid_pdrop", 0.1),
+            embd_dropout=f.fraction("embd_pdrop", 0.1), learned_positions=positions, **common)
     if model_type == "opt":
-        h = int(_need(config, "hidden_size"))
-        heads = int(_need(config, "num_attention_heads"))
-        positions = int(_need(config, "max_position_embeddings"))
+        h = f.int("hidden_size", limit=MAX_HIDDEN)
+        heads = f.int("num_attention_heads", limit=MAX_HEADS)
+        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
+        positions = f.int("max_position_embeddings", limit=MAX_POSITIONS)
+        bias = f.bool("enable_bias", True)
+        f.bool("do_layer_norm_before", True)  # read by params._final_norms
+        f.bool("_remove_final_layer_norm", False)
         return ModelSpec(
-            name=name, model_type=model_type, hidden_size=h,
-            num_layers=int(_need(config, "num_hidden_layers")),
+            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
             num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=int(_need(config, "ffn_dim")),
-            vocab_size=int(_need(config, "vocab_size")), max_positions=positions,
-            tie_word_embeddings=tie, gated_mlp=False,
-            hidden_act=str(config.get("activation_function", "relu")),
-            norm="layernorm", norms_per_layer=2,
-            qkv_bias=bool(config.get("enable_bias", True)), o_bias=bool(config.get("enable_bias", True)),
-            mlp_bias=bool(config.get("enable_bias", True)),
+            intermediate_size=f.int("ffn_dim", limit=MAX_INTERMEDIATE),
+            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
+            hidden_act=f.text("activation_function", default="relu"),
+            norm="layernorm", norms_per_layer=2, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
             # OPTConfig defaults: dropout 0.1, attention_dropout 0.0
-            attn_dropout=float(config.get("attention_dropout", 0.0)),
-            resid_dropout=float(config.get("dropout", 0.1)), embd_dropout=float(config.get("dropout", 0.1)),
+            attn_dropout=f.fraction("attention_dropout", 0.0),
+            resid_dropout=f.fraction("dropout", 0.1), embd_dropout=f.fraction("dropout", 0.1),
             # OPTLearnedPositionalEmbedding keeps an offset of 2 rows (modeling_opt.py)
             learned_positions=positions + 2,
-            embed_dim=int(config.get("word_embed_proj_dim") or h),
-            source=source, config=config)
+            embed_dim=f.int("word_embed_proj_dim", limit=MAX_HIDDEN, default=h), **common)
     # Llama-style decoders and the fallback for anything else with the common names.
-    h = int(_need(config, "hidden_size", "n_embd", "d_model"))
-    heads = int(_need(config, "num_attention_heads", "n_head"))
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or h // heads)
-    experts = int(config.get("num_local_experts", 0) or 0)
-    act = str(config.get("hidden_act", config.get("hidden_activation", "silu")))
-    attention_bias = bool(config.get("attention_bias", False))
+    h = f.int("hidden_size", "n_embd", "d_model", limit=MAX_HIDDEN)
+    heads = f.int("num_attention_heads", "n_head", limit=MAX_HEADS)
+    kv = f.int("num_key_value_heads", limit=MAX_HEADS, default=heads)  # LlamaConfig: None -> heads
+    head_dim = f.int("head_dim", limit=MAX_HEAD_DIM, default=0)
+    experts = f.int("num_local_experts", limit=MAX_EXPERTS, default=0)
+    per_token = f.int("num_experts_per_tok", limit=MAX_EXPERTS, default=0)
+    check_shapes(where, h, heads, kv, head_dim_given=bool(head_dim), experts=experts, experts_per_token=per_token)
+    attention_bias = f.bool("attention_bias", False)
+    softcap = f.number("final_logit_softcapping")
     return ModelSpec(
-        name=name, model_type=model_type, hidden_size=h,
-        num_layers=int(_need(config, "num_hidden_layers", "n_layer")),
-        num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        intermediate_size=int(_need(config, "intermediate_size", "ffn_dim", "n_inner")),
-        vocab_size=int(_need(config, "vocab_size")),
-        max_positions=int(_need(config, "max_position_embeddings", "n_positions", default=0, required=False)),
-        tie_word_embeddings=tie, gated_mlp=True, hidden_act=act, norm="rmsnorm",
+        hidden_size=h, num_layers=f.int("num_hidden_layers", "n_layer", limit=MAX_LAYERS),
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim or h // heads,
+        intermediate_size=f.int("intermediate_size", "ffn_dim", "n_inner", limit=MAX_INTERMEDIATE),
+        vocab_size=f.int("vocab_size", limit=MAX_VOCAB),
+        max_positions=f.int("max_position_embeddings", "n_positions", limit=MAX_POSITIONS, default=0),
+        gated_mlp=True, hidden_act=f.text("hidden_act", "hidden_activation", default="silu"), norm="rmsnorm",
         # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms
         norms_per_layer=4 if model_type == "gemma2" else 2,
         # Qwen2Attention: q/k/v with bias, o_proj without (modeling_qwen2.py)
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=attention_bias if model_type != "qwen2" else False,
-        mlp_bias=bool(config.get("mlp_bias", False)),
-        num_experts=experts, experts_per_token=int(config.get("num_experts_per_tok", 0) or 0),
-        attn_dropout=float(config.get("attention_dropout", 0.0) or 0.0),
-        resid_dropout=float(config.get("resid_pdrop", 0.0) or 0.0),
-        embd_dropout=float(config.get("embd_pdrop", 0.0) or 0.0),
-        logit_softcap=bool(config.get("final_logit_softcapping")),
-        source=source, config=config)
+        mlp_bias=f.bool("mlp_bias", False), num_experts=experts, experts_per_token=per_token,
+        attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("resid_pdrop", 0.0),
+        embd_dropout=f.fraction("embd_pdrop", 0.0), logit_softcap=bool(softcap), **common)
 
 
 def registry_names() -> list[str]:
@@ -190,16 +205,12 @@ def registry_names() -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object of a config file, checked as text (configcheck.parse_config_bytes)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        data = path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config_bytes(data, str(path))
 
 
 def _hf_cache_dirs() -> list[Path]:
@@ -223,16 +234,88 @@ def _from_hf_cache(repo_id: str) -> Path | None:
     return None
 
 
+#: Seconds to reach the hub before a hub id not in the local cache fails: an unreachable
+#: hub (no network, a firewall) is one line within 3 s of the command's start (issue 15),
+#: not huggingface_hub's five retries with backoff (about 25 s).
+HUB_CONNECT_TIMEOUT_S = 2.0
+#: Seconds a reachable hub has to deliver a config.json (a few KB) before the command gives up.
+HUB_DOWNLOAD_TIMEOUT_S = 10.0
+_OFFLINE_VALUES = ("1", "true", "yes", "on")  # huggingface_hub constants._is_true
+
+
+def _hub_address() -> tuple[str, int, str]:
+    """(host, port, what) of the first hop to the hub: the HTTPS proxy if one is set, else
+    the endpoint (``HF_ENDPOINT``, default https://huggingface.co)."""
+    from urllib.parse import urlsplit
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        if os.environ.get(var):
+            url = urlsplit(os.environ[var] if "//" in os.environ[var] else "//" + os.environ[var])
+            return url.hostname or "", url.port or 3128, f"the proxy in {var}"
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    return url.hostname or "", port, f"{url.hostname}:{port}"
+
+
+def _within(seconds: float, fn, *args, **kwargs):
+    """``(True, fn(...))`` if ``fn`` returns within ``seconds``, ``(False, None)`` if not (it
+    runs on in a daemon thread, which cannot be stopped); its exception is re-raised."""
+    import threading
+    done = threading.Event()
+    result: list = []
+
+    def call():
+        try:
+            result.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            result.append((False, exc))
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    if not done.wait(seconds):
+        return False, None
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return True, value
+
+
+def _reachable(host: str, port: int, timeout_s: float) -> bool:
+    """Whether a TCP connection opens within ``timeout_s``, name lookup included
+    (``getaddrinfo`` has no timeout of its own, hence the thread)."""
+    import socket
+    try:
+        finished, _ = _within(timeout_s, lambda: socket.create_connection((host, port), timeout=timeout_s).close())
+    except (OSError, ValueError):
+        return False
+    return finished
+
+
 def _download_config(repo_id: str) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "TRUE", "yes"):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES:
         raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"download its config.json or pass a local path")
+    host, port, what = _hub_address()
+    if not host or not _reachable(host, port, HUB_CONNECT_TIMEOUT_S):
+        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
+                         f"(no connection to {what} within {HUB_CONNECT_TIMEOUT_S:.0f} s); pass a local "
+                         f"config.json or a shipped name")
+    import logging
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no "Retrying in 1s" lines: the error below is the one line
     try:
         from huggingface_hub import hf_hub_download  # lazy: only for hub ids not cached
-        return Path(hf_hub_download(repo_id, "config.json", etag_timeout=5))
-    except Exception as exc:  # network errors, gated repos, unknown repos
+        finished, path = _within(HUB_DOWNLOAD_TIMEOUT_S, hf_hub_download, repo_id, "config.json",
+                                 etag_timeout=HUB_CONNECT_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - network errors, gated repos, unknown repos
         raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
                          f"({type(exc).__name__}); pass a local config.json or a shipped name") from None
+    finally:
+        hub_log.setLevel(level)
+    if not finished:
+        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and its config.json did not "
+                         f"arrive within {HUB_DOWNLOAD_TIMEOUT_S:.0f} s; pass a local config.json or a shipped name")
+    return Path(path)
 
 
 def _source_index() -> dict[str, str]:

@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .modelspec import ModelSpec
+from .configcheck import (
+    META_BUILD_TIMEOUT_S,
+    ConfigError,
+    check_fallback_sizes,
+    check_known_type,
+    strip_code_keys,
+    time_limit,
+    where_of,
+)
+from .modelspec import FAMILIES, ModelSpec
+from .setup import DEFAULT_LORA_TARGETS
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 
@@ -170,19 +180,35 @@ def meta_count(spec: ModelSpec) -> ParamCount:
 
 
 def build_meta_model(spec: ModelSpec):
+    """The model of a config without a formula, built on the meta device (no memory), under
+    the same limits as the families with one (configcheck.check_fallback_sizes) and a time
+    limit (META_BUILD_TIMEOUT_S). Keys that load code or kernels never reach transformers."""
+    where = where_of(spec.source, spec.name)
+    config, _ = strip_code_keys(spec.config)
+    check_fallback_sizes(config, where)
     try:
         import torch
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise ValueError(f"model_type {spec.model_type!r} needs transformers to be counted ({exc})") from None
-    config = dict(spec.config)
-    config.pop("auto_map", None)  # never follow remote code
+    check_known_type(spec.model_type, where, FAMILIES, CONFIG_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                     transformers.__version__)
     try:
-        cfg = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"transformers cannot build model_type {spec.model_type!r} from this config: {exc}") from None
+        with time_limit(META_BUILD_TIMEOUT_S, f"building model_type {spec.model_type!r} of {where} on the meta "
+                                              f"device took over {META_BUILD_TIMEOUT_S:.0f} s"):
+            cfg = transformers.AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects, in any of its ways
+        message = " ".join(str(exc).split())
+        if len(message) > 120:
+            message = message[:117] + "..."
+        raise ConfigError(f"transformers cannot build model_type {spec.model_type!r} from {where}: "
+                          f"{type(exc).__name__}: {message}") from None
 
 
 # --- LoRA and quantization: which matrices they touch ----------------------------------
@@ -195,6 +221,20 @@ def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
     return spec.num_layers * per_layer
 
 
+#: peft's default LoRA target_modules per model_type, what ``LoraConfig(target_modules=None)``
+#: adapts (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
+#: peft has no entry for phi3; its fused ``qkv_proj`` holds the q and v projections the others adapt.
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"), "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "phi3": ("qkv_proj",)}
+
+
+def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """The LoRA targets a user gets without naming any: peft's default for the model type."""
+    return PEFT_DEFAULT_TARGETS.get(spec.model_type, DEFAULT_LORA_TARGETS)
+
+
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     """The matrices of one layer that a list of peft ``target_modules`` names selects."""
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
@@ -202,6 +242,10 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     linears = [lin for lin in layer_linears(spec) if not lin.fused_experts]  # named: nn.Linear only
     names = {lin.name for lin in linears}
     unknown = [t for t in targets if t not in names]
+    if unknown and tuple(targets) == DEFAULT_LORA_TARGETS:
+        raise ValueError(f"the default LoRA targets {','.join(targets)} are not modules of {spec.name} "
+                         f"({spec.model_type}); pass --lora-targets with some of: {', '.join(sorted(names))} "
+                         f"or all-linear (peft's default here: {','.join(default_lora_targets(spec))})")
     if unknown:
         raise ValueError(f"LoRA target {unknown[0]!r} is not a module of {spec.name} "
                          f"({spec.model_type}); choose from: {', '.join(sorted(names))} or all-linear")

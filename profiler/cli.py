@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
-from estimator.cli_args import add_setup_arguments, setup_from_args
+from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
 
 
 class UsageError(Exception):
@@ -22,6 +24,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="shipped name (e.g. llama-2-7b), path to config.json or folder, or hub id")
+
+
+def _setup(args, device: str | None = None):
+    """The Setup of the setup flags. Each flag it ignores gets a one-line warning on stderr
+    once the command has succeeded (a failing command prints its one error line only)."""
+    setup = setup_from_args(args, device)
+    args.warnings = flag_warnings(args)
+    return setup
+
+
+def _gpu(args):
+    """The --gpu preset, None without --gpu; an empty --gpu is a UsageError, not "no GPU"."""
+    from estimator.gpus import get_gpu, gpu_presets
+    if args.gpu is None:
+        return None
+    if not args.gpu.strip():
+        raise UsageError(f"--gpu is empty; name a GPU preset ({', '.join(sorted(gpu_presets()))})")
+    return get_gpu(args.gpu)
 
 
 def _overheads(args, setup, gpu):
@@ -43,12 +63,11 @@ def _overheads(args, setup, gpu):
 
 def cmd_estimate(args) -> int:
     from estimator.estimate import estimate
-    from estimator.gpus import get_gpu
     from estimator.modelspec import load_model
     from estimator.units import format_gib
+    setup = _setup(args)
+    gpu = _gpu(args)
     spec = load_model(args.model)
-    setup = setup_from_args(args)
-    gpu = get_gpu(args.gpu) if args.gpu else None
     est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(dict(est.to_dict(), assumed_versions=setup.semantics.to_dict()), indent=2))
@@ -67,22 +86,22 @@ def cmd_estimate(args) -> int:
 
 def cmd_fit(args) -> int:
     from estimator.fit import fit
-    from estimator.gpus import get_gpu
     from estimator.modelspec import load_model
     from estimator.units import parse_bytes
-    if bool(args.gpu) == bool(args.memory):
+    if (args.gpu is None) == (args.memory is None):
         raise UsageError("fit needs exactly one of --gpu NAME or --memory SIZE (e.g. --memory 24GiB)")
-    gpu = get_gpu(args.gpu) if args.gpu else None
+    if args.memory is not None and not args.memory.strip():
+        raise UsageError("--memory is empty; give a size, e.g. --memory 24GiB or 80GB")
+    gpu = _gpu(args)
     memory = gpu.memory_bytes if gpu else parse_bytes(args.memory)
-    setup = setup_from_args(args)
+    setup = _setup(args)
     result = fit(load_model(args.model), setup, memory, gpu, _overheads(args, setup, gpu))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         from estimator.report import fit_table, print_table
         print_table(fit_table(result))
-        if result.min_gpus:
-            print(f"ZeRO-3 needs {result.min_gpus} GPUs of this size for the setup as given.")
+        print(result.verdict())
     return 0
 
 
@@ -103,7 +122,7 @@ def cmd_profile(args) -> int:
     from profiler.record import append_record
     from profiler.show import print_records
     spec = load_model(args.model)  # bad names fail before torch is imported
-    setup = setup_from_args(args)
+    setup = _setup(args, device="cpu" if args.backend == "cpu" else None)
     steps = _positive(args.steps, "steps")
     nproc = _positive(args.nproc, "nproc")
     if nproc > 1:
@@ -299,7 +318,9 @@ def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.")
+    parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.",
+                     epilog=EXIT_CODES)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     p = sub.add_parser("estimate", help="predict peak memory of one step, per category")
     _add_model(p)
@@ -370,23 +391,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")
     p.add_argument("--backend", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_loop)
+    for command in sub.choices.values():  # --debug after the command works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, print the traceback too")
+        command.epilog = EXIT_CODES
     return parser
 
 
+#: Exit codes, as ``--help`` and the README state them.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = ("exit codes: 0 done; 1 the command's verdict (compare: a regression; profile, campaign: a failed "
+              "case) or an internal error (a bug: one line, --debug shows the traceback); 2 bad input (a flag, "
+              "a file, a config: one line naming it); 130 interrupted")
+#: An internal error's one line stays short; --debug prints the whole traceback.
+INTERNAL_MESSAGE_CHARS = 300
+
+
+def _one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The exception's message on one line (cut at ``limit`` characters, if given)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quiet_stdout() -> None:
+    """After a closed stdout pipe (``vramlab rules | head -1``): point stdout at /dev/null so
+    the interpreter's last flush does not report it again (Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr: bad input (a ``UsageError``,
+    ``ValueError``, ``TypeError`` or ``OSError``) exits 2, anything else is an internal
+    error and exits 1; ``--debug`` prints the traceback first. Ctrl-C exits 130; a closed
+    stdout pipe ends the command quietly."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
-            return 2
-        return args.func(args)
-    except (UsageError, ValueError, OSError) as exc:
-        print(f"vramlab: error: {exc}", file=sys.stderr)
-        return 2
+            return EXIT_BAD_INPUT
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        for warning in getattr(args, "warnings", ()):
+            print(f"vramlab: warning: {warning}", file=sys.stderr)
+        return code
+    except SystemExit as exc:  # --help; sys.exit() in a command
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or EXIT_OK
+        print(f"vramlab: error: {exc.code}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("vramlab: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"vramlab: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            traceback.print_exc()
+        print(f"vramlab: internal error: {type(exc).__name__}: {_one_line(exc, INTERNAL_MESSAGE_CHARS)} "
+              f"(a bug: rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

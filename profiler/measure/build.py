@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from estimator.configcheck import strip_code_keys
 from estimator.modelspec import ModelSpec
 from estimator.setup import Attention, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup
 from profiler.measure.compat import dtype_kwargs
@@ -22,8 +23,10 @@ class SetupUnavailable(ValueError):
 
 
 def hf_config(spec: ModelSpec):
+    """The transformers config of a spec, without the keys that load code or kernels
+    (configcheck.CODE_LOADING_KEYS: the attention implementation comes from the setup)."""
     import transformers
-    config = {k: v for k, v in spec.config.items() if k != "auto_map"}
+    config, _ = strip_code_keys(spec.config)
     try:
         return transformers.AutoConfig.for_model(**config)
     except (ValueError, KeyError) as exc:
