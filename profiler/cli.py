@@ -256,16 +256,19 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from profiler.analysis.compare import Threshold, compare, markdown
-    from profiler.record import read_records
+    """Exit 0: no regression; 1: a regression, missing cases or nothing matched; 2: records
+    that cannot be compared (unreadable, empty, one case twice) or a bad threshold."""
+    from profiler.analysis.compare import Threshold, compare, markdown, parse_points
     threshold = Threshold.parse(args.threshold)
-    result = compare(read_records(args.baseline), read_records(args.current), threshold)
-    text = markdown(result, threshold)
+    error_growth = parse_points(args.error_growth) if args.error_growth is not None else None
+    baseline, current = _read_all([args.baseline]), _read_all([args.current])
+    result = compare(baseline, current, threshold, error_growth, names=(args.baseline, args.current))
+    text = markdown(result, threshold, allow_missing=args.allow_missing)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text)
     print(text, end="")
-    return 1 if result.regressed else 0
+    return 1 if result.failures(args.allow_missing) else 0
 
 
 def cmd_loop(args) -> int:
@@ -358,11 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="report title")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression")
+    p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression or missing cases")
     p.add_argument("baseline")
     p.add_argument("current")
     p.add_argument("--threshold", default="2%", help="a percentage (2%%) or a size (256MiB); default 2%%")
     p.add_argument("--out", help="also write the markdown report here")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="baseline cases missing from the current records do not fail the gate")
+    p.add_argument("--error-growth", help="also fail when a case's estimate |error| grows by more than this "
+                                          "many points of the measured peak, e.g. 1%%")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("loop", help="profile the embedded quick matrix, calibrate, validate, write the report")
     p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")
