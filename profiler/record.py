@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+#: Fields that are differences of two readings and may be negative: NVML's context figure
+#: is device used - idle - reserved, and with other workers' contexts taken out of it
+#: (campaign) it went below zero on the first H200 records (-131 MiB, -150 MiB).
+SIGNED_FIELDS = frozenset({"nvml_context_bytes"})
 
 
 class RecordError(ValueError):
@@ -252,6 +258,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
+        _check_free_form(value, where, path)
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
@@ -272,6 +279,7 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
                 raise RecordError(f"{where}: {path or 'record'} lacks {f.name}")
         if "extra" in {f.name for f in dataclasses.fields(tp)}:
             kwargs["extra"] = {k: v for k, v in value.items() if k not in known}
+            _check_free_form(kwargs["extra"], where, path)
         return tp(**kwargs)
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
@@ -291,11 +299,11 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             what = "an integer number of bytes" if path.endswith("_bytes") else "an integer"
             raise RecordError(f"{where}: {path} must be {what}, got {value!r}")
-        return value
+        return _not_negative(value, where, path)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecordError(f"{where}: {path} must be a number, got {value!r}")
-        return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(f"{where}: {path} must be a finite number, got {value!r}")
+        return _not_negative(value, where, path)
     if tp is str:
         if not isinstance(value, str):
             raise RecordError(f"{where}: {path} must be a string, got {value!r}")
@@ -305,6 +313,29 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
             raise RecordError(f"{where}: {path} must be true or false, got {value!r}")
         return value
     return value
+
+
+def _not_negative(value: int | float, where: str, path: str) -> int | float:
+    if value < 0 and path.rsplit(".", 1)[-1] not in SIGNED_FIELDS:
+        raise RecordError(f"{where}: {path} must not be negative, got {value!r}")
+    return value
+
+
+def _check_free_form(value: Any, where: str, path: str) -> None:
+    """Free-form values (setup, device, campaign, the predicted first step): a ``*_bytes``
+    key holds a non-negative integer, and so does every category of a ``phases`` object
+    (phase -> category -> bytes)."""
+    key = path.rsplit(".", 1)[-1]
+    if key.endswith("_bytes") and value is not None:
+        _decode(int, value, where, path)
+    elif key == "phases" and isinstance(value, dict):
+        _decode(dict[str, dict[str, int]], value, where, path)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_free_form(item, where, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_free_form(item, where, f"{path}[{i}]")
 
 
 def _encode(obj: Any) -> Any:
