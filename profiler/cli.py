@@ -151,34 +151,56 @@ def _seconds(text, name: str) -> float:
         raise UsageError(f"--{name} takes a number of seconds, got {text!r}") from None
 
 
+def _say(stream, text: str) -> None:
+    """``print`` that outlives its reader: once a pipe is closed (``| head``), what it would
+    have read goes to /dev/null and the command goes on."""
+    import os
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 def cmd_sweep(args) -> int:
-    from pathlib import Path
+    import math
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from profiler.sweeps.matrix import parse_shard
-    from profiler.sweeps.sweep import done_keys, plan, sweep
+    from profiler.sweeps.sweep import sweep
     shard = parse_shard(args.shard)
-    jobs = plan(args.matrix, args.backend, shard)
-    done = done_keys(Path(args.out))
-    todo = sum(1 for job in jobs if job.key not in done)
-    print(f"{len(jobs)} cases in shard {args.shard}; {len(jobs) - todo} already in {args.out}; running {todo}",
-          file=sys.stderr)
+    timeout_s = _seconds(args.case_timeout, "case-timeout")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise UsageError(f"--case-timeout must be a finite positive number of seconds, got {args.case_timeout!r}")
+    try:
+        retries = int(args.retries)
+    except ValueError:
+        retries = -1
+    if retries < 0:
+        raise UsageError(f"--retries must be a non-negative integer, got {args.retries!r}")
     counts = {"ok": 0, "oom": 0, "error": 0}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
                   disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("sweep", total=todo)
+        task = progress.add_task("sweep", total=None)
+
+        def on_start(total, done):
+            progress.update(task, total=total - done)
+            _say(sys.stderr, f"{total} cases in shard {args.shard}; {done} already in {args.out}; "
+                             f"running {total - done}")
 
         def on_case(n, total, record):
             counts[record.status.value] += 1
             progress.update(task, advance=1, description=f"{record.case.model} {record.status}")
             if not sys.stderr.isatty():
-                print(f"[{n}/{total}] {record.case.label()}: {record.status}", file=sys.stderr)
+                _say(sys.stderr, f"[{n}/{total}] {record.case.label()}: {record.status}")
 
-        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=_seconds(args.case_timeout, "case-timeout"),
-              on_case=on_case, timeline=args.timeline)
-    print(f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
+        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=timeout_s, on_case=on_case,
+              timeline=args.timeline, retries=retries, on_start=on_start,
+              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"))
+    _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
     return 0
 
 
@@ -208,8 +230,13 @@ def cmd_campaign(args) -> int:
 
 
 def _read_all(paths):
+    """Every record of the files; an unfinished last line (a write cut short) is skipped
+    with a warning naming it, as a sweep does."""
     from profiler.record import read_records
-    return [r for path in paths for r in read_records(path)]
+
+    def warn(text):
+        print(f"vramlab: warning: {text}", file=sys.stderr)
+    return [r for path in paths for r in read_records(path, allow_partial_tail=True, warn=warn)]
 
 
 def cmd_calibrate(args) -> int:
@@ -337,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                        out="JSONL file; cases already in it are skipped", case_timeout="900")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th")
     p.add_argument("--timeline", action="store_true", help="keep each run's memory timeline")
+    p.add_argument("--retries", default="0", help="run a case again when a signal killed its worker "
+                                                  "(not on OOM or a timeout); default 0")
     p.set_defaults(func=cmd_sweep)
     p = _matrix_parser(sub, "campaign", "a whole matrix in persistent workers, in parallel where the card allows",
                        backend="cuda", out="folder for records, campaign.json, worker and test logs",

@@ -160,3 +160,13 @@ def test_threshold_values_checked_in_the_api():
     with pytest.raises(CompareError, match="too large"):
         Threshold.parse("9" * 400 + "TiB")
     assert Threshold.parse("0%").exceeded(100, 101) and not Threshold.parse("0%").exceeded(100, 100)
+
+
+def test_a_torn_tail_in_current_is_skipped_with_a_warning(objs, tmp_path):
+    torn = tmp_path / "torn.jsonl"
+    line = json.dumps(objs[0])
+    torn.write_text(RECORDS.read_text() + line[: len(line) // 2])  # every record, then a write cut short
+    r = _cli(RECORDS, torn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{torn}, line {len(objs) + 1}: skipped an unfinished last record" in r.stderr
+    assert f"{len(objs)} cases matched" in r.stdout
