@@ -172,34 +172,56 @@ def _seconds(text, name: str) -> float:
         raise UsageError(f"--{name} takes a number of seconds, got {text!r}") from None
 
 
+def _say(stream, text: str) -> None:
+    """``print`` that outlives its reader: once a pipe is closed (``| head``), what it would
+    have read goes to /dev/null and the command goes on."""
+    import os
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 def cmd_sweep(args) -> int:
-    from pathlib import Path
+    import math
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from profiler.sweeps.matrix import parse_shard
-    from profiler.sweeps.sweep import done_keys, plan, sweep
+    from profiler.sweeps.sweep import sweep
     shard = parse_shard(args.shard)
-    jobs = plan(args.matrix, args.backend, shard)
-    done = done_keys(Path(args.out))
-    todo = sum(1 for job in jobs if job.key not in done)
-    print(f"{len(jobs)} cases in shard {args.shard}; {len(jobs) - todo} already in {args.out}; running {todo}",
-          file=sys.stderr)
+    timeout_s = _seconds(args.case_timeout, "case-timeout")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise UsageError(f"--case-timeout must be a finite positive number of seconds, got {args.case_timeout!r}")
+    try:
+        retries = int(args.retries)
+    except ValueError:
+        retries = -1
+    if retries < 0:
+        raise UsageError(f"--retries must be a non-negative integer, got {args.retries!r}")
     counts = {"ok": 0, "oom": 0, "error": 0}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
                   disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("sweep", total=todo)
+        task = progress.add_task("sweep", total=None)
+
+        def on_start(total, done):
+            progress.update(task, total=total - done)
+            _say(sys.stderr, f"{total} cases in shard {args.shard}; {done} already in {args.out}; "
+                             f"running {total - done}")
 
         def on_case(n, total, record):
             counts[record.status.value] += 1
             progress.update(task, advance=1, description=f"{record.case.model} {record.status}")
             if not sys.stderr.isatty():
-                print(f"[{n}/{total}] {record.case.label()}: {record.status}", file=sys.stderr)
+                _say(sys.stderr, f"[{n}/{total}] {record.case.label()}: {record.status}")
 
-        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=_seconds(args.case_timeout, "case-timeout"),
-              on_case=on_case, timeline=args.timeline)
-    print(f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
+        sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=timeout_s, on_case=on_case,
+              timeline=args.timeline, retries=retries, on_start=on_start,
+              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"))
+    _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
     return 0
 
 
@@ -229,8 +251,13 @@ def cmd_campaign(args) -> int:
 
 
 def _read_all(paths):
+    """Every record of the files; an unfinished last line (a write cut short) is skipped
+    with a warning naming it, as a sweep does."""
     from profiler.record import read_records
-    return [r for path in paths for r in read_records(path)]
+
+    def warn(text):
+        print(f"vramlab: warning: {text}", file=sys.stderr)
+    return [r for path in paths for r in read_records(path, allow_partial_tail=True, warn=warn)]
 
 
 def cmd_calibrate(args) -> int:
@@ -277,16 +304,19 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from profiler.analysis.compare import Threshold, compare, markdown
-    from profiler.record import read_records
+    """Exit 0: no regression; 1: a regression, missing cases or nothing matched; 2: records
+    that cannot be compared (unreadable, empty, one case twice) or a bad threshold."""
+    from profiler.analysis.compare import Threshold, compare, markdown, parse_points
     threshold = Threshold.parse(args.threshold)
-    result = compare(read_records(args.baseline), read_records(args.current), threshold)
-    text = markdown(result, threshold)
+    error_growth = parse_points(args.error_growth) if args.error_growth is not None else None
+    baseline, current = _read_all([args.baseline]), _read_all([args.current])
+    result = compare(baseline, current, threshold, error_growth, names=(args.baseline, args.current))
+    text = markdown(result, threshold, allow_missing=args.allow_missing)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text)
     print(text, end="")
-    return 1 if result.regressed else 0
+    return 1 if result.failures(args.allow_missing) else 0
 
 
 def cmd_loop(args) -> int:
@@ -357,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                        out="JSONL file; cases already in it are skipped", case_timeout="900")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th")
     p.add_argument("--timeline", action="store_true", help="keep each run's memory timeline")
+    p.add_argument("--retries", default="0", help="run a case again when a signal killed its worker "
+                                                  "(not on OOM or a timeout); default 0")
     p.set_defaults(func=cmd_sweep)
     p = _matrix_parser(sub, "campaign", "a whole matrix in persistent workers, in parallel where the card allows",
                        backend="cuda", out="folder for records, campaign.json, worker and test logs",
@@ -381,11 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="report title")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression")
+    p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression or missing cases")
     p.add_argument("baseline")
     p.add_argument("current")
     p.add_argument("--threshold", default="2%", help="a percentage (2%%) or a size (256MiB); default 2%%")
     p.add_argument("--out", help="also write the markdown report here")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="baseline cases missing from the current records do not fail the gate")
+    p.add_argument("--error-growth", help="also fail when a case's estimate |error| grows by more than this "
+                                          "many points of the measured peak, e.g. 1%%")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("loop", help="profile the embedded quick matrix, calibrate, validate, write the report")
     p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")

@@ -7,25 +7,42 @@ object into a :class:`Record` or raises :class:`RecordError` naming the line and
 key; :meth:`Record.to_json` writes it back. Keys this version does not know are kept
 (``extra``) so an older tool never drops what a newer one wrote.
 
-A final line cut short by a kill is not a completed record: :func:`repair_tail` drops
-it before a writer appends again.
+Numbers are checked where they are read: every integer and float of a record is finite
+and not negative (bytes, counts, seconds), except the differences named in
+:data:`SIGNED_FIELDS`; under free-form objects, every ``*_bytes`` key and every predicted
+phase's categories are checked the same way.
+
+A final line cut short by a kill (no newline, not valid JSON) is not a completed record:
+readers skip it when asked to (``allow_partial_tail``, with a warning naming the line)
+and :func:`repair_tail` removes it before a writer appends again. A complete last record
+whose newline is missing is kept: repair appends the newline. One writer at a time:
+:func:`lock_records` holds an advisory ``fcntl`` lock on the file while a sweep or a
+campaign appends to it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+#: Fields that are differences of two readings and may be negative: NVML's context figure
+#: is device used - idle - reserved, and with other workers' contexts taken out of it
+#: (campaign) it went below zero on the first H200 records (-131 MiB, -150 MiB).
+SIGNED_FIELDS = frozenset({"nvml_context_bytes"})
 
 
 class RecordError(ValueError):
@@ -252,6 +269,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
+        _check_free_form(value, where, path)
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
@@ -272,6 +290,7 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
                 raise RecordError(f"{where}: {path or 'record'} lacks {f.name}")
         if "extra" in {f.name for f in dataclasses.fields(tp)}:
             kwargs["extra"] = {k: v for k, v in value.items() if k not in known}
+            _check_free_form(kwargs["extra"], where, path)
         return tp(**kwargs)
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
@@ -291,11 +310,11 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             what = "an integer number of bytes" if path.endswith("_bytes") else "an integer"
             raise RecordError(f"{where}: {path} must be {what}, got {value!r}")
-        return value
+        return _not_negative(value, where, path)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecordError(f"{where}: {path} must be a number, got {value!r}")
-        return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordError(f"{where}: {path} must be a finite number, got {value!r}")
+        return _not_negative(value, where, path)
     if tp is str:
         if not isinstance(value, str):
             raise RecordError(f"{where}: {path} must be a string, got {value!r}")
@@ -305,6 +324,29 @@ def _decode(tp: Any, value: Any, where: str, path: str) -> Any:
             raise RecordError(f"{where}: {path} must be true or false, got {value!r}")
         return value
     return value
+
+
+def _not_negative(value: int | float, where: str, path: str) -> int | float:
+    if value < 0 and path.rsplit(".", 1)[-1] not in SIGNED_FIELDS:
+        raise RecordError(f"{where}: {path} must not be negative, got {value!r}")
+    return value
+
+
+def _check_free_form(value: Any, where: str, path: str) -> None:
+    """Free-form values (setup, device, campaign, the predicted first step): a ``*_bytes``
+    key holds a non-negative integer, and so does every category of a ``phases`` object
+    (phase -> category -> bytes)."""
+    key = path.rsplit(".", 1)[-1]
+    if key.endswith("_bytes") and value is not None:
+        _decode(int, value, where, path)
+    elif key == "phases" and isinstance(value, dict):
+        _decode(dict[str, dict[str, int]], value, where, path)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_free_form(item, where, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_free_form(item, where, f"{path}[{i}]")
 
 
 def _encode(obj: Any) -> Any:
@@ -326,31 +368,57 @@ def _encode(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- files
-def read_records(path: str | Path, allow_partial_tail: bool = False) -> list[Record]:
-    """All records of a JSONL file; a malformed line raises RecordError naming it."""
+#: Called with one sentence when a reader skips or a writer repairs something.
+Warn = Callable[[str], None]
+
+
+def _torn(line: bytes) -> bool:
+    """An unterminated last line that is not one whole JSON value: a write cut short."""
+    try:
+        json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return False
+
+
+def read_records(path: str | Path, allow_partial_tail: bool = False, warn: Warn | None = None) -> list[Record]:
+    """All records of a JSONL file; a malformed line raises RecordError naming it.
+
+    A last line without its newline is a record like any other when it is whole. When it
+    is not (a write cut short), ``allow_partial_tail`` skips it, telling ``warn`` which
+    line it was; otherwise it is an error naming the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise RecordError(f"cannot read records file {path}: {exc.strerror}") from None
-    lines = text.split("\n")
+    lines = data.split(b"\n")
     out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-        last = number == len(lines)  # no newline after it: a write cut short
+        where = f"{path}, line {number}"
+        if number == len(lines) and _torn(raw):  # no newline after it: a write cut short
+            if not allow_partial_tail:
+                raise RecordError(f"{where}: an unfinished last record ({len(raw)} bytes without a newline, "
+                                  f"a write cut short)")
+            if warn:
+                warn(f"{where}: skipped an unfinished last record ({len(raw)} bytes, a write cut short)")
+            break
         try:
-            obj = json.loads(line)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RecordError(f"{where}: not valid UTF-8") from None
         except json.JSONDecodeError as exc:
-            if last and allow_partial_tail:
-                break
-            raise RecordError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        out.append(check_record(obj, f"{path}, line {number}"))
+            raise RecordError(f"{where}: not valid JSON ({exc.msg})") from None
+        out.append(check_record(obj, where))
     return out
 
 
-def repair_tail(path: str | Path) -> int:
-    """Drop an unterminated last line (a record whose write was killed). Returns bytes cut."""
+def repair_tail(path: str | Path, warn: Warn | None = None) -> int:
+    """Make the file end with a newline before a writer appends: a whole last record whose
+    newline is missing gets it; an unfinished one (a write cut short) is cut off, and
+    ``warn`` names its line. Returns the bytes cut."""
     path = Path(path)
     if not path.exists():
         return 0
@@ -358,11 +426,48 @@ def repair_tail(path: str | Path) -> int:
     if not data or data.endswith(b"\n"):
         return 0
     keep = data.rfind(b"\n") + 1
+    tail = data[keep:]
+    number = data.count(b"\n") + 1
     with open(path, "r+b") as fh:
-        fh.truncate(keep)
+        if _torn(tail) and tail.strip():
+            fh.truncate(keep)
+            if warn:
+                warn(f"{path}, line {number}: removed an unfinished last record "
+                     f"({len(tail)} bytes, a write cut short)")
+        else:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+            tail = b""
         fh.flush()
         os.fsync(fh.fileno())
-    return len(data) - keep
+    return len(tail)
+
+
+@contextlib.contextmanager
+def lock_records(path: str | Path, warn: Warn | None = None) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on a records file while appending to it, so
+    a second sweep or campaign on the same file stops with a sentence instead of writing
+    every case twice. Where the filesystem has no locks, ``warn`` says so and it goes on."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "ab")
+    except OSError as exc:
+        raise RecordError(f"cannot open records file {path}: {exc.strerror}") from None
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecordError(f"{path} is being written by another vramlab sweep or campaign (it holds the "
+                              f"file's lock); wait for it to end or write to another file") from None
+        except (ImportError, OSError) as exc:
+            if warn:
+                warn(f"cannot lock {path} ({getattr(exc, 'strerror', None) or exc}); make sure no other "
+                     f"sweep writes to it")
+        yield
+    finally:
+        fh.close()  # releases the lock
 
 
 def append_record(path: str | Path, record: Record) -> None:

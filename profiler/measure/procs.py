@@ -2,8 +2,10 @@
 the checkout importable first, and no child outliving its parent."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,11 +19,20 @@ def checkout_env() -> dict[str, str]:
     return env
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """``preexec_fn`` on Linux: the child gets SIGKILL when its parent dies, however it
-    dies (prctl PR_SET_PDEATHSIG), so a killed run leaves no child holding GPU memory."""
+    dies (prctl PR_SET_PDEATHSIG), so a killed run leaves no child holding GPU memory.
+    Given ``parent`` (the pid that started it: :func:`dies_with_this_process`), a child
+    whose parent died between fork and prctl kills itself at once (prctl(2) names the race)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except Exception:
-        pass
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dies_with_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for children that must not outlive this process, race included."""
+    return functools.partial(die_with_parent, os.getpid())

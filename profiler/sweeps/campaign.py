@@ -49,7 +49,15 @@ from estimator.setup import Setup
 from estimator.units import GiB
 from profiler.measure.procs import ROOT, checkout_env, die_with_parent
 from profiler.measure.run import backend_setup
-from profiler.record import Record, RecordError, Status, append_record, check_record, new_record
+from profiler.record import (
+    Record,
+    RecordError,
+    Status,
+    append_record,
+    check_record,
+    lock_records,
+    new_record,
+)
 from profiler.sweeps.sweep import Planned, done_keys, plan
 
 #: Headroom kept free on the card beyond the admitted predictions: the estimator's own
@@ -433,10 +441,15 @@ class Campaign:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        """Run the matrix holding the records file's lock (a second writer stops at once)."""
+        with lock_records(self.records, warn=self.say):
+            return self._run()
+
+    def _run(self) -> dict:
         t0 = time.monotonic()
         deadline = t0 + self.budget_s
         self.started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        done = done_keys(self.records)
+        done = done_keys(self.records, warn=self.say)
         self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes)
         self.resumed = len(done)
         self.total = len(self.pending)

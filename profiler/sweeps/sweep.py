@@ -1,7 +1,16 @@
-"""Run a matrix, each case in a subprocess; resume, shard, and record failures as data."""
+"""Run a matrix, each case in a subprocess; resume, shard, and record failures as data.
+
+The records file is the sweep's only state: cases already in it are skipped, an
+unfinished last line (the sweep was killed while writing) is cut and its case runs again,
+and while the sweep runs it holds the file's lock so no second writer duplicates records.
+A worker killed by a signal (not a case that ran out of memory: that is a data point)
+can run again (``retries``); a worker never outlives the sweep.
+"""
 from __future__ import annotations
 
 import json
+import math
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,15 +20,17 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup
-from profiler.measure.procs import checkout_env, die_with_parent
+from profiler.measure.procs import checkout_env, dies_with_this_process
 from profiler.measure.run import make_case
 from profiler.record import (
     Case,
     Record,
     RecordError,
     Status,
+    Warn,
     append_record,
     check_record,
+    lock_records,
     new_record,
     read_records,
     repair_tail,
@@ -66,49 +77,116 @@ def plan(matrix: str | Path, backend: str, shard: tuple[int, int] = (0, 1)) -> l
     return out
 
 
-def done_keys(out: Path) -> set[str]:
+class WorkerKilled(Exception):
+    """A case's worker died by a signal (the kernel's OOM killer, a crash in a library, a
+    kill by hand); ``record`` is the error record to keep if it does not run again."""
+
+    def __init__(self, record: Record, signame: str):
+        super().__init__(record.message)
+        self.record, self.signame = record, signame
+
+
+def done_keys(out: Path, warn: Warn | None = None) -> set[str]:
+    """Keys of the cases already recorded in ``out``, after :func:`repair_tail` (hold the
+    file's lock: :func:`profiler.record.lock_records`)."""
     if not out.exists():
         return set()
-    repair_tail(out)  # a record cut short by a kill was never completed
+    repair_tail(out, warn)
     return {r.case_key for r in read_records(out)}
 
 
 def run_in_subprocess(job: Planned, backend: str, timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
                       timeline: bool = False) -> Record:
+    """The case's record from a fresh worker process; an error record when the worker
+    fails, runs past ``timeout_s`` or prints nothing readable. Raises :class:`WorkerKilled`
+    when a signal ended the worker."""
     request = json.dumps({"model": job.model, "setup": job.setup.to_dict(), "backend": backend,
                           "steps": job.steps, "timeline": timeline})
     try:
         proc = subprocess.run([sys.executable, "-m", "profiler.sweeps.worker"], input=request, text=True,
                               errors="replace", capture_output=True, timeout=timeout_s, env=checkout_env(),
-                              preexec_fn=die_with_parent)
+                              preexec_fn=dies_with_this_process())
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         message = f"worker exited with code {proc.returncode}: {tail}"
+        if proc.returncode < 0:
+            signame = _signal_name(-proc.returncode)
+            raise WorkerKilled(new_record(job.case, Status.ERROR, f"worker was killed by {signame}"), signame)
         if proc.returncode == 0 and lines:
             try:
                 return check_record(json.loads(lines[-1]), "worker output")
             except (json.JSONDecodeError, RecordError) as exc:
                 message = f"worker printed an unreadable record ({exc})"
     except subprocess.TimeoutExpired:
-        message = f"case ran past {timeout_s:.0f} s and was stopped"
+        message = f"case ran past {timeout_s:g} s and was stopped"
     return new_record(job.case, Status.ERROR, message)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def run_with_retries(job: Planned, backend: str, timeout_s: float, timeline: bool, retries: int,
+                     runner: Callable[..., Record] = run_in_subprocess,
+                     warn: Warn | None = None) -> Record:
+    """Run a case; while its worker is killed and retries are left, run it again. The
+    record says how many workers were killed."""
+    kills: list[str] = []
+    while True:
+        try:
+            record = runner(job, backend, timeout_s, timeline)
+        except WorkerKilled as killed:
+            kills.append(killed.signame)
+            if len(kills) > retries:
+                record = killed.record
+                if retries:
+                    record.note(f"killed on all {len(kills)} runs ({', '.join(kills)})")
+                return record
+            if warn:
+                warn(f"{job.case.label()}: worker killed by {killed.signame}; running it again "
+                     f"(retry {len(kills)} of {retries})")
+            continue
+        if kills:
+            record.note(f"ran again after its worker was killed ({', '.join(kills)})")
+        return record
+
+
+def check_sweep_options(timeout_s: float, retries: int) -> None:
+    """ValueError unless the case timeout is a finite positive number of seconds and
+    retries a non-negative integer."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+            or not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"the case timeout must be a finite positive number of seconds, got {timeout_s}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
 
 
 def sweep(matrix: str | Path, backend: str, out: str | Path, shard: tuple[int, int] = (0, 1),
           timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
           on_case: Callable[[int, int, Record], None] | None = None,
-          runner: Callable[..., Record] = run_in_subprocess, timeline: bool = False) -> list[Record]:
-    """Run every case of the shard not yet in ``out``; append each record as it finishes."""
-    if timeout_s <= 0:
-        raise ValueError(f"the case timeout must be positive, got {timeout_s}")
+          runner: Callable[..., Record] = run_in_subprocess, timeline: bool = False, retries: int = 0,
+          on_start: Callable[[int, int], None] | None = None, warn: Warn | None = None) -> list[Record]:
+    """Run every case of the shard not yet in ``out``; append each record as it finishes.
+
+    Holds ``out``'s lock throughout (a second sweep on it raises RecordError at once).
+    ``on_start(cases in the shard, already recorded)`` is called before the first case;
+    ``warn`` hears of repaired files and killed workers."""
+    check_sweep_options(timeout_s, retries)
     out = Path(out)
-    done = done_keys(out)
-    todo = [job for job in plan(matrix, backend, shard) if job.key not in done]
-    records = []
-    for n, job in enumerate(todo, start=1):
-        record = runner(job, backend, timeout_s, timeline)
-        append_record(out, record)
-        records.append(record)
-        if on_case:
-            on_case(n, len(todo), record)
+    jobs = plan(matrix, backend, shard)
+    with lock_records(out, warn):
+        done = done_keys(out, warn)
+        todo = [job for job in jobs if job.key not in done]
+        if on_start:
+            on_start(len(jobs), len(jobs) - len(todo))
+        records = []
+        for n, job in enumerate(todo, start=1):
+            record = run_with_retries(job, backend, timeout_s, timeline, retries, runner, warn)
+            append_record(out, record)
+            records.append(record)
+            if on_case:
+                on_case(n, len(todo), record)
     return records
