@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
-from .setup import Attention, Device, Mode, Setup
+from .setup import Attention, Device, Loss, Mode, Setup
 from .units import FP32, HALF
 
 
@@ -370,6 +370,15 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
     # its output, a second logits-sized tensor until its backward
     softcap = p if spec.logit_softcap else 0
+    if setup.loss is Loss.LOGITS_SUM:
+        # loss = logits.sum(): nothing upcast, nothing saved (SumBackward keeps the sizes). Its
+        # backward returns grad.expand(sizes), a stride-0 view of one scalar, which the LM
+        # head's two mm backward calls read. On CUDA each copies it to a contiguous (T, V)
+        # tensor inside the kernel (a stride-0 operand is not cuBLAS-compatible:
+        # aten/src/ATen/native/cuda/Blas.cpp prepare_matrix_for_cublas, ``clone(Contiguous)``),
+        # one at a time; on the cpu backend no op output holds it (its tracker sees op outputs)
+        copy = p * T * V if setup.device is Device.CUDA else 0
+        return {"forward": (p + softcap) * T * V, "backward": softcap * T * V + copy}
     if setup.semantics.loss_copies_shifted_logits:
         # transformers < 4.49 (estimator/versions.py): cross_entropy runs on a contiguous fp32
         # copy of the logits without their last position, S = b * (s - 1) rows: at the loss the

@@ -18,7 +18,7 @@ from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import count_params, layer_linears, lora_params, lora_targets, param_tensor_sizes, quantized_params
-from .setup import Device, Loop, Mode, Precision, Quant, Setup, Sharding
+from .setup import Device, Loop, Loss, Mode, Optimizer, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
@@ -302,6 +302,27 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             ranked.backward_end_extra(), weights=W, optimizer_state=O_fwd, gradients=end_grads,
             logits=held_logits, kv_cache=held_kv_end, temporaries=st.workspace + constant + end_temps)),
     ]
+    if setup.loss is Loss.LOGITS_SUM:
+        # logits.sum() saves nothing, so the loss's moment is small and backward's peak can
+        # follow the LM head: its weight gradient made (a tied one waits in autograd's input
+        # buffer, temporaries, until the embedding's is added; an untied one is .grad), the
+        # head's input freed, and the last layer's backward working set (sharding.py)
+        head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+            (st.states.gradients // max(st.states.trainable, 1) if setup.mode is Mode.FULL else 0)
+        tied = head if spec.tie_word_embeddings else 0
+        candidates.append(phase(big + n_states + n_act + 1, **with_extra(
+            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head - tied,
+            activations=saved - int(act.outside.get("head_input", 0) * k), logits=held_logits, kv_cache=held_kv,
+            temporaries=bwd_temps + tied + layer_working_set(spec, setup))))
+        if setup.device is Device.CUDA:
+            # inside the head's second mm backward (the input's gradient, after the weight's):
+            # the contiguous copy of the logits' gradient, the weight gradient and the input
+            # gradient (T, e) at once
+            e = spec.embed_dim or spec.hidden_size
+            candidates.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                logits=logits["backward"] + held_logits, kv_cache=held_kv,
+                temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
@@ -314,6 +335,8 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
             temporaries=bwd_temps)))
     phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
+    if setup.optimizer is Optimizer.NONE:  # forward and backward only; zero_grad frees the gradients
+        return phases
     phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
         ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
         temporaries=st.workspace + st.opt_temps + constant))
@@ -331,7 +354,9 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     T, V, p = setup.batch * setup.seq, spec.vocab_size, setup.precision.compute_bytes
     cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache else 0
     loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
-    if setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
+    if setup.loss is Loss.LOGITS_SUM:  # logits.sum(): the logits (and soft-capping's tanh) only
+        loss = (p + (p if spec.logit_softcap else 0)) * T * V
+    elif setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
         loss += FP32 * (2 * setup.batch * (setup.seq - 1) - T) * V
     layer = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache,
                   activations=int(k * prefill_transient(spec, setup)), temporaries=st.workspace + constant)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Loop, Mode, Setup
+from estimator.setup import Loop, Loss, Mode, Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
@@ -171,21 +171,30 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
         with _gradient_sync(model, micro == setup.grad_accum - 1):
             with measure(Phase.FORWARD, Category.ACTIVATIONS):
                 with autocast_context(setup, kind):
-                    out = model(input_ids=ids, labels=ids, use_cache=setup.use_cache)
-                loss = out.loss / setup.grad_accum if setup.grad_accum > 1 else out.loss
+                    out = model(**_loss_inputs(ids, setup), use_cache=setup.use_cache)
+                loss = out.logits.sum() if setup.loss is Loss.LOGITS_SUM else out.loss
+                loss = loss / setup.grad_accum if setup.grad_accum > 1 else loss
                 if setup.loop is Loop.TRAINER:
                     out = None
             with measure(Phase.BACKWARD, Category.LOGITS), recompute:
                 loss.backward()
                 loss = None
             out = None
-    with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
-        opt.step()
+    if opt is not None:
+        with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
+            opt.step()
     with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
-        opt.zero_grad(set_to_none=not setup.keep_grads)
+        # no optimizer (--optimizer none): the module's zero_grad frees the same gradients
+        (opt if opt is not None else model).zero_grad(set_to_none=not setup.keep_grads)
     if kind == "cuda":
         torch.cuda.synchronize()
     return round(time.perf_counter() - t0, 6)
+
+
+def _loss_inputs(ids, setup: Setup) -> dict:
+    """The forward's inputs: labels for transformers' causal-LM loss; none for
+    ``loss = logits.sum()`` (the model then computes no loss)."""
+    return {"input_ids": ids} if setup.loss is Loss.LOGITS_SUM else {"input_ids": ids, "labels": ids}
 
 
 def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
@@ -209,7 +218,8 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
     while not isinstance(base_opt, torch.optim.Optimizer) and hasattr(base_opt, "inner"):
         masters += getattr(base_opt, "masters", None) or []  # mixed-bf16's fp32 master weights
         base_opt = base_opt.inner
-    tracker.watch_optimizer(base_opt)
+    if base_opt is not None:
+        tracker.watch_optimizer(base_opt)
     if masters:
         tracker.track(masters, Category.OPTIMIZER_STATE)
     head = inner.get_output_embeddings()
@@ -242,7 +252,7 @@ def _eval_steps(built: Model, spec, setup, steps, tracker, meter, timings, first
                 t0 = time.perf_counter()
                 with (meter if step else first)(Phase.FORWARD, Category.ACTIVATIONS):
                     with autocast_context(setup, device):
-                        model(input_ids=ids, labels=ids, use_cache=setup.use_cache)  # outputs dropped
+                        model(**_loss_inputs(ids, setup), use_cache=setup.use_cache)  # outputs dropped
                 if device == "cuda":
                     torch.cuda.synchronize()
                 (timings.step_s if step else timings.warmup_s).append(round(time.perf_counter() - t0, 6))
