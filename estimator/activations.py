@@ -94,7 +94,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
     out["attn_qkv"] = p * (q + 2 * (q if _kv_repeated(spec, setup) else kvd))
-    if _fused_qkv(spec) and not setup.use_cache:
+    if _fused_qkv(spec) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
         # attention runs on the cache's copy of v instead)
@@ -152,7 +152,24 @@ def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
     ``return self.keys, self.values``). Where q, k and v are views of one projection
     without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
     output alive, and saves the cache's copies of k and v beside it."""
-    return setup.use_cache and not setup.grad_ckpt and _qkv_views(spec) and _sdpa_kernel(spec, setup) == "fused"
+    return dynamic_cache(spec, setup) and not setup.grad_ckpt and _qkv_views(spec) \
+        and _sdpa_kernel(spec, setup) == "fused"
+
+
+def dynamic_cache(spec: ModelSpec, setup: Setup) -> bool:
+    """A forward with ``use_cache`` whose cache copies the keys and values (``DynamicCache``);
+    transformers' older tuple caches hold attention's own tensors (Semantics.tuple_cache)."""
+    return setup.use_cache and not setup.semantics.tuple_cache(spec.model_type)
+
+
+def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """What an old tuple cache holds once backward has freed the saved tensors: GPT-2's
+    key and value are views of the fused c_attn output, which they keep whole (3 h per
+    token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
+    if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
+        return 0
+    per_token = 3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim
+    return spec.num_layers * per_token * setup.batch * setup.seq * setup.precision.compute_bytes
 
 
 def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
@@ -163,7 +180,7 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
     of v (attention.cpp _scaled_dot_product_attention_math); eager attention saves
     repeat_kv's copies for grouped heads. Transformers turns the cache off under gradient
     checkpointing."""
-    if not setup.use_cache or setup.grad_ckpt:
+    if not dynamic_cache(spec, setup) or setup.grad_ckpt:
         return 0.0
     grouped, kernel = spec.num_kv_heads < spec.num_heads, _sdpa_kernel(spec, setup)
     fused = kernel == "fused" and not _kv_repeated(spec, setup)  # repeated: the kernel saves copies
@@ -223,12 +240,12 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     the whole projection output (q and k too) instead of a copy of v, and eager attention
     with a KV cache keeps it beside the cache's copies of k and v."""
     math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
-    if setup.attn is Attention.EAGER and _qkv_views(spec) and setup.use_cache and not setup.grad_ckpt:
+    if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
         extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
-    fused_views = _qkv_views(spec) and not setup.use_cache  # a cache hands attention copies
+    fused_views = _qkv_views(spec) and not dynamic_cache(spec, setup)  # a cache hands attention copies
     if not (math_on_cpu and fused_views):
         return one
     extra = FP32 * 2 * spec.q_dim * setup.seq

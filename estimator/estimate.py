@@ -267,17 +267,23 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     # the logits, both alive until the outputs are dropped: before backward in the Trainer's
     # loop, after it otherwise. Attention saves much of the cache anyway (acts.cache_beside_saved);
     # once backward has freed the saved tensors, a held cache is all there
-    full_cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache and not setup.grad_ckpt else 0
+    # (an old tuple cache holds attention's own tensors: nothing beside them until backward
+    # frees them, acts.tuple_cache_bytes after)
+    full_cache = kv_cache_bytes(spec, setup, setup.seq) \
+        if acts.dynamic_cache(spec, setup) and not setup.grad_ckpt else 0
     cache = int(full_cache * acts.cache_beside_saved(spec, setup))
-    manual = setup.loop is Loop.MANUAL
+    manual = setup.loop in (Loop.MANUAL, Loop.HELD)
     held_logits = setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes if manual else 0
-    held_kv, held_kv_end = (cache, full_cache) if manual else (0, 0)
+    held_kv, held_kv_end = (cache, full_cache or acts.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
+    # Loop.HELD: the previous step's outputs live until this step's forward returns (not in step 1)
+    held = setup.loop is Loop.HELD
+    prev_logits, prev_kv = (held_logits, held_kv_end) if held and not first_step else (0, 0)
     phases: dict[Phase, dict[Category, int]] = {}
     # The forward's peak is at the loss: every saved activation, the logits and the loss's
     # buffers; a checkpointed layer's full set exists only while backward recomputes it.
-    forward = [phase(big + n_states + n_act + 3, **with_extra(
+    forward = [phase(big + n_states + n_act + 3 + 2 * bool(prev_logits), **with_extra(
         ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-        logits=logits["forward"], kv_cache=cache, temporaries=fb_temps))]
+        logits=logits["forward"] + prev_logits, kv_cache=cache + prev_kv, temporaries=fb_temps))]
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
         forward.append(phase(big + n_states + n_act + 3, **with_extra(
             ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
@@ -339,6 +345,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
         return phases
     phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
         ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
+        logits=held_logits if held else 0, kv_cache=held_kv_end if held else 0,
         temporaries=st.workspace + st.opt_temps + constant))
     return phases
 

@@ -45,6 +45,9 @@ class Loop(_Choice):
 
     TRAINER = "trainer"  # transformers.Trainer: compute_loss returns the loss, outputs dropped before backward
     MANUAL = "manual"  # a hand-written loop: the outputs (logits, a cache) alive until after backward
+    # a hand-written loop that only rebinds ``out = model(**batch)`` at the next step: the
+    # outputs live through backward, the optimizer step and the next forward until it returns
+    HELD = "held"
 
 
 class Loss(_Choice):

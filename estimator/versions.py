@@ -106,6 +106,17 @@ class Semantics:
         (``transpose(1, 2).contiguous()``, 4.55.0 :99) copies it for o_proj to save."""
         return not self._at_least("transformers", "4.56")
 
+    def tuple_cache(self, model_type: str) -> bool:
+        """Whether a forward with ``use_cache`` returns the attention's own key and value
+        tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
+        concatenates them into new tensors. OPT: tuples through 4.48.3
+        (models/opt/modeling_opt.py:316 ``past_key_value = (key_states, value_states)``),
+        DynamicCache from 4.49.0 (:853). GPT-2: tuples through 4.50.0, the newest wheel read
+        (models/gpt2/modeling_gpt2.py:308 ``present = (key_states, value_states)``; 4.42.4
+        :339 ``present = (key, value)``), a Cache in 5.x; the switch is taken at 4.51."""
+        first_cache = {"opt": "4.49", "gpt2": "4.51"}.get(model_type)
+        return first_cache is not None and not self._at_least("transformers", first_cache)
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,

@@ -102,3 +102,24 @@ def test_a_real_step_under_the_installed_old_transformers_agrees():
     assert record.ok, record.message
     measured, predicted = record.measured.peak_allocated_bytes, record.predicted.allocated_bytes
     assert abs(predicted - measured) / measured <= VERSION_TOLERANCE
+
+
+@pytest.mark.parametrize("transformers, opt, gpt2", [
+    ("4.46.0", True, True), ("4.48.3", True, True), ("4.49.0", False, True), ("4.50.0", False, True),
+    ("5.24.0", False, False),
+])
+def test_training_caches_were_tuples_of_attention_tensors(transformers, opt, gpt2):
+    # read in the wheels: OPT's tuple cache through 4.48.3, DynamicCache from 4.49.0;
+    # GPT-2's tuples through 4.50.0 (estimator/versions.py Semantics.tuple_cache)
+    s = _sem(transformers=transformers, torch="2.4")
+    assert (s.tuple_cache("opt"), s.tuple_cache("gpt2"), s.tuple_cache("llama")) == (opt, gpt2, False)
+
+
+def test_a_held_tuple_cache_keeps_gpt2s_whole_qkv_projection():
+    spec = load_model("gpt2")
+    kw = dict(precision="fp16", batch=2, seq=256, optimizer="none", loss="logits-sum", loop="held", use_cache=True)
+    old = estimate(spec, Setup(**kw, versions={"transformers": "4.42"}))
+    new_cache_off = estimate(spec, Setup(**{**kw, "use_cache": False}, versions={"transformers": "4.42"}))
+    qkv = spec.num_layers * 3 * spec.hidden_size * 2 * 256 * 2  # c_attn outputs, fp16
+    # the previous step's outputs, held into this step's forward
+    assert old.phases["forward"]["kv_cache"] - new_cache_off.phases["forward"]["kv_cache"] == qkv

@@ -198,6 +198,8 @@ PUBLISHED_KNOB_CASES = [
     ("gpt2", dict(precision="bf16", batch=4, seq=512, optimizer="none", loss="logits-sum", loop="manual")),
     ("opt-125m", dict(precision="fp32", seq=256, optimizer="none")),
     ("gpt2", dict(precision="fp32", seq=256, loss="logits-sum")),
+    # the loop that rebinds `out` at the next step: outputs (logits, the cache) live into the next forward
+    ("opt-125m", dict(precision="fp32", seq=256, optimizer="sgd", loop="held", use_cache=True)),
 ]
 
 

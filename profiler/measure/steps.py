@@ -149,7 +149,7 @@ def _gradient_sync(model: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
+def train_step(model, opt, ids, setup: Setup, device: str, measure, held: dict | None = None) -> float:
     """One optimizer step of ``setup.grad_accum`` micro-batches, split into measured phases
     (a phase's peak is the worst micro-batch's); returns its wall time in seconds. ``device``
     may name an index (``cuda:1``).
@@ -176,6 +176,8 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
                 loss = loss / setup.grad_accum if setup.grad_accum > 1 else loss
                 if setup.loop is Loop.TRAINER:
                     out = None
+                elif setup.loop is Loop.HELD and held is not None:
+                    held["out"] = out  # rebinding drops the previous step's outputs only now
             with measure(Phase.BACKWARD, Category.LOGITS), recompute:
                 loss.backward()
                 loss = None
@@ -226,6 +228,7 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
     hooks = _tag_head(head, tracker)
     ids = synthetic_batch(spec, setup, device)
     cuda = device.startswith("cuda")
+    held: dict = {}  # Loop.HELD: the last step's outputs, alive until the next forward returns
     try:
         for step in range(steps + 1):
             if built.before_step is not None:
@@ -233,9 +236,10 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             if step and cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
-            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first)
+            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first, held)
             (timings.step_s if step else timings.warmup_s).append(seconds)
     finally:
+        held.clear()
         for hook in hooks:
             hook.remove()
         tracker.remove_hooks()
