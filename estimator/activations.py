@@ -86,6 +86,8 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
             out["attn_scores"] = p * a * s  # GPT-2 softmax in the compute dtype
         if spec.model_type == "gemma2":
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
+        if spec.model_type == "opt" and setup.semantics.opt_eager_clamps_scores:
+            out["attn_clamp"] = p * a * s  # torch.max keeps the masked scores (transformers < 4.49)
         if dropout:
             out["attn_dropout"] = (dropout_mask_bytes(setup, p) + p) * a * s
         return out
@@ -162,6 +164,18 @@ def dynamic_cache(spec: ModelSpec, setup: Setup) -> bool:
     return setup.use_cache and not setup.semantics.tuple_cache(spec.model_type)
 
 
+def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
+    """What an old tuple cache holds beside the saved tensors during the forward: GPT-2's
+    eager attention (and sdpa's math kernel) reshapes the (b, heads, s, d) views to
+    (b * heads, s, d) for its matmuls, a copy for b > 1 (the views are what it saves for
+    b = 1, _batch_one), so the
+    matmuls save copies and the cache alone keeps c_attn's output; kernels that save their
+    inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
+    if spec.model_type == "gpt2" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1:
+        return tuple_cache_bytes(spec, setup)
+    return 0
+
+
 def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     """What an old tuple cache holds once backward has freed the saved tensors: GPT-2's
     key and value are views of the fused c_attn output, which they keep whole (3 h per
@@ -205,7 +219,10 @@ def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
     if setup.attn is Attention.EAGER:
         return True
     # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
-    like_query_copies = _fused_qkv(spec) or setup.semantics.sdpa_inputs_contiguous
+    # (GPT-2's own attention classes before 4.48 pass c_attn's views as they are)
+    contiguous = setup.semantics.sdpa_inputs_contiguous and not (
+        spec.model_type == "gpt2" and setup.semantics.gpt2_own_attention)
+    like_query_copies = _fused_qkv(spec) or contiguous
     if setup.device is Device.CPU:
         return spec.attn_dropout > 0 or like_query_copies
     backend = cuda_sdpa_backend(spec, setup)

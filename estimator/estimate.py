@@ -139,7 +139,7 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
     prec = key.precision
     linear_weights = sum(l.copies * l.in_features * l.out_features for l in layer_linears(spec)) \
         * spec.num_layers + spec.vocab_size * (spec.embed_dim or spec.hidden_size)
-    weights = _weight_bytes(spec, key, n)
+    weights = _weight_bytes(spec, key, n) + _buffer_bytes(spec, key)
     if not key.training:
         return ModelStates(weights, 0, 0, 0, 0, linear_weights)
     if key.mode in (Mode.LORA, Mode.QLORA):
@@ -154,6 +154,14 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
     sizes = _trainable_tensor_sizes(spec, key)
     return ModelStates(weights, trainable * grad_bytes, optimizer_state_bytes(spec, key, trainable, state_bytes, sizes),
                        trainable, max(sizes, default=0), linear_weights)
+
+
+def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
+    """Non-parameter buffers that take memory: GPT-2's per-layer causal mask (bool, n_positions
+    squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers)."""
+    if spec.model_type == "gpt2" and key.semantics.gpt2_mask_buffers:
+        return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
+    return 0
 
 
 def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
@@ -271,7 +279,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     # frees them, acts.tuple_cache_bytes after)
     full_cache = kv_cache_bytes(spec, setup, setup.seq) \
         if acts.dynamic_cache(spec, setup) and not setup.grad_ckpt else 0
-    cache = int(full_cache * acts.cache_beside_saved(spec, setup))
+    cache = int(full_cache * acts.cache_beside_saved(spec, setup)) or acts.tuple_cache_beside_saved(spec, setup)
     manual = setup.loop in (Loop.MANUAL, Loop.HELD)
     held_logits = setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes if manual else 0
     held_kv, held_kv_end = (cache, full_cache or acts.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
