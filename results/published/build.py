@@ -111,6 +111,9 @@ def build(rows: list[dict]) -> list[dict]:
             name = (r.get("model") or "").split("/")[-1].lower()
             if name not in registry:
                 reasons.append(f"model {r.get('model')!r} is not in the registry")
+            if not reasons and str(r.get("mode", "")).startswith("inference-generate"):
+                reasons.append("generate: the number of new tokens is not printed (the script's default is "
+                               "100) and the mask pads each batch's first token")
             if not reasons:
                 reasons.append("workload not fully pinned: " + "; ".join(gaps[:3]))
         rec["gaps"] = gaps
