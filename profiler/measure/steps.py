@@ -236,7 +236,9 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             if step and cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
-            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first, held)
+            # (the held outputs only for Loop.HELD: the call stays the six-argument one otherwise)
+            extra = {"held": held} if setup.loop is Loop.HELD else {}
+            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first, **extra)
             (timings.step_s if step else timings.warmup_s).append(seconds)
     finally:
         held.clear()
