@@ -107,13 +107,13 @@ class Quant(_Choice):
 
 class Optimizer(_Choice):
     ADAMW = "adamw"
-    # no optimizer step: forward and backward only; the gradients are freed
-    # (zero_grad(set_to_none=True)) before the next forward (fxmarty's SDPA training benchmark)
-    NONE = "none"
     ADAMW_8BIT = "adamw-8bit"
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"
+    # no optimizer step: forward and backward only; the gradients are freed
+    # (zero_grad(set_to_none=True)) before the next forward (fxmarty's SDPA training benchmark)
+    NONE = "none"
 
 
 class OptimizerImpl(_Choice):
