@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
-from .setup import Attention, Device, Mode, Setup
+from .setup import Attention, Device, Loss, Mode, Setup
 from .units import FP32, HALF
 
 
@@ -86,6 +86,8 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
             out["attn_scores"] = p * a * s  # GPT-2 softmax in the compute dtype
         if spec.model_type == "gemma2":
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
+        if spec.model_type == "opt" and setup.semantics.opt_eager_clamps_scores:
+            out["attn_clamp"] = p * a * s  # torch.max keeps the masked scores (transformers < 4.49)
         if dropout:
             out["attn_dropout"] = (dropout_mask_bytes(setup, p) + p) * a * s
         return out
@@ -94,7 +96,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
     out["attn_qkv"] = p * (q + 2 * (q if _kv_repeated(spec, setup) else kvd))
-    if _fused_qkv(spec) and not setup.use_cache:
+    if _fused_qkv(spec) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
         # attention runs on the cache's copy of v instead)
@@ -152,7 +154,36 @@ def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
     ``return self.keys, self.values``). Where q, k and v are views of one projection
     without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
     output alive, and saves the cache's copies of k and v beside it."""
-    return setup.use_cache and not setup.grad_ckpt and _qkv_views(spec) and _sdpa_kernel(spec, setup) == "fused"
+    return dynamic_cache(spec, setup) and not setup.grad_ckpt and _qkv_views(spec) \
+        and _sdpa_kernel(spec, setup) == "fused"
+
+
+def dynamic_cache(spec: ModelSpec, setup: Setup) -> bool:
+    """A forward with ``use_cache`` whose cache copies the keys and values (``DynamicCache``);
+    transformers' older tuple caches hold attention's own tensors (Semantics.tuple_cache)."""
+    return setup.use_cache and not setup.semantics.tuple_cache(spec.model_type)
+
+
+def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
+    """What an old tuple cache holds beside the saved tensors during the forward: GPT-2's
+    eager attention (and sdpa's math kernel) reshapes the (b, heads, s, d) views to
+    (b * heads, s, d) for its matmuls, a copy for b > 1 (the views are what it saves for
+    b = 1, _batch_one), so the
+    matmuls save copies and the cache alone keeps c_attn's output; kernels that save their
+    inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
+    if spec.model_type == "gpt2" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1:
+        return tuple_cache_bytes(spec, setup)
+    return 0
+
+
+def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """What an old tuple cache holds once backward has freed the saved tensors: GPT-2's
+    key and value are views of the fused c_attn output, which they keep whole (3 h per
+    token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
+    if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
+        return 0
+    per_token = 3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim
+    return spec.num_layers * per_token * setup.batch * setup.seq * setup.precision.compute_bytes
 
 
 def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
@@ -163,7 +194,7 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
     of v (attention.cpp _scaled_dot_product_attention_math); eager attention saves
     repeat_kv's copies for grouped heads. Transformers turns the cache off under gradient
     checkpointing."""
-    if not setup.use_cache or setup.grad_ckpt:
+    if not dynamic_cache(spec, setup) or setup.grad_ckpt:
         return 0.0
     grouped, kernel = spec.num_kv_heads < spec.num_heads, _sdpa_kernel(spec, setup)
     fused = kernel == "fused" and not _kv_repeated(spec, setup)  # repeated: the kernel saves copies
@@ -188,7 +219,10 @@ def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
     if setup.attn is Attention.EAGER:
         return True
     # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
-    like_query_copies = _fused_qkv(spec) or setup.semantics.sdpa_inputs_contiguous
+    # (GPT-2's own attention classes before 4.48 pass c_attn's views as they are)
+    contiguous = setup.semantics.sdpa_inputs_contiguous and not (
+        spec.model_type == "gpt2" and setup.semantics.gpt2_own_attention)
+    like_query_copies = _fused_qkv(spec) or contiguous
     if setup.device is Device.CPU:
         return spec.attn_dropout > 0 or like_query_copies
     backend = cuda_sdpa_backend(spec, setup)
@@ -223,12 +257,12 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     the whole projection output (q and k too) instead of a copy of v, and eager attention
     with a KV cache keeps it beside the cache's copies of k and v."""
     math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
-    if setup.attn is Attention.EAGER and _qkv_views(spec) and setup.use_cache and not setup.grad_ckpt:
+    if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
         extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
-    fused_views = _qkv_views(spec) and not setup.use_cache  # a cache hands attention copies
+    fused_views = _qkv_views(spec) and not dynamic_cache(spec, setup)  # a cache hands attention copies
     if not (math_on_cpu and fused_views):
         return one
     extra = FP32 * 2 * spec.q_dim * setup.seq
@@ -370,6 +404,15 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
     # its output, a second logits-sized tensor until its backward
     softcap = p if spec.logit_softcap else 0
+    if setup.loss is Loss.LOGITS_SUM:
+        # loss = logits.sum(): nothing upcast, nothing saved (SumBackward keeps the sizes). Its
+        # backward returns grad.expand(sizes), a stride-0 view of one scalar, which the LM
+        # head's two mm backward calls read. On CUDA each copies it to a contiguous (T, V)
+        # tensor inside the kernel (a stride-0 operand is not cuBLAS-compatible:
+        # aten/src/ATen/native/cuda/Blas.cpp prepare_matrix_for_cublas, ``clone(Contiguous)``),
+        # one at a time; on the cpu backend no op output holds it (its tracker sees op outputs)
+        copy = p * T * V if setup.device is Device.CUDA else 0
+        return {"forward": (p + softcap) * T * V, "backward": softcap * T * V + copy}
     if setup.semantics.loss_copies_shifted_logits:
         # transformers < 4.49 (estimator/versions.py): cross_entropy runs on a contiguous fp32
         # copy of the logits without their last position, S = b * (s - 1) rows: at the loss the

@@ -8,6 +8,7 @@ from .setup import (
     Attention,
     Device,
     Loop,
+    Loss,
     Mode,
     Optimizer,
     OptimizerImpl,
@@ -25,7 +26,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="full", help=f"{choices(Mode)} (default full)")
     g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16)")
     g.add_argument("--quant", default="none", help=f"{choices(Quant)} (inference, qlora)")
-    g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; training only)")
+    g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; none: forward and "
+                                                      f"backward only, gradients freed before the next; training only)")
     g.add_argument("--optimizer-impl", default=None,
                    help=f"{choices(OptimizerImpl)} (default: as torch picks; training only)")
     g.add_argument("--batch", default="1", help="micro-batch size per device (default 1)")
@@ -45,6 +47,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
     g.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay")
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
+    g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
+                                                       f"(no fp32 upcast, no log-softmax; default causal-lm)")
     g.add_argument("--versions", default="", help="library versions whose memory semantics to assume, e.g. "
                                                   "transformers=4.48,torch=2.4 (default: the installed ones)")
 
@@ -70,7 +74,8 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         lora_targets=args.lora_targets, device=device or args.device,
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
-        use_cache=bool(args.use_cache), versions=parse_overrides(getattr(args, "versions", "") or ""))
+        use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
+        versions=parse_overrides(getattr(args, "versions", "") or ""))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored
         setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)

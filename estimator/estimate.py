@@ -18,7 +18,7 @@ from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import count_params, layer_linears, lora_params, lora_targets, param_tensor_sizes, quantized_params
-from .setup import Device, Loop, Mode, Precision, Quant, Setup, Sharding
+from .setup import Device, Loop, Loss, Mode, Optimizer, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
@@ -139,7 +139,7 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
     prec = key.precision
     linear_weights = sum(l.copies * l.in_features * l.out_features for l in layer_linears(spec)) \
         * spec.num_layers + spec.vocab_size * (spec.embed_dim or spec.hidden_size)
-    weights = _weight_bytes(spec, key, n)
+    weights = _weight_bytes(spec, key, n) + _buffer_bytes(spec, key)
     if not key.training:
         return ModelStates(weights, 0, 0, 0, 0, linear_weights)
     if key.mode in (Mode.LORA, Mode.QLORA):
@@ -154,6 +154,14 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
     sizes = _trainable_tensor_sizes(spec, key)
     return ModelStates(weights, trainable * grad_bytes, optimizer_state_bytes(spec, key, trainable, state_bytes, sizes),
                        trainable, max(sizes, default=0), linear_weights)
+
+
+def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
+    """Non-parameter buffers that take memory: GPT-2's per-layer causal mask (bool, n_positions
+    squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers)."""
+    if spec.model_type == "gpt2" and key.semantics.gpt2_mask_buffers:
+        return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
+    return 0
 
 
 def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
@@ -282,17 +290,23 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     # the logits, both alive until the outputs are dropped: before backward in the Trainer's
     # loop, after it otherwise. Attention saves much of the cache anyway (acts.cache_beside_saved);
     # once backward has freed the saved tensors, a held cache is all there
-    full_cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache and not setup.grad_ckpt else 0
-    cache = int(full_cache * acts.cache_beside_saved(spec, setup))
-    manual = setup.loop is Loop.MANUAL
+    # (an old tuple cache holds attention's own tensors: nothing beside them until backward
+    # frees them, acts.tuple_cache_bytes after)
+    full_cache = kv_cache_bytes(spec, setup, setup.seq) \
+        if acts.dynamic_cache(spec, setup) and not setup.grad_ckpt else 0
+    cache = int(full_cache * acts.cache_beside_saved(spec, setup)) or acts.tuple_cache_beside_saved(spec, setup)
+    manual = setup.loop in (Loop.MANUAL, Loop.HELD)
     held_logits = setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes if manual else 0
-    held_kv, held_kv_end = (cache, full_cache) if manual else (0, 0)
+    held_kv, held_kv_end = (cache, full_cache or acts.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
+    # Loop.HELD: the previous step's outputs live until this step's forward returns (not in step 1)
+    held = setup.loop is Loop.HELD
+    prev_logits, prev_kv = (held_logits, held_kv_end) if held and not first_step else (0, 0)
     phases: dict[Phase, dict[Category, int]] = {}
     # The forward's peak is at the loss: every saved activation, the logits and the loss's
     # buffers; a checkpointed layer's full set exists only while backward recomputes it.
-    forward = [phase(big + n_states + n_act + 3, **with_extra(
+    forward = [phase(big + n_states + n_act + 3 + 2 * bool(prev_logits), **with_extra(
         ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-        logits=logits["forward"], kv_cache=cache, temporaries=fb_temps))]
+        logits=logits["forward"] + prev_logits, kv_cache=cache + prev_kv, temporaries=fb_temps))]
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
         forward.append(phase(big + n_states + n_act + 3, **with_extra(
             ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
@@ -317,6 +331,27 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             ranked.backward_end_extra(), weights=W, optimizer_state=O_fwd, gradients=end_grads,
             logits=held_logits, kv_cache=held_kv_end, temporaries=st.workspace + constant + end_temps)),
     ]
+    if setup.loss is Loss.LOGITS_SUM:
+        # logits.sum() saves nothing, so the loss's moment is small and backward's peak can
+        # follow the LM head: its weight gradient made (a tied one waits in autograd's input
+        # buffer, temporaries, until the embedding's is added; an untied one is .grad), the
+        # head's input freed, and the last layer's backward working set (sharding.py)
+        head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+            (st.states.gradients // max(st.states.trainable, 1) if setup.mode is Mode.FULL else 0)
+        tied = head if spec.tie_word_embeddings else 0
+        candidates.append(phase(big + n_states + n_act + 1, **with_extra(
+            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head - tied,
+            activations=saved - int(act.outside.get("head_input", 0) * k), logits=held_logits, kv_cache=held_kv,
+            temporaries=bwd_temps + tied + layer_working_set(spec, setup))))
+        if setup.device is Device.CUDA:
+            # inside the head's second mm backward (the input's gradient, after the weight's):
+            # the contiguous copy of the logits' gradient, the weight gradient and the input
+            # gradient (T, e) at once
+            e = spec.embed_dim or spec.hidden_size
+            candidates.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                logits=logits["backward"] + held_logits, kv_cache=held_kv,
+                temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
@@ -329,8 +364,11 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
             temporaries=bwd_temps)))
     phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
+    if setup.optimizer is Optimizer.NONE:  # forward and backward only; zero_grad frees the gradients
+        return phases
     phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
         ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
+        logits=held_logits if held else 0, kv_cache=held_kv_end if held else 0,
         temporaries=st.workspace + st.opt_temps + constant))
     return phases
 
@@ -346,7 +384,9 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     T, V, p = setup.batch * setup.seq, spec.vocab_size, setup.precision.compute_bytes
     cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache else 0
     loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
-    if setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
+    if setup.loss is Loss.LOGITS_SUM:  # logits.sum(): the logits (and soft-capping's tanh) only
+        loss = (p + (p if spec.logit_softcap else 0)) * T * V
+    elif setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
         loss += FP32 * (2 * setup.batch * (setup.seq - 1) - T) * V
     layer = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache,
                   activations=int(k * prefill_transient(spec, setup)), temporaries=st.workspace + constant)

@@ -21,7 +21,7 @@ from .setup import Mode, Optimizer, OptimizerImpl, Precision, Setup
 from .units import FP32
 
 #: state tensors each optimizer keeps per parameter tensor
-STATE_TENSORS = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0,
+STATE_TENSORS = {Optimizer.ADAMW: 2, Optimizer.ADAMW_8BIT: 2, Optimizer.SGD: 0, Optimizer.NONE: 0,
                  Optimizer.SGD_MOMENTUM: 1, Optimizer.ADAFACTOR: 1}
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
@@ -39,7 +39,7 @@ def optimizer_state_bytes(spec: ModelSpec, setup: Setup, trainable: int, state_b
         big = sum(x for x in sizes if x >= BNB_MIN_8BIT_SIZE)
         small = sum(x for x in sizes if x < BNB_MIN_8BIT_SIZE)
         state = 2 * (big + FP32 * -(-big // BNB_BLOCK)) + 2 * FP32 * small
-    elif opt is Optimizer.SGD:
+    elif opt in (Optimizer.SGD, Optimizer.NONE):
         state = 0
     elif opt is Optimizer.SGD_MOMENTUM:
         state = state_bytes * trainable  # momentum_buffer
@@ -73,7 +73,7 @@ def optimizer_temporaries(setup: Setup, optimizer_state: int, trainable: int, la
     per tensor (two temporaries of the largest tensor at once); fused kernels allocate none.
     """
     if not setup.training or setup.optimizer in (Optimizer.ADAMW_8BIT, Optimizer.SGD,
-                                                           Optimizer.SGD_MOMENTUM):
+                                                 Optimizer.SGD_MOMENTUM, Optimizer.NONE):
         return 0
     per_elem = optimizer_state // max(trainable, 1) // (2 if setup.optimizer is Optimizer.ADAMW else 1)
     if setup.precision is Precision.MIXED_BF16 and setup.mode is Mode.FULL:

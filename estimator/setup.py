@@ -45,6 +45,19 @@ class Loop(_Choice):
 
     TRAINER = "trainer"  # transformers.Trainer: compute_loss returns the loss, outputs dropped before backward
     MANUAL = "manual"  # a hand-written loop: the outputs (logits, a cache) alive until after backward
+    # a hand-written loop that only rebinds ``out = model(**batch)`` at the next step: the
+    # outputs live through backward, the optimizer step and the next forward until it returns
+    HELD = "held"
+
+
+class Loss(_Choice):
+    """What backward starts from."""
+
+    # transformers' causal-LM loss (model(ids, labels=ids)): fp32 logits, log-softmax saved
+    CAUSAL_LM = "causal-lm"
+    # loss = out.logits.sum(): no upcast, nothing saved; backward starts from a ones-like
+    # gradient of the logits (the transformers model_doc SDPA training benchmarks)
+    LOGITS_SUM = "logits-sum"
 
 
 class Precision(_Choice):
@@ -98,6 +111,9 @@ class Optimizer(_Choice):
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"
+    # no optimizer step: forward and backward only; the gradients are freed
+    # (zero_grad(set_to_none=True)) before the next forward (fxmarty's SDPA training benchmark)
+    NONE = "none"
 
 
 class OptimizerImpl(_Choice):
@@ -181,6 +197,7 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step (gradients resident from the second)
     keep_grads: bool = False  # zero_grad(set_to_none=False): zeroed gradients stay allocated
     use_cache: bool = False  # training/eval forward builds a KV cache (model.config.use_cache)
+    loss: Loss = Loss.CAUSAL_LM
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -189,7 +206,8 @@ class Setup:
         # accept strings for the enums so callers and JSON records can pass plain values
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
-                           ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop)):
+                           ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
+                           ("loss", Loss)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
@@ -224,6 +242,8 @@ class Setup:
                 f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
         if not self.training and self.sharding not in (Sharding.NONE,):
             raise ValueError(f"sharding applies to training; {self.mode} runs on one device here")
+        if self.optimizer is Optimizer.NONE and self.optimizer_impl is not OptimizerImpl.AUTO:
+            raise ValueError("--optimizer none runs no optimizer: leave --optimizer-impl auto")
         if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
             raise ValueError("adamw-8bit (bitsandbytes) has no fused/foreach choice; leave --optimizer-impl auto")
 
@@ -263,7 +283,7 @@ class Setup:
         rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
         fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
                   self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding,
-                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.versions)
+                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.loss, self.versions)
         key = _INTERNED.get(fields)
         if key is None:
             key = object.__new__(Setup)
@@ -313,6 +333,8 @@ class Setup:
             out[key] = value
         if not self.versions:
             del out["versions"]  # the installed versions: records keep their case keys
+        if self.loss is Loss.CAUSAL_LM:
+            del out["loss"]  # the default: records keep their case keys
         return out
 
     @classmethod

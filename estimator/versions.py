@@ -116,9 +116,49 @@ class Semantics:
         not measured here (no bitsandbytes on this machine)."""
         return self._at_least("transformers", "5.0")
 
+    @property
+    def opt_eager_clamps_scores(self) -> bool:
+        """transformers < 4.49: OPT's eager attention clamps the masked scores with
+        ``torch.max(attn_weights, torch.tensor(finfo.min))`` (4.46.0 models/opt/modeling_opt.py:201,
+        4.48.3 :201), whose backward keeps its input: one more (b, heads, s, s) tensor saved per
+        layer; 4.49.0 calls eager_attention_forward without it (:168)."""
+        return not self._at_least("transformers", "4.49")
+
+    @property
+    def gpt2_own_attention(self) -> bool:
+        """transformers < 4.48: GPT-2 runs its own attention classes (4.42.4
+        models/gpt2/modeling_gpt2.py:563 GPT2SdpaAttention; 4.46.0 :458) rather than the shared
+        attention functions (4.48.3 :328 ``ALL_ATTENTION_FUNCTIONS``; 4.47 not read, taken as
+        the old classes): sdpa gets the (b, heads, s, d) views of c_attn's output without
+        ``contiguous()`` (4.42.4 :641-644 only for torch < 2.2 with a mask), so the kernel's
+        output merges its heads without a copy (:660 ``transpose(1, 2).contiguous()``)."""
+        return not self._at_least("transformers", "4.48")
+
+    @property
+    def gpt2_mask_buffers(self) -> bool:
+        """GPT-2's attention layers register a (max_positions, max_positions) bool causal mask
+        and a scalar ``masked_bias`` as buffers, one per layer (4.42.4
+        models/gpt2/modeling_gpt2.py:142-149; still in 4.50.0 :162-169; gone by 5.24); the
+        switch is taken at 4.51, the first release not read."""
+        return not self._at_least("transformers", "4.51")
+
+    def tuple_cache(self, model_type: str) -> bool:
+        """Whether a forward with ``use_cache`` returns the attention's own key and value
+        tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
+        concatenates them into new tensors. OPT: tuples through 4.48.3
+        (models/opt/modeling_opt.py:316 ``past_key_value = (key_states, value_states)``),
+        DynamicCache from 4.49.0 (:853). GPT-2: tuples through 4.50.0, the newest wheel read
+        (models/gpt2/modeling_gpt2.py:308 ``present = (key_states, value_states)``; 4.42.4
+        :339 ``present = (key, value)``), a Cache in 5.x; the switch is taken at 4.51."""
+        first_cache = {"opt": "4.49", "gpt2": "4.51"}.get(model_type)
+        return first_cache is not None and not self._at_least("transformers", first_cache)
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
                 "sdpa_repeats_kv": self.sdpa_repeats_kv,
                 "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous,
-                "moe_experts_fused": self.moe_experts_fused}
+                "moe_experts_fused": self.moe_experts_fused,
+                "opt_eager_clamps_scores": self.opt_eager_clamps_scores,
+                "gpt2_own_attention": self.gpt2_own_attention,
+                "gpt2_mask_buffers": self.gpt2_mask_buffers}

@@ -9,8 +9,12 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
+
+#: the shipped benchmark of published GPU measurements (results/published/build.py)
+PUBLISHED_RECORDS = str(Path(__file__).resolve().parents[1] / "results" / "published" / "records.jsonl")
 
 
 class UsageError(Exception):
@@ -277,11 +281,30 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_validate_published(args) -> int:
+    from estimator.report import print_table
+    from profiler.analysis.published import rows_table_md, validate_published
+    from profiler.show import summary_table
+    result = validate_published(args.published)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    for metric, s in result.to_dict()["by_metric"].items():
+        print_table(summary_table({k: v for k, v in s.items() if k != "cases"},
+                                  f"{s['cases']} pinned published rows, {metric}: error as a fraction of the value"))
+    print(rows_table_md(result))
+    return 0
+
+
 def cmd_validate(args) -> int:
     from pathlib import Path
 
     from estimator.calibration import load_calibration
     from profiler.analysis.validate import validate
+    if args.published:
+        return cmd_validate_published(args)
+    if not args.records:
+        raise UsageError("validate needs record files, or --published for the published GPU measurements")
     records = _read_all(args.records)
     calibration = load_calibration(args.calibration) if args.calibration else None
     result = validate(records, calibration)
@@ -407,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name stored in the file (default: the file's stem)")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("validate", help="predicted beside measured, with error summaries and a report")
-    p.add_argument("records", nargs="+")
+    p.add_argument("records", nargs="*")
+    p.add_argument("--published", nargs="?", const=str(PUBLISHED_RECORDS), default=None, metavar="FILE",
+                   help="the published GPU measurements (default results/published/records.jsonl) "
+                        "beside vramlab and the simpler predictors")
     p.add_argument("--calibration", help="calibration JSON to apply beside the uncalibrated estimate")
     p.add_argument("--report", help="folder for PNG plots, report.html and summary.md")
     p.add_argument("--title", help="report title")

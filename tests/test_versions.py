@@ -16,6 +16,8 @@ from profiler.record import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_RECORDS = ROOT / "results" / "versions" / "transformers-4.48.3" / "cpu-steps.jsonl"
+#: every committed old-version record set (benchmarks/old_versions.py, one folder per transformers)
+OLD_RECORD_FILES = sorted((ROOT / "results" / "versions").glob("transformers-*/cpu-steps.jsonl"))
 
 #: A real CPU step under old library versions and the estimate under those versions'
 #: semantics: the same bound as every other knob (tests/test_workloads.py KNOB_TOLERANCE).
@@ -79,13 +81,14 @@ def test_estimate_json_states_the_versions_it_assumed(cli):
     assert r.code == 2 and "not a version number" in r.err
 
 
-@pytest.mark.parametrize("record", read_records(OLD_RECORDS) if OLD_RECORDS.exists() else [],
-                         ids=lambda r: r.label)
+@pytest.mark.parametrize("record", [r for path in OLD_RECORD_FILES for r in read_records(path)],
+                         ids=lambda r: f"{r.versions.get('transformers')}-{r.label}")
 def test_committed_old_version_steps_agree_with_the_estimate_under_their_versions(record):
     # measured under transformers 4.48.3 (cpu backend, results/versions/.../provenance.txt);
     # the estimate is recomputed here under the versions the record names
     assert record.ok, record.message
-    versions = {k: v for k, v in record.versions.items() if k in ("torch", "transformers", "peft")}
+    versions = {k: v for k, v in record.versions.items()
+                if k in ("torch", "transformers", "peft") and v[:1].isdigit()}  # not "absent"
     setup = Setup.from_dict(record.case.setup).replace(versions=versions)
     predicted = estimate(load_model(record.case.model), setup).allocated_bytes
     measured = record.measured.peak_allocated_bytes
@@ -114,3 +117,31 @@ def test_mixtral_qlora_experts_are_quantized_before_transformers_5_and_not_after
     experts = 32 * 8 * 3 * 4096 * 14336  # layers x experts x (w1, w2, w3) x hidden x ffn (Mixtral config)
     # bf16 (2 bytes) vs nf4 (0.5 byte + one fp32 absmax per 64-element block: 1/16 byte)
     assert new[Category.WEIGHTS] - old[Category.WEIGHTS] == experts * 2 - (experts // 2 + 4 * (experts // 64))
+
+
+@pytest.mark.parametrize("transformers, opt, gpt2", [
+    ("4.46.0", True, True), ("4.48.3", True, True), ("4.49.0", False, True), ("4.50.0", False, True),
+    ("5.24.0", False, False),
+])
+def test_training_caches_were_tuples_of_attention_tensors(transformers, opt, gpt2):
+    # read in the wheels: OPT's tuple cache through 4.48.3, DynamicCache from 4.49.0;
+    # GPT-2's tuples through 4.50.0 (estimator/versions.py Semantics.tuple_cache)
+    s = _sem(transformers=transformers, torch="2.4")
+    assert (s.tuple_cache("opt"), s.tuple_cache("gpt2"), s.tuple_cache("llama")) == (opt, gpt2, False)
+
+
+def test_a_held_tuple_cache_keeps_gpt2s_whole_qkv_projection():
+    spec = load_model("gpt2")
+    kw = dict(precision="fp16", batch=2, seq=256, optimizer="none", loss="logits-sum", loop="held", use_cache=True)
+    old = estimate(spec, Setup(**kw, versions={"transformers": "4.42"}))
+    new_cache_off = estimate(spec, Setup(**{**kw, "use_cache": False}, versions={"transformers": "4.42"}))
+    qkv = spec.num_layers * 3 * spec.hidden_size * 2 * 256 * 2  # c_attn outputs, fp16
+    # the previous step's outputs, held into this step's forward
+    assert old.phases["forward"]["kv_cache"] - new_cache_off.phases["forward"]["kv_cache"] == qkv
+
+
+def test_old_version_records_cover_the_published_benchmarks_versions():
+    # GPT-2's own attention classes and tuple caches (4.42.4, the gpt2 table), OPT's score
+    # clamp and tuple caches (4.46.0, the opt table; 4.48.3): measured, not only read
+    found = {path.parent.name for path in OLD_RECORD_FILES}
+    assert {"transformers-4.42.4", "transformers-4.46.0", "transformers-4.48.3"} <= found

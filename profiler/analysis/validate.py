@@ -9,7 +9,7 @@ from functools import lru_cache
 from estimator.categories import TENSOR_CATEGORIES
 from estimator.modelspec import ModelSpec, load_model
 from estimator.overheads import Overheads
-from estimator.setup import Mode, Precision, Quant, Setup
+from estimator.setup import Mode, Optimizer, Precision, Quant, Setup
 from estimator.units import BILLION, GB
 from profiler.analysis.calibrate import points, selected_loo, summary
 from profiler.record import Record
@@ -23,12 +23,22 @@ def _spec(model: str) -> ModelSpec | None:
         return None
 
 
+def _no_step(setup: Setup) -> bool:
+    """Full training without an optimizer step (--optimizer none): each rule below is taken
+    without its optimizer term."""
+    return setup.mode is Mode.FULL and setup.optimizer is Optimizer.NONE
+
+
 def rules_of_thumb(spec: ModelSpec, setup: Setup, params: int) -> int:
     """Deep Learning 101 (2023-04-12): inference 4X fp32 / 2X half / 1X int8; full
-    training 16X fp32, 12X fp16/bf16; LoRA only as 7B: 16-24 GB, read as 20/7 X here."""
+    training 16X fp32, 12X fp16/bf16; LoRA only as 7B: 16-24 GB, read as 20/7 X here.
+    Without an optimizer step: the table's weights and gradients columns (4X + 4X fp32,
+    2X + 2X half)."""
     x = params / BILLION
     if not setup.training:
         per = 1 if setup.quant is not Quant.NONE else (4 if setup.precision is Precision.FP32 else 2)
+    elif _no_step(setup):
+        per = 8 if setup.precision.param_bytes == 4 else 4
     elif setup.mode is Mode.FULL:
         per = 16 if setup.precision in (Precision.FP32, Precision.AMP_BF16, Precision.AMP_FP16) else 12
     else:
@@ -38,19 +48,38 @@ def rules_of_thumb(spec: ModelSpec, setup: Setup, params: int) -> int:
 
 def accelerate_rule(spec: ModelSpec, setup: Setup, params: int) -> int:
     """``accelerate estimate-memory``: the load size in the parameter dtype, and 4x that for
-    training with Adam (accelerate/commands/estimate.py); it has no LoRA rule (load size)."""
+    training with Adam (accelerate/commands/estimate.py); it has no LoRA rule (load size).
+    The 4x is the model, its gradients and Adam's two states; without an optimizer step, 2x."""
     load = params * setup.precision.param_bytes
+    if _no_step(setup):
+        return 2 * load
     return 4 * load if setup.mode is Mode.FULL else load
 
 
 def korthikanti(spec: ModelSpec, setup: Setup, params: int) -> int:
     """ZeRO's 16 bytes/param for full training (2 for inference/frozen weights) plus
-    Korthikanti et al. 2022's sbh(34 + 5as/h) per layer (no recomputation)."""
+    Korthikanti et al. 2022's sbh(34 + 5as/h) per layer (no recomputation); without an
+    optimizer step ZeRO's 2 + 2 bytes/param (half weights and gradients)."""
     s, b, h, a, L = setup.seq, setup.batch, spec.hidden_size, spec.num_heads, spec.num_layers
     states = 16 * params if setup.mode is Mode.FULL else setup.precision.param_bytes * params
+    if _no_step(setup):
+        states = 2 * setup.precision.param_bytes * params
     if not setup.training:
         return states
     return int(states + L * s * b * h * (34 + 5 * a * s / h))
+
+
+def deepspeed_states(spec: ModelSpec, setup: Setup, params: int) -> int:
+    """DeepSpeed's model-states estimate for one GPU without offload,
+    ``estimate_zero2_model_states_mem_needs`` (deepspeed/runtime/zero/stage_1_and_2.py):
+    4 bytes/param (fp16 weights and gradients) + 16 bytes/param / GPUs (fp32 master weights,
+    gradients and Adam's states); inference and frozen weights: the 2-byte fp16 weights;
+    without an optimizer step: the 4 bytes/param alone. Model states only, no activations."""
+    if not setup.training:
+        return 2 * params
+    if setup.mode is not Mode.FULL or _no_step(setup):
+        return 4 * params if setup.mode is Mode.FULL else 2 * params
+    return 4 * params + 16 * params // max(setup.world_size, 1)
 
 
 _TENSOR = {c.value for c in TENSOR_CATEGORIES}

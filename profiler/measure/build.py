@@ -147,6 +147,9 @@ class MixedPrecisionOptimizer:
 
 
 def build_optimizer(model: torch.nn.Module, setup: Setup):
+    """The setup's optimizer over the trainable parameters; None for ``--optimizer none``."""
+    if setup.optimizer is Optimizer.NONE:
+        return None
     params = [p for p in model.parameters() if p.requires_grad]
     # Say which implementation, always: torch's default (torch/optim/optimizer.py:
     # _default_to_fused_or_foreach) picks the for-loop for fake tensors even where a CUDA

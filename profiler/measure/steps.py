@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Device, Loop, Mode, Setup
+from estimator.setup import Device, Loop, Loss, Mode, Setup
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
@@ -151,7 +151,7 @@ def _gradient_sync(model: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
+def train_step(model, opt, ids, setup: Setup, device: str, measure, held: dict | None = None) -> float:
     """One optimizer step of ``setup.grad_accum`` micro-batches, split into measured phases
     (a phase's peak is the worst micro-batch's); returns its wall time in seconds. ``device``
     may name an index (``cuda:1``).
@@ -173,21 +173,32 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure) -> float:
         with _gradient_sync(model, micro == setup.grad_accum - 1):
             with measure(Phase.FORWARD, Category.ACTIVATIONS):
                 with autocast_context(setup, kind):
-                    out = model(input_ids=ids, labels=ids, use_cache=setup.use_cache)
-                loss = out.loss / setup.grad_accum if setup.grad_accum > 1 else out.loss
+                    out = model(**_loss_inputs(ids, setup), use_cache=setup.use_cache)
+                loss = out.logits.sum() if setup.loss is Loss.LOGITS_SUM else out.loss
+                loss = loss / setup.grad_accum if setup.grad_accum > 1 else loss
                 if setup.loop is Loop.TRAINER:
                     out = None
+                elif setup.loop is Loop.HELD and held is not None:
+                    held["out"] = out  # rebinding drops the previous step's outputs only now
             with measure(Phase.BACKWARD, Category.LOGITS), recompute:
                 loss.backward()
                 loss = None
             out = None
-    with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
-        opt.step()
+    if opt is not None:
+        with measure(Phase.OPTIMIZER, Category.TEMPORARIES):
+            opt.step()
     with measure(Phase.ZERO_GRAD, Category.TEMPORARIES):
-        opt.zero_grad(set_to_none=not setup.keep_grads)
+        # no optimizer (--optimizer none): the module's zero_grad frees the same gradients
+        (opt if opt is not None else model).zero_grad(set_to_none=not setup.keep_grads)
     if kind == "cuda":
         torch.cuda.synchronize()
     return round(time.perf_counter() - t0, 6)
+
+
+def _loss_inputs(ids, setup: Setup) -> dict:
+    """The forward's inputs: labels for transformers' causal-LM loss; none for
+    ``loss = logits.sum()`` (the model then computes no loss)."""
+    return {"input_ids": ids} if setup.loss is Loss.LOGITS_SUM else {"input_ids": ids, "labels": ids}
 
 
 def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
@@ -213,13 +224,15 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
         if hasattr(base_opt, "on_master_grads"):
             base_opt.on_master_grads = lambda grads: tracker.track(grads, Category.GRADIENTS)
         base_opt = base_opt.inner
-    tracker.watch_optimizer(base_opt)
+    if base_opt is not None:
+        tracker.watch_optimizer(base_opt)
     if masters:
         tracker.track(masters, Category.OPTIMIZER_STATE)
     head = inner.get_output_embeddings()
     hooks = _tag_head(head, tracker)
     ids = synthetic_batch(spec, setup, device)
     cuda = device.startswith("cuda")
+    held: dict = {}  # Loop.HELD: the last step's outputs, alive until the next forward returns
     try:
         for step in range(steps + 1):
             if built.before_step is not None:
@@ -229,9 +242,12 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             if step and cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
-            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first)
+            # (the held outputs only for Loop.HELD: the call stays the six-argument one otherwise)
+            extra = {"held": held} if setup.loop is Loop.HELD else {}
+            seconds = train_step(built.forward, opt, ids, setup, device, meter if step else first, **extra)
             (timings.step_s if step else timings.warmup_s).append(seconds)
     finally:
+        held.clear()
         for hook in hooks:
             hook.remove()
         tracker.remove_hooks()
@@ -248,7 +264,7 @@ def _eval_steps(built: Model, spec, setup, steps, tracker, meter, timings, first
                 t0 = time.perf_counter()
                 with (meter if step else first)(Phase.FORWARD, Category.ACTIVATIONS):
                     with autocast_context(setup, device):
-                        model(input_ids=ids, labels=ids, use_cache=setup.use_cache)  # outputs dropped
+                        model(**_loss_inputs(ids, setup), use_cache=setup.use_cache)  # outputs dropped
                 if device == "cuda":
                     torch.cuda.synchronize()
                 (timings.step_s if step else timings.warmup_s).append(round(time.perf_counter() - t0, 6))
