@@ -18,14 +18,15 @@ from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import count_params, layer_linears, lora_params, lora_targets, param_tensor_sizes, quantized_params
-from .setup import Device, Loop, Loss, Mode, Optimizer, Precision, Quant, Setup, Sharding
+from .setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
 _ZERO = dict.fromkeys(Category, 0)  # iterating an Enum is slow: copy this template instead
 _CONTEXT, _ALLOCATOR, _TEMPORARIES = Category.CONTEXT, Category.ALLOCATOR, Category.TEMPORARIES
-_SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP)
+_SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1,
+                   Sharding.FSDP1_GRAD_OP)
 
 #: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
 #: block (0.5 bit/param); double quantization stores absmax in 8 bits with one fp32
@@ -262,7 +263,9 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
     accumulating = setup.grad_accum > 1
     if not accumulating and not (setup.keep_grads and not first_step):
         return 0
-    if accumulating and setup.sharding in (Sharding.FSDP, Sharding.ZERO3):
+    if accumulating and setup.sharding in (Sharding.FSDP, Sharding.ZERO3, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP):
+        # FSDP1's no_sync likewise keeps each flat parameter's unsharded gradient
+        # (torch/distributed/fsdp/_runtime_utils.py _post_backward_hook: no _reduce_grad)
         return st.states.gradients
     return st.gradients
 
@@ -307,6 +310,12 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     forward = [phase(big + n_states + n_act + 3 + 2 * bool(prev_logits), **with_extra(
         ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
         logits=logits["forward"] + prev_logits, kv_cache=cache + prev_kv, temporaries=fb_temps))]
+    if ranked.flat and G and not first_step:
+        # FSDP1 frees the flat gradient shards only at the next forward's root pre-forward
+        # (_runtime_utils.py _root_pre_forward -> _reset_flat_param_grad_info_if_needed: with
+        # use_orig_params, zero_grad(set_to_none) clears the views' .grad only)
+        forward.append(phase(big + n_states + n_grads, weights=W, optimizer_state=O_fwd, gradients=max(G, R),
+                             temporaries=st.workspace + constant))
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
         forward.append(phase(big + n_states + n_act + 3, **with_extra(
             ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
@@ -352,6 +361,13 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=logits["backward"] + held_logits, kv_cache=held_kv,
                 temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
+    if ranked.flat and setup.mode is Mode.FULL:
+        # FSDP1: the LM head's weight gradient made while the logits' gradient still exists,
+        # beside the root's and the last layer's unsharded parameters (sharding.py)
+        candidates.append(phase(big + n_states + n_act + 2, **with_extra(
+            ranked.backward_head_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+            logits=setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes + held_logits,
+            kv_cache=held_kv, temporaries=bwd_temps)))
     if recomputed:
         candidates.append(phase(big + n_states + n_act, **with_extra(
             ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
@@ -473,6 +489,11 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
         # each rank steps only its shard of the master weights and states (ZeRO Sec. 5)
         master_grads = -(-master_grads // key.world_size)
         opt_temps = -(-opt_temps // key.world_size)
+        if ranked.flat and key.training and key.resolved_optimizer_impl not in (OptimizerImpl.FOREACH,
+                                                                                 OptimizerImpl.FUSED):
+            # FSDP1's optimizer steps views of the flat shards: the for-loop's temporaries
+            # follow the largest piece of one parameter on this rank
+            opt_temps = optimizer_temporaries(key, states.optimizer_state, states.trainable, ranked.largest_view)
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,

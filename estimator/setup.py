@@ -145,6 +145,8 @@ class Sharding(_Choice):
     ZERO2 = "zero2"
     ZERO3 = "zero3"
     FSDP = "fsdp"  # FSDP2 fully_shard: parameters, gradients and states sharded (like ZeRO-3)
+    FSDP1 = "fsdp1"  # FSDP1 (accelerate's FSDP): flat parameters per wrapped layer, FULL_SHARD
+    FSDP1_GRAD_OP = "fsdp1-shard-grad-op"  # FSDP1 SHARD_GRAD_OP: parameters kept unsharded from forward to backward
 
 
 #: Normalised setups (Setup.shape_free / per_sequence), one object per distinct key,
@@ -239,7 +241,8 @@ class Setup:
                 f"use --mode qlora to train adapters on a quantized model")
         if self.world_size > 1 and self.sharding is Sharding.NONE:
             raise ValueError(
-                f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
+                f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3, fsdp, fsdp1 or "
+                f"fsdp1-shard-grad-op")
         if not self.training and self.sharding not in (Sharding.NONE,):
             raise ValueError(f"sharding applies to training; {self.mode} runs on one device here")
         if self.optimizer is Optimizer.NONE and self.optimizer_impl is not OptimizerImpl.AUTO:

@@ -56,6 +56,31 @@ shards (measured under ``torchrun`` with gloo and as rank 0 of a fake process gr
   = 1): three layer-sized buffers inside the middle layers, plus the layer's unsharded
   gradients before ``foreach_reduce`` copies them into the reduce-scatter input.
 
+FSDP1 (``torch.distributed.fsdp.FullyShardedDataParallel``, what ``accelerate launch`` with an
+FSDP config and the Trainer run: one unit per decoder layer, the root unit owning the rest,
+``use_orig_params=True``, ``BACKWARD_PRE`` prefetch; torch 2.13
+``torch/distributed/fsdp/_flat_param.py``, ``_runtime_utils.py``). Each unit flattens its
+parameters into one FlatParameter: with ``use_orig_params`` every parameter starts on a
+16-byte boundary (``_get_aligned_numel``, _flat_param.py:2771) and the whole is padded to a
+multiple of N (_flat_param.py:762), so every rank holds exactly flat/N elements per unit.
+Unlike FSDP2 there is no copy-out: the all-gather writes the padded unsharded flat parameter
+whose storage FSDP1 grows and frees in place (``_alloc_storage``/``_free_storage``), and the
+module's parameters are views of it. So, per rank (measured under ``torchrun`` with gloo):
+
+- forward: the root's unsharded flat parameter from its pre-forward to the end of backward
+  (``_post_forward_reshard`` keeps the root's, _runtime_utils.py) and one layer's;
+- backward: the current layer's and the prefetched next layer's unsharded parameters; the
+  parameters' gradients arrive as separate tensors and become the flat gradient at once
+  when autograd reaches the views' split (``split_with_sizes`` backward concatenates them),
+  so at a unit's end both exist (plus the reduce-scatter's output shard, ``_reduce_grad``);
+  the root's flat gradient forms only at the very end, beside its parameters' gradients;
+- SHARD_GRAD_OP (``fsdp1-shard-grad-op``) frees no unsharded parameters after forward
+  (``_post_forward_reshard``: not in RESHARD_AFTER_FORWARD_HANDLE_STRATEGIES): every layer's
+  unsharded flat parameter lives from its forward to its post-backward.
+- LoRA: peft's ``fsdp_auto_wrap_policy`` (the Trainer applies it, transformers trainer.py
+  ``_fsdp_qlora_plugin_updates``) makes every lora_A / lora_B its own unit, so the frozen base
+  units have no gradient and each adapter is padded to a multiple of N on its own.
+
 LoRA / QLoRA: only the adapters are trainable, so only their gradients and optimizer
 states exist to shard (or to bucket under DDP); the frozen base weights shard under
 zero3 / fsdp, and the root group then has no gradients.
@@ -78,7 +103,11 @@ MAX_WORLD_SIZE = 1024
 #: bucket of ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`` = 1 MiB (c10d reducer.hpp).
 DDP_BUCKET_CAP_BYTES = 25 * MiB
 DDP_FIRST_BUCKET_BYTES = MiB
-_GATHERING = (Sharding.ZERO3, Sharding.FSDP)  # parameters sharded, gathered per layer
+_FLAT = (Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)  # FSDP1: one flat parameter per unit
+_GATHERING = (Sharding.ZERO3, Sharding.FSDP) + _FLAT  # parameters sharded, gathered per layer
+#: FSDP1 with ``use_orig_params=True`` starts every parameter on this many bytes
+#: (torch/distributed/fsdp/_flat_param.py ``_get_aligned_numel``: ALIGNMENT = 16).
+FSDP1_ALIGNMENT_BYTES = 16
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -107,6 +136,10 @@ class RankStates:
     root_grads: int = 0  # the root group's unsharded gradients, all of them (end of backward)
     head_grads: int = 0  # the part present while the decoder layers run backward (LM head, final norm)
     layers: int = 0
+    root_grad_shard: int = 0  # FSDP1: the root unit's gradient shard (made at the very end of backward)
+    root_view_grads: int = 0  # FSDP1: root parameters' gradients beyond the embedding terms the caller adds
+    head_weight_grad: int = 0  # FSDP1: the LM head's weight gradient, a tensor of its own until the end
+    largest_view: int = 0  # FSDP1: elements of the largest piece of one trainable parameter on rank 0
 
     @property
     def model_states(self) -> int:
@@ -122,12 +155,25 @@ class RankStates:
     def gathers(self) -> bool:
         return self.sharding in _GATHERING
 
+    @property
+    def flat(self) -> bool:
+        """FSDP1: flat parameters, gathered in place, gradients concatenated per unit."""
+        return self.sharding in _FLAT
+
+    @property
+    def kept_layers(self) -> int:
+        """Layers whose unsharded parameters stay from forward to backward: all of them under
+        SHARD_GRAD_OP, none otherwise."""
+        return self.layers if self.sharding is Sharding.FSDP1_GRAD_OP else 0
+
     def forward_extra(self) -> dict[str, int]:
         """Extra bytes at the forward's loss, beside the activations and the logits: DDP's
         buckets; FSDP2's root parameters and the last layer's all-gather buffer (the loss is
         computed inside the root's forward; the root's post-forward frees that buffer)."""
         out = {"gradients": self.buckets} if self.buckets else {}
-        if self.gathers:
+        if self.flat:  # the last layer resharded at its post-forward (unless kept)
+            out["temporaries"] = self.root_params + self.kept_layers * self.layer_params
+        elif self.gathers:
             out["temporaries"] = self.root_params + self.layer_params
         return out
 
@@ -152,6 +198,9 @@ class RankStates:
         def at(activations: int, temporaries: int) -> dict[str, int]:
             return {"activations": max(0, activations), "gradients": self.buckets, "temporaries": temporaries}
 
+        if self.flat:  # FSDP1 gathers in place: the last layer's parameters (all, if kept) at its end
+            return at(saved + working_set, R + max(P, self.kept_layers * P))
+
         moments = [at(0, 2 * R + 2 * P), at(saved + working_set, R + 2 * P)]
         if L >= 2:
             moments.append(at(saved - per_layer, R + 3 * P))
@@ -162,8 +211,15 @@ class RankStates:
         all-gather buffer (the root's pre-backward prefetches it)."""
         out = {"gradients": self.buckets} if self.buckets else {}
         if self.gathers:
-            out["temporaries"] = self.root_params + self.layer_params
+            out["temporaries"] = self.root_params + max(self.layer_params, self.kept_layers * self.layer_params)
         return out
+
+    def backward_head_extra(self) -> dict[str, int]:
+        """FSDP1, at the LM head's backward: the root's and the last layer's (prefetched, or
+        kept) unsharded parameters, and the head's weight gradient, a tensor of its own until
+        the root's views are concatenated at the end (none under LoRA)."""
+        return {"temporaries": self.root_params + max(self.layer_params, self.kept_layers * self.layer_params)
+                + self.head_weight_grad}
 
     def backward_end_extra(self) -> dict[str, int]:
         """At the end of backward, beside the resident gradient shards.
@@ -173,7 +229,13 @@ class RankStates:
         gradients and their reduce-scatter input (parameters resharded) -- the larger.
         """
         out = {"gradients": self.buckets} if self.buckets else {}
-        if self.gathers:
+        if self.flat:
+            # before the root's reduce-scatter: its unsharded parameters, its parameters'
+            # gradients (the caller's embedding terms) and their concatenation, the flat
+            # gradient; the root's shard does not exist yet
+            out["gradients"] = -self.root_grad_shard
+            out["temporaries"] = self.root_params + self.root_grads + self.root_view_grads
+        elif self.gathers:
             out["gradients"] = self.root_grads
             out["temporaries"] = max(self.root_params + self.layer_reduce_input, self.root_grads)
         return out
@@ -200,6 +262,8 @@ class RankStates:
                     "gradients": self.buckets + self.head_grads + done * self.layer_grad_shard,
                     "temporaries": self.root_params + params * P + reduce_inputs * RS}
 
+        if self.flat:
+            return self._flat_backward_layer(saved, per_layer, working_set, recomputed)
         if L == 1:  # copy-out (all-gather buffer + parameters), or its backward (parameters)
             moments = [at(0, 2, 0, 0), at(0, 1, 0, working_set)]
         else:
@@ -210,6 +274,28 @@ class RankStates:
             ]
             if L >= 3:  # middle layers: parameters + prefetch + the previous reduce-scatter input
                 moments += [at(L - 2, 2, 1, working_set), at(1, 2, 1, working_set)]
+        return max(moments, key=lambda m: sum(m.values()))
+
+    def _flat_backward_layer(self, saved: int, per_layer: int, working_set: int,
+                             recomputed: int) -> dict[str, int]:
+        """FSDP1's backward moments in layer i (L-1 first): inside its backward (working set)
+        and at its end, when its parameters' gradients and their concatenation coexist
+        (the flat gradient, then the reduce-scatter's output shard, smaller). Unsharded
+        parameters: the layer's and the prefetched next one's (BACKWARD_PRE), or under
+        SHARD_GRAD_OP layers 0..i (each kept since its forward)."""
+        L, P, G = self.layers, self.layer_params, self.layer_grads
+
+        def at(i: int, activations: int, transient: int) -> dict[str, int]:
+            done = L - 1 - i
+            params = i + 1 if self.kept_layers else (2 if i > 0 else 1)
+            return {"activations": max(0, activations - done * per_layer),
+                    "gradients": self.head_grads + done * self.layer_grad_shard,
+                    "temporaries": self.root_params + params * P + transient}
+
+        moments = []
+        for i in sorted({L - 1, min(1, L - 1), 0}):
+            moments.append(at(i, saved + recomputed + working_set, 0))
+            moments.append(at(i, saved - per_layer, 2 * G))
         return max(moments, key=lambda m: sum(m.values()))
 
     def optimizer_extra(self) -> dict[str, int]:
@@ -272,7 +358,12 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
         return RankStates(sh, n, w, g, _ceil_div(o, n))
     if sh is Sharding.ZERO2:
         return RankStates(sh, n, w, _ceil_div(g, n), _ceil_div(o, n))
+    if sh in _FLAT:
+        flat = _fsdp1_states(spec, key, g, o, trainable)
+        if flat is not None:
+            return flat
     # zero3 / fsdp: everything sharded, parameters gathered a decoder layer at a time
+    # (FSDP1 without per-tensor shapes: even shards, as zero3)
     L = max(spec.num_layers, 1)
     root_elems, root_bytes = _root_group(spec, key)
     full = key.mode is Mode.FULL
@@ -310,6 +401,69 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
     return RankStates(sh, n, w_rank, g_rank, o_rank, root_params=root_bytes, layer_params=layer_params,
                       layer_grads=layer_grads, layer_grad_shard=layer_grad_shard, root_grads=root_grads,
                       head_grads=head_grads, layers=L)
+
+
+def _flat_numel(sizes, align: int, n: int) -> int:
+    """Elements of an FSDP1 FlatParameter of tensors of ``sizes`` elements under
+    ``use_orig_params``: each tensor starts at a multiple of ``align`` elements, the whole is
+    padded to a multiple of the world size (_flat_param.py ``_init_flat_param_and_metadata``)."""
+    total = 0
+    for size in sizes:
+        total += (-total) % align + size
+    return total + (-total) % n
+
+
+def _rank0_pieces(sizes, align: int, n: int) -> list[int]:
+    """Elements of each parameter inside rank 0's chunk of their FSDP1 flat parameter (the
+    views ``use_orig_params`` gives the optimizer, _flat_param.py ``_get_shard_metadata``)."""
+    chunk = _flat_numel(sizes, align, n) // n
+    pieces, start = [], 0
+    for size in sizes:
+        start += (-start) % align
+        pieces.append(max(0, min(start + size, chunk) - start))
+        start += size
+    return pieces
+
+
+def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -> RankStates | None:
+    """Per-rank states and buffers under FSDP1 (module docstring): a flat parameter per
+    decoder layer and one for the root; under LoRA one per adapter matrix (peft's wrap
+    policy), fp32. ``None`` where the per-tensor shapes are not known (quantized storage,
+    no formula): the caller shards evenly then."""
+    shapes = _dim0_shapes(spec) if key.quant is Quant.NONE else None
+    if shapes is None:
+        return None
+    n, L, pb = key.world_size, max(spec.num_layers, 1), key.precision.param_bytes
+    root, layer = ([rows * cols for rows, cols in group] for group in shapes)
+    root_flat = _flat_numel(root, FSDP1_ALIGNMENT_BYTES // pb, n)
+    layer_flat = _flat_numel(layer, FSDP1_ALIGNMENT_BYTES // pb, n)
+    full = key.mode is Mode.FULL
+    grad_bytes = g // max(trainable, 1)
+    adapter_flat = 0 if full else sum(
+        _flat_numel([rows * cols], FSDP1_ALIGNMENT_BYTES // FP32, n)
+        for rows, cols in _lora_shapes(spec, key, _ceil_div(trainable, L)))
+    base = root_flat + L * layer_flat
+    trainable_shard = base // n if full else L * adapter_flat // n
+    layer_grads = (layer_flat if full else adapter_flat) * grad_bytes
+    head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes if full else 0
+    # the caller's end-of-backward embedding terms (estimate._static embed_bwd): a tied
+    # matrix's head and embedding gradients; the other root gradients are added here
+    caller_terms = 2 * head if spec.tie_word_embeddings else 0
+    root_grads = root_flat * grad_bytes if full else 0
+    if full:
+        largest = max(_rank0_pieces(root, FSDP1_ALIGNMENT_BYTES // pb, n)
+                      + _rank0_pieces(layer, FSDP1_ALIGNMENT_BYTES // pb, n))
+    else:
+        largest = max([_flat_numel([rows * cols], 1, n) // n
+                       for rows, cols in _lora_shapes(spec, key, _ceil_div(trainable, L))], default=0)
+    return RankStates(
+        key.sharding, n, base // n * pb + L * adapter_flat // n * FP32, trainable_shard * grad_bytes,
+        _ceil_div(o * trainable_shard, max(trainable, 1)),
+        root_params=root_flat * pb, layer_params=layer_flat * pb + adapter_flat * FP32, layer_grads=layer_grads,
+        layer_grad_shard=layer_grads // n, root_grads=root_grads,
+        head_grads=_head_elems(spec, sum(root)) * grad_bytes if full else 0, layers=L,
+        root_grad_shard=root_grads // n, root_view_grads=max(0, sum(root) * grad_bytes - caller_terms) if full else 0,
+        head_weight_grad=head, largest_view=largest)
 
 
 def _shard_elems(shapes, n: int) -> int:
@@ -443,7 +597,8 @@ def smallest_world(spec: ModelSpec, setup: Setup, memory_bytes: int,
         raise ValueError(f"memory must be positive, got {memory_bytes}")
     sharding = Sharding.parse(sharding)
     if sharding is Sharding.NONE:
-        raise ValueError("smallest_world needs a sharding: ddp, zero1, zero2, zero3 or fsdp")
+        raise ValueError("smallest_world needs a sharding: ddp, zero1, zero2, zero3, fsdp, fsdp1 or "
+                         "fsdp1-shard-grad-op")
     n = 1
     while n <= MAX_WORLD_SIZE:
         candidate = setup if n == 1 else setup.replace(world_size=n, sharding=sharding)

@@ -144,12 +144,13 @@ def cmd_profile(args) -> int:
 
 
 def _profile_distributed(args, setup, steps: int, nproc: int):
-    """--nproc N: torchrun with DDP or FSDP2 (cpu: gloo, cuda: nccl); sim: rank 0 of N on a
-    fake process group. One record per rank."""
-    from profiler.measure.distributed import run_distributed, run_sim_rank0
+    """--nproc N: torchrun with DDP, FSDP2 or FSDP1 (cpu: gloo, cuda: nccl); sim: rank 0 of N
+    on a fake process group (FSDP2). One record per rank."""
+    from profiler.measure.distributed import MEASURED, run_distributed, run_sim_rank0
     from profiler.record import append_record
-    if setup.sharding.value not in ("ddp", "fsdp", "zero3"):
-        raise UsageError(f"--nproc {nproc} needs --sharding ddp or fsdp (zero3 runs as fsdp)")
+    if setup.sharding not in MEASURED:
+        raise UsageError(f"--nproc {nproc} needs --sharding ddp, fsdp, fsdp1 or fsdp1-shard-grad-op "
+                         f"(zero3 runs as fsdp)")
     setup = setup.replace(world_size=nproc)
     if args.backend != "sim":
         return run_distributed(args.model, setup, backend=args.backend, steps=steps, nproc=nproc, out=args.out)
@@ -403,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="2", help="measured steps after one warm-up step (default 2)")
     p.add_argument("--out", help="append the record to this JSONL file")
     p.add_argument("--timeline", action="store_true", help="keep the tracker's memory timeline in the record")
-    p.add_argument("--nproc", default="1", help="ranks: > 1 runs DDP/FSDP2 under torchrun (sim: rank 0 of N)")
+    p.add_argument("--nproc", default="1", help="ranks: > 1 runs DDP/FSDP2/FSDP1 under torchrun (sim: rank 0 of N)")
     p.add_argument("--json", action="store_true", help="print the record")
     p.set_defaults(func=cmd_profile)
     p = _matrix_parser(sub, "sweep", "run a TOML matrix, one subprocess per case, resumable", backend="cpu",

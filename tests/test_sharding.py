@@ -1,4 +1,4 @@
-"""Per-rank states (estimator/sharding.py): ZeRO Table 1, DDP buckets, FSDP2 gathering."""
+"""Per-rank states (estimator/sharding.py): ZeRO Table 1, DDP buckets, FSDP2 and FSDP1 gathering."""
 from __future__ import annotations
 
 import subprocess
@@ -10,12 +10,20 @@ from estimator.estimate import estimate, model_states
 from estimator.modelspec import load_model, spec_from_config
 from estimator.params import count_params
 from estimator.setup import Setup
-from estimator.sharding import DDP_FIRST_BUCKET_BYTES, MAX_WORLD_SIZE, ddp_bucket_sizes, per_rank_states, smallest_world
+from estimator.sharding import (
+    DDP_FIRST_BUCKET_BYTES,
+    MAX_WORLD_SIZE,
+    _flat_numel,
+    _rank0_pieces,
+    ddp_bucket_sizes,
+    per_rank_states,
+    smallest_world,
+)
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
               "max_position_embeddings": 256, "tie_word_embeddings": False}
-SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp1", "fsdp1-shard-grad-op")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +77,10 @@ def test_per_rank_memory_never_grows_with_world_size(llama7b, sharding):
         last_states = here
         # FSDP2's all-gather buffers are N * ceil(rows/N) rows: one more rank than a divisor
         # of the rows can grow them (64 -> 65 ranks: 4096 -> 4160 rows), so for fsdp the
-        # whole step is monotone over powers of two, the resident shards over every N
-        if sharding != "fsdp" or world & (world - 1) == 0:
+        # whole step is monotone over powers of two, the resident shards over every N;
+        # FSDP1's unsharded flat parameters are padded to a multiple of N (up to N-1 more
+        # elements per unit) likewise
+        if not sharding.startswith("fsdp") or world & (world - 1) == 0:
             total = estimate(llama7b, ranked).total_bytes
             if last_total is not None:
                 assert total <= last_total, (sharding, world)
@@ -138,6 +148,93 @@ def test_fsdp_pads_every_tensor_to_whole_rows_per_rank():
     assert even.weights == -(-model_states(spec, setup).weights // 64)  # DeepSpeed: flat partitions
 
 
+def test_fsdp1_flat_parameters_align_each_tensor_and_pad_to_the_world():
+    # use_orig_params: each tensor starts on 16 bytes (4 fp32 elements), the whole padded to N
+    assert _flat_numel([3, 5], 4, 2) == 10  # 3, pad 1, 5 -> 9, pad to 10
+    assert _flat_numel([3, 5], 4, 3) == 9
+    assert _flat_numel([8, 8], 4, 3) == 18
+    assert _rank0_pieces([3, 5], 4, 2) == [3, 1]  # rank 0 holds [0, 5): all of the first, 1 of the second
+    spec = spec_from_config(TINY_LLAMA, "tiny")
+    setup = Setup(precision="fp32", world_size=3, sharding="fsdp1")
+    ranked = per_rank_states(spec, setup, model_states(spec, setup))
+    # q,k,v,o; gate, up, down; 2 norms: every size a multiple of 4 elements: no alignment padding
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64
+    root = 2 * 512 * 64 + 64
+    assert ranked.layer_params == 4 * (layer + (-layer) % 3) and ranked.root_params == 4 * (root + (-root) % 3)
+    assert ranked.weights == (ranked.root_params + 2 * ranked.layer_params) // 3
+    assert ranked.optimizer_state == 2 * ranked.weights and ranked.gradients == ranked.weights
+
+
+def test_fsdp1_gathers_in_place_and_shard_grad_op_keeps_every_layer():
+    spec = spec_from_config(TINY_LLAMA, "tiny")
+    setup = Setup(precision="bf16", world_size=2, sharding="fsdp1")
+    full = per_rank_states(spec, setup, model_states(spec, setup))
+    kept = per_rank_states(spec, setup.replace(sharding="fsdp1-shard-grad-op"), model_states(spec, setup))
+    R, P, G = full.root_params, full.layer_params, full.layer_grads
+    # at the loss FULL_SHARD holds only the root (the last layer resharded after its forward;
+    # FSDP2 also holds that layer's buffer); SHARD_GRAD_OP every layer
+    assert full.forward_extra()["temporaries"] == R
+    assert kept.forward_extra()["temporaries"] == R + 2 * P
+    # no copy-out: the end of the last layer holds that layer once
+    assert full.forward_layer(saved=10**9, per_layer=10**7)["temporaries"] == R + P
+    # backward: the layer, the prefetched next one and, at the layer's end, its parameters'
+    # gradients beside their concatenation
+    moment = full.backward_layer(saved=10**9, per_layer=10**7, working_set=0)
+    assert moment["temporaries"] in (R + 2 * P, R + 2 * P + 2 * G)
+    end = full.backward_end_extra()
+    assert end["temporaries"] == R + full.root_grads + full.root_view_grads
+    assert end["gradients"] == -full.root_grad_shard  # the root's shard is made after this moment
+
+
+def test_fsdp1_under_lora_wraps_each_adapter_on_its_own(llama7b):
+    setup = Setup(mode="lora", precision="bf16", world_size=8, sharding="fsdp1")
+    states = model_states(llama7b, setup)
+    ranked = per_rank_states(llama7b, setup, states)
+    # q_proj and v_proj adapters: A (16, 4096) and B (4096, 16) per layer, fp32, each padded to 8
+    assert ranked.gradients == 32 * 4 * 4 * (16 * 4096) // 8
+    assert ranked.root_grads == ranked.head_weight_grad == 0
+    assert ranked.largest_view == 16 * 4096 // 8
+
+
+def test_fsdp1_sizes_match_torch_flat_parameters():
+    """torch's own FSDP1 on a fake process group of 3 ranks (in a fresh process): rank 0's
+    flat parameter per unit is the estimator's shard, the padded total its unsharded size."""
+    code = f"""
+import json, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from estimator.modelspec import spec_from_config
+from estimator.setup import Setup
+from profiler.measure.build import build_model
+from profiler.measure.distributed import wrap
+spec = spec_from_config({TINY_LLAMA!r}, "tiny")
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+out = {{}}
+for mode in ("full", "lora"):
+    setup = Setup(precision="fp32", world_size=3, sharding="fsdp1", mode=mode)
+    model = wrap(build_model(spec, setup, "cpu"), spec, setup, "cpu", 3)
+    flats = [m._handle.flat_param for m in model.modules() if getattr(m, "_handle", None) is not None]
+    out[mode] = [[f.numel(), int(f._unpadded_unsharded_size.numel()), f.requires_grad] for f in flats]
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    spec = spec_from_config(TINY_LLAMA, "tiny")
+    for mode in ("full", "lora"):
+        setup = Setup(precision="fp32", world_size=3, sharding="fsdp1", mode=mode)
+        ranked = per_rank_states(spec, setup, model_states(spec, setup))
+        flats = got[mode]
+        assert sum(shard for shard, _, _ in flats) * 4 == ranked.weights, mode
+        assert all(unsharded == 3 * shard for shard, unsharded, _ in flats)
+        trainable = sum(shard for shard, _, grad in flats if grad)
+        assert trainable * 4 == ranked.gradients, mode
+        unsharded = sorted(u for _, u, _ in flats)
+        assert unsharded[-1] * 4 == ranked.root_params  # the root unit is the largest here
+        if mode == "full":
+            assert ranked.layer_params == unsharded[0] * 4
+
+
 def test_fsdp_under_lora_shards_the_frozen_base(llama7b):
     setup = Setup(mode="lora", precision="bf16", world_size=8, sharding="fsdp")
     states = model_states(llama7b, setup)
@@ -151,12 +248,13 @@ def test_fsdp_under_lora_shards_the_frozen_base(llama7b):
 
 
 @pytest.mark.parametrize("sharding,gathers", [("ddp", False), ("zero1", False), ("zero2", False),
-                                              ("zero3", True), ("fsdp", True)])
+                                              ("zero3", True), ("fsdp", True), ("fsdp1", True)])
 def test_only_gathering_schemes_peak_inside_a_layer(llama7b, sharding, gathers):
     ranked = _ranked(llama7b, 8, sharding, precision="bf16")
     moment = ranked.backward_layer(saved=10**9, per_layer=10**7, working_set=10**6)
     assert (moment is not None) is gathers
-    if gathers:  # middle layers: parameters, the prefetched next layer, the previous reduce-scatter input
+    # middle layers: parameters, the prefetched next layer, the previous reduce-scatter input (FSDP2)
+    if gathers and sharding != "fsdp1":
         assert moment["temporaries"] == ranked.root_params + 2 * ranked.layer_params + ranked.layer_reduce_input
 
 

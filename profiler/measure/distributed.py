@@ -4,8 +4,9 @@ many simulated in-process.
 :func:`run_distributed` launches PyTorch's own launcher
 (``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.measure.dist_worker``);
 each rank (:func:`rank_record`) builds the model like the single-device harness, wraps it
-in ``DistributedDataParallel`` (sharding ddp) or FSDP2 ``fully_shard`` per decoder layer
-and then the root (sharding fsdp; zero3 is measured as fsdp), and measures warm-up plus N
+in ``DistributedDataParallel`` (sharding ddp), FSDP2 ``fully_shard`` per decoder layer
+and then the root (sharding fsdp; zero3 is measured as fsdp) or FSDP1 as accelerate runs
+it (fsdp1, fsdp1-shard-grad-op: :func:`wrap_fsdp1`), and measures warm-up plus N
 steps phase by phase with the harness's meter. On CPU the ranks talk over gloo, on CUDA
 over NCCL. Rank 0 gathers the records; a failing or hanging rank becomes a ``status:
 error`` record, never a hang (a subprocess timeout and a collective timeout).
@@ -36,7 +37,7 @@ import torch
 
 from estimator.categories import Category
 from estimator.modelspec import ModelSpec, load_model
-from estimator.setup import Setup, Sharding
+from estimator.setup import Mode, Setup, Sharding
 from profiler.measure.build import build_model, build_optimizer, materialize_fake
 from profiler.measure.procs import ROOT, checkout_env
 from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
@@ -45,7 +46,8 @@ from profiler.measure.tracker import StorageTracker
 from profiler.record import Record, Status, append_record, check_record, new_record
 
 #: shardings this module can run for real (zero1/zero2 need DeepSpeed or ZeroRedundancyOptimizer)
-MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3)
+MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
+FSDP1 = (Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
 DIST_BACKENDS = ("cpu", "cuda")
 
 
@@ -165,7 +167,10 @@ def _settle(tensors, before, limit_s: float = 1.0) -> None:
 
 def wrap(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: str, world: int, mesh=None):
     """DDP for ddp; FSDP2 ``fully_shard`` on every decoder layer, then the root, for fsdp/zero3
-    (over ``mesh``, by default a 1-D mesh of all ranks; build it outside any FakeTensorMode)."""
+    (over ``mesh``, by default a 1-D mesh of all ranks; build it outside any FakeTensorMode);
+    FSDP1 as accelerate and the Trainer configure it for fsdp1 (:func:`wrap_fsdp1`)."""
+    if setup.sharding in FSDP1:
+        return wrap_fsdp1(model, spec, setup, device)
     if setup.sharding is Sharding.DDP:
         from torch.nn.parallel import DistributedDataParallel as DDP
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
@@ -178,6 +183,92 @@ def wrap(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: str, wor
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def wrap_fsdp1(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: str):
+    """FSDP1 (``torch.distributed.fsdp.FullyShardedDataParallel``) the way ``accelerate launch``
+    with the Trainer runs it: one FSDP unit per decoder layer (TRANSFORMER_BASED_WRAP on the
+    model's ``_no_split_modules``), the root unit owning the rest; ``FULL_SHARD`` (fsdp1) or
+    ``SHARD_GRAD_OP``; ``use_orig_params=True`` (transformers' TrainingArguments sets
+    ``FSDP_USE_ORIG_PARAMS`` to "true" unless told otherwise); FSDP's defaults otherwise
+    (``BACKWARD_PRE`` prefetch, no forward prefetch, ``limit_all_gathers``). A peft model gets
+    peft's ``fsdp_auto_wrap_policy`` as the Trainer gives it (transformers trainer.py
+    ``_fsdp_qlora_plugin_updates``): every leaf module with a trainable weight -- each
+    adapter's lora_A and lora_B -- is a unit of its own, so no flat parameter mixes frozen
+    and trainable parameters."""
+    import functools
+
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy, _or_policy, lambda_auto_wrap_policy
+
+    layer_cls = {type(decoder_layers(model, spec)[0])}
+    policy = ModuleWrapPolicy(layer_cls)
+    if setup.mode is not Mode.FULL:
+        def trainable_leaf(module: torch.nn.Module) -> bool:  # peft/utils/other.py lambda_policy_fn
+            weight = getattr(module, "weight", None)
+            return not list(module.children()) and weight is not None and weight.requires_grad
+        policy = functools.partial(_or_policy, policies=[
+            functools.partial(lambda_auto_wrap_policy, lambda_fn=trainable_leaf), policy])
+    strategy = ShardingStrategy.FULL_SHARD if setup.sharding is Sharding.FSDP1 else ShardingStrategy.SHARD_GRAD_OP
+    return FSDP(model, auto_wrap_policy=policy, sharding_strategy=strategy, use_orig_params=True,
+                backward_prefetch=BackwardPrefetch.BACKWARD_PRE, device_id=torch.device(device))
+
+
+@contextlib.contextmanager
+def fsdp1_storage_hooks(tracker: StorageTracker, gathered: Category = Category.TEMPORARIES):
+    """FSDP1's memory as a rank's allocator sees it (the counterpart of
+    :func:`fsdp_storage_hooks`): the unsharded flat parameter's storage is grown by
+    ``_alloc_storage`` and shrunk to 0 by ``_free_storage`` (torch/distributed/utils.py, called
+    from _flat_param.py ``alloc_unsharded_flat_param`` / ``_free_unsharded_flat_param``), which
+    no dispatched op reports; the reduce-scattered gradient shards
+    (``_runtime_utils._accumulate_sharded_grad``) are tagged gradients; the collectives
+    (``all_gather_single``, ``reduce_scatter_single``) run untracked as under FSDP2."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import _flat_param, _runtime_utils
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    names = [n for n in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                         "reduce_scatter_tensor") if hasattr(dist, n)]
+    originals = [(_flat_param, "_alloc_storage"), (_flat_param, "_free_storage"),
+                 (_runtime_utils, "_accumulate_sharded_grad")] + [(dist, n) for n in names]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
+    alloc, free, accumulate = _flat_param._alloc_storage, _flat_param._free_storage, \
+        _runtime_utils._accumulate_sharded_grad
+
+    def alloc_storage(tensor, size):
+        alloc(tensor, size)
+        tracker.track(tensor, gathered)
+
+    def free_storage(tensor):
+        free(tensor)
+        tracker.track(tensor)
+
+    def accumulate_tagged(state, handle, sharded_grad):
+        out = accumulate(state, handle, sharded_grad)
+        tracker.track(handle.flat_param._saved_grad_shard, Category.GRADIENTS)
+        return out
+
+    def untracked(call):
+        def run(*args, **kwargs):
+            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+            before = _use_counts(tensors)
+            with _disable_current_modes():
+                work = call(*args, **kwargs)
+            if not kwargs.get("async_op"):
+                _settle(tensors, before)
+            return work
+        return run
+
+    _flat_param._alloc_storage, _flat_param._free_storage = alloc_storage, free_storage
+    _runtime_utils._accumulate_sharded_grad = accumulate_tagged
+    for name in names:
+        setattr(dist, name, untracked(getattr(dist, name)))
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 class LocalShardOptimizer:
@@ -296,7 +387,8 @@ def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, w
         wrapped = wrap(model_obj, spec, setup, device, world)
         gc.collect()  # the unsharded parameters fully_shard replaced
         tracker.track(wrapped, Category.WEIGHTS)  # this rank's local shards
-        return Model(wrapped, _inner(wrapped), device, contexts=[fsdp_storage_hooks(tracker)])
+        hooks = fsdp1_storage_hooks if setup.sharding in FSDP1 else fsdp_storage_hooks
+        return Model(wrapped, _inner(wrapped), device, contexts=[hooks(tracker)])
 
     return measure_run(record, spec, setup, steps, build, cuda=cuda)
 
@@ -308,7 +400,8 @@ def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> Recor
     takes seconds. FSDP2's code runs for real -- sharding, all-gather buffers, prefetching,
     reduce-scatter inputs -- and the tracker counts rank 0's bytes as on the cpu backend.
     Returns one record (backend sim); a failing case is a record with status error.
-    DDP is not simulated (its Reducer allocates real buckets in C++, outside fake mode)."""
+    DDP and FSDP1 are not simulated (DDP's Reducer allocates real buckets in C++, outside fake
+    mode; FSDP1 is measured on real cpu ranks instead)."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
@@ -317,8 +410,9 @@ def run_sim_rank0(model: str, setup: Setup, nproc: int, steps: int = 1) -> Recor
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     setup = distributed_setup(setup, nproc)
-    if setup.sharding is Sharding.DDP:
-        raise ValueError("sim runs FSDP2 (sharding fsdp or zero3); measure ddp with backend cpu or cuda")
+    if setup.sharding is Sharding.DDP or setup.sharding in FSDP1:
+        raise ValueError(f"sim runs FSDP2 (sharding fsdp or zero3); measure {setup.sharding} with backend cpu "
+                         f"or cuda")
     if dist.is_initialized():
         raise ValueError("a process group is already initialised in this process; "
                          "run_sim_rank0 needs its own (fake) one: call it from a fresh process")
