@@ -317,10 +317,13 @@ class Setup:
 
     @property
     def resolved_optimizer_impl(self) -> OptimizerImpl:
-        """What torch actually runs (torch/optim/optimizer.py::_default_to_fused_or_foreach)."""
+        """What torch actually runs (torch/optim/optimizer.py::_default_to_fused_or_foreach):
+        foreach on CUDA from torch 2.0, the for-loop before it and on CPU
+        (Semantics.optimizer_foreach_default)."""
         if self.optimizer_impl is not OptimizerImpl.AUTO:
             return self.optimizer_impl
-        return OptimizerImpl.FOREACH if self.device is Device.CUDA else OptimizerImpl.FORLOOP
+        cuda_foreach = self.device is Device.CUDA and self.semantics.optimizer_foreach_default
+        return OptimizerImpl.FOREACH if cuda_foreach else OptimizerImpl.FORLOOP
 
     def replace(self, **changes) -> Setup:
         return replace(self, **changes)

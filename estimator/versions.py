@@ -142,6 +142,17 @@ class Semantics:
         switch is taken at 4.51, the first release not read."""
         return not self._at_least("transformers", "4.51")
 
+    @property
+    def optimizer_foreach_default(self) -> bool:
+        """torch >= 2.0 runs torch.optim's foreach implementation by default when every
+        parameter is on CUDA (torch/optim/optimizer.py ``_default_to_fused_or_foreach``, 2.13.0
+        :161-186; adam.py :938 calls it when neither ``foreach`` nor ``fused`` is given); torch
+        1.x took the for-loop path (1.13 torch/optim/adamw.py ``adamw``: "Placeholder for more
+        complex foreach logic to be added when value is not set", ``foreach = False``). The
+        foreach path's ``_foreach_sqrt(exp_avg_sqs)`` is one optimizer-state-sized list, the
+        for-loop's temporaries two tensors of the largest parameter (estimator/optimizer.py)."""
+        return self._at_least("torch", "2.0")
+
     def tuple_cache(self, model_type: str) -> bool:
         """Whether a forward with ``use_cache`` returns the attention's own key and value
         tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
@@ -161,4 +172,5 @@ class Semantics:
                 "moe_experts_fused": self.moe_experts_fused,
                 "opt_eager_clamps_scores": self.opt_eager_clamps_scores,
                 "gpt2_own_attention": self.gpt2_own_attention,
-                "gpt2_mask_buffers": self.gpt2_mask_buffers}
+                "gpt2_mask_buffers": self.gpt2_mask_buffers,
+                "optimizer_foreach_default": self.optimizer_foreach_default}

@@ -145,3 +145,20 @@ def test_old_version_records_cover_the_published_benchmarks_versions():
     # clamp and tuple caches (4.46.0, the opt table; 4.48.3): measured, not only read
     found = {path.parent.name for path in OLD_RECORD_FILES}
     assert {"transformers-4.42.4", "transformers-4.46.0", "transformers-4.48.3"} <= found
+
+
+@pytest.mark.parametrize("torch_version,impl", [("1.13.1", "for-loop"), ("2.0.0", "foreach"), ("2.13.0", "foreach")])
+def test_torch_default_optimizer_implementation_by_version(torch_version, impl):
+    """torch 1.x's AdamW took the for-loop path unless told otherwise; 2.0 made foreach the
+    default on CUDA; on CPU the default stays the for-loop. The estimate under a version is
+    the estimate with that implementation named."""
+    spec = load_model("smollm2-135m")
+    auto = Setup(precision="bf16", seq=256, versions=f"torch={torch_version}")
+    assert auto.resolved_optimizer_impl.value == impl
+    assert estimate(spec, auto).phases == estimate(spec, auto.replace(optimizer_impl=impl)).phases
+    assert Setup(device="cpu", versions=f"torch={torch_version}").resolved_optimizer_impl.value == "for-loop"
+    # the foreach step's _foreach_sqrt list is one optimizer-state-sized temporary (fp32 per
+    # parameter here), the for-loop's two of the largest parameter: more than 1 % of the peak
+    old = estimate(spec, auto.replace(versions="torch=1.13.1")).total_bytes
+    new = estimate(spec, auto.replace(versions="torch=2.0.0")).total_bytes
+    assert new - old > 0.01 * new
