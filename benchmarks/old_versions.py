@@ -4,6 +4,7 @@ Run with the interpreter of a venv holding that transformers (torch 2.13 CPU, th
 installed with ``pip install -e . --no-deps``), e.g.::
 
     /work/venv442/bin/python benchmarks/old_versions.py gpt2
+    /work/venv442/bin/python benchmarks/old_versions.py prefill
 
 Each case is the published benchmarks' workload (no optimizer, ``logits.sum()``, the
 outputs held until the next forward, the model's KV cache on) at a CPU-sized shape; the
@@ -24,15 +25,28 @@ WORKLOAD = dict(precision="fp32", batch=2, seq=256, optimizer="none", loss="logi
 CASES = {"gpt2": [("gpt2", "eager"), ("gpt2", "sdpa")], "opt": [("opt-125m", "eager"), ("opt-125m", "sdpa")]}
 
 
+#: ``prefill``: generate's no-grad prefill (the last position's logits where the forward takes
+#: ``logits_to_keep``; every position's before; Semantics.prefill_full_logits, rotary_caches)
+PREFILL = dict(mode="inference", batch=2, seq=512, device="cpu")
+#: (model, precision, attention): OPT has no sdpa class before 4.46, so eager throughout
+PREFILL_CASES = [("smollm2-135m", "bf16", "sdpa"), ("qwen2.5-0.5b", "bf16", "sdpa"), ("gpt2", "fp32", "sdpa"),
+                 ("opt-125m", "fp32", "eager")]
+
+
 def main(family: str) -> None:
-    out = Path(__file__).resolve().parents[1] / "results" / "versions" / \
-        f"transformers-{transformers.__version__}" / "cpu-steps.jsonl"
+    folder = Path(__file__).resolve().parents[1] / "results" / "versions" / f"transformers-{transformers.__version__}"
+    out = folder / ("cpu-prefill.jsonl" if family == "prefill" else "cpu-steps.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for model, attn in CASES[family]:
-        record = run_case(model, Setup(**WORKLOAD, attn=attn), "cpu", steps=1)
+    if family == "prefill":
+        cases = [(model, Setup(**PREFILL, precision=precision, attn=attn)) for model, precision, attn in PREFILL_CASES]
+    else:
+        cases = [(model, Setup(**WORKLOAD, attn=attn)) for model, attn in CASES[family]]
+    for model, setup in cases:
+        record = run_case(model, setup, "cpu", steps=1)
         append_record(out, record)
         m, p = record.measured.peak_allocated_bytes, record.predicted.allocated_bytes
-        print(f"{model} {attn}: {record.status} measured {m} predicted {p} ({(p - m) / m:+.3%})")
+        error = f"({(p - m) / m:+.3%})" if record.ok else record.message
+        print(f"{model} {setup.attn} {setup.mode}: {record.status} measured {m} predicted {p} {error}")
 
 
 if __name__ == "__main__":

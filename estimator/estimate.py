@@ -159,9 +159,13 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
 
 def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
     """Non-parameter buffers that take memory: GPT-2's per-layer causal mask (bool, n_positions
-    squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers)."""
+    squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers);
+    the per-layer rotary cos/sin caches of older Qwen2 and Mixtral (Semantics.rotary_caches:
+    two (max_position_embeddings, head_dim) tensors in the dtype the model is built in)."""
     if spec.model_type == "gpt2" and key.semantics.gpt2_mask_buffers:
         return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
+    if key.semantics.rotary_caches(spec.model_type):
+        return spec.num_layers * 2 * spec.max_positions * spec.head_dim * key.precision.param_bytes
     return 0
 
 
@@ -419,9 +423,24 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
     logits = setup.batch * spec.vocab_size * setup.precision.compute_bytes  # logits_to_keep=1
     kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
     prompt_kv = kv_cache_bytes(spec, setup, setup.seq)
-    phases = {Phase.PREFILL: phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
-                                   activations=int(k * prefill_transient(spec, setup)), logits=logits,
-                                   temporaries=st.workspace + constant)}
+    if setup.semantics.tuple_cache(spec.model_type) and acts._qkv_views(spec):
+        # an old tuple cache holds GPT-2's key and value as views of c_attn's output, which
+        # they keep whole after the prefill (3 h per token, activations.tuple_cache_bytes)
+        prompt_kv = prompt_kv * 3 * spec.q_dim // (2 * spec.kv_dim)
+    prefill = [phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
+                     activations=int(k * prefill_transient(spec, setup)), logits=logits,
+                     temporaries=st.workspace + constant)]
+    full, fp32_copy = setup.semantics.prefill_full_logits(spec.family)
+    if full:
+        # older releases compute every position's logits (the Llama family then copies them
+        # to fp32, Semantics.prefill_full_logits): at that moment the final hidden states
+        # (the model's output) are alive and the layers' transients are gone
+        T, p = setup.batch * setup.seq, setup.precision.compute_bytes
+        prefill.append(phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
+                             activations=int(k * p * spec.hidden_size * T),
+                             logits=T * spec.vocab_size * (p + (FP32 if fp32_copy and p != FP32 else 0)),
+                             temporaries=st.workspace + constant))
+    phases = {Phase.PREFILL: max(prefill, key=lambda c: sum(c.values()))}
     if setup.new_tokens:
         # DynamicCache.update concatenates per layer: one layer's old and new cache coexist;
         # the math kernel (fp32 grouped heads on CUDA) repeats that layer's keys and values

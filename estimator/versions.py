@@ -153,6 +153,31 @@ class Semantics:
         for-loop's temporaries two tensors of the largest parameter (estimator/optimizer.py)."""
         return self._at_least("torch", "2.0")
 
+    def prefill_full_logits(self, family: str) -> tuple[bool, bool]:
+        """(every position's logits, and an fp32 copy of them) in a no-grad prefill: the
+        causal-LM forward computes the last position's only where it takes
+        ``logits_to_keep`` (generate passes 1 then). Llama family: ``num_logits_to_keep``
+        from 4.45.0 (models/llama/modeling_llama.py:1214); before, every position and
+        ``logits = logits.float()`` (4.44.2 :1208-1209; 4.42.4 :1193-1194, also Qwen2 :1236,
+        Gemma-2 :1093, Phi-3 :1345, Mistral :1215). GPT-2: ``logits_to_keep`` from 4.53.0
+        (models/gpt2/modeling_gpt2.py:1166; 4.52.1 :1233 ``lm_head(hidden_states)``). OPT:
+        from 5.0.0 (models/opt/modeling_opt.py:738; 4.57.0 :833 every position,
+        ``.contiguous()``)."""
+        first = {"llama": "4.45", "gpt2": "4.53", "opt": "5.0"}.get(family)
+        full = first is not None and not self._at_least("transformers", first)
+        return full, full and family == "llama"
+
+    def rotary_caches(self, model_type: str) -> bool:
+        """Whether every attention layer keeps its own rotary cos/sin tables for all
+        positions: ``register_buffer("cos_cached", ...)`` and ``"sin_cached"``, (max positions,
+        head_dim) in the default dtype at build time. Qwen2 until 4.44 (4.44.2
+        models/qwen2/modeling_qwen2.py:160-161, built per layer :276; 4.45.0 one model-level
+        Qwen2RotaryEmbedding :874 without them); Mixtral until 4.47 (4.47.0
+        models/mixtral/modeling_mixtral.py:200; none in 4.48.3). Llama, Mistral, Phi-3 and
+        Gemma-2 had dropped them by 4.42.4."""
+        last = {"qwen2": "4.45", "mixtral": "4.48"}.get(model_type)
+        return last is not None and not self._at_least("transformers", last)
+
     def tuple_cache(self, model_type: str) -> bool:
         """Whether a forward with ``use_cache`` returns the attention's own key and value
         tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
@@ -174,3 +199,4 @@ class Semantics:
                 "gpt2_own_attention": self.gpt2_own_attention,
                 "gpt2_mask_buffers": self.gpt2_mask_buffers,
                 "optimizer_foreach_default": self.optimizer_foreach_default}
+        # per-model switches (prefill_full_logits, rotary_caches, tuple_cache) take a model type

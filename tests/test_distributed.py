@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,31 @@ def test_sim_rank0_of_many_matches_the_estimator(nproc, kw):
 def test_sim_does_not_run_ddp_or_fsdp1(sharding):
     with pytest.raises(ValueError, match="sim runs FSDP2"):
         run_sim_rank0("llama-2-70b", Setup(sharding=sharding), 8)
+
+
+#: FSDP1 per rank and phase, committed torchrun records vs the estimate recomputed now. The
+#: estimate is rank 0's: another rank's optimizer step holds its own largest piece of a
+#: parameter (measured: rank 1 +0.55 % gpt2, +1.10 % opt-125m in the optimizer phase);
+#: rank 0's step peak within 0.25 % (measured 0.20 %, gpt2 LoRA).
+FSDP1_RECORDS = Path(__file__).resolve().parents[1] / "results" / "distributed" / "cpu-fsdp.jsonl"
+FSDP1_PHASE_TOLERANCE = 0.015
+FSDP1_PEAK_TOLERANCE = 0.0025
+
+
+@pytest.mark.parametrize("record", [r for r in read_records(FSDP1_RECORDS)
+                                    if r.case.setup["sharding"].startswith("fsdp1")],
+                         ids=lambda r: f"{r.label}-rank{r.rank}")
+def test_committed_fsdp1_ranks_agree_with_the_estimate(record):
+    from estimator.estimate import estimate
+    from estimator.modelspec import load_model
+    assert record.ok, record.message
+    est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
+    for phase, measured in record.measured.phases.items():
+        if phase not in PHASES:
+            continue
+        pred = sum(v for k, v in est.phases[phase].items() if str(k) not in ("allocator", "context"))
+        got = measured.peak_allocated_bytes
+        assert abs(pred - got) <= FSDP1_PHASE_TOLERANCE * got, (phase, pred, got)
+    if record.rank == 0:
+        got = record.measured.peak_allocated_bytes
+        assert abs(est.allocated_bytes - got) <= FSDP1_PEAK_TOLERANCE * got, (est.allocated_bytes, got)

@@ -17,7 +17,7 @@ from profiler.record import read_records
 ROOT = Path(__file__).resolve().parents[1]
 OLD_RECORDS = ROOT / "results" / "versions" / "transformers-4.48.3" / "cpu-steps.jsonl"
 #: every committed old-version record set (benchmarks/old_versions.py, one folder per transformers)
-OLD_RECORD_FILES = sorted((ROOT / "results" / "versions").glob("transformers-*/cpu-steps.jsonl"))
+OLD_RECORD_FILES = sorted((ROOT / "results" / "versions").glob("transformers-*/cpu-*.jsonl"))
 
 #: A real CPU step under old library versions and the estimate under those versions'
 #: semantics: the same bound as every other knob (tests/test_workloads.py KNOB_TOLERANCE).
@@ -145,6 +145,27 @@ def test_old_version_records_cover_the_published_benchmarks_versions():
     # clamp and tuple caches (4.46.0, the opt table; 4.48.3): measured, not only read
     found = {path.parent.name for path in OLD_RECORD_FILES}
     assert {"transformers-4.42.4", "transformers-4.46.0", "transformers-4.48.3"} <= found
+    # and generate's prefill under each (every position's logits where the forward has no
+    # logits_to_keep; Qwen2's per-layer rotary tables before 4.45)
+    prefill = {path.parent.name for path in OLD_RECORD_FILES if path.name == "cpu-prefill.jsonl"}
+    assert {"transformers-4.42.4", "transformers-4.46.0", "transformers-4.48.3"} <= prefill
+
+
+@pytest.mark.parametrize("family,transformers,full,fp32_copy", [
+    ("llama", "4.44.2", True, True), ("llama", "4.45.0", False, False), ("gpt2", "4.52.1", True, False),
+    ("gpt2", "4.53.0", False, False), ("opt", "4.57.0", True, False), ("opt", "5.0.0", False, False)])
+def test_prefill_logits_switch_where_the_forward_takes_logits_to_keep(family, transformers, full, fp32_copy):
+    assert _sem(transformers=transformers).prefill_full_logits(family) == (full, fp32_copy)
+
+
+def test_full_prefill_logits_move_the_estimate_by_their_bytes():
+    spec = load_model("smollm2-135m")
+    setup = Setup(mode="inference", precision="bf16", batch=2, seq=512, device="cpu")
+    old = estimate(spec, setup.replace(versions="transformers=4.44.2")).total_bytes
+    new = estimate(spec, setup.replace(versions="transformers=4.45.0")).total_bytes
+    logits = 2 * 512 * spec.vocab_size * (2 + 4)  # bf16 logits and their fp32 copy
+    assert abs((old - new) - logits) <= 0.05 * logits  # the hidden state there, the layer's transient before
+    assert _sem(transformers="4.44.2").rotary_caches("qwen2") and not _sem(transformers="4.45.0").rotary_caches("qwen2")
 
 
 @pytest.mark.parametrize("torch_version,impl", [("1.13.1", "for-loop"), ("2.0.0", "foreach"), ("2.13.0", "foreach")])

@@ -23,10 +23,25 @@ def dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype} if _transformers() >= (4, 56) else {"torch_dtype": dtype}
 
 
-def keep_last_logits() -> dict:
-    """The forward keyword that computes only the last position's logits (generate's prefill)."""
+def keep_last_logits(model=None) -> dict:
+    """The forward keyword that computes only the last position's logits, passed as
+    ``generate`` passes it: only to a model whose forward takes it (4.49.0
+    generation/utils.py ``_supports_logits_to_keep``: ``inspect.signature(self.forward)``).
+    GPT-2 takes it from 4.53, OPT from 5.0, the Llama family from 4.45 (estimator/versions.py
+    Semantics.prefill_full_logits); without it the prefill computes every position's."""
+    import inspect
+
     if _transformers() >= (4, 49):
-        return {"logits_to_keep": 1}
-    if _transformers() >= (4, 45):
-        return {"num_logits_to_keep": 1}
-    return {}
+        name = "logits_to_keep"
+    elif _transformers() >= (4, 45):
+        name = "num_logits_to_keep"
+    else:
+        return {}
+    if model is not None:
+        forward = getattr(model, "forward", None)
+        try:
+            if forward is not None and name not in inspect.signature(forward).parameters:
+                return {}
+        except (TypeError, ValueError):  # a forward without a signature: pass it, as before
+            pass
+    return {name: 1}

@@ -344,13 +344,14 @@ def cache_updates_as_kv(tracker: StorageTracker) -> Iterator[None]:
 def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
     model, device = built.forward, built.device
     ids = synthetic_batch(spec, setup, device)
+    keep = keep_last_logits(model)
     with torch.no_grad(), cache_updates_as_kv(tracker):
         for step in range(steps + 1):
             measure = meter if step else first
             t0 = time.perf_counter()
             with measure(Phase.PREFILL, Category.ACTIVATIONS):
                 with autocast_context(setup, device):
-                    out = model(input_ids=ids, use_cache=True, **keep_last_logits())
+                    out = model(input_ids=ids, use_cache=True, **keep)
                 cache = out.past_key_values
                 nxt = out.logits[:, -1:].argmax(-1)
                 del out
@@ -358,7 +359,7 @@ def _infer_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
             for _ in range(setup.new_tokens):
                 with measure(Phase.DECODE, Category.ACTIVATIONS):
                     with autocast_context(setup, device):
-                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **keep_last_logits())
+                        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **keep)
                     nxt = out.logits[:, -1:].argmax(-1)
                     del out
                 tracker.track(list(_kv_tensors(cache)), Category.KV_CACHE)
