@@ -140,6 +140,7 @@ class RankStates:
     root_view_grads: int = 0  # FSDP1: root parameters' gradients beyond the embedding terms the caller adds
     head_weight_grad: int = 0  # FSDP1: the LM head's weight gradient, a tensor of its own until the end
     largest_view: int = 0  # FSDP1: elements of the largest piece of one trainable parameter on rank 0
+    tied_sum: int = 0  # FSDP2 / ZeRO-3: a tied embedding's summed gradient at the end of backward
 
     @property
     def model_states(self) -> int:
@@ -235,6 +236,13 @@ class RankStates:
             # gradient; the root's shard does not exist yet
             out["gradients"] = -self.root_grad_shard
             out["temporaries"] = self.root_params + self.root_grads + self.root_view_grads
+        elif self.gathers and self.tied_sum:
+            # a tied embedding matrix: autograd sums the head's and the embedding's gradients
+            # before AccumulateGrad makes .grad (the caller counts those two; the sum is here),
+            # beside the root's parameters and the first layer's reduce-scatter input; the
+            # root's unsharded .grad and its shard come after (measured: GPT-2, 2 ranks)
+            out["gradients"] = -self.root_grad_shard
+            out["temporaries"] = self.root_params + self.layer_reduce_input + self.tied_sum
         elif self.gathers:
             out["gradients"] = self.root_grads
             out["temporaries"] = max(self.root_params + self.layer_reduce_input, self.root_grads)
@@ -393,14 +401,17 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
         layer_grads = (_layer_elems(spec) if full else adapters) * grad_bytes
         layer_grad_shard = (layer_shard if full else adapter_shard) * grad_bytes
         root_bytes = n * root_shard * param_bytes
+    tied = 0
     if full:
         root_grads = root_elems * grad_bytes
         head_grads = _head_elems(spec, root_elems) * grad_bytes
+        if spec.tie_word_embeddings:
+            tied = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes
     else:  # LoRA/QLoRA: adapters live in the decoder layers; the root group is frozen
         root_grads = head_grads = 0
     return RankStates(sh, n, w_rank, g_rank, o_rank, root_params=root_bytes, layer_params=layer_params,
                       layer_grads=layer_grads, layer_grad_shard=layer_grad_shard, root_grads=root_grads,
-                      head_grads=head_grads, layers=L)
+                      head_grads=head_grads, layers=L, root_grad_shard=_ceil_div(root_grads, n), tied_sum=tied)
 
 
 def _flat_numel(sizes, align: int, n: int) -> int:

@@ -145,7 +145,7 @@ def test_sim_does_not_run_ddp_or_fsdp1(sharding):
         run_sim_rank0("llama-2-70b", Setup(sharding=sharding), 8)
 
 
-#: FSDP1 per rank and phase, committed torchrun records vs the estimate recomputed now. The
+#: FSDP1 (and FSDP2) per rank and phase, committed torchrun records vs the estimate recomputed now. The
 #: estimate is rank 0's: another rank's optimizer step holds its own largest piece of a
 #: parameter (measured: rank 1 +0.55 % gpt2, +1.10 % opt-125m in the optimizer phase);
 #: rank 0's step peak within 0.25 % (measured 0.20 %, gpt2 LoRA).
@@ -154,10 +154,10 @@ FSDP1_PHASE_TOLERANCE = 0.015
 FSDP1_PEAK_TOLERANCE = 0.0025
 
 
-@pytest.mark.parametrize("record", [r for r in read_records(FSDP1_RECORDS)
-                                    if r.case.setup["sharding"].startswith("fsdp1")],
-                         ids=lambda r: f"{r.label}-rank{r.rank}")
-def test_committed_fsdp1_ranks_agree_with_the_estimate(record):
+@pytest.mark.parametrize("record", read_records(FSDP1_RECORDS), ids=lambda r: f"{r.label}-rank{r.rank}")
+def test_committed_fsdp_ranks_agree_with_the_estimate(record):
+    """FSDP1 and the FSDP2 comparison cases (GPT-2's tied embedding at the end of backward:
+    +5.02 % before the tied sum was modelled, -0.20 % after)."""
     from estimator.estimate import estimate
     from estimator.modelspec import load_model
     assert record.ok, record.message
