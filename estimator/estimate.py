@@ -17,7 +17,15 @@ from .gpus import GPU
 from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
-from .params import count_params, layer_linears, lora_params, lora_targets, param_tensor_sizes, quantized_params
+from .params import (
+    count_params,
+    layer_linears,
+    lora_params,
+    lora_targets,
+    param_tensor_sizes,
+    quant_state_bytes,
+    quantized_params,
+)
 from .setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
@@ -28,11 +36,6 @@ _CONTEXT, _ALLOCATOR, _TEMPORARIES = Category.CONTEXT, Category.ALLOCATOR, Categ
 _SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1,
                    Sharding.FSDP1_GRAD_OP)
 
-#: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
-#: block (0.5 bit/param); double quantization stores absmax in 8 bits with one fp32
-#: constant per 256 absmax (0.127 bit/param).
-NF4_BLOCK = 64
-DQ_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -174,13 +177,8 @@ def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
         return n * key.precision.param_bytes
     q_elems, q_rows, q_bias = quantized_params(spec, key.semantics.moe_experts_fused)
     rest = n - q_elems - q_bias
-    if key.quant is Quant.INT8:
-        # LLM.int8 (Dettmers et al. 2022): int8 weights + one fp32 scale per output row (SCB)
-        qbytes = q_elems + FP32 * q_rows
-    else:
-        absmax = q_elems // NF4_BLOCK
-        qbytes = q_elems // 2 + (absmax + FP32 * (absmax // DQ_BLOCK) if key.quant is Quant.NF4_DQ
-                                 else FP32 * absmax)
+    packed = q_elems if key.quant is Quant.INT8 else q_elems // 2  # int8, or two 4-bit values a byte
+    qbytes = packed + quant_state_bytes(spec, key.quant, key.semantics.moe_experts_fused)
     return qbytes + HALF * (rest + q_bias)  # bitsandbytes keeps the other modules and biases in 16 bit
 
 

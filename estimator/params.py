@@ -21,6 +21,7 @@ from .configcheck import (
 )
 from .modelspec import FAMILIES, ModelSpec
 from .setup import DEFAULT_LORA_TARGETS
+from .units import FP32 as FP32_BYTES
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 
@@ -271,3 +272,30 @@ def quantized_params(spec: ModelSpec, experts_fused: bool = True) -> tuple[int, 
         biases += lin.copies * lin.out_features if lin.bias else 0
     L = spec.num_layers
     return L * weights, L * rows, L * biases
+
+
+#: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
+#: block (0.5 bit/param); double quantization stores absmax in 8 bits with one fp32
+#: constant per 256 absmax (0.127 bit/param).
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+
+
+def quant_state_bytes(spec: ModelSpec, quant, moe_fused: bool) -> int:
+    """Bytes of bitsandbytes' quantization state beside the packed weights: NF4's fp32
+    absmax per 64-value block (8-bit under double quantization, plus one fp32 constant per
+    256 of them); LLM.int8's fp32 scale per output row (SCB; Dettmers et al. 2022). This
+    state is no parameter -- ``Params4bit.quant_state`` / ``Int8Params.SCB`` are attributes
+    (bitsandbytes/nn/modules.py) -- so FSDP, which shards parameters, leaves it whole on
+    every rank (estimator/sharding.py): bitsandbytes PR #970 added ``quant_storage`` so FSDP
+    can flatten and shard the packed 4-bit data at all (FSDP shards floating-point
+    parameters only); AnswerDotAI/fsdp_qlora PR #4: "Linear4bit layers store the
+    quantization information in the quant_state dictionary", kept on every rank's layers."""
+    value = getattr(quant, "value", quant)
+    if value == "none":
+        return 0
+    q_elems, q_rows, _ = quantized_params(spec, moe_fused)
+    if value == "int8":
+        return FP32_BYTES * q_rows
+    absmax = q_elems // NF4_BLOCK
+    return absmax + FP32_BYTES * (absmax // DQ_BLOCK) if value == "nf4-dq" else FP32_BYTES * absmax

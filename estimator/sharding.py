@@ -93,7 +93,7 @@ from functools import lru_cache
 
 from .activations import training_activations
 from .modelspec import ModelSpec
-from .params import count_params, layer_linears, lora_targets
+from .params import count_params, layer_linears, lora_targets, quant_state_bytes
 from .setup import Attention, Mode, Quant, Setup, Sharding
 from .units import FP32, HALF, MiB
 
@@ -381,8 +381,12 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
     # within N-1 elements per tensor: Table 1 with ceil division per term
     shapes = _dim0_shapes(spec) if key.quant is Quant.NONE and sh is Sharding.FSDP else None
     if shapes is None:  # even shards (zero3, quantized storage, no formula): ceil per total
-        w_rank, g_rank, o_rank = _ceil_div(w, n), _ceil_div(g, n), _ceil_div(o, n)
-        layer_params = _ceil_div(max(w - root_bytes, 0), L)
+        # bitsandbytes' quantization state is no parameter: every rank keeps all of it
+        # (params.quant_state_bytes); the packed weights (in bnb_4bit_quant_storage, what
+        # QLoRA under FSDP sets so they flatten beside the 16-bit modules) shard
+        state = quant_state_bytes(spec, key.quant, key.semantics.moe_experts_fused)
+        w_rank, g_rank, o_rank = _ceil_div(w - state, n) + state, _ceil_div(g, n), _ceil_div(o, n)
+        layer_params = _ceil_div(max(w - state - root_bytes, 0), L)
         layer_grads = _ceil_div(max(trainable - root_elems, 0), L) * grad_bytes if full else _ceil_div(g, L)
         layer_grad_shard = _ceil_div(layer_grads, n)
     else:

@@ -8,7 +8,7 @@ import pytest
 
 from estimator.estimate import estimate, model_states
 from estimator.modelspec import load_model, spec_from_config
-from estimator.params import count_params
+from estimator.params import count_params, layer_linears
 from estimator.setup import Setup
 from estimator.sharding import (
     DDP_FIRST_BUCKET_BYTES,
@@ -233,6 +233,18 @@ print(json.dumps(out))
         assert unsharded[-1] * 4 == ranked.root_params  # the root unit is the largest here
         if mode == "full":
             assert ranked.layer_params == unsharded[0] * 4
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "fsdp1", "zero3"])
+def test_qlora_quantization_state_stays_whole_on_every_rank(llama7b, sharding):
+    # FSDP shards parameters; bitsandbytes' absmax (an attribute of Params4bit) is none
+    from estimator.params import quant_state_bytes
+    setup = Setup(mode="qlora", quant="nf4", precision="bf16", world_size=8, sharding=sharding)
+    states = model_states(llama7b, setup)
+    ranked = per_rank_states(llama7b, setup, states)
+    state = quant_state_bytes(llama7b, "nf4", True)
+    assert state == 4 * (llama7b.num_layers * sum(lin.params for lin in layer_linears(llama7b)) // 64)
+    assert ranked.weights == -(-(states.weights - state) // 8) + state
 
 
 def test_fsdp_under_lora_shards_the_frozen_base(llama7b):
