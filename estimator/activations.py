@@ -77,8 +77,11 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
-        if spec.family in ("llama", "opt"):
+        if spec.family in ("llama", "opt") or (spec.model_type == "gpt_neox"
+                                                and not setup.semantics.gpt_neox_own_attention):
             # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
+            # (GPT-NeoX from 4.49: 5.24 models/gpt_neox/modeling_gpt_neox.py:150; before, its
+            # baddbmm scores and softmax stay in p, 4.42.4 :281-301, the branch below)
             out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
         elif setup.device is Device.CUDA and setup.precision.is_autocast:
             out["attn_scores"] = FP32 * a * s  # CUDA autocast runs softmax with an fp32 output
@@ -173,6 +176,13 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
     inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
     if spec.model_type == "gpt2" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1:
         return tuple_cache_bytes(spec, setup)
+    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1 \
+            and tuple_cache_bytes(spec, setup):
+        # GPT-NeoX's cached value is a view of query_key_value's output (4.42.4
+        # models/gpt_neox/modeling_gpt_neox.py:230,257), which eager's matmul copies for b > 1
+        # (the reshape to (b * heads, s, d)): the cache alone keeps that output; its key is the
+        # rotated tensor attention saves
+        return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
     return 0
 
 
@@ -183,6 +193,8 @@ def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
         return 0
     per_token = 3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim
+    if spec.model_type == "gpt_neox":  # the rotated key, and the whole query_key_value output its value views
+        per_token = spec.q_dim + 3 * spec.q_dim
     return spec.num_layers * per_token * setup.batch * setup.seq * setup.precision.compute_bytes
 
 
@@ -204,8 +216,12 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
 
 
 def _fused_qkv(spec: ModelSpec) -> bool:
-    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj)."""
-    return any(lin.name == "qkv_proj" for lin in layer_linears(spec)) and not spec.learned_positions
+    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj; GPT-NeoX's
+    query_key_value, whose q and k are rotated into new tensors by ``torch.cat`` while v
+    stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:133-134,
+    201-205; 4.42.4 :240-249)."""
+    return any(lin.name in ("qkv_proj", "query_key_value") for lin in layer_linears(spec)) \
+        and not spec.learned_positions
 
 
 def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
@@ -257,6 +273,12 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     the whole projection output (q and k too) instead of a copy of v, and eager attention
     with a KV cache keeps it beside the cache's copies of k and v."""
     math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
+    if setup.attn is Attention.EAGER and spec.model_type == "gpt_neox" and not dynamic_cache(spec, setup):
+        # GPT-NeoX's value is a view of query_key_value's output; eager's matmul reshapes it to
+        # (b * heads, s, d), a view only for b = 1, so it saves the whole output rather than a
+        # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:156; 4.42.4 :310)
+        extra = setup.precision.compute_bytes * 2 * spec.q_dim * setup.seq
+        return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
     if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
@@ -285,7 +307,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     else:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
         per_norm = resid * h + 2 * FP32
-    terms["norms"] = spec.norms_per_layer * per_norm
+    terms["norms"] = per_layer_norms(spec, setup, per_norm)
     # inputs of the attention and MLP input projections: one tensor feeds q/k/v and one
     # gate/up, except under autocast, where every linear saves its own half cast
     if trainable_base:
@@ -308,6 +330,11 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # NewGELUActivation is a Python formula: saves x, tanh(.), 0.5*x and 1+tanh(.);
         # c_proj saves the product
         terms["mlp"] = p * f * (5 if trainable_base else 4)
+    elif spec.hidden_act == "gelu":
+        # GELUActivation is F.gelu (activations.py), which saves its input; the output
+        # projection (GPT-NeoX dense_4h_to_h, BioGPT fc2) saves the activation's output
+        # (5.24 models/gpt_neox/modeling_gpt_neox.py:47-50; models/biogpt/modeling_biogpt.py:306-309)
+        terms["mlp"] = p * f * (2 if trainable_base else 1)
     else:
         # ReLU saves its output, which fc2 saves too (one storage)
         terms["mlp"] = p * f
@@ -321,6 +348,13 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
+    if setup.mode in (Mode.LORA, Mode.QLORA) and _parallel_residual(spec) and not any(
+            lin.group == "mlp" for lin in lora_targets(spec, setup.lora_targets)):
+        # a frozen GPT-NeoX block with the parallel residual: the first layer's norms and MLP
+        # read the embedding output, which needs no gradient, so they save nothing there
+        # (autograd saves only for inputs that need one); the adapters' output joins at the
+        # first attention, later layers' inputs need gradients
+        outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
     if spec.embd_dropout > 0:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
     # after the last layer: the final norm saves what a layer's norm saves, and a trainable
@@ -339,6 +373,22 @@ def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
     return lin is not group[-1]
 
 
+def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
+    """Per token, what one layer's norms save. GPT-NeoX's parallel residual: input_layernorm
+    and post_attention_layernorm both read the layer input (5.24
+    models/gpt_neox/modeling_gpt_neox.py:233,245; 4.42.4 :752,767), saved once."""
+    out = spec.norms_per_layer * per_norm
+    if _parallel_residual(spec):
+        out -= (spec.norms_per_layer - 1) * _dtypes(setup)[1] * spec.hidden_size
+    return out
+
+
+def _parallel_residual(spec: ModelSpec) -> bool:
+    """GPT-NeoX with ``use_parallel_residual`` (GPTNeoXConfig default True): attention and
+    MLP both read the layer input, x + attn(ln1(x)) + mlp(ln2(x))."""
+    return spec.model_type == "gpt_neox" and bool(spec.config.get("use_parallel_residual", True))
+
+
 def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     """Whether an output projection's input is a tensor the frozen model saves anyway, so an
     fp32 adapter reading it adds nothing: the attention output a fused sdpa kernel saves
@@ -347,7 +397,8 @@ def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     if lin.group == "attention":
         return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes) \
             and not _attention_output_copied(spec, setup)
-    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new")
+    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new") \
+        and spec.hidden_act != "gelu"
 
 
 def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
@@ -385,7 +436,8 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     full = training_activations(spec, setup)
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
-                       outside={**full.outside, "recomputed_layer": full.layer_bytes})
+                       outside={**{k: v for k, v in full.outside.items() if k != "first_layer_frozen"},
+                                "recomputed_layer": full.layer_bytes})
 
 
 def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:

@@ -161,6 +161,17 @@ def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
     squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers)."""
     if spec.model_type == "gpt2" and key.semantics.gpt2_mask_buffers:
         return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
+    if spec.model_type == "gpt_neox" and key.semantics.gpt_neox_own_attention:
+        # each GPTNeoXAttention before 4.49 (Semantics.gpt_neox_own_attention): the bool causal
+        # mask, masked_bias (made in the default dtype, which from_pretrained/from_config set to
+        # the weights' dtype) and the rotary inv_freq (fp32, ``.float()``), before 4.45 with
+        # fp32 cos/sin tables of (max_positions, rotary dims) each (4.42.4
+        # models/gpt_neox/modeling_gpt_neox.py:113-131, 589-613)
+        rotary = int(spec.head_dim * float(spec.config.get("rotary_pct", 0.25)))
+        per_layer = spec.max_positions ** 2 + key.precision.param_bytes + FP32 * (rotary // 2)
+        if key.semantics.tuple_cache("gpt_neox"):  # < 4.45, the release that moved rotary out
+            per_layer += 2 * FP32 * spec.max_positions * rotary
+        return spec.num_layers * per_layer
     return 0
 
 
@@ -574,4 +585,13 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
+    if spec.model_type == "gpt_neox" and acts.cuda_sdpa_backend(spec, setup) != "math":
+        # GPT-NeoX: query_key_value's whole output (3 h) stays alive beside the rotated q and
+        # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:201-205), with
+        # sdpa's output beside them; with the parallel residual the attention output is alive
+        # while the MLP runs (:239-249)
+        attn = ((FP32 + p) * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
+            else 6 * p * spec.q_dim * T
+        if acts._parallel_residual(spec):
+            mlp += p * h * T
     return resid + max(mlp, attn)

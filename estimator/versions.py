@@ -142,6 +142,17 @@ class Semantics:
         switch is taken at 4.51, the first release not read."""
         return not self._at_least("transformers", "4.51")
 
+    @property
+    def gpt_neox_own_attention(self) -> bool:
+        """transformers < 4.49: GPT-NeoX's eager attention scores with ``torch.baddbmm`` and
+        a softmax in the compute dtype (4.42.4 models/gpt_neox/modeling_gpt_neox.py:281-301;
+        4.48.3 :114-127), where 4.49.0 saves an fp32 softmax and its ``.to(dtype)`` copy
+        (:121); and every attention layer registers a (max_positions, max_positions) bool
+        causal mask and a ``masked_bias`` scalar as buffers (4.42.4 :113-131; 4.48.3 :276-300;
+        gone in 4.49.0), before 4.45 beside fp32 rotary cos/sin tables of (max_positions,
+        rotary dims) each (4.42.4 :589-613; 4.44.2 :120; 4.45.2 :165 keeps inv_freq only)."""
+        return not self._at_least("transformers", "4.49")
+
     def tuple_cache(self, model_type: str) -> bool:
         """Whether a forward with ``use_cache`` returns the attention's own key and value
         tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
@@ -150,7 +161,10 @@ class Semantics:
         DynamicCache from 4.49.0 (:853). GPT-2: tuples through 4.50.0, the newest wheel read
         (models/gpt2/modeling_gpt2.py:308 ``present = (key_states, value_states)``; 4.42.4
         :339 ``present = (key, value)``), a Cache in 5.x; the switch is taken at 4.51."""
-        first_cache = {"opt": "4.49", "gpt2": "4.51"}.get(model_type)
+        # GPT-NeoX: ``present = (key, value)`` through 4.44.2 (models/gpt_neox/modeling_gpt_neox.py:241),
+        # ``layer_past.update`` from 4.45.2 (:303; 4.45.0 not read). BioGPT: tuples through 4.50.0
+        # (models/biogpt/modeling_biogpt.py:182), a Cache in 4.52.4 (:167); taken at 4.51
+        first_cache = {"opt": "4.49", "gpt2": "4.51", "gpt_neox": "4.45", "biogpt": "4.51"}.get(model_type)
         return first_cache is not None and not self._at_least("transformers", first_cache)
 
     def to_dict(self) -> dict:
@@ -161,4 +175,5 @@ class Semantics:
                 "moe_experts_fused": self.moe_experts_fused,
                 "opt_eager_clamps_scores": self.opt_eager_clamps_scores,
                 "gpt2_own_attention": self.gpt2_own_attention,
-                "gpt2_mask_buffers": self.gpt2_mask_buffers}
+                "gpt2_mask_buffers": self.gpt2_mask_buffers,
+                "gpt_neox_own_attention": self.gpt_neox_own_attention}
