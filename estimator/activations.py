@@ -74,6 +74,14 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         out["attn_qkv"] = FP32 * 3 * q
         out["attn_scores"] = FP32 * a * s + ((1 + FP32) * a * s if dropout else 0)
         return out
+    if setup.attn is Attention.EAGER and _neox_fp32_rotary(spec, setup, p):
+        # GPT-NeoX < 4.45 with 16-bit weights: the rotated q and k are fp32 (Semantics.
+        # gpt_neox_fp32_rotary), so baddbmm saves them in fp32 and scores in fp32, the softmax
+        # keeps its fp32 output and ``.to(value.dtype)`` (4.42.4 modeling_gpt_neox.py:301) the
+        # copy the value matmul saves with its copy of v
+        out["attn_qkv"] = (2 * FP32 + p) * q
+        out["attn_scores"] = (FP32 + p) * a * s
+        return out
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
@@ -183,6 +191,12 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
         # (the reshape to (b * heads, s, d)): the cache alone keeps that output; its key is the
         # rotated tensor attention saves
         return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
+    p = setup.precision.compute_bytes
+    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) != "eager" and _neox_fp32_rotary(spec, setup, p) \
+            and tuple_cache_bytes(spec, setup):
+        # sdpa gets query and key cast back to the value's dtype (4.42.4
+        # modeling_gpt_neox.py:548-553); the cache keeps the fp32 key (:257)
+        return spec.num_layers * FP32 * spec.kv_dim * setup.batch * setup.seq
     return 0
 
 
@@ -192,10 +206,11 @@ def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
     if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
         return 0
-    per_token = 3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim
+    p = setup.precision.compute_bytes
+    per_token = p * (3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim)
     if spec.model_type == "gpt_neox":  # the rotated key, and the whole query_key_value output its value views
-        per_token = spec.q_dim + 3 * spec.q_dim
-    return spec.num_layers * per_token * setup.batch * setup.seq * setup.precision.compute_bytes
+        per_token = (FP32 if _neox_fp32_rotary(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
+    return spec.num_layers * per_token * setup.batch * setup.seq
 
 
 def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
@@ -383,6 +398,12 @@ def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
     return out
 
 
+def _neox_fp32_rotary(spec: ModelSpec, setup: Setup, p: int) -> bool:
+    """GPT-NeoX's query and key leave the rotary embedding in fp32 (transformers < 4.45,
+    Semantics.gpt_neox_fp32_rotary) when the weights are 16-bit."""
+    return spec.model_type == "gpt_neox" and p != FP32 and setup.semantics.gpt_neox_fp32_rotary
+
+
 def _parallel_residual(spec: ModelSpec) -> bool:
     """GPT-NeoX with ``use_parallel_residual`` (GPTNeoXConfig default True): attention and
     MLP both read the layer input, x + attn(ln1(x)) + mlp(ln2(x))."""
@@ -472,7 +493,14 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
         # starts with the saved log-softmax, its incoming gradient and the returned one (S rows
         # each), after which slice's backward writes them into a zeroed (T, V) gradient
         S = setup.batch * (setup.seq - 1)
-        return {"forward": (p + upcast + softcap) * T * V + 2 * FP32 * S * V,
+        # for one sequence the slice [:, :-1, :] is contiguous already: ``contiguous()`` copies nothing
+        shifted = 2 if setup.batch > 1 else 1
+        if setup.semantics.loss_in_compute_dtype(spec.model_type):
+            # the model's own CrossEntropyLoss on the shifted logits as they are, no fp32 upcast
+            # (GPT-NeoX 4.42.4 modeling_gpt_neox.py:1118-1121; BioGPT 4.46.0 modeling_biogpt.py:787-790)
+            return {"forward": (p + softcap) * T * V + shifted * p * S * V,
+                    "backward": softcap * T * V + p * max(3 * S, S + T) * V}
+        return {"forward": (p + upcast + softcap) * T * V + shifted * FP32 * S * V,
                 "backward": softcap * T * V + FP32 * max(3 * S, S + T) * V}
     return {
         "forward": (p + upcast + FP32 + softcap) * T * V,

@@ -153,6 +153,24 @@ class Semantics:
         rotary dims) each (4.42.4 :589-613; 4.44.2 :120; 4.45.2 :165 keeps inv_freq only)."""
         return not self._at_least("transformers", "4.49")
 
+    @property
+    def gpt_neox_fp32_rotary(self) -> bool:
+        """transformers < 4.45: GPT-NeoX's rotary tables are fp32 buffers returned as they are
+        (4.42.4 models/gpt_neox/modeling_gpt_neox.py:597-621; 4.44.2 :514-515), so a 16-bit
+        model's rotated query and key are promoted to fp32 (:246-249); eager attention scores
+        and softmaxes them in fp32 and the cache keeps the fp32 key; 4.45.2 casts the tables
+        to the input's dtype (:649)."""
+        return not self._at_least("transformers", "4.45")
+
+    def loss_in_compute_dtype(self, model_type: str) -> bool:
+        """Whether the causal-LM loss is the model's own ``CrossEntropyLoss`` on the shifted
+        logits in their dtype, without the fp32 upcast of the shared loss: GPT-NeoX through
+        4.48.3 (models/gpt_neox/modeling_gpt_neox.py:1137; ``self.loss_function`` in 4.49.0
+        :850), BioGPT through 4.46.0 (models/biogpt/modeling_biogpt.py:787; 4.48.3 :788 calls
+        ``self.loss_function``, taken at 4.47, not read)."""
+        first = {"gpt_neox": "4.49", "biogpt": "4.47"}.get(model_type)
+        return first is not None and not self._at_least("transformers", first)
+
     def tuple_cache(self, model_type: str) -> bool:
         """Whether a forward with ``use_cache`` returns the attention's own key and value
         tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
@@ -176,4 +194,5 @@ class Semantics:
                 "opt_eager_clamps_scores": self.opt_eager_clamps_scores,
                 "gpt2_own_attention": self.gpt2_own_attention,
                 "gpt2_mask_buffers": self.gpt2_mask_buffers,
-                "gpt_neox_own_attention": self.gpt_neox_own_attention}
+                "gpt_neox_own_attention": self.gpt_neox_own_attention,
+                "gpt_neox_fp32_rotary": self.gpt_neox_fp32_rotary}
