@@ -192,6 +192,13 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
         # rotated tensor attention saves
         return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
     p = setup.precision.compute_bytes
+    if spec.model_type in ("opt", "biogpt") and _sdpa_kernel(spec, setup) == "math" and tuple_cache_bytes(spec, setup):
+        # sdpa's math kernel (BioGPT's attention dropout on CPU) saves a scaled copy of k, and
+        # fp32 copies of k and v for a 16-bit dtype it upcasts (attention.cpp
+        # _scaled_dot_product_attention_math): the tuple cache's own key (and value) are beside
+        # them (4.46.0 models/biogpt/modeling_biogpt.py:318 ``past_key_value = (key_states, value_states)``)
+        copies = 1 if p == FP32 else 2
+        return spec.num_layers * copies * spec.kv_dim * setup.batch * setup.seq * p
     if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) != "eager" and _neox_fp32_rotary(spec, setup, p) \
             and tuple_cache_bytes(spec, setup):
         # sdpa gets query and key cast back to the value's dtype (4.42.4
