@@ -370,14 +370,27 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
-    if setup.mode in (Mode.LORA, Mode.QLORA) and _parallel_residual(spec) and not any(
+    # Under LoRA without checkpointing the embedding output needs no gradient (frozen
+    # embeddings; peft's enable_input_require_grads only comes with checkpointing), and
+    # autograd saves only for inputs that need one: the embedding dropout keeps no mask and
+    # the first layer's first norm, which reads that output (pre-LN), saves nothing
+    frozen_input = setup.mode in (Mode.LORA, Mode.QLORA) and not setup.grad_ckpt
+    if frozen_input and _parallel_residual(spec) and not any(
             lin.group == "mlp" for lin in lora_targets(spec, setup.lora_targets)):
-        # a frozen GPT-NeoX block with the parallel residual: the first layer's norms and MLP
-        # read the embedding output, which needs no gradient, so they save nothing there
-        # (autograd saves only for inputs that need one); the adapters' output joins at the
-        # first attention, later layers' inputs need gradients
+        # GPT-NeoX's parallel residual: the first layer's MLP reads it too, and the adapters'
+        # output joins only at the first attention
         outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
-    if spec.embd_dropout > 0:
+    elif frozen_input and _first_norm_reads_layer_input(spec):
+        outside["first_layer_frozen"] = -per_norm * T
+        targets = {lin.name for lin in lora_targets(spec, setup.lora_targets)}
+        if "k_proj" in {lin.name for lin in layer_linears(spec)} and "k_proj" not in targets \
+                and _sdpa_kernel(spec, setup) in ("eager", "math"):
+            # nor does the first layer's key (k_proj unadapted, its input frozen): the score
+            # matmul keeps k for q's gradient but not q, which only k's gradient reads (mm's
+            # derivative saves each operand only for the other's gradient); the math kernel's
+            # q is its fp32 scaled copy
+            outside["first_layer_frozen"] -= (FP32 if _sdpa_kernel(spec, setup) == "math" else p) * spec.q_dim * T
+    if spec.embd_dropout > 0 and not frozen_input:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
     # after the last layer: the final norm saves what a layer's norm saves, and a trainable
     # LM head saves its input (the final norm's output; a half cast of it under autocast)
@@ -409,6 +422,13 @@ def _neox_fp32_rotary(spec: ModelSpec, setup: Setup, p: int) -> bool:
     """GPT-NeoX's query and key leave the rotary embedding in fp32 (transformers < 4.45,
     Semantics.gpt_neox_fp32_rotary) when the weights are 16-bit."""
     return spec.model_type == "gpt_neox" and p != FP32 and setup.semantics.gpt_neox_fp32_rotary
+
+
+def _first_norm_reads_layer_input(spec: ModelSpec) -> bool:
+    """Pre-LN decoders: the layer's first norm reads its input (input_layernorm, ln_1,
+    self_attn_layer_norm); OPT with ``do_layer_norm_before=False`` (opt-350m) norms after
+    the residual add instead."""
+    return not (spec.model_type == "opt" and not spec.config.get("do_layer_norm_before", True))
 
 
 def _parallel_residual(spec: ModelSpec) -> bool:

@@ -594,4 +594,13 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
             else 6 * p * spec.q_dim * T
         if acts._parallel_residual(spec):
             mlp += p * h * T
+    if spec.model_type == "biogpt":
+        # BioGptModel.forward keeps the learned positions' output referenced beside the word
+        # embeddings (5.24 models/biogpt/modeling_biogpt.py:392-393); the MLP runs with the
+        # attention block's residual sum beside the layer input (:293); eager softmaxes in the
+        # compute dtype (:112), its input and output alive together
+        resid += p * h * T
+        mlp += p * h * T
+        if setup.attn.value == "eager":
+            attn = 2 * p * a * s * T + 2 * p * spec.q_dim * T
     return resid + max(mlp, attn)
