@@ -18,6 +18,7 @@ from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
 from .setup import Attention, Device, Loss, Mode, Setup
 from .units import FP32, HALF
+from .versions import parse_version
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,27 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     if setup.device is not Device.CUDA:
         return "cpu"
     d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads and not _kv_repeated(spec, setup)
-    if setup.precision.compute_bytes == HALF and d <= 256:
+    if setup.precision.compute_bytes == HALF and d <= 256 and _has_flash(setup):
         return "fused"
     if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
         return "efficient"
     return "math"
+
+
+def _has_flash(setup: Setup) -> bool:
+    """Flash attention runs on compute capability 8.0 and newer since torch 2.2 moved to
+    FlashAttention-2 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp
+    check_flash_attention_hardware_support: "[sm80, sm90]" in 2.2-2.3, "[sm80, sm121]"
+    later; torch 2.0-2.1's first FlashAttention took sm75 too), and cuDNN's has the same
+    floor; an older GPU (Turing, 7.5) runs 16-bit sdpa on the memory-efficient kernel,
+    which writes its output (b, s, heads, d) and pads its logsumexp."""
+    cc = setup.compute_capability
+    if not cc:
+        return True
+    have = tuple(int(x) for x in cc.split("."))
+    torch_version = dict(setup.semantics.versions).get("torch")
+    fa1 = torch_version is not None and parse_version(torch_version) < (2, 2)
+    return have >= (8, 0) or (fa1 and have >= (7, 5))
 
 
 def _kv_repeated(spec: ModelSpec, setup: Setup) -> bool:

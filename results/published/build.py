@@ -45,11 +45,7 @@ TRAINING_TABLES = {
         registry="biogpt", architecture="turing", compute_capability="7.5", transformers="4.45",
         evidence="the table was added with BioGptSdpaAttention, which is absent from 4.44.2 and present in 4.45.2 "
                  "(models/biogpt/modeling_biogpt.py:249; the pull request was not found in the index), so the run "
-                 "used a 4.45.0.dev0 tree; 4.45.2 and 4.46.0 run the same BioGPT attention and loss code",
-        sdpa_excluded="on the RTX 2060 (Turing, sm75) torch 2.3.1's SDPA cannot run flash attention (sm80 and "
-                      "newer) and dispatches to the memory-efficient kernel, whose output layout and padded "
-                      "logsumexp differ from the fused kernel vramlab's Setup models for 16-bit CUDA training "
-                      "(activations.cuda_sdpa_backend does not know the GPU); the eager rows are pinned"),
+                 "used a 4.45.0.dev0 tree; 4.45.2 and 4.46.0 run the same BioGPT attention and loss code"),
     "facebook/opt-350m": dict(
         registry="opt-350m", architecture="ada", compute_capability="8.9", transformers="4.46",
         evidence="PR #33298 (SDPA for OPT, Sept 2024) added OPTSdpaAttention and this table; the class is "
@@ -113,14 +109,15 @@ def build(rows: list[dict]) -> list[dict]:
                                        "compute_capability": table["compute_capability"]}
             if value is None:
                 reasons.append("printed OOM: no number")
-            if r.get("attention") == "sdpa" and table.get("sdpa_excluded"):
-                reasons.append(table["sdpa_excluded"])
             if i in stale:
                 reasons.append("the SDPA value repeats the row above (fewer tokens) to every digit beside an eager "
                                "OOM: a stale number, not this configuration's")
             rec["setup"] = {"mode": "full", "precision": "fp16", "optimizer": "none", "loss": "logits-sum",
                             "loop": "held", "use_cache": True, "batch": r["batch"], "seq": r["seq"],
                             "attn": r["attention"], "device": "cuda",
+                            # the GPU decides the sdpa kernel: no flash attention before 8.0 (the
+                            # RTX 2060's sdpa runs the memory-efficient kernel)
+                            "compute_capability": table["compute_capability"],
                             "versions": [["torch", versions["torch"]], ["transformers", table["transformers"]]]}
         else:
             if r.get("metric") not in METRICS:
