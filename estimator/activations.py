@@ -89,7 +89,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         if spec.family in ("llama", "opt") or (spec.model_type == "gpt_neox"
                                                 and not setup.semantics.gpt_neox_own_attention):
             # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
-            # (GPT-NeoX from 4.49: 5.24 models/gpt_neox/modeling_gpt_neox.py:150; before, its
+            # (GPT-NeoX from 4.49: 5.24 models/gpt_neox/modeling_gpt_neox.py:158; before, its
             # baddbmm scores and softmax stay in p, 4.42.4 :281-301, the branch below)
             out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
         elif setup.device is Device.CUDA and setup.precision.is_autocast:
@@ -204,7 +204,7 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
     if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1 \
             and tuple_cache_bytes(spec, setup):
         # GPT-NeoX's cached value is a view of query_key_value's output (4.42.4
-        # models/gpt_neox/modeling_gpt_neox.py:230,257), which eager's matmul copies for b > 1
+        # models/gpt_neox/modeling_gpt_neox.py:234, 257), which eager's matmul copies for b > 1
         # (the reshape to (b * heads, s, d)): the cache alone keeps that output; its key is the
         # rotated tensor attention saves
         return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
@@ -213,13 +213,13 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
         # sdpa's math kernel (BioGPT's attention dropout on CPU) saves a scaled copy of k, and
         # fp32 copies of k and v for a 16-bit dtype it upcasts (attention.cpp
         # _scaled_dot_product_attention_math): the tuple cache's own key (and value) are beside
-        # them (4.46.0 models/biogpt/modeling_biogpt.py:318 ``past_key_value = (key_states, value_states)``)
+        # them (4.46.0 models/biogpt/modeling_biogpt.py:319 ``past_key_value = (key_states, value_states)``)
         copies = 1 if p == FP32 else 2
         return spec.num_layers * copies * spec.kv_dim * setup.batch * setup.seq * p
     if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) != "eager" and _neox_fp32_rotary(spec, setup, p) \
             and tuple_cache_bytes(spec, setup):
         # sdpa gets query and key cast back to the value's dtype (4.42.4
-        # modeling_gpt_neox.py:548-553); the cache keeps the fp32 key (:257)
+        # modeling_gpt_neox.py:552-554); the cache keeps the fp32 key (:257)
         return spec.num_layers * FP32 * spec.kv_dim * setup.batch * setup.seq
     return 0
 
@@ -257,8 +257,8 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
 def _fused_qkv(spec: ModelSpec) -> bool:
     """q, k and v are slices of one rotated projection (Phi-3's qkv_proj; GPT-NeoX's
     query_key_value, whose q and k are rotated into new tensors by ``torch.cat`` while v
-    stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:133-134,
-    201-205; 4.42.4 :240-249)."""
+    stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196;
+    4.42.4 :234, 248-249)."""
     return any(lin.name in ("qkv_proj", "query_key_value") for lin in layer_linears(spec)) \
         and not spec.learned_positions
 
@@ -315,7 +315,7 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     if setup.attn is Attention.EAGER and spec.model_type == "gpt_neox" and not dynamic_cache(spec, setup):
         # GPT-NeoX's value is a view of query_key_value's output; eager's matmul reshapes it to
         # (b * heads, s, d), a view only for b = 1, so it saves the whole output rather than a
-        # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:156; 4.42.4 :310)
+        # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:161; 4.42.4 :309)
         extra = setup.precision.compute_bytes * 2 * spec.q_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
     if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
@@ -372,7 +372,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     elif spec.hidden_act == "gelu":
         # GELUActivation is F.gelu (activations.py), which saves its input; the output
         # projection (GPT-NeoX dense_4h_to_h, BioGPT fc2) saves the activation's output
-        # (5.24 models/gpt_neox/modeling_gpt_neox.py:47-50; models/biogpt/modeling_biogpt.py:306-309)
+        # (5.24 models/gpt_neox/modeling_gpt_neox.py:46-48; models/biogpt/modeling_biogpt.py:298-301)
         terms["mlp"] = p * f * (2 if trainable_base else 1)
     else:
         # ReLU saves its output, which fc2 saves too (one storage)
@@ -428,7 +428,7 @@ def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
 def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
     """Per token, what one layer's norms save. GPT-NeoX's parallel residual: input_layernorm
     and post_attention_layernorm both read the layer input (5.24
-    models/gpt_neox/modeling_gpt_neox.py:233,245; 4.42.4 :752,767), saved once."""
+    models/gpt_neox/modeling_gpt_neox.py:250, 261; 4.42.4 :754, 769), saved once."""
     out = spec.norms_per_layer * per_norm
     if _parallel_residual(spec):
         out -= (spec.norms_per_layer - 1) * _dtypes(setup)[1] * spec.hidden_size

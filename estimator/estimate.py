@@ -587,9 +587,9 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
     if spec.model_type == "gpt_neox" and acts.cuda_sdpa_backend(spec, setup) != "math":
         # GPT-NeoX: query_key_value's whole output (3 h) stays alive beside the rotated q and
-        # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:201-205), with
+        # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196), with
         # sdpa's output beside them; with the parallel residual the attention output is alive
-        # while the MLP runs (:239-249)
+        # while the MLP runs (:249-263)
         attn = ((FP32 + p) * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
             else 6 * p * spec.q_dim * T
         if acts._parallel_residual(spec):
