@@ -22,7 +22,13 @@ from profiler.record import append_record
 
 WORKLOAD = dict(precision="fp32", batch=2, seq=256, optimizer="none", loss="logits-sum", loop="held",
                 use_cache=True, device="cpu")
-CASES = {"gpt2": [("gpt2", "eager"), ("gpt2", "sdpa")], "opt": [("opt-125m", "eager"), ("opt-125m", "sdpa")]}
+#: (model, attention[, setup overrides]) per family. GPT-NeoX also in bf16: before 4.45 its fp32
+#: rotary tables promote a 16-bit model's q and k (Semantics.gpt_neox_fp32_rotary). BioGPT's
+#: sdpa class first ships in 4.45 (run it under 4.46.0, the same BioGPT code as 4.45.2).
+CASES = {"gpt2": [("gpt2", "eager"), ("gpt2", "sdpa")], "opt": [("opt-125m", "eager"), ("opt-125m", "sdpa")],
+         "gpt_neox": [("pythia-70m", "eager"), ("pythia-70m", "sdpa"), ("pythia-70m", "eager", dict(precision="bf16")),
+                      ("pythia-70m", "sdpa", dict(precision="bf16"))],
+         "biogpt": [("biogpt", "eager"), ("biogpt", "sdpa")]}
 
 
 #: ``prefill``: generate's no-grad prefill (the last position's logits where the forward takes
@@ -40,7 +46,8 @@ def main(family: str) -> None:
     if family == "prefill":
         cases = [(model, Setup(**PREFILL, precision=precision, attn=attn)) for model, precision, attn in PREFILL_CASES]
     else:
-        cases = [(model, Setup(**WORKLOAD, attn=attn)) for model, attn in CASES[family]]
+        cases = [(model, Setup(**{**WORKLOAD, **(extra[0] if extra else {})}, attn=attn))
+                 for model, attn, *extra in CASES[family]]
     for model, setup in cases:
         record = run_case(model, setup, "cpu", steps=1)
         append_record(out, record)

@@ -18,6 +18,7 @@ from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
 from .setup import Attention, Device, Loss, Mode, Setup
 from .units import FP32, HALF
+from .versions import parse_version
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,22 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         out["attn_qkv"] = FP32 * 3 * q
         out["attn_scores"] = FP32 * a * s + ((1 + FP32) * a * s if dropout else 0)
         return out
+    if setup.attn is Attention.EAGER and _neox_fp32_rotary(spec, setup, p):
+        # GPT-NeoX < 4.45 with 16-bit weights: the rotated q and k are fp32 (Semantics.
+        # gpt_neox_fp32_rotary), so baddbmm saves them in fp32 and scores in fp32, the softmax
+        # keeps its fp32 output and ``.to(value.dtype)`` (4.42.4 modeling_gpt_neox.py:301) the
+        # copy the value matmul saves with its copy of v
+        out["attn_qkv"] = (2 * FP32 + p) * q
+        out["attn_scores"] = (FP32 + p) * a * s
+        return out
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
-        if spec.family in ("llama", "opt"):
+        if spec.family in ("llama", "opt") or (spec.model_type == "gpt_neox"
+                                                and not setup.semantics.gpt_neox_own_attention):
             # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
+            # (GPT-NeoX from 4.49: 5.24 models/gpt_neox/modeling_gpt_neox.py:158; before, its
+            # baddbmm scores and softmax stay in p, 4.42.4 :281-301, the branch below)
             out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
         elif setup.device is Device.CUDA and setup.precision.is_autocast:
             out["attn_scores"] = FP32 * a * s  # CUDA autocast runs softmax with an fp32 output
@@ -120,11 +132,27 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     if setup.device is not Device.CUDA:
         return "cpu"
     d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads and not _kv_repeated(spec, setup)
-    if setup.precision.compute_bytes == HALF and d <= 256:
+    if setup.precision.compute_bytes == HALF and d <= 256 and _has_flash(setup):
         return "fused"
     if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
         return "efficient"
     return "math"
+
+
+def _has_flash(setup: Setup) -> bool:
+    """Flash attention runs on compute capability 8.0 and newer since torch 2.2 moved to
+    FlashAttention-2 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp
+    check_flash_attention_hardware_support: "[sm80, sm90]" in 2.2-2.3, "[sm80, sm121]"
+    later; torch 2.0-2.1's first FlashAttention took sm75 too), and cuDNN's has the same
+    floor; an older GPU (Turing, 7.5) runs 16-bit sdpa on the memory-efficient kernel,
+    which writes its output (b, s, heads, d) and pads its logsumexp."""
+    cc = setup.compute_capability
+    if not cc:
+        return True
+    have = tuple(int(x) for x in cc.split("."))
+    torch_version = dict(setup.semantics.versions).get("torch")
+    fa1 = torch_version is not None and parse_version(torch_version) < (2, 2)
+    return have >= (8, 0) or (fa1 and have >= (7, 5))
 
 
 def _kv_repeated(spec: ModelSpec, setup: Setup) -> bool:
@@ -173,6 +201,26 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
     inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
     if spec.model_type == "gpt2" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1:
         return tuple_cache_bytes(spec, setup)
+    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1 \
+            and tuple_cache_bytes(spec, setup):
+        # GPT-NeoX's cached value is a view of query_key_value's output (4.42.4
+        # models/gpt_neox/modeling_gpt_neox.py:234, 257), which eager's matmul copies for b > 1
+        # (the reshape to (b * heads, s, d)): the cache alone keeps that output; its key is the
+        # rotated tensor attention saves
+        return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
+    p = setup.precision.compute_bytes
+    if spec.model_type in ("opt", "biogpt") and _sdpa_kernel(spec, setup) == "math" and tuple_cache_bytes(spec, setup):
+        # sdpa's math kernel (BioGPT's attention dropout on CPU) saves a scaled copy of k, and
+        # fp32 copies of k and v for a 16-bit dtype it upcasts (attention.cpp
+        # _scaled_dot_product_attention_math): the tuple cache's own key (and value) are beside
+        # them (4.46.0 models/biogpt/modeling_biogpt.py:319 ``past_key_value = (key_states, value_states)``)
+        copies = 1 if p == FP32 else 2
+        return spec.num_layers * copies * spec.kv_dim * setup.batch * setup.seq * p
+    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) != "eager" and _neox_fp32_rotary(spec, setup, p) \
+            and tuple_cache_bytes(spec, setup):
+        # sdpa gets query and key cast back to the value's dtype (4.42.4
+        # modeling_gpt_neox.py:552-554); the cache keeps the fp32 key (:257)
+        return spec.num_layers * FP32 * spec.kv_dim * setup.batch * setup.seq
     return 0
 
 
@@ -182,8 +230,11 @@ def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
     if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
         return 0
-    per_token = 3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim
-    return spec.num_layers * per_token * setup.batch * setup.seq * setup.precision.compute_bytes
+    p = setup.precision.compute_bytes
+    per_token = p * (3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim)
+    if spec.model_type == "gpt_neox":  # the rotated key, and the whole query_key_value output its value views
+        per_token = (FP32 if _neox_fp32_rotary(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
+    return spec.num_layers * per_token * setup.batch * setup.seq
 
 
 def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
@@ -204,8 +255,12 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
 
 
 def _fused_qkv(spec: ModelSpec) -> bool:
-    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj)."""
-    return any(lin.name == "qkv_proj" for lin in layer_linears(spec)) and not spec.learned_positions
+    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj; GPT-NeoX's
+    query_key_value, whose q and k are rotated into new tensors by ``torch.cat`` while v
+    stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196;
+    4.42.4 :234, 248-249)."""
+    return any(lin.name in ("qkv_proj", "query_key_value") for lin in layer_linears(spec)) \
+        and not spec.learned_positions
 
 
 def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
@@ -257,6 +312,12 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     the whole projection output (q and k too) instead of a copy of v, and eager attention
     with a KV cache keeps it beside the cache's copies of k and v."""
     math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
+    if setup.attn is Attention.EAGER and spec.model_type == "gpt_neox" and not dynamic_cache(spec, setup):
+        # GPT-NeoX's value is a view of query_key_value's output; eager's matmul reshapes it to
+        # (b * heads, s, d), a view only for b = 1, so it saves the whole output rather than a
+        # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:161; 4.42.4 :309)
+        extra = setup.precision.compute_bytes * 2 * spec.q_dim * setup.seq
+        return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
     if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
@@ -285,7 +346,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     else:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
         per_norm = resid * h + 2 * FP32
-    terms["norms"] = spec.norms_per_layer * per_norm
+    terms["norms"] = per_layer_norms(spec, setup, per_norm)
     # inputs of the attention and MLP input projections: one tensor feeds q/k/v and one
     # gate/up, except under autocast, where every linear saves its own half cast
     if trainable_base:
@@ -308,6 +369,11 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # NewGELUActivation is a Python formula: saves x, tanh(.), 0.5*x and 1+tanh(.);
         # c_proj saves the product
         terms["mlp"] = p * f * (5 if trainable_base else 4)
+    elif spec.hidden_act == "gelu":
+        # GELUActivation is F.gelu (activations.py), which saves its input; the output
+        # projection (GPT-NeoX dense_4h_to_h, BioGPT fc2) saves the activation's output
+        # (5.24 models/gpt_neox/modeling_gpt_neox.py:46-48; models/biogpt/modeling_biogpt.py:298-301)
+        terms["mlp"] = p * f * (2 if trainable_base else 1)
     else:
         # ReLU saves its output, which fc2 saves too (one storage)
         terms["mlp"] = p * f
@@ -321,7 +387,27 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
-    if spec.embd_dropout > 0:
+    # Under LoRA without checkpointing the embedding output needs no gradient (frozen
+    # embeddings; peft's enable_input_require_grads only comes with checkpointing), and
+    # autograd saves only for inputs that need one: the embedding dropout keeps no mask and
+    # the first layer's first norm, which reads that output (pre-LN), saves nothing
+    frozen_input = setup.mode in (Mode.LORA, Mode.QLORA) and not setup.grad_ckpt
+    if frozen_input and _parallel_residual(spec) and not any(
+            lin.group == "mlp" for lin in lora_targets(spec, setup.lora_targets)):
+        # GPT-NeoX's parallel residual: the first layer's MLP reads it too, and the adapters'
+        # output joins only at the first attention
+        outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
+    elif frozen_input and _first_norm_reads_layer_input(spec):
+        outside["first_layer_frozen"] = -per_norm * T
+        targets = {lin.name for lin in lora_targets(spec, setup.lora_targets)}
+        if "k_proj" in {lin.name for lin in layer_linears(spec)} and "k_proj" not in targets \
+                and _sdpa_kernel(spec, setup) in ("eager", "math"):
+            # nor does the first layer's key (k_proj unadapted, its input frozen): the score
+            # matmul keeps k for q's gradient but not q, which only k's gradient reads (mm's
+            # derivative saves each operand only for the other's gradient); the math kernel's
+            # q is its fp32 scaled copy
+            outside["first_layer_frozen"] -= (FP32 if _sdpa_kernel(spec, setup) == "math" else p) * spec.q_dim * T
+    if spec.embd_dropout > 0 and not frozen_input:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
     # after the last layer: the final norm saves what a layer's norm saves, and a trainable
     # LM head saves its input (the final norm's output; a half cast of it under autocast)
@@ -339,6 +425,35 @@ def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
     return lin is not group[-1]
 
 
+def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
+    """Per token, what one layer's norms save. GPT-NeoX's parallel residual: input_layernorm
+    and post_attention_layernorm both read the layer input (5.24
+    models/gpt_neox/modeling_gpt_neox.py:250, 261; 4.42.4 :754, 769), saved once."""
+    out = spec.norms_per_layer * per_norm
+    if _parallel_residual(spec):
+        out -= (spec.norms_per_layer - 1) * _dtypes(setup)[1] * spec.hidden_size
+    return out
+
+
+def _neox_fp32_rotary(spec: ModelSpec, setup: Setup, p: int) -> bool:
+    """GPT-NeoX's query and key leave the rotary embedding in fp32 (transformers < 4.45,
+    Semantics.gpt_neox_fp32_rotary) when the weights are 16-bit."""
+    return spec.model_type == "gpt_neox" and p != FP32 and setup.semantics.gpt_neox_fp32_rotary
+
+
+def _first_norm_reads_layer_input(spec: ModelSpec) -> bool:
+    """Pre-LN decoders: the layer's first norm reads its input (input_layernorm, ln_1,
+    self_attn_layer_norm); OPT with ``do_layer_norm_before=False`` (opt-350m) norms after
+    the residual add instead."""
+    return not (spec.model_type == "opt" and not spec.config.get("do_layer_norm_before", True))
+
+
+def _parallel_residual(spec: ModelSpec) -> bool:
+    """GPT-NeoX with ``use_parallel_residual`` (GPTNeoXConfig default True): attention and
+    MLP both read the layer input, x + attn(ln1(x)) + mlp(ln2(x))."""
+    return spec.model_type == "gpt_neox" and bool(spec.config.get("use_parallel_residual", True))
+
+
 def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     """Whether an output projection's input is a tensor the frozen model saves anyway, so an
     fp32 adapter reading it adds nothing: the attention output a fused sdpa kernel saves
@@ -347,7 +462,8 @@ def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     if lin.group == "attention":
         return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes) \
             and not _attention_output_copied(spec, setup)
-    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new")
+    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new") \
+        and spec.hidden_act != "gelu"
 
 
 def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
@@ -385,7 +501,8 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     full = training_activations(spec, setup)
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
-                       outside={**full.outside, "recomputed_layer": full.layer_bytes})
+                       outside={**{k: v for k, v in full.outside.items() if k != "first_layer_frozen"},
+                                "recomputed_layer": full.layer_bytes})
 
 
 def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
@@ -420,7 +537,14 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
         # starts with the saved log-softmax, its incoming gradient and the returned one (S rows
         # each), after which slice's backward writes them into a zeroed (T, V) gradient
         S = setup.batch * (setup.seq - 1)
-        return {"forward": (p + upcast + softcap) * T * V + 2 * FP32 * S * V,
+        # for one sequence the slice [:, :-1, :] is contiguous already: ``contiguous()`` copies nothing
+        shifted = 2 if setup.batch > 1 else 1
+        if setup.semantics.loss_in_compute_dtype(spec.model_type):
+            # the model's own CrossEntropyLoss on the shifted logits as they are, no fp32 upcast
+            # (GPT-NeoX 4.42.4 modeling_gpt_neox.py:1118-1121; BioGPT 4.46.0 modeling_biogpt.py:787-790)
+            return {"forward": (p + softcap) * T * V + shifted * p * S * V,
+                    "backward": softcap * T * V + p * max(3 * S, S + T) * V}
+        return {"forward": (p + upcast + softcap) * T * V + shifted * FP32 * S * V,
                 "backward": softcap * T * V + FP32 * max(3 * S, S + T) * V}
     return {
         "forward": (p + upcast + FP32 + softcap) * T * V,

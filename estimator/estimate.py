@@ -169,6 +169,17 @@ def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
         return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
     if key.semantics.rotary_caches(spec.model_type):
         return spec.num_layers * 2 * spec.max_positions * spec.head_dim * key.precision.param_bytes
+    if spec.model_type == "gpt_neox" and key.semantics.gpt_neox_own_attention:
+        # each GPTNeoXAttention before 4.49 (Semantics.gpt_neox_own_attention): the bool causal
+        # mask, masked_bias (made in the default dtype, which from_pretrained/from_config set to
+        # the weights' dtype) and the rotary inv_freq (fp32, ``.float()``), before 4.45 with
+        # fp32 cos/sin tables of (max_positions, rotary dims) each (4.42.4
+        # models/gpt_neox/modeling_gpt_neox.py:113-131, 589-613)
+        rotary = int(spec.head_dim * float(spec.config.get("rotary_pct", 0.25)))
+        per_layer = spec.max_positions ** 2 + key.precision.param_bytes + FP32 * (rotary // 2)
+        if key.semantics.tuple_cache("gpt_neox"):  # < 4.45, the release that moved rotary out
+            per_layer += 2 * FP32 * spec.max_positions * rotary
+        return spec.num_layers * per_layer
     return 0
 
 
@@ -612,4 +623,22 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
+    if spec.model_type == "gpt_neox" and acts.cuda_sdpa_backend(spec, setup) != "math":
+        # GPT-NeoX: query_key_value's whole output (3 h) stays alive beside the rotated q and
+        # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196), with
+        # sdpa's output beside them; with the parallel residual the attention output is alive
+        # while the MLP runs (:249-263)
+        attn = ((FP32 + p) * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
+            else 6 * p * spec.q_dim * T
+        if acts._parallel_residual(spec):
+            mlp += p * h * T
+    if spec.model_type == "biogpt":
+        # BioGptModel.forward keeps the learned positions' output referenced beside the word
+        # embeddings (5.24 models/biogpt/modeling_biogpt.py:392-393); the MLP runs with the
+        # attention block's residual sum beside the layer input (:293); eager softmaxes in the
+        # compute dtype (:112), its input and output alive together
+        resid += p * h * T
+        mlp += p * h * T
+        if setup.attn.value == "eager":
+            attn = 2 * p * a * s * T + 2 * p * spec.q_dim * T
     return resid + max(mlp, attn)

@@ -41,13 +41,16 @@ MODELS_DIR = Path(__file__).parent / "data" / "models"
 #: Llama-style decoders: RMSNorm, rotary positions, gated (SwiGLU/GeGLU) MLP, GQA.
 LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")
 #: Families with a closed-form parameter and activation formula here.
-FAMILIES = LLAMA_LIKE + ("gpt2", "opt")
+FAMILIES = LLAMA_LIKE + ("gpt2", "opt", "gpt_neox", "biogpt")
 
 #: ``tie_word_embeddings`` default of each configuration class when a config.json omits it
 #: (LlamaConfig/MistralConfig/MixtralConfig/Qwen2Config/Phi3Config pass False;
-#: GemmaConfig/Gemma2Config pass True; GPT2Config and OPTConfig keep PretrainedConfig's True).
+#: GemmaConfig/Gemma2Config pass True; GPT2Config and OPTConfig keep PretrainedConfig's True;
+#: GPTNeoXConfig declares False, BioGptConfig True: configuration_gpt_neox.py:78,
+#: configuration_biogpt.py:61 in transformers 5.24).
 _TIE_DEFAULT = {"llama": False, "mistral": False, "mixtral": False, "qwen2": False,
-                "phi3": False, "gemma": True, "gemma2": True, "gpt2": True, "opt": True}
+                "phi3": False, "gemma": True, "gemma2": True, "gpt2": True, "opt": True,
+                "gpt_neox": False, "biogpt": True}
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,50 @@ def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: st
             # OPTLearnedPositionalEmbedding keeps an offset of 2 rows (modeling_opt.py)
             learned_positions=positions + 2,
             embed_dim=f.int("word_embed_proj_dim", limit=MAX_HIDDEN, default=h), **common)
+    if model_type == "gpt_neox":
+        # GPTNeoXConfig (transformers 5.24 configuration_gpt_neox.py:61-82): fused
+        # query_key_value, partial rotary (rotary_pct, default 0.25), parallel residual
+        # (use_parallel_residual, default True), biases on every linear (attention_bias True),
+        # hidden_dropout and attention_dropout default 0.0; the untied head is ``embed_out``
+        # (4.x) or ``lm_head`` (5.x)
+        h = f.int("hidden_size", limit=MAX_HIDDEN)
+        heads = f.int("num_attention_heads", limit=MAX_HEADS)
+        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
+        bias = f.bool("attention_bias", True)
+        f.bool("use_parallel_residual", True)  # read by activations (the two norms share their input)
+        f.fraction("rotary_pct", 0.25)
+        return ModelSpec(
+            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
+            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+            intermediate_size=f.int("intermediate_size", limit=MAX_INTERMEDIATE),
+            vocab_size=f.int("vocab_size", limit=MAX_VOCAB),
+            max_positions=f.int("max_position_embeddings", limit=MAX_POSITIONS, default=2048), gated_mlp=False,
+            hidden_act=f.text("hidden_act", default="gelu"), norm="layernorm", norms_per_layer=2,
+            qkv_bias=bias, o_bias=bias, mlp_bias=True,
+            attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("hidden_dropout", 0.0),
+            embd_dropout=f.fraction("hidden_dropout", 0.0), **common)
+    if model_type == "biogpt":
+        # BioGptConfig (5.24 configuration_biogpt.py:43-61): OPT-like pre-LN decoder with
+        # q/k/v/out_proj and fc1/fc2 (all with bias), GELU, learned positions with an offset of
+        # 2 rows (modeling_biogpt.py:57-59), word embeddings scaled by sqrt(h) (scale_embedding),
+        # hidden_dropout_prob and attention_probs_dropout_prob default 0.1, tied output_projection
+        h = f.int("hidden_size", limit=MAX_HIDDEN)
+        heads = f.int("num_attention_heads", limit=MAX_HEADS)
+        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
+        positions = f.int("max_position_embeddings", limit=MAX_POSITIONS, default=1024)
+        f.bool("scale_embedding", True)
+        f.fraction("activation_dropout", 0.0)
+        f.fraction("layerdrop", 0.0)
+        return ModelSpec(
+            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
+            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
+            intermediate_size=f.int("intermediate_size", limit=MAX_INTERMEDIATE, default=4096),
+            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
+            hidden_act=f.text("hidden_act", default="gelu"), norm="layernorm", norms_per_layer=2,
+            qkv_bias=True, o_bias=True, mlp_bias=True,
+            attn_dropout=f.fraction("attention_probs_dropout_prob", 0.1),
+            resid_dropout=f.fraction("hidden_dropout_prob", 0.1), embd_dropout=f.fraction("hidden_dropout_prob", 0.1),
+            learned_positions=positions + 2, **common)
     # Llama-style decoders and the fallback for anything else with the common names.
     h = f.int("hidden_size", "n_embd", "d_model", limit=MAX_HIDDEN)
     heads = f.int("num_attention_heads", "n_head", limit=MAX_HEADS)

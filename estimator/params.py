@@ -62,7 +62,11 @@ def _layer_linears(spec: ModelSpec) -> list[Linear]:
     if t == "gpt2":  # GPT2Attention.c_attn/c_proj, GPT2MLP.c_fc/c_proj (Conv1D with bias)
         return [Linear("c_attn", "attention", h, 3 * h, True), Linear("c_proj", "attention", h, h, True),
                 Linear("c_fc", "mlp", h, f, True), Linear("c_proj", "mlp", f, h, True)]
-    if t == "opt":  # OPTAttention q/k/v/out_proj, OPTDecoderLayer fc1/fc2
+    if t == "gpt_neox":  # GPTNeoXAttention.query_key_value/dense, GPTNeoXMLP.dense_h_to_4h/dense_4h_to_h
+        b = spec.qkv_bias
+        return [Linear("query_key_value", "attention", h, 3 * h, b), Linear("dense", "attention", h, h, b),
+                Linear("dense_h_to_4h", "mlp", h, f, True), Linear("dense_4h_to_h", "mlp", f, h, True)]
+    if t in ("opt", "biogpt"):  # OPTAttention/BioGptAttention q/k/v/out_proj, decoder layer fc1/fc2
         b = spec.qkv_bias
         return [Linear("q_proj", "attention", h, h, b), Linear("k_proj", "attention", h, h, b),
                 Linear("v_proj", "attention", h, h, b), Linear("out_proj", "attention", h, h, b),
@@ -158,7 +162,7 @@ def param_tensor_sizes(spec: ModelSpec) -> tuple[int, ...]:
 def group_of(param_name: str) -> str:
     """Group of a parameter by its name in a transformers model (used by the meta count)."""
     n = param_name.lower()
-    if "lm_head" in n:
+    if "lm_head" in n or "embed_out" in n:  # GPT-NeoX's untied head is embed_out in transformers 4.x
         return "lm_head"
     if "norm" in n or ".ln_" in n or n.startswith("ln_") or "layernorm" in n:
         return "norms"
@@ -225,10 +229,12 @@ def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
 #: peft's default LoRA target_modules per model_type, what ``LoraConfig(target_modules=None)``
 #: adapts (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21).
 #: peft has no entry for phi3; its fused ``qkv_proj`` holds the q and v projections the others adapt.
+#: peft has none for biogpt either: it gets the common default (q_proj, v_proj).
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"), "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "phi3": ("qkv_proj",)}
+    "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"), "phi3": ("qkv_proj",),
+    "gpt_neox": ("query_key_value",)}
 
 
 def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:

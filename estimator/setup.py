@@ -203,6 +203,10 @@ class Setup:
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
+    # CUDA compute capability of the GPU ("7.5"), where it decides the sdpa kernel: flash
+    # attention needs 8.0 or newer (torch's sdp_utils check_flash_attention_hardware_support);
+    # "" assumes a GPU that has it
+    compute_capability: str = ""
 
     def __post_init__(self) -> None:
         # accept strings for the enums so callers and JSON records can pass plain values
@@ -217,6 +221,10 @@ class Setup:
         else:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "versions", _versions_field(self.versions))
+        cc = str(self.compute_capability or "").strip()
+        if cc and not (cc.count(".") == 1 and all(part.isdigit() for part in cc.split("."))):
+            raise ValueError(f"compute_capability is MAJOR.MINOR (e.g. 7.5), got {self.compute_capability!r}")
+        object.__setattr__(self, "compute_capability", cc)
         for name in ("grad_ckpt", "keep_grads", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -286,7 +294,8 @@ class Setup:
         rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
         fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
                   self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding,
-                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.loss, self.versions)
+                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.loss, self.versions,
+                  self.compute_capability)
         key = _INTERNED.get(fields)
         if key is None:
             key = object.__new__(Setup)
@@ -341,6 +350,8 @@ class Setup:
             del out["versions"]  # the installed versions: records keep their case keys
         if self.loss is Loss.CAUSAL_LM:
             del out["loss"]  # the default: records keep their case keys
+        if not self.compute_capability:
+            del out["compute_capability"]  # the default: records keep their case keys
         return out
 
     @classmethod

@@ -162,8 +162,9 @@ class Semantics:
         Gemma-2 :1093, Phi-3 :1345, Mistral :1215). GPT-2: ``logits_to_keep`` from 4.53.0
         (models/gpt2/modeling_gpt2.py:1166; 4.52.1 :1233 ``lm_head(hidden_states)``). OPT:
         from 5.0.0 (models/opt/modeling_opt.py:738; 4.57.0 :833 every position,
-        ``.contiguous()``)."""
-        first = {"llama": "4.45", "gpt2": "4.53", "opt": "5.0"}.get(family)
+        ``.contiguous()``). GPT-NeoX: from 4.49.0 (models/gpt_neox/modeling_gpt_neox.py:796;
+        4.48.3 :1130 ``embed_out(hidden_states)``). BioGPT: from 4.57.0 (none in 4.56.0)."""
+        first = {"llama": "4.45", "gpt2": "4.53", "opt": "5.0", "gpt_neox": "4.49", "biogpt": "4.57"}.get(family)
         full = first is not None and not self._at_least("transformers", first)
         return full, full and family == "llama"
 
@@ -178,6 +179,35 @@ class Semantics:
         last = {"qwen2": "4.45", "mixtral": "4.48"}.get(model_type)
         return last is not None and not self._at_least("transformers", last)
 
+    @property
+    def gpt_neox_own_attention(self) -> bool:
+        """transformers < 4.49: GPT-NeoX's eager attention scores with ``torch.baddbmm`` and
+        a softmax in the compute dtype (4.42.4 models/gpt_neox/modeling_gpt_neox.py:281-301;
+        4.48.3 :114-127), where 4.49.0 saves an fp32 softmax and its ``.to(dtype)`` copy
+        (:121); and every attention layer registers a (max_positions, max_positions) bool
+        causal mask and a ``masked_bias`` scalar as buffers (4.42.4 :113-131; 4.48.3 :276-300;
+        gone in 4.49.0), before 4.45 beside fp32 rotary cos/sin tables of (max_positions,
+        rotary dims) each (4.42.4 :589-613; 4.44.2 :120; 4.45.2 :165 keeps inv_freq only)."""
+        return not self._at_least("transformers", "4.49")
+
+    @property
+    def gpt_neox_fp32_rotary(self) -> bool:
+        """transformers < 4.45: GPT-NeoX's rotary tables are fp32 buffers returned as they are
+        (4.42.4 models/gpt_neox/modeling_gpt_neox.py:597-621; 4.44.2 :514-515), so a 16-bit
+        model's rotated query and key are promoted to fp32 (:246-249); eager attention scores
+        and softmaxes them in fp32 and the cache keeps the fp32 key; 4.45.2 casts the tables
+        to the input's dtype (:649)."""
+        return not self._at_least("transformers", "4.45")
+
+    def loss_in_compute_dtype(self, model_type: str) -> bool:
+        """Whether the causal-LM loss is the model's own ``CrossEntropyLoss`` on the shifted
+        logits in their dtype, without the fp32 upcast of the shared loss: GPT-NeoX through
+        4.48.3 (models/gpt_neox/modeling_gpt_neox.py:1137; ``self.loss_function`` in 4.49.0
+        :850), BioGPT through 4.46.0 (models/biogpt/modeling_biogpt.py:787; 4.48.3 :788 calls
+        ``self.loss_function``, taken at 4.47, not read)."""
+        first = {"gpt_neox": "4.49", "biogpt": "4.47"}.get(model_type)
+        return first is not None and not self._at_least("transformers", first)
+
     def tuple_cache(self, model_type: str) -> bool:
         """Whether a forward with ``use_cache`` returns the attention's own key and value
         tensors as a tuple per layer (no copies) rather than a ``DynamicCache`` that
@@ -186,7 +216,10 @@ class Semantics:
         DynamicCache from 4.49.0 (:853). GPT-2: tuples through 4.50.0, the newest wheel read
         (models/gpt2/modeling_gpt2.py:308 ``present = (key_states, value_states)``; 4.42.4
         :339 ``present = (key, value)``), a Cache in 5.x; the switch is taken at 4.51."""
-        first_cache = {"opt": "4.49", "gpt2": "4.51"}.get(model_type)
+        # GPT-NeoX: ``present = (key, value)`` through 4.44.2 (models/gpt_neox/modeling_gpt_neox.py:241),
+        # ``layer_past.update`` from 4.45.2 (:303; 4.45.0 not read). BioGPT: tuples through 4.50.0
+        # (models/biogpt/modeling_biogpt.py:182), a Cache in 4.52.4 (:167); taken at 4.51
+        first_cache = {"opt": "4.49", "gpt2": "4.51", "gpt_neox": "4.45", "biogpt": "4.51"}.get(model_type)
         return first_cache is not None and not self._at_least("transformers", first_cache)
 
     def to_dict(self) -> dict:
@@ -198,5 +231,8 @@ class Semantics:
                 "opt_eager_clamps_scores": self.opt_eager_clamps_scores,
                 "gpt2_own_attention": self.gpt2_own_attention,
                 "gpt2_mask_buffers": self.gpt2_mask_buffers,
-                "optimizer_foreach_default": self.optimizer_foreach_default}
-        # per-model switches (prefill_full_logits, rotary_caches, tuple_cache) take a model type
+                "optimizer_foreach_default": self.optimizer_foreach_default,
+                "gpt_neox_own_attention": self.gpt_neox_own_attention,
+                "gpt_neox_fp32_rotary": self.gpt_neox_fp32_rotary}
+        # per-model switches (prefill_full_logits, rotary_caches, loss_in_compute_dtype,
+        # tuple_cache) take a model type

@@ -39,8 +39,8 @@ UNREACHABLE_HUB_S = 3.0
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
               "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 1000,
               "max_position_embeddings": 512}
-TINY_NEOX = {"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-             "intermediate_size": 256, "vocab_size": 1000, "max_position_embeddings": 1024}
+TINY_STABLELM = {"model_type": "stablelm", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                 "intermediate_size": 256, "vocab_size": 1000, "max_position_embeddings": 1024}
 
 
 def _shipped(name: str) -> dict:
@@ -247,11 +247,11 @@ def test_every_shipped_config_passes():
 # --- 1. the meta-build fallback: same limits, a time limit ----------------------------------
 
 def test_fallback_gets_the_same_limits(tmp_path):
-    nested = dict(TINY_NEOX, text_config={"num_hidden_layers": MAX_LAYERS.hi + 1})
+    nested = dict(TINY_STABLELM, text_config={"num_hidden_layers": MAX_LAYERS.hi + 1})
     spec = load_model(_write(tmp_path, nested))
     with pytest.raises(ConfigError, match=r"text_config\.num_hidden_layers must be between 0 and 1,024.*MAX_LAYERS"):
         estimate(spec, Setup(seq=16))
-    spec = load_model(_write(tmp_path, dict(TINY_NEOX, num_experts=10**6), "moe.json"))
+    spec = load_model(_write(tmp_path, dict(TINY_STABLELM, num_experts=10**6), "moe.json"))
     with pytest.raises(ConfigError, match=r"num_experts must be between 0 and 4,096, got 1,000,000"):
         estimate(spec, Setup(seq=16))
 
@@ -265,9 +265,9 @@ def test_fallback_build_has_a_time_limit(tmp_path, monkeypatch):
         time.sleep(5)  # stands for a config whose build takes too long
     monkeypatch.setattr(params, "META_BUILD_TIMEOUT_S", 0.2)
     monkeypatch.setattr(transformers.AutoConfig, "for_model", slow_for_model)
-    spec = load_model(_write(tmp_path, TINY_NEOX))
+    spec = load_model(_write(tmp_path, TINY_STABLELM))
     start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"building model_type 'gpt_neox' of .* on the meta device took over 0 s"):
+    with pytest.raises(ConfigError, match=r"building model_type 'stablelm' of .* on the meta device took over 0 s"):
         params.build_meta_model(spec)
     assert time.perf_counter() - start < 2.0  # stopped at the limit, not after the 5 s
 
@@ -275,13 +275,13 @@ def test_fallback_build_has_a_time_limit(tmp_path, monkeypatch):
 def test_unknown_model_type_fits_in_200_characters(cli, tmp_path):
     long_dir = tmp_path / ("a-folder-with-a-rather-long-name-" * 3)
     long_dir.mkdir()
-    path = _write(long_dir, dict(TINY_NEOX, model_type="no_such_architecture_at_all"))
+    path = _write(long_dir, dict(TINY_STABLELM, model_type="no_such_architecture_at_all"))
     line = _one_error_line(cli("estimate", path), "transformers cannot build model_type 'no_such_architecture_at_all'")
     assert len(line) <= UNKNOWN_TYPE_LINE_CHARS, (len(line), line)
-    line = _one_error_line(cli("estimate", _write(tmp_path, dict(TINY_NEOX, model_type="t5"))),
+    line = _one_error_line(cli("estimate", _write(tmp_path, dict(TINY_STABLELM, model_type="t5"))),
                            "model_type 't5' .*no causal LM")
     assert len(line) <= UNKNOWN_TYPE_LINE_CHARS
-    line = _one_error_line(cli("estimate", _write(tmp_path, dict(TINY_NEOX, model_type="lama"))),
+    line = _one_error_line(cli("estimate", _write(tmp_path, dict(TINY_STABLELM, model_type="lama"))),
                            "did you mean llama")
     assert len(line) <= UNKNOWN_TYPE_LINE_CHARS
 
@@ -318,7 +318,7 @@ def test_code_keys_are_stripped_and_named(cli, tmp_path):
 
 def test_a_hub_kernel_in_a_fallback_config_never_reaches_transformers(tmp_path, monkeypatch):
     seen = _spy_for_model(monkeypatch)
-    config = dict(TINY_NEOX, attn_implementation=HUB_KERNEL, experts_implementation=HUB_KERNEL,
+    config = dict(TINY_STABLELM, attn_implementation=HUB_KERNEL, experts_implementation=HUB_KERNEL,
                   auto_map={"AutoModelForCausalLM": "evil.Model"}, custom_pipelines={"p": {"impl": "evil.P"}})
     est = estimate(load_model(_write(tmp_path, config)), Setup(seq=16))
     assert est.params > 0 and any("ignored config keys" in note for note in est.notes)

@@ -149,21 +149,21 @@ def test_lora_all_linear_mixtral_matches_peft():
 
 # --- architectures without a formula ----------------------------------------------------
 
-GPT_NEOX_TINY = {
-    "model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+STABLELM_TINY = {
+    "model_type": "stablelm", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
     "intermediate_size": 256, "vocab_size": 1000, "max_position_embeddings": 128,
 }
 
 
 def test_unknown_model_type_falls_back_to_meta_count(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(GPT_NEOX_TINY))
+    path.write_text(json.dumps(STABLELM_TINY))
     spec = load_model(str(path))
     assert not spec.has_formula
     count = count_params(spec)
     assert count.exact is False
-    assert "gpt_neox" in count.note and "meta" in count.note
-    expected = sum(p.numel() for p in _build(GPT_NEOX_TINY).parameters())
+    assert "stablelm" in count.note and "meta" in count.note
+    expected = sum(p.numel() for p in _build(STABLELM_TINY).parameters())
     assert count.total == expected
     est = estimate(spec, Setup(seq=64))
     assert est.params == expected
@@ -171,7 +171,7 @@ def test_unknown_model_type_falls_back_to_meta_count(tmp_path):
 
 
 def test_model_type_transformers_does_not_know(tmp_path):
-    config = dict(GPT_NEOX_TINY, model_type="no_such_arch")
+    config = dict(STABLELM_TINY, model_type="no_such_arch")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     spec = load_model(str(path))

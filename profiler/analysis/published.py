@@ -31,8 +31,8 @@ METRIC_TARGET = {"max_memory_allocated": "allocated_bytes", "max_memory_reserved
 
 #: GPUs of the pinned rows that the preset file does not hold, by architecture only (the
 #: estimate reads the architecture for the cuBLAS workspace size): NVIDIA's CUDA
-#: compute-capability table, RTX 3080 Ti 8.6 (Ampere)
-_ARCH_ONLY = {"ampere": "8.6", "ada": "8.9"}
+#: compute-capability table, RTX 3080 Ti 8.6 (Ampere), RTX 2060 7.5 (Turing)
+_ARCH_ONLY = {"ampere": "8.6", "ada": "8.9", "turing": "7.5"}
 
 
 @dataclass

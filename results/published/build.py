@@ -25,7 +25,7 @@ UNITS = {"MB": 10**6, "MB (as printed)": 10**6, "GB": 10**9, "GiB": 2**30, "byte
 METRICS = ("max_memory_allocated", "max_memory_reserved", "nvidia-smi")
 
 #: The transformers model_doc SDPA training tables: model, registry name, GPU architecture
-#: (NVIDIA's compute-capability table: RTX 3080 Ti 8.6 Ampere, L40S 8.9 Ada) and the
+#: (NVIDIA's compute-capability table: RTX 3080 Ti 8.6 Ampere, L40S 8.9 Ada, RTX 2060 7.5 Turing) and the
 #: transformers version the table ran under, inferred from the pull request that added the
 #: table together with the model's SDPA class: the class first ships in that release
 #: (read in the wheels: GPT2SdpaAttention is in 4.42.4 models/gpt2/modeling_gpt2.py:563;
@@ -35,6 +35,17 @@ TRAINING_TABLES = {
         registry="gpt2-large", architecture="ampere", compute_capability="8.6", transformers="4.42",
         evidence="PR #31172 (vasqu, benchmarks posted 2024-06-01) added GPT2SdpaAttention and this table; "
                  "first release with the class: 4.42.0 (2024-06-27); the run used a 4.42.0.dev0 tree"),
+    "EleutherAI/pythia-410m-deduped": dict(
+        registry="pythia-410m-deduped", architecture="ampere", compute_capability="8.6", transformers="4.42",
+        evidence="PR #31031 (vasqu, table in the PR description 2024-05-25) added GPTNeoXSdpaAttention and this "
+                 "table; the class is absent from 4.41.2 and present in 4.42.4 "
+                 "(models/gpt_neox/modeling_gpt_neox.py:500), and vasqu wrote on 2024-06-27 (EleutherAI/sparsify#1) "
+                 "that it 'has been added now in v4.42.0', so the run used a 4.42.0.dev0 tree"),
+    "microsoft/biogpt": dict(
+        registry="biogpt", architecture="turing", compute_capability="7.5", transformers="4.45",
+        evidence="the table was added with BioGptSdpaAttention, which is absent from 4.44.2 and present in 4.45.2 "
+                 "(models/biogpt/modeling_biogpt.py:249; the pull request was not found in the index), so the run "
+                 "used a 4.45.0.dev0 tree; 4.45.2 and 4.46.0 run the same BioGPT attention and loss code"),
     "facebook/opt-350m": dict(
         registry="opt-350m", architecture="ada", compute_capability="8.9", transformers="4.46",
         evidence="PR #33298 (SDPA for OPT, Sept 2024) added OPTSdpaAttention and this table; the class is "
@@ -104,6 +115,9 @@ def build(rows: list[dict]) -> list[dict]:
             rec["setup"] = {"mode": "full", "precision": "fp16", "optimizer": "none", "loss": "logits-sum",
                             "loop": "held", "use_cache": True, "batch": r["batch"], "seq": r["seq"],
                             "attn": r["attention"], "device": "cuda",
+                            # the GPU decides the sdpa kernel: no flash attention before 8.0 (the
+                            # RTX 2060's sdpa runs the memory-efficient kernel)
+                            "compute_capability": table["compute_capability"],
                             "versions": [["torch", versions["torch"]], ["transformers", table["transformers"]]]}
         else:
             if r.get("metric") not in METRICS:
@@ -111,6 +125,10 @@ def build(rows: list[dict]) -> list[dict]:
             name = (r.get("model") or "").split("/")[-1].lower()
             if name not in registry:
                 reasons.append(f"model {r.get('model')!r} is not in the registry")
+            if not reasons and r.get("model") == "microsoft/biogpt" and str(r.get("mode", "")).startswith("inference"):
+                reasons.append("BioGptModel forward ('a simple AutoModel head'): no LM head, the last hidden state and "
+                               "the key/value cache returned, under a mask that pads each batch's first token; vramlab "
+                               "models causal-LM heads (prefill with logits) only, and the release is not pinned")
             if not reasons and str(r.get("mode", "")).startswith("inference-generate"):
                 reasons.append("generate: the number of new tokens is not printed (the script's default is "
                                "100) and the mask pads each batch's first token")
