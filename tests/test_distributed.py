@@ -148,7 +148,8 @@ def test_sim_does_not_run_ddp_or_fsdp1(sharding):
 #: FSDP1 (and FSDP2) per rank and phase, committed torchrun records vs the estimate recomputed now. The
 #: estimate is rank 0's: another rank's optimizer step holds its own largest piece of a
 #: parameter (measured: rank 1 +0.55 % gpt2, +1.10 % opt-125m in the optimizer phase);
-#: every step peak within 0.25 % (measured 0.044 %; 0.20 % for gpt2 LoRA before the LoRA embedding-side fix).
+#: every rank's step peak within 0.25 % (measured 0.044 %; 0.20 % for gpt2 LoRA before the
+#: LoRA embedding-side fix).
 FSDP1_RECORDS = Path(__file__).resolve().parents[1] / "results" / "distributed" / "cpu-fsdp.jsonl"
 FSDP1_PHASE_TOLERANCE = 0.015
 FSDP1_PEAK_TOLERANCE = 0.0025
@@ -168,6 +169,5 @@ def test_committed_fsdp_ranks_agree_with_the_estimate(record):
         pred = sum(v for k, v in est.phases[phase].items() if str(k) not in ("allocator", "context"))
         got = measured.peak_allocated_bytes
         assert abs(pred - got) <= FSDP1_PHASE_TOLERANCE * got, (phase, pred, got)
-    if record.rank == 0:
-        got = record.measured.peak_allocated_bytes
-        assert abs(est.allocated_bytes - got) <= FSDP1_PEAK_TOLERANCE * got, (est.allocated_bytes, got)
+    got = record.measured.peak_allocated_bytes  # the step's peak: backward on every rank here
+    assert abs(est.allocated_bytes - got) <= FSDP1_PEAK_TOLERANCE * got, (est.allocated_bytes, got)
