@@ -24,6 +24,7 @@ class _Choice(str, Enum):
         if isinstance(value, cls):
             return value
         text = str(value).strip().lower().replace("_", "-")
+        text = _ALIASES.get(cls.__name__, {}).get(text, text)
         for member in cls:  # type: ignore[attr-defined]
             if member.value == text:
                 return member
@@ -148,6 +149,9 @@ class Sharding(_Choice):
     FSDP1 = "fsdp1"  # FSDP1 (accelerate's FSDP): flat parameters per wrapped layer, FULL_SHARD
     FSDP1_GRAD_OP = "fsdp1-shard-grad-op"  # FSDP1 SHARD_GRAD_OP: parameters kept unsharded from forward to backward
 
+
+#: Other names users write for a choice (the value kept in records is the canonical one).
+_ALIASES = {"Sharding": {"fsdp2": "fsdp", "fsdp1-full-shard": "fsdp1", "fsdp1-grad-op": "fsdp1-shard-grad-op"}}
 
 #: Normalised setups (Setup.shape_free / per_sequence), one object per distinct key,
 #: found by the fields a normalised setup keeps.

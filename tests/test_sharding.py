@@ -313,3 +313,11 @@ def test_fit_and_rules_use_the_same_search(llama7b):
 def test_sharding_module_imports_no_torch():
     code = "import sys, estimator.sharding; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_sharding_names_users_write_map_to_the_canonical_choice():
+    assert Setup(world_size=2, sharding="fsdp2").sharding.value == "fsdp"
+    assert Setup(world_size=2, sharding="FSDP1_GRAD_OP").sharding.value == "fsdp1-shard-grad-op"
+    assert Setup(world_size=2, sharding="fsdp1-full-shard").sharding.value == "fsdp1"
+    with pytest.raises(ValueError, match="fsdp1-shard-grad-op"):
+        Setup(world_size=2, sharding="fsdp3")
