@@ -374,9 +374,10 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=logits["backward"] + held_logits, kv_cache=held_kv,
                 temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
-    if ranked.flat and setup.mode is Mode.FULL:
-        # FSDP1: the LM head's weight gradient made while the logits' gradient still exists,
-        # beside the root's and the last layer's unsharded parameters (sharding.py)
+    if ranked.gathers and setup.mode is Mode.FULL:
+        # FSDP1 / FSDP2 / ZeRO-3: the LM head's weight gradient made while the logits'
+        # gradient still exists, beside the root's and the last layer's unsharded parameters
+        # (and, accumulating, the unsharded gradients it is added into; sharding.py)
         candidates.append(phase(big + n_states + n_act + 2, **with_extra(
             ranked.backward_head_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
             logits=setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes + held_logits,

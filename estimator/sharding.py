@@ -216,9 +216,11 @@ class RankStates:
         return out
 
     def backward_head_extra(self) -> dict[str, int]:
-        """FSDP1, at the LM head's backward: the root's and the last layer's (prefetched, or
-        kept) unsharded parameters, and the head's weight gradient, a tensor of its own until
-        the root's views are concatenated at the end (none under LoRA)."""
+        """At the LM head's backward (FSDP1, FSDP2, ZeRO-3): the root's and the last layer's
+        (prefetched, or kept) unsharded parameters, and the head's weight gradient: under
+        FSDP1 a tensor of its own until the root's views are concatenated at the end, under
+        FSDP2 the unsharded .grad (or, accumulating, the new gradient added into it); none
+        under LoRA."""
         return {"temporaries": self.root_params + max(self.layer_params, self.kept_layers * self.layer_params)
                 + self.head_weight_grad}
 
@@ -405,17 +407,19 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
         layer_grads = (_layer_elems(spec) if full else adapters) * grad_bytes
         layer_grad_shard = (layer_shard if full else adapter_shard) * grad_bytes
         root_bytes = n * root_shard * param_bytes
-    tied = 0
+    tied = head = 0
     if full:
+        head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes
         root_grads = root_elems * grad_bytes
         head_grads = _head_elems(spec, root_elems) * grad_bytes
         if spec.tie_word_embeddings:
-            tied = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes
+            tied = head
     else:  # LoRA/QLoRA: adapters live in the decoder layers; the root group is frozen
         root_grads = head_grads = 0
     return RankStates(sh, n, w_rank, g_rank, o_rank, root_params=root_bytes, layer_params=layer_params,
                       layer_grads=layer_grads, layer_grad_shard=layer_grad_shard, root_grads=root_grads,
-                      head_grads=head_grads, layers=L, root_grad_shard=_ceil_div(root_grads, n), tied_sum=tied)
+                      head_grads=head_grads, layers=L, root_grad_shard=_ceil_div(root_grads, n), tied_sum=tied,
+                      head_weight_grad=head)
 
 
 def _flat_numel(sizes, align: int, n: int) -> int:
