@@ -123,7 +123,7 @@ def test_frozen():
     (dict(mode="qlora"), r"qlora needs a weight quantization: pass --quant nf4"),
     (dict(mode="full", quant="nf4"), r"quantization nf4 applies to inference and qlora only"),
     (dict(mode="lora", quant="int8"), r"quantization int8 applies to inference and qlora only"),
-    (dict(world_size=4), r"world size 4 needs a sharding: ddp, zero1, zero2, zero3 or fsdp"),
+    (dict(world_size=4), r"world size 4 needs a sharding: ddp, zero1, zero2, zero3, fsdp, fsdp1 or fsdp1-shard"),
     (dict(mode="inference", world_size=2, sharding="zero3"), r"sharding applies to training"),
     (dict(optimizer="adamw-8bit", optimizer_impl="fused"), r"adamw-8bit \(bitsandbytes\) has no fused"),
     (dict(mode="train"), r"unknown mode 'train'; choose one of: inference, eval, full, lora, qlora"),
