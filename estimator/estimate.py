@@ -389,7 +389,8 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
         layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
         if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
-            layer = dict(layer, gradients=0)
+            # (FSDP1: this micro-batch's head gradient still waits apart for the root's views)
+            layer = dict(layer, gradients=ranked.head_grads if ranked.flat else 0)
         candidates.append(phase(big + n_states + n_act, **with_extra(
             layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
             temporaries=bwd_temps)))

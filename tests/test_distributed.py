@@ -148,8 +148,7 @@ def test_sim_does_not_run_ddp_or_fsdp1(sharding):
 #: FSDP1 (and FSDP2) per rank and phase, committed torchrun records vs the estimate recomputed now. The
 #: estimate is rank 0's: another rank's optimizer step holds its own largest piece of a
 #: parameter (measured: rank 1 +0.55 % gpt2, +1.10 % opt-125m in the optimizer phase);
-#: every rank's step peak within 0.25 % (measured: 0.23 % gpt2 FSDP1 with accumulation, 0.20 %
-#: gpt2 FSDP2, the rest within 0.05 %).
+#: every rank's step peak within 0.25 % (measured: 0.20 % gpt2 FSDP2, FSDP1 within 0.05 %).
 FSDP1_RECORDS = Path(__file__).resolve().parents[1] / "results" / "distributed" / "cpu-fsdp.jsonl"
 FSDP1_PHASE_TOLERANCE = 0.015
 FSDP1_PEAK_TOLERANCE = 0.0025
