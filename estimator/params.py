@@ -20,7 +20,7 @@ from .configcheck import (
     where_of,
 )
 from .modelspec import FAMILIES, ModelSpec
-from .setup import DEFAULT_LORA_TARGETS
+from .setup import DEFAULT_LORA_TARGETS, Quant
 from .units import FP32 as FP32_BYTES
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
@@ -297,11 +297,11 @@ def quant_state_bytes(spec: ModelSpec, quant, moe_fused: bool) -> int:
     can flatten and shard the packed 4-bit data at all (FSDP shards floating-point
     parameters only); AnswerDotAI/fsdp_qlora PR #4: "Linear4bit layers store the
     quantization information in the quant_state dictionary", kept on every rank's layers."""
-    value = getattr(quant, "value", quant)
-    if value == "none":
+    quant = Quant.parse(quant)
+    if quant is Quant.NONE:
         return 0
     q_elems, q_rows, _ = quantized_params(spec, moe_fused)
-    if value == "int8":
+    if quant is Quant.INT8:
         return FP32_BYTES * q_rows
     absmax = q_elems // NF4_BLOCK
-    return absmax + FP32_BYTES * (absmax // DQ_BLOCK) if value == "nf4-dq" else FP32_BYTES * absmax
+    return absmax + FP32_BYTES * (absmax // DQ_BLOCK) if quant is Quant.NF4_DQ else FP32_BYTES * absmax

@@ -167,6 +167,12 @@ class RankStates:
         SHARD_GRAD_OP, none otherwise."""
         return self.layers if self.sharding is Sharding.FSDP1_GRAD_OP else 0
 
+    @property
+    def last_layer_params(self) -> int:
+        """Unsharded layer parameters when backward starts: the last layer's (prefetched by
+        the root's pre-backward, or still there after its forward), every layer's if kept."""
+        return max(self.layer_params, self.kept_layers * self.layer_params)
+
     def forward_extra(self) -> dict[str, int]:
         """Extra bytes at the forward's loss, beside the activations and the logits: DDP's
         buckets; FSDP2's root parameters and the last layer's all-gather buffer (the loss is
@@ -200,7 +206,7 @@ class RankStates:
             return {"activations": max(0, activations), "gradients": self.buckets, "temporaries": temporaries}
 
         if self.flat:  # FSDP1 gathers in place: the last layer's parameters (all, if kept) at its end
-            return at(saved + working_set, R + max(P, self.kept_layers * P))
+            return at(saved + working_set, R + self.last_layer_params)
 
         moments = [at(0, 2 * R + 2 * P), at(saved + working_set, R + 2 * P)]
         if L >= 2:
@@ -212,7 +218,7 @@ class RankStates:
         all-gather buffer (the root's pre-backward prefetches it)."""
         out = {"gradients": self.buckets} if self.buckets else {}
         if self.gathers:
-            out["temporaries"] = self.root_params + max(self.layer_params, self.kept_layers * self.layer_params)
+            out["temporaries"] = self.root_params + self.last_layer_params
         return out
 
     def backward_head_extra(self) -> dict[str, int]:
@@ -221,8 +227,7 @@ class RankStates:
         FSDP1 a tensor of its own until the root's views are concatenated at the end, under
         FSDP2 the unsharded .grad (or, accumulating, the new gradient added into it); none
         under LoRA."""
-        return {"temporaries": self.root_params + max(self.layer_params, self.kept_layers * self.layer_params)
-                + self.head_weight_grad}
+        return {"temporaries": self.root_params + self.last_layer_params + self.head_weight_grad}
 
     def backward_end_extra(self) -> dict[str, int]:
         """At the end of backward, beside the resident gradient shards.
@@ -409,7 +414,7 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
         root_bytes = n * root_shard * param_bytes
     tied = head = 0
     if full:
-        head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes
+        head = _head_matrix(spec) * grad_bytes
         root_grads = root_elems * grad_bytes
         head_grads = _head_elems(spec, root_elems) * grad_bytes
         if spec.tie_word_embeddings:
@@ -422,13 +427,22 @@ def _per_rank(spec: ModelSpec, key: Setup, w: int, g: int, o: int, trainable: in
                       head_weight_grad=head)
 
 
-def _flat_numel(sizes, align: int, n: int) -> int:
-    """Elements of an FSDP1 FlatParameter of tensors of ``sizes`` elements under
-    ``use_orig_params``: each tensor starts at a multiple of ``align`` elements, the whole is
-    padded to a multiple of the world size (_flat_param.py ``_init_flat_param_and_metadata``)."""
-    total = 0
+def _aligned_starts(sizes, align: int) -> tuple[list[int], int]:
+    """Where each tensor of ``sizes`` elements starts in an FSDP1 FlatParameter under
+    ``use_orig_params`` (each at a multiple of ``align`` elements), and the end of the last
+    (_flat_param.py ``_init_flat_param_and_metadata``)."""
+    starts, total = [], 0
     for size in sizes:
-        total += (-total) % align + size
+        total += (-total) % align
+        starts.append(total)
+        total += size
+    return starts, total
+
+
+def _flat_numel(sizes, align: int, n: int) -> int:
+    """Elements of that FlatParameter: the aligned tensors, padded to a multiple of the
+    world size (_flat_param.py:762)."""
+    total = _aligned_starts(sizes, align)[1]
     return total + (-total) % n
 
 
@@ -436,12 +450,8 @@ def _rank0_pieces(sizes, align: int, n: int) -> list[int]:
     """Elements of each parameter inside rank 0's chunk of their FSDP1 flat parameter (the
     views ``use_orig_params`` gives the optimizer, _flat_param.py ``_get_shard_metadata``)."""
     chunk = _flat_numel(sizes, align, n) // n
-    pieces, start = [], 0
-    for size in sizes:
-        start += (-start) % align
-        pieces.append(max(0, min(start + size, chunk) - start))
-        start += size
-    return pieces
+    starts, _ = _aligned_starts(sizes, align)
+    return [max(0, min(start + size, chunk) - start) for start, size in zip(starts, sizes)]
 
 
 def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -> RankStates | None:
@@ -458,13 +468,12 @@ def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -
     layer_flat = _flat_numel(layer, FSDP1_ALIGNMENT_BYTES // pb, n)
     full = key.mode is Mode.FULL
     grad_bytes = g // max(trainable, 1)
-    adapter_flat = 0 if full else sum(
-        _flat_numel([rows * cols], FSDP1_ALIGNMENT_BYTES // FP32, n)
-        for rows, cols in _lora_shapes(spec, key, _ceil_div(trainable, L)))
+    adapters = [] if full else [rows * cols for rows, cols in _lora_shapes(spec, key, _ceil_div(trainable, L))]
+    adapter_flat = sum(_flat_numel([size], 1, n) for size in adapters)  # one unit each: padding to N only
     base = root_flat + L * layer_flat
     trainable_shard = base // n if full else L * adapter_flat // n
     layer_grads = (layer_flat if full else adapter_flat) * grad_bytes
-    head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * grad_bytes if full else 0
+    head = _head_matrix(spec) * grad_bytes if full else 0
     # the caller's end-of-backward embedding terms (estimate._static embed_bwd): a tied
     # matrix's head and embedding gradients; the other root gradients are added here
     caller_terms = 2 * head if spec.tie_word_embeddings else 0
@@ -473,8 +482,7 @@ def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -
         largest = max(_rank0_pieces(root, FSDP1_ALIGNMENT_BYTES // pb, n)
                       + _rank0_pieces(layer, FSDP1_ALIGNMENT_BYTES // pb, n))
     else:
-        largest = max([_flat_numel([rows * cols], 1, n) // n
-                       for rows, cols in _lora_shapes(spec, key, _ceil_div(trainable, L))], default=0)
+        largest = max((_flat_numel([size], 1, n) // n for size in adapters), default=0)
     return RankStates(
         key.sharding, n, base // n * pb + L * adapter_flat // n * FP32, trainable_shard * grad_bytes,
         _ceil_div(o * trainable_shard, max(trainable, 1)),
@@ -558,13 +566,17 @@ def _root_group(spec: ModelSpec, key: Setup):
     return elems, elems * per_elem
 
 
+def _head_matrix(spec: ModelSpec) -> int:
+    """Elements of the LM head's weight (vocab, embedding width)."""
+    return spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+
+
 def _head_elems(spec: ModelSpec, root_elems: int) -> int:
     """Root parameters whose gradients exist from the start of backward: the LM head (the
     tied embedding matrix, when tied) and the final norm -- all but the input embeddings."""
-    head = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
     embeddings = count_params(spec).groups.get("embeddings", 0)
     if spec.tie_word_embeddings:
-        return root_elems - embeddings + head  # the shared matrix gets the head's gradient first
+        return root_elems - embeddings + _head_matrix(spec)  # the shared matrix gets the head's gradient first
     return root_elems - embeddings
 
 

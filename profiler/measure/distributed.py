@@ -91,7 +91,6 @@ def fsdp_storage_hooks(tracker: StorageTracker, gathered: Category = Category.TE
       allocated outside the collectives and stay counted.
     """
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param, _fsdp_param_group
-    from torch.utils._python_dispatch import _disable_current_modes
 
     FSDPParam, FSDPParamGroup = _fsdp_param.FSDPParam, _fsdp_param_group.FSDPParamGroup
     patched = [(_fsdp_param, "alloc_storage"), (_fsdp_param, "free_storage"),
@@ -123,29 +122,35 @@ def fsdp_storage_hooks(tracker: StorageTracker, gathered: Category = Category.TE
         tracker.track([p.sharded_param.grad for p in self.fsdp_params], Category.GRADIENTS)
         return out
 
-    def untracked(call):
-        def run(self, *args, **kwargs):
-            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
-            before = _use_counts(tensors)
-            with _disable_current_modes():
-                work = call(self, *args, **kwargs)
-            if work is None:  # synchronous: wait for gloo's worker thread to let go of the tensors
-                _settle(tensors, before)
-            return work
-        return run
-
     _fsdp_param.alloc_storage = alloc_storage
     _fsdp_param.free_storage = free_storage
     _fsdp_param_group.alloc_storage = alloc_storage
     FSDPParam.init_all_gather_outputs = init_all_gather_outputs
     FSDPParamGroup.post_backward = post_backward_tagged
     for cls in collectives:
-        cls.__call__ = untracked(cls.__dict__["__call__"])
+        cls.__call__ = _untracked(cls.__dict__["__call__"])
     try:
         yield
     finally:
         for owner, name, value in originals:
             setattr(owner, name, value)
+
+
+def _untracked(call):
+    """``call`` (a collective: a function, or a method with its instance first) run outside
+    the tracker's dispatch mode; a synchronous one (no work handle returned) waits until
+    gloo's worker thread has let go of its tensors (:func:`_settle`)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def run(*args, **kwargs):
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        before = _use_counts(tensors)
+        with _disable_current_modes():
+            work = call(*args, **kwargs)
+        if work is None:
+            _settle(tensors, before)
+        return work
+    return run
 
 
 def _use_counts(tensors) -> list:
@@ -226,7 +231,6 @@ def fsdp1_storage_hooks(tracker: StorageTracker, gathered: Category = Category.T
     (``all_gather_single``, ``reduce_scatter_single``) run untracked as under FSDP2."""
     import torch.distributed as dist
     from torch.distributed.fsdp import _flat_param, _runtime_utils
-    from torch.utils._python_dispatch import _disable_current_modes
 
     names = [n for n in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
                          "reduce_scatter_tensor") if hasattr(dist, n)]
@@ -249,21 +253,10 @@ def fsdp1_storage_hooks(tracker: StorageTracker, gathered: Category = Category.T
         tracker.track(handle.flat_param._saved_grad_shard, Category.GRADIENTS)
         return out
 
-    def untracked(call):
-        def run(*args, **kwargs):
-            tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
-            before = _use_counts(tensors)
-            with _disable_current_modes():
-                work = call(*args, **kwargs)
-            if not kwargs.get("async_op"):
-                _settle(tensors, before)
-            return work
-        return run
-
     _flat_param._alloc_storage, _flat_param._free_storage = alloc_storage, free_storage
     _runtime_utils._accumulate_sharded_grad = accumulate_tagged
     for name in names:
-        setattr(dist, name, untracked(getattr(dist, name)))
+        setattr(dist, name, _untracked(getattr(dist, name)))
     try:
         yield
     finally:
