@@ -170,7 +170,7 @@ def _sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:
     return "math" if cuda_sdpa_backend(spec, setup) == "math" else "fused"
 
 
-def _qkv_views(spec: ModelSpec) -> bool:
+def qkv_views(spec: ModelSpec) -> bool:
     """q, k and v are views of one projection without RoPE (GPT-2's c_attn)."""
     return any(lin.name == "c_attn" for lin in layer_linears(spec))
 
@@ -182,7 +182,7 @@ def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
     ``return self.keys, self.values``). Where q, k and v are views of one projection
     without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
     output alive, and saves the cache's copies of k and v beside it."""
-    return dynamic_cache(spec, setup) and not setup.grad_ckpt and _qkv_views(spec) \
+    return dynamic_cache(spec, setup) and not setup.grad_ckpt and qkv_views(spec) \
         and _sdpa_kernel(spec, setup) == "fused"
 
 
@@ -231,7 +231,7 @@ def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
         return 0
     p = setup.precision.compute_bytes
-    per_token = p * (3 * spec.q_dim if _qkv_views(spec) else 2 * spec.kv_dim)
+    per_token = p * (3 * spec.q_dim if qkv_views(spec) else 2 * spec.kv_dim)
     if spec.model_type == "gpt_neox":  # the rotated key, and the whole query_key_value output its value views
         per_token = (FP32 if _neox_fp32_rotary(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
     return spec.num_layers * per_token * setup.batch * setup.seq
@@ -318,12 +318,12 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
         # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:161; 4.42.4 :309)
         extra = setup.precision.compute_bytes * 2 * spec.q_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
-    if setup.attn is Attention.EAGER and _qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
+    if setup.attn is Attention.EAGER and qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
         extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
-    fused_views = _qkv_views(spec) and not dynamic_cache(spec, setup)  # a cache hands attention copies
+    fused_views = qkv_views(spec) and not dynamic_cache(spec, setup)  # a cache hands attention copies
     if not (math_on_cpu and fused_views):
         return one
     extra = FP32 * 2 * spec.q_dim * setup.seq

@@ -276,7 +276,7 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
     accumulating = setup.grad_accum > 1
     if not accumulating and not (setup.keep_grads and not first_step):
         return 0
-    if accumulating and setup.sharding in (Sharding.FSDP, Sharding.ZERO3, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP):
+    if accumulating and st.ranked.gathers:
         # FSDP1's no_sync likewise keeps each flat parameter's unsharded gradient
         # (torch/distributed/fsdp/_runtime_utils.py _post_backward_hook: no _reduce_grad)
         return st.states.gradients
@@ -434,7 +434,7 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
     logits = setup.batch * spec.vocab_size * setup.precision.compute_bytes  # logits_to_keep=1
     kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
     prompt_kv = kv_cache_bytes(spec, setup, setup.seq)
-    if setup.semantics.tuple_cache(spec.model_type) and acts._qkv_views(spec):
+    if setup.semantics.tuple_cache(spec.model_type) and acts.qkv_views(spec):
         # an old tuple cache holds GPT-2's key and value as views of c_attn's output, which
         # they keep whole after the prefill (3 h per token, activations.tuple_cache_bytes)
         prompt_kv = prompt_kv * 3 * spec.q_dim // (2 * spec.kv_dim)
