@@ -86,16 +86,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
-        if spec.family in ("llama", "opt") or (spec.model_type == "gpt_neox"
-                                                and not setup.semantics.gpt_neox_own_attention):
-            # softmax(dtype=float32) keeps its fp32 output; .to(p) is a second tensor unless p is fp32
-            # (GPT-NeoX from 4.49: 5.24 models/gpt_neox/modeling_gpt_neox.py:158; before, its
-            # baddbmm scores and softmax stay in p, 4.42.4 :281-301, the branch below)
-            out["attn_scores"] = (FP32 + (p if p != FP32 else 0)) * a * s
-        elif setup.device is Device.CUDA and setup.precision.is_autocast:
-            out["attn_scores"] = FP32 * a * s  # CUDA autocast runs softmax with an fp32 output
-        else:
-            out["attn_scores"] = p * a * s  # GPT-2 softmax in the compute dtype
+        out["attn_scores"] = eager_softmax_saved(spec, setup) * a * s
         if spec.model_type == "gemma2":
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
         if spec.model_type == "opt" and setup.semantics.opt_eager_clamps_scores:
@@ -121,6 +112,35 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         # mem-efficient attention pads its logsumexp to 32 queries (_meta_registrations.py)
         out["attn_lse"] = FP32 * a * -(-s // 32) * 32 // s
     return out
+
+
+def eager_softmax_upcast(spec: ModelSpec, setup: Setup) -> bool:
+    """Whether eager attention's softmax runs in fp32 and casts back: ``softmax(dtype=
+    torch.float32).to(query.dtype)`` (the Llama family, OPT, GPT-NeoX from 4.49: 5.24
+    models/llama/modeling_llama.py eager_attention_forward; models/gpt_neox/modeling_gpt_neox.py:158),
+    rather than in the compute dtype (GPT-2 ``softmax(attn_weights).type(value.dtype)``, 5.24
+    models/gpt2/modeling_gpt2.py:64-67; BioGPT; GPT-NeoX's own attention before 4.49,
+    4.42.4 :281-301). Read by every eager term: saved activations, a layer's backward working
+    set (sharding.layer_working_set) and the no-grad prefill (estimate.prefill_transient)."""
+    if spec.model_type == "gpt_neox":
+        return not setup.semantics.gpt_neox_own_attention
+    return spec.family in ("llama", "opt")
+
+
+def eager_softmax_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """Bytes per element of eager attention's softmax output: fp32 where the model upcasts,
+    and where CUDA autocast runs softmax (autocast_mode.cpp's fp32 cast list; CPU autocast
+    has no softmax entry); else the compute dtype."""
+    if eager_softmax_upcast(spec, setup) or (setup.device is Device.CUDA and setup.precision.is_autocast):
+        return FP32
+    return setup.precision.compute_bytes
+
+
+def eager_softmax_saved(spec: ModelSpec, setup: Setup) -> int:
+    """Bytes per score element that eager attention saves from its softmax: the output, and
+    where the model upcasts, the cast copy the value matmul saves (none in fp32)."""
+    p = setup.precision.compute_bytes
+    return eager_softmax_bytes(spec, setup) + (p if eager_softmax_upcast(spec, setup) and p != FP32 else 0)
 
 
 def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:

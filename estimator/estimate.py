@@ -619,8 +619,11 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     else:
         mlp = 2 * p * f * T
     a, s = spec.num_heads, setup.seq
+    # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
+    # the scores) at once, beside q and the output
+    softmax = p + acts.eager_softmax_bytes(spec, setup)
     if setup.attn.value == "eager":
-        attn = (FP32 + p) * a * s * T + 2 * p * spec.q_dim * T
+        attn = softmax * a * s * T + 2 * p * spec.q_dim * T
     elif acts.cuda_sdpa_backend(spec, setup) == "math":
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
@@ -630,17 +633,14 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196), with
         # sdpa's output beside them; with the parallel residual the attention output is alive
         # while the MLP runs (:249-263)
-        attn = ((FP32 + p) * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
+        attn = (softmax * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
             else 6 * p * spec.q_dim * T
         if acts._parallel_residual(spec):
             mlp += p * h * T
     if spec.model_type == "biogpt":
         # BioGptModel.forward keeps the learned positions' output referenced beside the word
         # embeddings (5.24 models/biogpt/modeling_biogpt.py:392-393); the MLP runs with the
-        # attention block's residual sum beside the layer input (:293); eager softmaxes in the
-        # compute dtype (:112), its input and output alive together
+        # attention block's residual sum beside the layer input (:293)
         resid += p * h * T
         mlp += p * h * T
-        if setup.attn.value == "eager":
-            attn = 2 * p * a * s * T + 2 * p * spec.q_dim * T
     return resid + max(mlp, attn)

@@ -91,7 +91,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .activations import training_activations
+from .activations import eager_softmax_bytes, training_activations
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets, quant_state_bytes
 from .setup import Attention, Mode, Quant, Setup, Sharding
@@ -611,7 +611,7 @@ def _working_terms(spec: ModelSpec, key: Setup):
     mlp_grads = sum(lin.params for lin in mlp) * grad
     mlp_saved = training_activations(spec, key).per_layer.get("mlp", 0)
     if key.attn is Attention.EAGER:
-        probs = FP32 if spec.family in ("llama", "opt") else p  # softmax(dtype=float32) in those
+        probs = eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
         return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, 2 * probs * spec.num_heads
     return down, mlp_grads, 2 * f * p * experts, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
 
