@@ -23,7 +23,7 @@ from profiler.record import append_record
 WORKLOAD = dict(precision="fp32", batch=2, seq=256, optimizer="none", loss="logits-sum", loop="held",
                 use_cache=True, device="cpu")
 #: (model, attention[, setup overrides]) per family. GPT-NeoX also in bf16: before 4.45 its fp32
-#: rotary tables promote a 16-bit model's q and k (Semantics.gpt_neox_fp32_rotary). BioGPT's
+#: rotary tables promote a 16-bit model's q and k (estimator/archs/gpt_neox.py rotary_fp32). BioGPT's
 #: sdpa class first ships in 4.45 (run it under 4.46.0, the same BioGPT code as 4.45.2).
 CASES = {"gpt2": [("gpt2", "eager"), ("gpt2", "sdpa")], "opt": [("opt-125m", "eager"), ("opt-125m", "sdpa")],
          "gpt_neox": [("pythia-70m", "eager"), ("pythia-70m", "sdpa"), ("pythia-70m", "eager", dict(precision="bf16")),
@@ -32,7 +32,7 @@ CASES = {"gpt2": [("gpt2", "eager"), ("gpt2", "sdpa")], "opt": [("opt-125m", "ea
 
 
 #: ``prefill``: generate's no-grad prefill (the last position's logits where the forward takes
-#: ``logits_to_keep``; every position's before; Semantics.prefill_full_logits, rotary_caches)
+#: ``logits_to_keep``; every position's before; the families' prefill_full_logits and rotary_tables_per_layer switches)
 PREFILL = dict(mode="inference", batch=2, seq=512, device="cpu")
 #: (model, precision, attention): OPT has no sdpa class before 4.46, so eager throughout
 PREFILL_CASES = [("smollm2-135m", "bf16", "sdpa"), ("qwen2.5-0.5b", "bf16", "sdpa"), ("gpt2", "fp32", "sdpa"),

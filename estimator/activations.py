@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .archs import MLP, QKV, Norm, Softmax, traits
 from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
 from .setup import Attention, Device, Loss, Mode, Setup
@@ -75,9 +76,9 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         out["attn_qkv"] = FP32 * 3 * q
         out["attn_scores"] = FP32 * a * s + ((1 + FP32) * a * s if dropout else 0)
         return out
-    if setup.attn is Attention.EAGER and _neox_fp32_rotary(spec, setup, p):
-        # GPT-NeoX < 4.45 with 16-bit weights: the rotated q and k are fp32 (Semantics.
-        # gpt_neox_fp32_rotary), so baddbmm saves them in fp32 and scores in fp32, the softmax
+    if setup.attn is Attention.EAGER and _rotary_fp32(spec, setup, p):
+        # GPT-NeoX < 4.45 with 16-bit weights: the rotated q and k are fp32 (the rotary_fp32
+        # trait), so baddbmm saves them in fp32 and scores in fp32, the softmax
         # keeps its fp32 output and ``.to(value.dtype)`` (4.42.4 modeling_gpt_neox.py:301) the
         # copy the value matmul saves with its copy of v
         out["attn_qkv"] = (2 * FP32 + p) * q
@@ -87,10 +88,11 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q
         out["attn_scores"] = eager_softmax_saved(spec, setup) * a * s
-        if spec.model_type == "gemma2":
+        tr = traits(spec, setup)
+        if tr.attn_softcap:
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
-        if spec.model_type == "opt" and setup.semantics.opt_eager_clamps_scores:
-            out["attn_clamp"] = p * a * s  # torch.max keeps the masked scores (transformers < 4.49)
+        if tr.eager_clamps_scores:
+            out["attn_clamp"] = p * a * s  # torch.max keeps the masked scores
         if dropout:
             out["attn_dropout"] = (dropout_mask_bytes(setup, p) + p) * a * s
         return out
@@ -99,7 +101,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
     out["attn_qkv"] = p * (q + 2 * (q if _kv_repeated(spec, setup) else kvd))
-    if _fused_qkv(spec) and not dynamic_cache(spec, setup):
+    if _fused_qkv(spec, setup) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
         # attention runs on the cache's copy of v instead)
@@ -122,9 +124,7 @@ def eager_softmax_upcast(spec: ModelSpec, setup: Setup) -> bool:
     models/gpt2/modeling_gpt2.py:64-67; BioGPT; GPT-NeoX's own attention before 4.49,
     4.42.4 :281-301). Read by every eager term: saved activations, a layer's backward working
     set (sharding.layer_working_set) and the no-grad prefill (estimate.prefill_transient)."""
-    if spec.model_type == "gpt_neox":
-        return not setup.semantics.gpt_neox_own_attention
-    return spec.family in ("llama", "opt")
+    return traits(spec, setup).eager_softmax is Softmax.UPCAST
 
 
 def eager_softmax_bytes(spec: ModelSpec, setup: Setup) -> int:
@@ -190,9 +190,9 @@ def _sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:
     return "math" if cuda_sdpa_backend(spec, setup) == "math" else "fused"
 
 
-def qkv_views(spec: ModelSpec) -> bool:
+def qkv_views(spec: ModelSpec, setup: Setup) -> bool:
     """q, k and v are views of one projection without RoPE (GPT-2's c_attn)."""
-    return any(lin.name == "c_attn" for lin in layer_linears(spec))
+    return traits(spec, setup).qkv is QKV.FUSED_VIEWS
 
 
 def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
@@ -202,14 +202,14 @@ def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
     ``return self.keys, self.values``). Where q, k and v are views of one projection
     without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
     output alive, and saves the cache's copies of k and v beside it."""
-    return dynamic_cache(spec, setup) and not setup.grad_ckpt and qkv_views(spec) \
+    return dynamic_cache(spec, setup) and not setup.grad_ckpt and qkv_views(spec, setup) \
         and _sdpa_kernel(spec, setup) == "fused"
 
 
 def dynamic_cache(spec: ModelSpec, setup: Setup) -> bool:
     """A forward with ``use_cache`` whose cache copies the keys and values (``DynamicCache``);
-    transformers' older tuple caches hold attention's own tensors (Semantics.tuple_cache)."""
-    return setup.use_cache and not setup.semantics.tuple_cache(spec.model_type)
+    transformers' older tuple caches hold attention's own tensors (traits tuple_cache, estimator/archs)."""
+    return setup.use_cache and not traits(spec, setup).tuple_cache
 
 
 def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
@@ -219,9 +219,10 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
     b = 1, _batch_one), so the
     matmuls save copies and the cache alone keeps c_attn's output; kernels that save their
     inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
-    if spec.model_type == "gpt2" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1:
+    tr, kernel = traits(spec, setup), _sdpa_kernel(spec, setup)
+    if tr.qkv is QKV.FUSED_VIEWS and kernel in ("eager", "math") and setup.batch > 1:
         return tuple_cache_bytes(spec, setup)
-    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) in ("eager", "math") and setup.batch > 1 \
+    if tr.qkv is QKV.FUSED_ROTATED and kernel in ("eager", "math") and setup.batch > 1 \
             and tuple_cache_bytes(spec, setup):
         # GPT-NeoX's cached value is a view of query_key_value's output (4.42.4
         # models/gpt_neox/modeling_gpt_neox.py:234, 257), which eager's matmul copies for b > 1
@@ -229,15 +230,14 @@ def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
         # rotated tensor attention saves
         return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
     p = setup.precision.compute_bytes
-    if spec.model_type in ("opt", "biogpt") and _sdpa_kernel(spec, setup) == "math" and tuple_cache_bytes(spec, setup):
+    if tr.qkv is QKV.SEPARATE and kernel == "math" and tuple_cache_bytes(spec, setup):
         # sdpa's math kernel (BioGPT's attention dropout on CPU) saves a scaled copy of k, and
         # fp32 copies of k and v for a 16-bit dtype it upcasts (attention.cpp
         # _scaled_dot_product_attention_math): the tuple cache's own key (and value) are beside
         # them (4.46.0 models/biogpt/modeling_biogpt.py:319 ``past_key_value = (key_states, value_states)``)
         copies = 1 if p == FP32 else 2
         return spec.num_layers * copies * spec.kv_dim * setup.batch * setup.seq * p
-    if spec.model_type == "gpt_neox" and _sdpa_kernel(spec, setup) != "eager" and _neox_fp32_rotary(spec, setup, p) \
-            and tuple_cache_bytes(spec, setup):
+    if kernel != "eager" and _rotary_fp32(spec, setup, p) and tuple_cache_bytes(spec, setup):
         # sdpa gets query and key cast back to the value's dtype (4.42.4
         # modeling_gpt_neox.py:552-554); the cache keeps the fp32 key (:257)
         return spec.num_layers * FP32 * spec.kv_dim * setup.batch * setup.seq
@@ -248,12 +248,13 @@ def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
     """What an old tuple cache holds once backward has freed the saved tensors: GPT-2's
     key and value are views of the fused c_attn output, which they keep whole (3 h per
     token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
-    if not (setup.use_cache and setup.semantics.tuple_cache(spec.model_type)) or setup.grad_ckpt:
+    tr = traits(spec, setup)
+    if not (setup.use_cache and tr.tuple_cache) or setup.grad_ckpt:
         return 0
     p = setup.precision.compute_bytes
-    per_token = p * (3 * spec.q_dim if qkv_views(spec) else 2 * spec.kv_dim)
-    if spec.model_type == "gpt_neox":  # the rotated key, and the whole query_key_value output its value views
-        per_token = (FP32 if _neox_fp32_rotary(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
+    per_token = p * (3 * spec.q_dim if tr.qkv is QKV.FUSED_VIEWS else 2 * spec.kv_dim)
+    if tr.qkv is QKV.FUSED_ROTATED:  # the rotated key, and the whole fused output its value views
+        per_token = (FP32 if _rotary_fp32(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
     return spec.num_layers * per_token * setup.batch * setup.seq
 
 
@@ -274,13 +275,12 @@ def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
     return ((not k_kept) + (not v_kept)) / 2
 
 
-def _fused_qkv(spec: ModelSpec) -> bool:
+def _fused_qkv(spec: ModelSpec, setup: Setup) -> bool:
     """q, k and v are slices of one rotated projection (Phi-3's qkv_proj; GPT-NeoX's
     query_key_value, whose q and k are rotated into new tensors by ``torch.cat`` while v
     stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196;
     4.42.4 :234, 248-249)."""
-    return any(lin.name in ("qkv_proj", "query_key_value") for lin in layer_linears(spec)) \
-        and not spec.learned_positions
+    return traits(spec, setup).qkv is QKV.FUSED_ROTATED
 
 
 def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
@@ -295,9 +295,8 @@ def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
         return True
     # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
     # (GPT-2's own attention classes before 4.48 pass c_attn's views as they are)
-    contiguous = setup.semantics.sdpa_inputs_contiguous and not (
-        spec.model_type == "gpt2" and setup.semantics.gpt2_own_attention)
-    like_query_copies = _fused_qkv(spec) or contiguous
+    contiguous = setup.semantics.sdpa_inputs_contiguous and not traits(spec, setup).sdpa_gets_views
+    like_query_copies = _fused_qkv(spec, setup) or contiguous
     if setup.device is Device.CPU:
         return spec.attn_dropout > 0 or like_query_copies
     backend = cuda_sdpa_backend(spec, setup)
@@ -305,11 +304,9 @@ def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
 
 
 def _input_linears(spec: ModelSpec) -> int:
-    """How many linears read each normed input (autocast casts the input once per linear)."""
-    names = {lin.name for lin in layer_linears(spec)}
-    attention = 3 if "q_proj" in names and spec.model_type != "gpt2" else 1
-    mlp = 2 if "gate_proj" in names else 1
-    return attention + mlp
+    """How many linears read each normed input (autocast casts the input once per linear):
+    every linear of a block but its output projection, fused MoE experts aside."""
+    return sum(1 for lin in layer_linears(spec) if shares_block_input(spec, lin) and not lin.fused_experts)
 
 
 def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
@@ -332,18 +329,18 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
     the whole projection output (q and k too) instead of a copy of v, and eager attention
     with a KV cache keeps it beside the cache's copies of k and v."""
     math_on_cpu = setup.attn is Attention.SDPA and setup.device is Device.CPU and spec.attn_dropout > 0
-    if setup.attn is Attention.EAGER and spec.model_type == "gpt_neox" and not dynamic_cache(spec, setup):
+    if setup.attn is Attention.EAGER and traits(spec, setup).eager_value_view_b1 and not dynamic_cache(spec, setup):
         # GPT-NeoX's value is a view of query_key_value's output; eager's matmul reshapes it to
         # (b * heads, s, d), a view only for b = 1, so it saves the whole output rather than a
         # copy of v (5.24 models/gpt_neox/modeling_gpt_neox.py:161; 4.42.4 :309)
         extra = setup.precision.compute_bytes * 2 * spec.q_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
-    if setup.attn is Attention.EAGER and qkv_views(spec) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
+    if setup.attn is Attention.EAGER and qkv_views(spec, setup) and dynamic_cache(spec, setup) and not setup.grad_ckpt:
         # eager's matmul reshapes q (b, heads, s, d) to (b * heads, s, d): a view only for b = 1,
         # which keeps the projection output alive beside the cache's copies of k and v
         extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
-    fused_views = qkv_views(spec) and not dynamic_cache(spec, setup)  # a cache hands attention copies
+    fused_views = qkv_views(spec, setup) and not dynamic_cache(spec, setup)  # a cache hands attention copies
     if not (math_on_cpu and fused_views):
         return one
     extra = FP32 * 2 * spec.q_dim * setup.seq
@@ -356,12 +353,13 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     h, f = spec.hidden_size, spec.intermediate_size
     trainable_base = setup.mode is Mode.FULL
     terms: dict[str, int] = {}
+    tr = traits(spec, setup)
     norms_before_linear = 2  # attention input and MLP input
-    if spec.norm == "rmsnorm":
+    if tr.norm is not Norm.LAYER:
         # LlamaRMSNorm: x.to(fp32) (a copy unless already fp32), pow/mul save it; rsqrt
         # saves a fp32 scalar per token; `weight * x.to(dtype)` saves x.to(dtype) when the
         # weight is trainable (Gemma's (1 + weight) form keeps it fp32).
-        normed = (FP32 if spec.model_type in ("gemma", "gemma2") else resid) * h if trainable_base else 0
+        normed = (FP32 if tr.norm is Norm.RMS_ONE_PLUS else resid) * h if trainable_base else 0
         per_norm = FP32 * h + FP32 + normed
     else:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
@@ -376,20 +374,19 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     if trainable_base and _attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
-    if spec.gated_mlp:
+    if tr.mlp in (MLP.GATED, MLP.GATED_FUSED):
         # act(gate) saves gate; mul saves act(gate) and up; down_proj saves the product
         terms["mlp"] = mlp_tokens * p * f * (4 if trainable_base else 3)
-    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new" and setup.device is Device.CUDA \
-            and setup.precision.is_autocast:
+    elif tr.mlp is MLP.NEW_GELU and setup.device is Device.CUDA and setup.precision.is_autocast:
         # NewGELUActivation under CUDA autocast: pow runs on an fp32 copy of x, which it
         # saves, so tanh(.) and 1+tanh(.) are fp32 too; 0.5*x stays half; c_proj saves a half
         # cast of the fp32 product
         terms["mlp"] = 3 * FP32 * f + HALF * f + (HALF * f if trainable_base else 0)
-    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new":
+    elif tr.mlp is MLP.NEW_GELU:
         # NewGELUActivation is a Python formula: saves x, tanh(.), 0.5*x and 1+tanh(.);
         # c_proj saves the product
         terms["mlp"] = p * f * (5 if trainable_base else 4)
-    elif spec.hidden_act == "gelu":
+    elif tr.mlp is MLP.GELU:
         # GELUActivation is F.gelu (activations.py), which saves its input; the output
         # projection (GPT-NeoX dense_4h_to_h, BioGPT fc2) saves the activation's output
         # (5.24 models/gpt_neox/modeling_gpt_neox.py:46-48; models/biogpt/modeling_biogpt.py:298-301)
@@ -412,12 +409,12 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     # autograd saves only for inputs that need one: the embedding dropout keeps no mask and
     # the first layer's first norm, which reads that output (pre-LN), saves nothing
     frozen_input = setup.mode in (Mode.LORA, Mode.QLORA) and not setup.grad_ckpt
-    if frozen_input and _parallel_residual(spec) and not any(
+    if frozen_input and tr.parallel_residual and not any(
             lin.group == "mlp" for lin in lora_targets(spec, setup.lora_targets)):
         # GPT-NeoX's parallel residual: the first layer's MLP reads it too, and the adapters'
         # output joins only at the first attention
         outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
-    elif frozen_input and _first_norm_reads_layer_input(spec):
+    elif frozen_input and tr.pre_norm:
         outside["first_layer_frozen"] = -per_norm * T
         targets = {lin.name for lin in lora_targets(spec, setup.lora_targets)}
         if "k_proj" in {lin.name for lin in layer_linears(spec)} and "k_proj" not in targets \
@@ -450,28 +447,15 @@ def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
     and post_attention_layernorm both read the layer input (5.24
     models/gpt_neox/modeling_gpt_neox.py:250, 261; 4.42.4 :754, 769), saved once."""
     out = spec.norms_per_layer * per_norm
-    if _parallel_residual(spec):
+    if traits(spec, setup).parallel_residual:
         out -= (spec.norms_per_layer - 1) * _dtypes(setup)[1] * spec.hidden_size
     return out
 
 
-def _neox_fp32_rotary(spec: ModelSpec, setup: Setup, p: int) -> bool:
-    """GPT-NeoX's query and key leave the rotary embedding in fp32 (transformers < 4.45,
-    Semantics.gpt_neox_fp32_rotary) when the weights are 16-bit."""
-    return spec.model_type == "gpt_neox" and p != FP32 and setup.semantics.gpt_neox_fp32_rotary
-
-
-def _first_norm_reads_layer_input(spec: ModelSpec) -> bool:
-    """Pre-LN decoders: the layer's first norm reads its input (input_layernorm, ln_1,
-    self_attn_layer_norm); OPT with ``do_layer_norm_before=False`` (opt-350m) norms after
-    the residual add instead."""
-    return not (spec.model_type == "opt" and not spec.config.get("do_layer_norm_before", True))
-
-
-def _parallel_residual(spec: ModelSpec) -> bool:
-    """GPT-NeoX with ``use_parallel_residual`` (GPTNeoXConfig default True): attention and
-    MLP both read the layer input, x + attn(ln1(x)) + mlp(ln2(x))."""
-    return spec.model_type == "gpt_neox" and bool(spec.config.get("use_parallel_residual", True))
+def _rotary_fp32(spec: ModelSpec, setup: Setup, p: int) -> bool:
+    """The query and key leave the rotary embedding in fp32 (GPT-NeoX < 4.45, traits
+    ``rotary_fp32``) when the weights are 16-bit."""
+    return p != FP32 and traits(spec, setup).rotary_fp32
 
 
 def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
@@ -482,8 +466,7 @@ def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     if lin.group == "attention":
         return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes) \
             and not _attention_output_copied(spec, setup)
-    return not spec.gated_mlp and not (spec.model_type == "gpt2" and spec.hidden_act == "gelu_new") \
-        and spec.hidden_act != "gelu"
+    return traits(spec, setup).mlp is MLP.RELU
 
 
 def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
@@ -559,7 +542,7 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
         S = setup.batch * (setup.seq - 1)
         # for one sequence the slice [:, :-1, :] is contiguous already: ``contiguous()`` copies nothing
         shifted = 2 if setup.batch > 1 else 1
-        if setup.semantics.loss_in_compute_dtype(spec.model_type):
+        if traits(spec, setup).loss_in_compute_dtype:
             # the model's own CrossEntropyLoss on the shifted logits as they are, no fp32 upcast
             # (GPT-NeoX 4.42.4 modeling_gpt_neox.py:1118-1121; BioGPT 4.46.0 modeling_biogpt.py:787-790)
             return {"forward": (p + softcap) * T * V + shifted * p * S * V,

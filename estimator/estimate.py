@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from . import activations as acts
+from .archs import MLP, arch_of, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
 from .modelspec import ModelSpec
@@ -161,26 +162,10 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
 
 
 def _buffer_bytes(spec: ModelSpec, key: Setup) -> int:
-    """Non-parameter buffers that take memory: GPT-2's per-layer causal mask (bool, n_positions
-    squared) and masked_bias scalar before transformers 4.51 (Semantics.gpt2_mask_buffers);
-    the per-layer rotary cos/sin caches of older Qwen2 and Mixtral (Semantics.rotary_caches:
-    two (max_position_embeddings, head_dim) tensors in the dtype the model is built in)."""
-    if spec.model_type == "gpt2" and key.semantics.gpt2_mask_buffers:
-        return spec.num_layers * (spec.max_positions ** 2 + key.precision.param_bytes)
-    if key.semantics.rotary_caches(spec.model_type):
-        return spec.num_layers * 2 * spec.max_positions * spec.head_dim * key.precision.param_bytes
-    if spec.model_type == "gpt_neox" and key.semantics.gpt_neox_own_attention:
-        # each GPTNeoXAttention before 4.49 (Semantics.gpt_neox_own_attention): the bool causal
-        # mask, masked_bias (made in the default dtype, which from_pretrained/from_config set to
-        # the weights' dtype) and the rotary inv_freq (fp32, ``.float()``), before 4.45 with
-        # fp32 cos/sin tables of (max_positions, rotary dims) each (4.42.4
-        # models/gpt_neox/modeling_gpt_neox.py:113-131, 589-613)
-        rotary = int(spec.head_dim * float(spec.config.get("rotary_pct", 0.25)))
-        per_layer = spec.max_positions ** 2 + key.precision.param_bytes + FP32 * (rotary // 2)
-        if key.semantics.tuple_cache("gpt_neox"):  # < 4.45, the release that moved rotary out
-            per_layer += 2 * FP32 * spec.max_positions * rotary
-        return spec.num_layers * per_layer
-    return 0
+    """Non-parameter buffers that take memory (the family's hook, estimator/archs: GPT-2's
+    per-layer causal mask before 4.51, older Qwen2's and Mixtral's per-layer rotary tables,
+    GPT-NeoX's own attention's buffers before 4.49)."""
+    return arch_of(spec).buffer_bytes(spec, traits(spec, key), key.precision.param_bytes)
 
 
 def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
@@ -229,7 +214,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
                          f"{spec.max_positions} positions (max_position_embeddings)")
     count = count_params(spec)
-    group = _group(spec.family, setup.attn, setup.precision)
+    group = _group(traits(spec, setup).family, setup.attn, setup.precision)
     cuda = setup.device is Device.CUDA
     # one cuBLAS workspace per handle and stream (CublasHandlePool.cpp), handles per thread:
     # training adds autograd's CUDA device thread (torch/csrc/autograd/engine.cpp), whose
@@ -434,17 +419,18 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
     logits = setup.batch * spec.vocab_size * setup.precision.compute_bytes  # logits_to_keep=1
     kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
     prompt_kv = kv_cache_bytes(spec, setup, setup.seq)
-    if setup.semantics.tuple_cache(spec.model_type) and acts.qkv_views(spec):
+    if traits(spec, setup).tuple_cache and acts.qkv_views(spec, setup):
         # an old tuple cache holds GPT-2's key and value as views of c_attn's output, which
         # they keep whole after the prefill (3 h per token, activations.tuple_cache_bytes)
         prompt_kv = prompt_kv * 3 * spec.q_dim // (2 * spec.kv_dim)
     prefill = [phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
                      activations=int(k * prefill_transient(spec, setup)), logits=logits,
                      temporaries=st.workspace + constant)]
-    full, fp32_copy = setup.semantics.prefill_full_logits(spec.family)
+    tr = traits(spec, setup)
+    full, fp32_copy = tr.prefill_full_logits, tr.prefill_logits_fp32
     if full:
         # older releases compute every position's logits (the Llama family then copies them
-        # to fp32, Semantics.prefill_full_logits): at that moment the final hidden states
+        # to fp32, traits prefill_full_logits): at that moment the final hidden states
         # (the model's output) are alive and the layers' transients are gone
         T, p = setup.batch * setup.seq, setup.precision.compute_bytes
         prefill.append(phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
@@ -610,14 +596,8 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     p = setup.precision.compute_bytes
     h, f = spec.hidden_size, spec.intermediate_size
     resid = 3 * p * h * T
-    if any(lin.name == "gate_up_proj" and not lin.fused_experts for lin in layer_linears(spec)):
-        mlp = 4 * p * f * T
-    elif spec.gated_mlp:
-        mlp = 3 * p * f * T
-    elif spec.model_type == "gpt2" and spec.hidden_act == "gelu_new":
-        mlp = 4 * p * f * T
-    else:
-        mlp = 2 * p * f * T
+    tr = traits(spec, setup)
+    mlp = {MLP.GATED_FUSED: 4, MLP.GATED: 3, MLP.NEW_GELU: 4}.get(tr.mlp, 2) * p * f * T
     a, s = spec.num_heads, setup.seq
     # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
     # the scores) at once, beside q and the output
@@ -628,19 +608,6 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
-    if spec.model_type == "gpt_neox" and acts.cuda_sdpa_backend(spec, setup) != "math":
-        # GPT-NeoX: query_key_value's whole output (3 h) stays alive beside the rotated q and
-        # k (v is a view of it: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196), with
-        # sdpa's output beside them; with the parallel residual the attention output is alive
-        # while the MLP runs (:249-263)
-        attn = (softmax * a * s + 5 * p * spec.q_dim) * T if setup.attn.value == "eager" \
-            else 6 * p * spec.q_dim * T
-        if acts._parallel_residual(spec):
-            mlp += p * h * T
-    if spec.model_type == "biogpt":
-        # BioGptModel.forward keeps the learned positions' output referenced beside the word
-        # embeddings (5.24 models/biogpt/modeling_biogpt.py:392-393); the MLP runs with the
-        # attention block's residual sum beside the layer input (:293)
-        resid += p * h * T
-        mlp += p * h * T
+    resid, mlp, attn = arch_of(spec).prefill_quirk(spec, setup, tr, resid, mlp, attn, softmax,
+                                                   acts.cuda_sdpa_backend(spec, setup) == "math")
     return resid + max(mlp, attn)

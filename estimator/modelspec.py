@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .configcheck import (
-    MAX_EXPERTS,
-    MAX_HEAD_DIM,
-    MAX_HEADS,
-    MAX_HIDDEN,
-    MAX_INTERMEDIATE,
-    MAX_LAYERS,
-    MAX_POSITIONS,
-    MAX_VOCAB,
     ConfigError,
     Fields,
     check_model_type,
-    check_shapes,
     check_values,
     parse_config_bytes,
     strip_code_keys,
@@ -37,21 +28,6 @@ from .configcheck import (
 )
 
 MODELS_DIR = Path(__file__).parent / "data" / "models"
-
-#: Llama-style decoders: RMSNorm, rotary positions, gated (SwiGLU/GeGLU) MLP, GQA.
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")
-#: Families with a closed-form parameter and activation formula here.
-FAMILIES = LLAMA_LIKE + ("gpt2", "opt", "gpt_neox", "biogpt")
-
-#: ``tie_word_embeddings`` default of each configuration class when a config.json omits it
-#: (LlamaConfig/MistralConfig/MixtralConfig/Qwen2Config/Phi3Config pass False;
-#: GemmaConfig/Gemma2Config pass True; GPT2Config and OPTConfig keep PretrainedConfig's True;
-#: GPTNeoXConfig declares False, BioGptConfig True: configuration_gpt_neox.py:78,
-#: configuration_biogpt.py:61 in transformers 5.24).
-_TIE_DEFAULT = {"llama": False, "mistral": False, "mixtral": False, "qwen2": False,
-                "phi3": False, "gemma": True, "gemma2": True, "gpt2": True, "opt": True,
-                "gpt_neox": False, "biogpt": True}
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -98,14 +74,16 @@ class ModelSpec:
 
     @property
     def family(self) -> str:
-        """``"llama"`` for every Llama-style decoder, else the model_type; ``"other"`` if unknown."""
-        if self.model_type in LLAMA_LIKE:
-            return "llama"
-        return self.model_type if self.model_type in FAMILIES else "other"
+        """The calibration group of its architecture (estimator/archs): ``"llama"`` for every
+        Llama-style decoder, ``"other"`` for a model type outside the registry."""
+        from .archs import arch_of
+        return arch_of(self).family
 
     @property
     def has_formula(self) -> bool:
-        return self.model_type in FAMILIES
+        """Whether its model type is in the registry (estimator/archs)."""
+        from .archs import arch_of
+        return arch_of(self).exact
 
     @property
     def q_dim(self) -> int:
@@ -136,115 +114,12 @@ def spec_from_config(config: Mapping[str, Any], name: str = "custom", source: st
     check_values(config, where)
     config, ignored = strip_code_keys({k: v for k, v in config.items() if not k.startswith("_vramlab")})
     model_type = check_model_type(config, where)
+    from .archs import arch_for_type
+    arch = arch_for_type(model_type)
     f = Fields(config, where)
-    tie = f.bool("tie_word_embeddings", _TIE_DEFAULT.get(model_type, True))
-    common = dict(name=name, model_type=model_type, tie_word_embeddings=tie, source=source, config=config,
-                  ignored_keys=ignored)
-    if model_type == "gpt2":
-        h = f.int("n_embd", "hidden_size", limit=MAX_HIDDEN)
-        heads = f.int("n_head", "num_attention_heads", limit=MAX_HEADS)
-        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
-        positions = f.int("n_positions", "max_position_embeddings", limit=MAX_POSITIONS)
-        return ModelSpec(
-            hidden_size=h, num_layers=f.int("n_layer", "num_hidden_layers", limit=MAX_LAYERS),
-            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=f.int("n_inner", limit=MAX_INTERMEDIATE, default=4 * h),  # GPT2MLP: n_inner or 4*h
-            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
-            hidden_act=f.text("activation_function", default="gelu_new"),
-            norm="layernorm", norms_per_layer=2, qkv_bias=True, o_bias=True, mlp_bias=True,
-            # GPT2Config defaults: resid/embd/attn_pdrop = 0.1
-            attn_dropout=f.fraction("attn_pdrop", 0.1), resid_dropout=f.fraction("resid_pdrop", 0.1),
-            embd_dropout=f.fraction("embd_pdrop", 0.1), learned_positions=positions, **common)
-    if model_type == "opt":
-        h = f.int("hidden_size", limit=MAX_HIDDEN)
-        heads = f.int("num_attention_heads", limit=MAX_HEADS)
-        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
-        positions = f.int("max_position_embeddings", limit=MAX_POSITIONS)
-        bias = f.bool("enable_bias", True)
-        f.bool("do_layer_norm_before", True)  # read by params._final_norms
-        f.bool("_remove_final_layer_norm", False)
-        return ModelSpec(
-            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
-            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=f.int("ffn_dim", limit=MAX_INTERMEDIATE),
-            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
-            hidden_act=f.text("activation_function", default="relu"),
-            norm="layernorm", norms_per_layer=2, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
-            # OPTConfig defaults: dropout 0.1, attention_dropout 0.0
-            attn_dropout=f.fraction("attention_dropout", 0.0),
-            resid_dropout=f.fraction("dropout", 0.1), embd_dropout=f.fraction("dropout", 0.1),
-            # OPTLearnedPositionalEmbedding keeps an offset of 2 rows (modeling_opt.py)
-            learned_positions=positions + 2,
-            embed_dim=f.int("word_embed_proj_dim", limit=MAX_HIDDEN, default=h), **common)
-    if model_type == "gpt_neox":
-        # GPTNeoXConfig (transformers 5.24 configuration_gpt_neox.py:61-82): fused
-        # query_key_value, partial rotary (rotary_pct, default 0.25), parallel residual
-        # (use_parallel_residual, default True), biases on every linear (attention_bias True),
-        # hidden_dropout and attention_dropout default 0.0; the untied head is ``embed_out``
-        # (4.x) or ``lm_head`` (5.x)
-        h = f.int("hidden_size", limit=MAX_HIDDEN)
-        heads = f.int("num_attention_heads", limit=MAX_HEADS)
-        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
-        bias = f.bool("attention_bias", True)
-        f.bool("use_parallel_residual", True)  # read by activations (the two norms share their input)
-        f.fraction("rotary_pct", 0.25)
-        return ModelSpec(
-            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
-            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=f.int("intermediate_size", limit=MAX_INTERMEDIATE),
-            vocab_size=f.int("vocab_size", limit=MAX_VOCAB),
-            max_positions=f.int("max_position_embeddings", limit=MAX_POSITIONS, default=2048), gated_mlp=False,
-            hidden_act=f.text("hidden_act", default="gelu"), norm="layernorm", norms_per_layer=2,
-            qkv_bias=bias, o_bias=bias, mlp_bias=True,
-            attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("hidden_dropout", 0.0),
-            embd_dropout=f.fraction("hidden_dropout", 0.0), **common)
-    if model_type == "biogpt":
-        # BioGptConfig (5.24 configuration_biogpt.py:43-61): OPT-like pre-LN decoder with
-        # q/k/v/out_proj and fc1/fc2 (all with bias), GELU, learned positions with an offset of
-        # 2 rows (modeling_biogpt.py:57-59), word embeddings scaled by sqrt(h) (scale_embedding),
-        # hidden_dropout_prob and attention_probs_dropout_prob default 0.1, tied output_projection
-        h = f.int("hidden_size", limit=MAX_HIDDEN)
-        heads = f.int("num_attention_heads", limit=MAX_HEADS)
-        check_shapes(where, h, heads, heads, head_dim_given=False, experts=0, experts_per_token=0)
-        positions = f.int("max_position_embeddings", limit=MAX_POSITIONS, default=1024)
-        f.bool("scale_embedding", True)
-        f.fraction("activation_dropout", 0.0)
-        f.fraction("layerdrop", 0.0)
-        return ModelSpec(
-            hidden_size=h, num_layers=f.int("num_hidden_layers", limit=MAX_LAYERS),
-            num_heads=heads, num_kv_heads=heads, head_dim=h // heads,
-            intermediate_size=f.int("intermediate_size", limit=MAX_INTERMEDIATE, default=4096),
-            vocab_size=f.int("vocab_size", limit=MAX_VOCAB), max_positions=positions, gated_mlp=False,
-            hidden_act=f.text("hidden_act", default="gelu"), norm="layernorm", norms_per_layer=2,
-            qkv_bias=True, o_bias=True, mlp_bias=True,
-            attn_dropout=f.fraction("attention_probs_dropout_prob", 0.1),
-            resid_dropout=f.fraction("hidden_dropout_prob", 0.1), embd_dropout=f.fraction("hidden_dropout_prob", 0.1),
-            learned_positions=positions + 2, **common)
-    # Llama-style decoders and the fallback for anything else with the common names.
-    h = f.int("hidden_size", "n_embd", "d_model", limit=MAX_HIDDEN)
-    heads = f.int("num_attention_heads", "n_head", limit=MAX_HEADS)
-    kv = f.int("num_key_value_heads", limit=MAX_HEADS, default=heads)  # LlamaConfig: None -> heads
-    head_dim = f.int("head_dim", limit=MAX_HEAD_DIM, default=0)
-    experts = f.int("num_local_experts", limit=MAX_EXPERTS, default=0)
-    per_token = f.int("num_experts_per_tok", limit=MAX_EXPERTS, default=0)
-    check_shapes(where, h, heads, kv, head_dim_given=bool(head_dim), experts=experts, experts_per_token=per_token)
-    attention_bias = f.bool("attention_bias", False)
-    softcap = f.number("final_logit_softcapping")
-    return ModelSpec(
-        hidden_size=h, num_layers=f.int("num_hidden_layers", "n_layer", limit=MAX_LAYERS),
-        num_heads=heads, num_kv_heads=kv, head_dim=head_dim or h // heads,
-        intermediate_size=f.int("intermediate_size", "ffn_dim", "n_inner", limit=MAX_INTERMEDIATE),
-        vocab_size=f.int("vocab_size", limit=MAX_VOCAB),
-        max_positions=f.int("max_position_embeddings", "n_positions", limit=MAX_POSITIONS, default=0),
-        gated_mlp=True, hidden_act=f.text("hidden_act", "hidden_activation", default="silu"), norm="rmsnorm",
-        # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms
-        norms_per_layer=4 if model_type == "gemma2" else 2,
-        # Qwen2Attention: q/k/v with bias, o_proj without (modeling_qwen2.py)
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=attention_bias if model_type != "qwen2" else False,
-        mlp_bias=f.bool("mlp_bias", False), num_experts=experts, experts_per_token=per_token,
-        attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("resid_pdrop", 0.0),
-        embd_dropout=f.fraction("embd_pdrop", 0.0), logit_softcap=bool(softcap), **common)
+    tie = f.bool("tie_word_embeddings", arch.tie_default)
+    return ModelSpec(name=name, model_type=model_type, tie_word_embeddings=tie, source=source, config=config,
+                     ignored_keys=ignored, **arch.read(f, model_type))
 
 
 def registry_names() -> list[str]:

@@ -92,6 +92,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .activations import eager_softmax_bytes, training_activations
+from .archs import inventory_of
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets, quant_state_bytes
 from .setup import Attention, Mode, Quant, Setup, Sharding
@@ -502,37 +503,11 @@ def _shard_elems(shapes, n: int) -> int:
 def _dim0_shapes(spec: ModelSpec):
     """(rows, columns) of every parameter tensor: the root group's and one decoder layer's,
     in transformers' layouts (nn.Linear (out, in); GPT-2's Conv1D (in, out); fused MoE
-    experts (E, ...)). ``None`` when they do not add up to the parameter count."""
+    experts (E, ...)), from the family's inventory (estimator/archs). ``None`` for a model
+    type without a formula."""
     if not spec.has_formula:
         return None
-    h = spec.hidden_size
-    e = spec.embed_dim or h
-    norm = [(h, 1)] * (1 if spec.norm == "rmsnorm" else 2)
-    layer = []
-    for lin in layer_linears(spec):
-        if lin.copies > 1:
-            layer.append((lin.copies, lin.in_features * lin.out_features))
-        elif spec.model_type == "gpt2":
-            layer.append((lin.in_features, lin.out_features))
-        else:
-            layer.append((lin.out_features, lin.in_features))
-        if lin.bias:
-            layer.append((lin.copies, lin.out_features) if lin.copies > 1 else (lin.out_features, 1))
-    layer += norm * spec.norms_per_layer
-    root = [(spec.vocab_size, e)]
-    if spec.learned_positions:
-        root.append((spec.learned_positions, h))
-    if e != h:
-        root += [(h, e), (e, h)]  # OPT project_out / project_in
-    total = count_params(spec).total
-    final = total - spec.num_layers * sum(r * c for r, c in layer) - sum(r * c for r, c in root) \
-        - (0 if spec.tie_word_embeddings else spec.vocab_size * e)
-    if final < 0 or final % h:
-        return None
-    root += [(h, 1)] * (final // h)
-    if not spec.tie_word_embeddings:
-        root.append((spec.vocab_size, e))
-    return tuple(root), tuple(layer)
+    return inventory_of(spec).dim0_shapes()
 
 
 def _lora_shapes(spec: ModelSpec, key: Setup, adapters: int):
@@ -552,8 +527,7 @@ def _lora_shapes(spec: ModelSpec, key: Setup, adapters: int):
 
 def _layer_elems(spec: ModelSpec) -> int:
     """Parameters of one decoder layer: its matrices and its norms."""
-    norm = spec.hidden_size * (1 if spec.norm == "rmsnorm" else 2)
-    return sum(lin.params for lin in layer_linears(spec)) + spec.norms_per_layer * norm
+    return inventory_of(spec).layer_elems
 
 
 def _root_group(spec: ModelSpec, key: Setup):

@@ -259,16 +259,16 @@ def test_fallback_gets_the_same_limits(tmp_path):
 def test_fallback_build_has_a_time_limit(tmp_path, monkeypatch):
     import transformers
 
-    import estimator.params as params
+    import estimator.archs.meta as meta
 
     def slow_for_model(*args, **kwargs):
         time.sleep(5)  # stands for a config whose build takes too long
-    monkeypatch.setattr(params, "META_BUILD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(meta, "META_BUILD_TIMEOUT_S", 0.2)
     monkeypatch.setattr(transformers.AutoConfig, "for_model", slow_for_model)
     spec = load_model(_write(tmp_path, TINY_STABLELM))
     start = time.perf_counter()
     with pytest.raises(ConfigError, match=r"building model_type 'stablelm' of .* on the meta device took over 0 s"):
-        params.build_meta_model(spec)
+        meta.build_meta_model(spec)
     assert time.perf_counter() - start < 2.0  # stopped at the limit, not after the 5 s
 
 

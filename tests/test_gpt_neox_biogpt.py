@@ -13,6 +13,7 @@ from estimator.estimate import estimate
 from estimator.modelspec import MODELS_DIR, load_model
 from estimator.params import count_params, default_lora_targets
 from estimator.setup import Setup
+from estimator.archs import Softmax, traits
 from estimator.versions import Semantics
 from profiler.measure.run import run_case
 
@@ -54,10 +55,11 @@ def _sem(transformers: str) -> Semantics:
 def test_switches_at_the_releases_read_from_the_wheels(transformers, own, fp32_rotary, neox_tuples,
                                                          biogpt_tuples, neox_loss, biogpt_loss):
     s = _sem(transformers)
-    assert (s.gpt_neox_own_attention, s.gpt_neox_fp32_rotary) == (own, fp32_rotary)
-    assert (s.tuple_cache("gpt_neox"), s.tuple_cache("biogpt")) == (neox_tuples, biogpt_tuples)
-    assert (s.loss_in_compute_dtype("gpt_neox"), s.loss_in_compute_dtype("biogpt")) == (neox_loss, biogpt_loss)
-    assert not s.loss_in_compute_dtype("llama")
+    neox, biogpt, llama = (traits(load_model(m), s) for m in ("pythia-70m", "biogpt", "tinyllama-1.1b"))
+    assert (neox.eager_softmax is Softmax.COMPUTE, neox.causal_mask_buffers, neox.rotary_fp32) == (own, own, fp32_rotary)
+    assert (neox.tuple_cache, biogpt.tuple_cache) == (neox_tuples, biogpt_tuples)
+    assert (neox.loss_in_compute_dtype, biogpt.loss_in_compute_dtype) == (neox_loss, biogpt_loss)
+    assert not llama.loss_in_compute_dtype
 
 
 def test_specs_follow_the_hub_configs():

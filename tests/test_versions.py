@@ -11,6 +11,7 @@ import pytest
 from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.setup import Setup
+from estimator.archs import traits
 from estimator.versions import Semantics, parse_overrides, parse_version
 from profiler.record import read_records
 
@@ -125,9 +126,10 @@ def test_mixtral_qlora_experts_are_quantized_before_transformers_5_and_not_after
 ])
 def test_training_caches_were_tuples_of_attention_tensors(transformers, opt, gpt2):
     # read in the wheels: OPT's tuple cache through 4.48.3, DynamicCache from 4.49.0;
-    # GPT-2's tuples through 4.50.0 (estimator/versions.py Semantics.tuple_cache)
+    # GPT-2's tuples through 4.50.0 (the families' tuple_cache switches, estimator/archs)
     s = _sem(transformers=transformers, torch="2.4")
-    assert (s.tuple_cache("opt"), s.tuple_cache("gpt2"), s.tuple_cache("llama")) == (opt, gpt2, False)
+    assert tuple(traits(load_model(m), s).tuple_cache for m in ("opt-125m", "gpt2", "tinyllama-1.1b")) \
+        == (opt, gpt2, False)
 
 
 def test_a_held_tuple_cache_keeps_gpt2s_whole_qkv_projection():
@@ -151,11 +153,13 @@ def test_old_version_records_cover_the_published_benchmarks_versions():
     assert {"transformers-4.42.4", "transformers-4.46.0", "transformers-4.48.3"} <= prefill
 
 
-@pytest.mark.parametrize("family,transformers,full,fp32_copy", [
-    ("llama", "4.44.2", True, True), ("llama", "4.45.0", False, False), ("gpt2", "4.52.1", True, False),
-    ("gpt2", "4.53.0", False, False), ("opt", "4.57.0", True, False), ("opt", "5.0.0", False, False)])
-def test_prefill_logits_switch_where_the_forward_takes_logits_to_keep(family, transformers, full, fp32_copy):
-    assert _sem(transformers=transformers).prefill_full_logits(family) == (full, fp32_copy)
+@pytest.mark.parametrize("model,transformers,full,fp32_copy", [
+    ("tinyllama-1.1b", "4.44.2", True, True), ("tinyllama-1.1b", "4.45.0", False, False),
+    ("gpt2", "4.52.1", True, False), ("gpt2", "4.53.0", False, False), ("opt-125m", "4.57.0", True, False),
+    ("opt-125m", "5.0.0", False, False)])
+def test_prefill_logits_switch_where_the_forward_takes_logits_to_keep(model, transformers, full, fp32_copy):
+    tr = traits(load_model(model), _sem(transformers=transformers))
+    assert (tr.prefill_full_logits, tr.prefill_logits_fp32) == (full, fp32_copy)
 
 
 def test_full_prefill_logits_move_the_estimate_by_their_bytes():
@@ -165,7 +169,9 @@ def test_full_prefill_logits_move_the_estimate_by_their_bytes():
     new = estimate(spec, setup.replace(versions="transformers=4.45.0")).total_bytes
     logits = 2 * 512 * spec.vocab_size * (2 + 4)  # bf16 logits and their fp32 copy
     assert abs((old - new) - logits) <= 0.05 * logits  # the hidden state there, the layer's transient before
-    assert _sem(transformers="4.44.2").rotary_caches("qwen2") and not _sem(transformers="4.45.0").rotary_caches("qwen2")
+    qwen2 = load_model("qwen2.5-0.5b")
+    assert traits(qwen2, _sem(transformers="4.44.2")).rotary_tables_per_layer
+    assert not traits(qwen2, _sem(transformers="4.45.0")).rotary_tables_per_layer
 
 
 @pytest.mark.parametrize("torch_version,impl", [("1.13.1", "for-loop"), ("2.0.0", "foreach"), ("2.13.0", "foreach")])

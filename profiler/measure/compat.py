@@ -27,8 +27,8 @@ def keep_last_logits(model=None) -> dict:
     """The forward keyword that computes only the last position's logits, passed as
     ``generate`` passes it: only to a model whose forward takes it (4.49.0
     generation/utils.py ``_supports_logits_to_keep``: ``inspect.signature(self.forward)``).
-    GPT-2 takes it from 4.53, OPT from 5.0, the Llama family from 4.45 (estimator/versions.py
-    Semantics.prefill_full_logits); without it the prefill computes every position's."""
+    GPT-2 takes it from 4.53, OPT from 5.0, the Llama family from 4.45 (the families'
+    prefill_full_logits switches, estimator/archs); without it the prefill computes every position's."""
     import inspect
 
     if _transformers() >= (4, 49):

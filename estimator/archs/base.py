@@ -1,0 +1,404 @@
+"""What the estimator knows about an architecture, as data: the base every family module fills.
+
+A family module (``estimator/archs/<family>.py``) holds everything about one family of
+transformers models, with its sources:
+
+- how its ``config.json`` is read (:meth:`Arch.read`: field names and defaults of the
+  configuration class in ``transformers/models/<type>/configuration_<type>.py``);
+- ONE inventory of its parameter tensors (:meth:`Arch.linears`, :meth:`Arch.layer_norms`,
+  :meth:`Arch.final_norms`, and the embeddings the spec describes), from which the
+  parameter counts, the per-tensor sizes and the sharding shapes all derive
+  (:func:`inventory`);
+- its traits (:class:`Traits`, documented str-Enums and flags): what the memory terms read,
+  never a ``model_type``;
+- its version switches (:class:`Switch`: a trait a library release changed, with the file
+  and line it was read from);
+- hooks for the few quirks no trait describes (:meth:`Arch.buffer_bytes`,
+  :meth:`Arch.prefill_quirk`), each documented where it is.
+
+Pure Python: no torch, no transformers.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from ..configcheck import MAX_HIDDEN, MAX_POSITIONS, Fields
+
+
+class _Doc(str, Enum):
+    """A closed set of values; each member's comment says what it means for memory."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class QKV(_Doc):
+    """How one layer's query, key and value come out of its projections."""
+
+    #: q_proj, k_proj, v_proj: three tensors of their own (Llama, OPT, BioGPT)
+    SEPARATE = "separate"
+    #: one projection whose q, k and v are views, no rotary embedding (GPT-2's c_attn): what
+    #: keeps one view keeps the whole projection output
+    FUSED_VIEWS = "fused-views"
+    #: one projection, q and k rotated into new tensors, v a view of it (Phi-3's qkv_proj,
+    #: GPT-NeoX's query_key_value)
+    FUSED_ROTATED = "fused-rotated"
+
+
+class MLP(_Doc):
+    """What the MLP block saves for backward (per token, f = intermediate size)."""
+
+    #: act(gate) * up -> down (SwiGLU, GeGLU): gate, act(gate), up and the product
+    GATED = "gated"
+    #: the same with one gate_up projection whose halves are views (Phi-3's gate_up_proj)
+    GATED_FUSED = "gated-fused"
+    #: NewGELUActivation, a Python formula (transformers activations.py ``gelu_new``): x,
+    #: tanh(.), 0.5*x and 1+tanh(.)
+    NEW_GELU = "new-gelu"
+    #: F.gelu (``gelu``): its input; the output projection saves its output
+    GELU = "gelu"
+    #: ReLU and activations taken like it: its output, which the output projection saves too
+    RELU = "relu"
+
+
+class Norm(_Doc):
+    """The normalisation layer and what it saves."""
+
+    #: LlamaRMSNorm: x.to(fp32) (a copy unless fp32), an fp32 rsqrt per token, and
+    #: ``weight * x.to(dtype)`` saves x.to(dtype) when the weight is trainable
+    RMS = "rms"
+    #: GemmaRMSNorm: ``(1 + weight)`` in fp32, so the normed copy it saves is fp32
+    RMS_ONE_PLUS = "rms-one-plus"
+    #: nn.LayerNorm (native_layer_norm): its input, an fp32 mean and rstd per token
+    LAYER = "layer"
+
+
+class Softmax(_Doc):
+    """The dtype of eager attention's softmax."""
+
+    #: ``softmax(dtype=torch.float32).to(query.dtype)``: an fp32 output and its cast copy
+    UPCAST = "upcast"
+    #: in the compute dtype (GPT-2, BioGPT, GPT-NeoX's own attention before 4.49)
+    COMPUTE = "compute"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A weight matrix of one decoder layer (``in_features -> out_features``)."""
+
+    name: str  # the module's own name, as LoRA targets name it (q_proj, c_attn, fc1, ...)
+    group: str
+    in_features: int
+    out_features: int
+    bias: bool
+    copies: int = 1  # MoE experts: one slice per expert
+    fused_experts: bool = False  # one 3-D parameter, not an nn.Linear: no LoRA, no bitsandbytes
+    conv1d: bool = False  # GPT-2's Conv1D stores its weight (in, out), nn.Linear (out, in)
+    parts: int = 1  # projections concatenated in one fused expert parameter (gate_up_proj: 2)
+
+    def lora_rank_multiplier(self) -> int:
+        """peft (0.21) wraps fused MoE expert parameters under all-linear with a rank of
+        r * E (``ParamWrapper``), doubled for the concatenated gate_up projection."""
+        return self.copies * self.parts if self.fused_experts else 1
+
+    @property
+    def params(self) -> int:
+        return self.copies * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Its weight (and bias) as FSDP2 chunks them on dim 0 (rows, the other dims)."""
+        if self.copies > 1:
+            weight = Tensor(f"{self.name}.weight", self.group, self.copies, self.in_features * self.out_features)
+        elif self.conv1d:
+            weight = Tensor(f"{self.name}.weight", self.group, self.in_features, self.out_features)
+        else:
+            weight = Tensor(f"{self.name}.weight", self.group, self.out_features, self.in_features)
+        if not self.bias:
+            return (weight,)
+        if self.copies > 1:
+            return weight, Tensor(f"{self.name}.bias", self.group, self.copies, self.out_features)
+        return weight, Tensor(f"{self.name}.bias", self.group, self.out_features, 1)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter tensor: its name, its parameter group and its (rows, columns) as FSDP2
+    chunks it on dim 0 (``FSDPParam._init_sharded_param``; the other dims flattened)."""
+
+    name: str
+    group: str  # embeddings, attention, mlp, norms, lm_head
+    rows: int
+    cols: int = 1
+
+    @property
+    def elems(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every parameter tensor of a model, once (a tied head counted with the embeddings), in
+    ``model.parameters()`` groups: the root's tensors before the layers (embeddings), one
+    decoder layer's, and the root's after them (final norms, an untied head)."""
+
+    embeddings: tuple[Tensor, ...]
+    layer: tuple[Tensor, ...]
+    final: tuple[Tensor, ...]
+    layers: int
+
+    @property
+    def root(self) -> tuple[Tensor, ...]:
+        """What ``fully_shard(model)`` owns beyond the decoder layers."""
+        return self.embeddings + self.final
+
+    @property
+    def layer_elems(self) -> int:
+        return sum(t.elems for t in self.layer)
+
+    @property
+    def total(self) -> int:
+        return sum(t.elems for t in self.root) + self.layers * self.layer_elems
+
+    def groups(self, names: tuple[str, ...]) -> dict[str, int]:
+        out = dict.fromkeys(names, 0)
+        for t in self.root:
+            out[t.group] += t.elems
+        for t in self.layer:
+            out[t.group] += self.layers * t.elems
+        return out
+
+    def sizes(self) -> tuple[int, ...]:
+        """Element count of every tensor, embeddings, layers, then the rest."""
+        layer = [t.elems for t in self.layer]
+        return tuple([t.elems for t in self.embeddings] + layer * self.layers + [t.elems for t in self.final])
+
+    def dim0_shapes(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """(rows, columns) of the root's tensors and of one layer's."""
+        return tuple((t.rows, t.cols) for t in self.root), tuple((t.rows, t.cols) for t in self.layer)
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the memory terms read about a model, resolved for the library versions assumed
+    (:meth:`Arch.traits`). Printed by ``vramlab estimate --json`` (``assumed_versions.traits``)."""
+
+    family: str  # the calibration group (overheads.calibration_key)
+    qkv: QKV
+    mlp: MLP
+    norm: Norm
+    eager_softmax: Softmax
+    #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
+    #: output is one more (heads, s, s) tensor saved in eager attention
+    attn_softcap: bool = False
+    #: eager attention clamps the masked scores with ``torch.max``, whose backward keeps its
+    #: input (OPT before 4.49)
+    eager_clamps_scores: bool = False
+    #: the rotary tables are fp32, so a 16-bit model's rotated q and k are fp32 (GPT-NeoX < 4.45)
+    rotary_fp32: bool = False
+    #: attention and MLP both read the layer input: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
+    parallel_residual: bool = False
+    #: the layer's first norm reads its input (pre-LN); False: norms after the residual add
+    pre_norm: bool = True
+    #: a forward with ``use_cache`` returns attention's own key and value as a tuple per layer
+    #: (no copies), not a ``DynamicCache`` that concatenates them into new tensors
+    tuple_cache: bool = False
+    #: the model's own attention hands sdpa the projection's views as they are, whatever the
+    #: shared sdpa integration does (GPT-2's own attention classes before 4.48)
+    sdpa_gets_views: bool = False
+    #: a no-grad prefill computes every position's logits (no ``logits_to_keep``) ...
+    prefill_full_logits: bool = False
+    #: ... and copies them to fp32 (``logits = logits.float()``)
+    prefill_logits_fp32: bool = False
+    #: the causal-LM loss is the model's own cross-entropy in the logits' dtype, no fp32 upcast
+    loss_in_compute_dtype: bool = False
+    #: every attention layer registers a (positions, positions) bool causal mask and a scalar
+    #: ``masked_bias`` as buffers
+    causal_mask_buffers: bool = False
+    #: every attention layer keeps rotary cos/sin tables for all positions, in the build dtype
+    rotary_tables_per_layer: bool = False
+    #: eager attention's value matmul saves a view of the fused projection for a batch of one
+    #: (the reshape to (b * heads, s, d) is a view only then), keeping the projection whole
+    eager_value_view_b1: bool = False
+
+    def to_dict(self) -> dict:
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Enum) else v) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A trait a library release changed: ``value`` from release ``since`` on, ``before``
+    in older ones, and where that was read (``cite``: the wheels' file and line)."""
+
+    trait: str
+    since: str
+    value: Any
+    before: Any
+    cite: str
+    library: str = "transformers"
+
+
+class Arch:
+    """One family: subclasses set the class attributes and override the methods they need.
+    Every method takes the :class:`~estimator.modelspec.ModelSpec` the family read."""
+
+    #: the config ``model_type`` values this family reads
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: the calibration group (``overheads.calibration_key``)
+    family: ClassVar[str] = ""
+    #: ``tie_word_embeddings`` when a config.json omits it (the configuration class's default)
+    tie_default: ClassVar[bool] = True
+    #: what peft adapts under ``LoraConfig(target_modules=None)``
+    #: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, peft 0.21)
+    peft_targets: ClassVar[tuple[str, ...]] = ("q_proj", "v_proj")
+    #: the traits before any switch (:meth:`base_traits` may read the config on top)
+    qkv: ClassVar[QKV] = QKV.SEPARATE
+    norm: ClassVar[Norm] = Norm.LAYER
+    eager_softmax: ClassVar[Softmax] = Softmax.UPCAST
+    #: the version switches, oldest behaviour in ``before``
+    switches: ClassVar[tuple[Switch, ...]] = ()
+    #: whether the estimator has a formula for this family (the fallback has none)
+    exact: ClassVar[bool] = True
+
+    # --- reading the config ----------------------------------------------------------
+
+    def read(self, f: Fields, model_type: str) -> dict[str, Any]:
+        """The ModelSpec fields (all but name, model_type, tie_word_embeddings, source,
+        config, ignored_keys) read from the config through ``f``."""
+        raise NotImplementedError
+
+    # --- the one inventory of parameter tensors ----------------------------------------
+
+    def linears(self, spec) -> list[Linear]:
+        """The matrices of one decoder layer, in ``named_parameters()`` order."""
+        raise NotImplementedError
+
+    def layer_norms(self, spec) -> list[Tensor]:
+        """One decoder layer's norm tensors (after its linears, as the counts list them)."""
+        return _norm_tensors(spec) * spec.norms_per_layer
+
+    def final_norms(self, spec) -> int:
+        """Norms after the last layer."""
+        return 1
+
+    # --- traits -----------------------------------------------------------------------
+
+    def mlp_kind(self, spec) -> MLP:
+        """Gated MLPs by the spec; the rest by ``hidden_act`` (transformers activations.py)."""
+        if spec.gated_mlp:
+            return MLP.GATED
+        return {"gelu_new": MLP.NEW_GELU, "gelu": MLP.GELU}.get(spec.hidden_act, MLP.RELU)
+
+    def base_traits(self, spec) -> dict[str, Any]:
+        """Traits that depend on the config rather than on versions (override to add)."""
+        return {}
+
+    def traits(self, spec, semantics) -> Traits:
+        """The traits of ``spec`` under ``semantics`` (estimator/versions.py): the family's
+        defaults, what the config sets, then every switch for the assumed versions."""
+        return _resolve(self, spec, semantics)
+
+    # --- quirk hooks ------------------------------------------------------------------
+
+    def buffer_bytes(self, spec, tr: Traits, param_bytes: int) -> int:
+        """Non-parameter buffers that take memory, from the traits: per-layer causal-mask
+        buffers (bool, positions squared, and ``masked_bias`` in the build dtype) and
+        per-layer rotary cos/sin tables (two (positions, head_dim) tensors in the build dtype)."""
+        if tr.causal_mask_buffers:
+            return spec.num_layers * (spec.max_positions ** 2 + param_bytes)
+        if tr.rotary_tables_per_layer:
+            return spec.num_layers * 2 * spec.max_positions * spec.head_dim * param_bytes
+        return 0
+
+    def prefill_quirk(self, spec, setup, tr: Traits, resid: int, mlp: int, attn: int, softmax: int,
+                      math: bool) -> tuple[int, int, int]:
+        """A family's own terms of the no-grad prefill's layer working set (residual stream,
+        MLP, attention core, bytes; estimate.prefill_transient), where no trait says them.
+        ``softmax``: bytes per score element of eager's scores and softmax together; ``math``:
+        sdpa runs its math kernel."""
+        return resid, mlp, attn
+
+
+def _norm_tensors(spec) -> list[Tensor]:
+    """One norm: RMSNorm's weight (h); LayerNorm's weight and bias."""
+    h = spec.hidden_size
+    weight = Tensor("norm.weight", "norms", h, 1)
+    return [weight] if spec.norm == "rmsnorm" else [weight, Tensor("norm.bias", "norms", h, 1)]
+
+
+@lru_cache(maxsize=512)
+def _resolve(arch: Arch, spec, semantics) -> Traits:
+    values: dict[str, Any] = dict(family=arch.family, qkv=arch.qkv, mlp=arch.mlp_kind(spec), norm=arch.norm,
+                                  eager_softmax=arch.eager_softmax)
+    values.update(arch.base_traits(spec))
+    for sw in arch.switches:
+        values[sw.trait] = sw.value if semantics.at_least(sw.library, sw.since) else sw.before
+    return Traits(**values)
+
+
+@lru_cache(maxsize=512)
+def inventory(arch: Arch, spec) -> Inventory:
+    """Every parameter tensor of ``spec``: embeddings (words, learned positions, OPT's
+    projections), one layer (its linears, then its norms) and the final norms and an
+    untied head."""
+    h = spec.hidden_size
+    e = spec.embed_dim or h
+    embeddings = [Tensor("embed_tokens.weight", "embeddings", spec.vocab_size, e)]
+    if spec.learned_positions:
+        embeddings.append(Tensor("embed_positions.weight", "embeddings", spec.learned_positions, h))
+    if e != h:  # OPTDecoder.project_out (h -> e) and project_in (e -> h), no bias
+        embeddings += [Tensor("project_out.weight", "embeddings", h, e),
+                       Tensor("project_in.weight", "embeddings", e, h)]
+    layer = [t for lin in arch.linears(spec) for t in lin.tensors()] + arch.layer_norms(spec)
+    final = _norm_tensors(spec) * arch.final_norms(spec)
+    if not spec.tie_word_embeddings:
+        final.append(Tensor("lm_head.weight", "lm_head", spec.vocab_size, e))
+    return Inventory(tuple(embeddings), tuple(layer), tuple(final), spec.num_layers)
+
+
+def read_common_llama(f: Fields) -> dict[str, Any]:
+    """The fields most decoders share under Llama's names (LlamaConfig,
+    configuration_llama.py): used by the Llama-style families and the fallback. Read in
+    this order, so a config with several faults is told about the same one first."""
+    from ..configcheck import (
+        MAX_EXPERTS,
+        MAX_HEAD_DIM,
+        MAX_HEADS,
+        MAX_INTERMEDIATE,
+        MAX_LAYERS,
+        MAX_VOCAB,
+        check_shapes,
+    )
+    h = f.int("hidden_size", "n_embd", "d_model", limit=MAX_HIDDEN)
+    heads = f.int("num_attention_heads", "n_head", limit=MAX_HEADS)
+    kv = f.int("num_key_value_heads", limit=MAX_HEADS, default=heads)  # LlamaConfig: None -> heads
+    head_dim = f.int("head_dim", limit=MAX_HEAD_DIM, default=0)
+    experts = f.int("num_local_experts", limit=MAX_EXPERTS, default=0)
+    per_token = f.int("num_experts_per_tok", limit=MAX_EXPERTS, default=0)
+    check_shapes(f.where, h, heads, kv, head_dim_given=bool(head_dim), experts=experts, experts_per_token=per_token)
+    attention_bias = f.bool("attention_bias", False)
+    softcap = f.number("final_logit_softcapping")
+    return dict(
+        hidden_size=h, num_layers=f.int("num_hidden_layers", "n_layer", limit=MAX_LAYERS),
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim or h // heads,
+        intermediate_size=f.int("intermediate_size", "ffn_dim", "n_inner", limit=MAX_INTERMEDIATE),
+        vocab_size=f.int("vocab_size", limit=MAX_VOCAB),
+        max_positions=f.int("max_position_embeddings", "n_positions", limit=MAX_POSITIONS, default=0),
+        gated_mlp=True, hidden_act=f.text("hidden_act", "hidden_activation", default="silu"), norm="rmsnorm",
+        norms_per_layer=2, qkv_bias=attention_bias, o_bias=attention_bias,
+        mlp_bias=f.bool("mlp_bias", False), num_experts=experts, experts_per_token=per_token,
+        attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("resid_pdrop", 0.0),
+        embd_dropout=f.fraction("embd_pdrop", 0.0), logit_softcap=bool(softcap))
+
+
+def config_flag(spec, key: str, default: bool) -> bool:
+    """A boolean a family reads from its config beyond the ModelSpec fields."""
+    config: Mapping = spec.config
+    return bool(config.get(key, default))
+
+
+def with_changes(tr: Traits, **changes) -> Traits:
+    return replace(tr, **changes)

@@ -1,0 +1,46 @@
+"""The model of a config without a formula, built on the meta device with transformers (no
+memory used): what the estimator counts when its family is not in the registry."""
+from __future__ import annotations
+
+from ..configcheck import (
+    META_BUILD_TIMEOUT_S,
+    ConfigError,
+    check_fallback_sizes,
+    check_known_type,
+    strip_code_keys,
+    time_limit,
+    where_of,
+)
+
+
+def build_meta_model(spec):
+    """The model of a config without a formula, built on the meta device (no memory), under
+    the same limits as the families with one (configcheck.check_fallback_sizes) and a time
+    limit (META_BUILD_TIMEOUT_S). Keys that load code or kernels never reach transformers."""
+    where = where_of(spec.source, spec.name)
+    config, _ = strip_code_keys(spec.config)
+    check_fallback_sizes(config, where)
+    from . import registered_types
+    try:
+        import torch
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise ValueError(f"model_type {spec.model_type!r} needs transformers to be counted ({exc})") from None
+    check_known_type(spec.model_type, where, registered_types(), CONFIG_MAPPING_NAMES,
+                     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, transformers.__version__)
+    try:
+        with time_limit(META_BUILD_TIMEOUT_S, f"building model_type {spec.model_type!r} of {where} on the meta "
+                                              f"device took over {META_BUILD_TIMEOUT_S:.0f} s"):
+            cfg = transformers.AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects, in any of its ways
+        message = " ".join(str(exc).split())
+        if len(message) > 120:
+            message = message[:117] + "..."
+        raise ConfigError(f"transformers cannot build model_type {spec.model_type!r} from {where}: "
+                          f"{type(exc).__name__}: {message}") from None

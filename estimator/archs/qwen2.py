@@ -1,0 +1,26 @@
+"""Qwen2 / Qwen2.5 (Qwen2ForCausalLM): a Llama-style decoder with biased q/k/v projections.
+
+Sources: transformers 5.24 models/qwen2/modeling_qwen2.py (Qwen2Attention: q_proj, k_proj,
+v_proj with bias, o_proj without); configuration_qwen2.py (``tie_word_embeddings`` False).
+Until 4.44 every attention layer kept its own rotary cos/sin tables (4.44.2
+models/qwen2/modeling_qwen2.py:160-161, built per layer :276; 4.45.0 one model-level
+Qwen2RotaryEmbedding :874 without them).
+"""
+from __future__ import annotations
+
+from .base import Switch
+from .llama import PREFILL_SWITCHES, LlamaStyle
+
+
+class Qwen2(LlamaStyle):
+    model_types = ("qwen2",)
+    switches = PREFILL_SWITCHES + (
+        Switch("rotary_tables_per_layer", "4.45", False, True,
+               "4.44.2 models/qwen2/modeling_qwen2.py:160-161, :276; 4.45.0 :874"),)
+
+    def read(self, f, model_type):
+        out = super().read(f, model_type)
+        return dict(out, qkv_bias=True, o_bias=False)  # Qwen2Attention: q/k/v biased, o_proj not
+
+
+ARCHS = (Qwen2(),)
