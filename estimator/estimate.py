@@ -242,6 +242,12 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
                     calibration_key=group, first_step_phases=first)
 
 
+def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:
+    """What an estimate assumed of the libraries: the versions, their generic switches, and
+    the traits of this model's family resolved for them (``--json``'s ``assumed_versions``)."""
+    return dict(setup.semantics.to_dict(), traits=traits(spec, setup).to_dict())
+
+
 def _ignored_note(spec: ModelSpec) -> str:
     if not spec.ignored_keys:
         return ""

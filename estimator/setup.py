@@ -6,6 +6,7 @@ every invalid value is a ``ValueError`` naming the value and the valid choices.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from enum import Enum
 from typing import TypeVar
 
@@ -293,23 +294,29 @@ class Setup:
     def _normalised(self, seq: int) -> Setup:
         """A copy with the neutral values, built without re-validating (every field is
         already checked), and interned: equal keys are one object, so the estimator's
-        caches match them by identity instead of comparing 16 fields."""
-        lora = self.mode in (Mode.LORA, Mode.QLORA)
-        rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
-        fields = (self.mode, self.precision, self.quant, self.optimizer, self.optimizer_impl, seq,
-                  self.grad_ckpt, self.attn, rank, targets, self.device, self.world_size, self.sharding,
-                  self.loop, self.grad_accum, self.keep_grads, self.use_cache, self.loss, self.versions,
-                  self.compute_capability)
-        key = _INTERNED.get(fields)
+        caches match them by identity instead of comparing every field. The key is every
+        dataclass field of the setup's class after :meth:`_neutral` (a new field is part of
+        it without being named here)."""
+        neutral = self._neutral(seq)
+        cls = type(self)
+        fields_key = (cls,) + tuple(neutral.get(f.name, self.__dict__[f.name]) for f in dataclass_fields(cls))
+        key = _INTERNED.get(fields_key)
         if key is None:
-            key = object.__new__(Setup)
+            key = object.__new__(cls)
             key.__dict__.update(self.__dict__)
             for name in ("_hash", "_shape_free", "_per_sequence", "_semantics"):
                 key.__dict__.pop(name, None)
-            key.__dict__.update(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank,
-                                lora_targets=targets)
-            _INTERNED[fields] = key
+            key.__dict__.update(neutral)
+            _INTERNED[fields_key] = key
         return key
+
+    def _neutral(self, seq: int) -> dict:
+        """The fields a normalised key sets to neutral values: batch 1, no generated tokens,
+        the given sequence length, LoRA alpha (no memory term reads it) and, outside LoRA
+        modes, the LoRA rank and targets at their defaults."""
+        lora = self.mode in (Mode.LORA, Mode.QLORA)
+        rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
+        return dict(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank, lora_targets=targets)
 
     @property
     def semantics(self) -> Semantics:

@@ -74,7 +74,8 @@ def cmd_estimate(args) -> int:
     spec = load_model(args.model)
     est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
     if args.json:
-        print(json.dumps(dict(est.to_dict(), assumed_versions=setup.semantics.to_dict()), indent=2))
+        from estimator.estimate import assumed_versions
+        print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup)), indent=2))
     else:
         from estimator.report import estimate_table, print_table
         print_table(estimate_table(est))

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
+from estimator.archs import Softmax, traits
 from estimator.categories import TENSOR_CATEGORIES, Category, Phase
 from estimator.estimate import estimate
 from estimator.modelspec import MODELS_DIR, load_model
 from estimator.params import count_params, default_lora_targets
 from estimator.setup import Setup
-from estimator.archs import Softmax, traits
 from estimator.versions import Semantics
 from profiler.measure.run import run_case
 
@@ -56,7 +56,8 @@ def test_switches_at_the_releases_read_from_the_wheels(transformers, own, fp32_r
                                                          biogpt_tuples, neox_loss, biogpt_loss):
     s = _sem(transformers)
     neox, biogpt, llama = (traits(load_model(m), s) for m in ("pythia-70m", "biogpt", "tinyllama-1.1b"))
-    assert (neox.eager_softmax is Softmax.COMPUTE, neox.causal_mask_buffers, neox.rotary_fp32) == (own, own, fp32_rotary)
+    own_attention = neox.eager_softmax is Softmax.COMPUTE
+    assert (own_attention, neox.causal_mask_buffers, neox.rotary_fp32) == (own, own, fp32_rotary)
     assert (neox.tuple_cache, biogpt.tuple_cache) == (neox_tuples, biogpt_tuples)
     assert (neox.loss_in_compute_dtype, biogpt.loss_in_compute_dtype) == (neox_loss, biogpt_loss)
     assert not llama.loss_in_compute_dtype

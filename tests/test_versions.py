@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from estimator.archs import traits
 from estimator.estimate import estimate
 from estimator.modelspec import load_model
 from estimator.setup import Setup
-from estimator.archs import traits
 from estimator.versions import Semantics, parse_overrides, parse_version
 from profiler.record import read_records
 

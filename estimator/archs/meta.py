@@ -2,15 +2,41 @@
 memory used): what the estimator counts when its family is not in the registry."""
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
 from ..configcheck import (
     META_BUILD_TIMEOUT_S,
     ConfigError,
     check_fallback_sizes,
-    check_known_type,
     strip_code_keys,
     time_limit,
     where_of,
 )
+
+#: The longest message about an unknown model_type (it names the type, the file and close
+#: matches): the CLI's whole line, after "vramlab: error: " (16), fits in 200 characters.
+UNKNOWN_TYPE_MESSAGE_CHARS = 200 - len("vramlab: error: ")
+
+
+def check_known_type(model_type: str, where: str, families: tuple[str, ...], known: Mapping[str, Any],
+                     causal: Mapping[str, Any], version: str) -> None:
+    """A model_type without a formula must be a causal LM transformers knows; the error
+    fits in :data:`UNKNOWN_TYPE_MESSAGE_CHARS` characters (it does not list all 800 types)."""
+    if model_type in causal:
+        return
+    short = where if len(where) <= 40 else "..." + where[-37:]
+    start = f"transformers cannot build model_type {model_type!r} of {short}: "
+    if model_type in known:
+        message = start + f"it is no causal LM in transformers {version}"
+    else:
+        names = list(dict.fromkeys([*families, *causal]))
+        close = difflib.get_close_matches(model_type.lower(), names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        message = start + f"unknown to transformers {version}, and no formula here{hint}"
+    raise ConfigError(message if len(message) <= UNKNOWN_TYPE_MESSAGE_CHARS
+                      else message[:UNKNOWN_TYPE_MESSAGE_CHARS - 3] + "...")
 
 
 def build_meta_model(spec):
