@@ -307,7 +307,12 @@ def cmd_validate(args) -> int:
         return cmd_validate_published(args)
     if not args.records:
         raise UsageError("validate needs record files, or --published for the published GPU measurements")
-    records = _read_all(args.records)
+    from profiler.analysis.validate import with_estimates
+    records, redone, moved = with_estimates(_read_all(args.records), args.estimate)
+    if args.estimate == "current":
+        print(f"estimates: current (today's estimator under each record's versions) for {redone} of "
+              f"{len(records)} records, {moved} differing from the recorded one; --estimate recorded "
+              f"validates the estimate each record ran with", file=sys.stderr)
     calibration = load_calibration(args.calibration) if args.calibration else None
     result = validate(records, calibration)
     if args.report:
@@ -439,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration JSON to apply beside the uncalibrated estimate")
     p.add_argument("--report", help="folder for PNG plots, report.html and summary.md")
     p.add_argument("--title", help="report title")
+    p.add_argument("--estimate", default="current", choices=("current", "recorded"),
+                   help="current (default): today's estimator under each record's library versions; "
+                        "recorded: the estimate frozen in each record when it ran")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression or missing cases")

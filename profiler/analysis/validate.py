@@ -23,6 +23,50 @@ def _spec(model: str) -> ModelSpec | None:
         return None
 
 
+#: ``--estimate``: which prediction a record is validated with
+ESTIMATES = ("current", "recorded")
+#: the record's library versions a current estimate assumes (estimator/versions.py LIBRARIES)
+_RECORD_LIBRARIES = ("torch", "transformers", "peft")
+
+
+def current_setup(record: Record) -> Setup:
+    """The record's setup under the library versions it ran with (its own ``versions``
+    field where the setup names none), for today's estimator."""
+    setup = Setup.from_dict(record.case.setup)
+    if setup.versions:
+        return setup
+    ran = {k: v for k, v in (record.versions or {}).items() if k in _RECORD_LIBRARIES and v and v != "absent"}
+    return setup.replace(versions=ran) if ran else setup
+
+
+def with_estimates(records: Sequence[Record], which: str = "current") -> tuple[list[Record], int, int]:
+    """``records`` with the prediction ``which`` names: ``recorded``, the estimate frozen in
+    each record when it ran; ``current``, today's estimator under each record's versions
+    (:func:`current_setup`), for records whose model still loads with the same config.
+    Returns (records, re-estimated, differing from the recorded)."""
+    if which not in ESTIMATES:
+        raise ValueError(f"--estimate must be one of: {', '.join(ESTIMATES)}; got {which!r}")
+    if which == "recorded":
+        return list(records), 0, 0
+    from dataclasses import replace
+
+    from estimator.estimate import estimate
+    from profiler.record import Prediction
+    out, redone, moved = [], 0, 0
+    for r in records:
+        spec = _spec(r.case.model) if r.ok and r.predicted is not None and r.case.setup else None
+        if spec is None or (r.case.config_hash and spec.config_hash != r.case.config_hash):
+            out.append(r)
+            continue
+        current = estimate(spec, current_setup(r)).to_dict()
+        current["setup"] = r.predicted.setup  # the case's own setup, as recorded
+        new = Prediction(**current)
+        redone += 1
+        moved += (new.allocated_bytes, new.phases) != (r.predicted.allocated_bytes, r.predicted.phases)
+        out.append(replace(r, predicted=new))
+    return out, redone, moved
+
+
 def _no_step(setup: Setup) -> bool:
     """Full training without an optimizer step (--optimizer none): each rule below is taken
     without its optimizer term."""
