@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from .configcheck import (
     strip_code_keys,
     where_of,
 )
+from .hub import download_config, from_hf_cache
 
 MODELS_DIR = Path(__file__).parent / "data" / "models"
 
@@ -135,111 +135,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return parse_config_bytes(data, str(path))
 
 
-def _hf_cache_dirs() -> list[Path]:
-    # huggingface_hub constants: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    dirs.append(home / "hub")
-    return dirs
-
-
-def _from_hf_cache(repo_id: str) -> Path | None:
-    folder = "models--" + repo_id.replace("/", "--")
-    for cache in _hf_cache_dirs():
-        snapshots = cache / folder / "snapshots"
-        if snapshots.is_dir():
-            found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-            if found:
-                return found[-1]
-    return None
-
-
-#: Seconds to reach the hub before a hub id not in the local cache fails: an unreachable
-#: hub (no network, a firewall) is one line within 3 s of the command's start (issue 15),
-#: not huggingface_hub's five retries with backoff (about 25 s).
-HUB_CONNECT_TIMEOUT_S = 2.0
-#: Seconds a reachable hub has to deliver a config.json (a few KB) before the command gives up.
-HUB_DOWNLOAD_TIMEOUT_S = 10.0
-_OFFLINE_VALUES = ("1", "true", "yes", "on")  # huggingface_hub constants._is_true
-
-
-def _hub_address() -> tuple[str, int, str]:
-    """(host, port, what) of the first hop to the hub: the HTTPS proxy if one is set, else
-    the endpoint (``HF_ENDPOINT``, default https://huggingface.co)."""
-    from urllib.parse import urlsplit
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        if os.environ.get(var):
-            url = urlsplit(os.environ[var] if "//" in os.environ[var] else "//" + os.environ[var])
-            return url.hostname or "", url.port or 3128, f"the proxy in {var}"
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (80 if url.scheme == "http" else 443)
-    return url.hostname or "", port, f"{url.hostname}:{port}"
-
-
-def _within(seconds: float, fn, *args, **kwargs):
-    """``(True, fn(...))`` if ``fn`` returns within ``seconds``, ``(False, None)`` if not (it
-    runs on in a daemon thread, which cannot be stopped); its exception is re-raised."""
-    import threading
-    done = threading.Event()
-    result: list = []
-
-    def call():
-        try:
-            result.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            result.append((False, exc))
-        done.set()
-
-    threading.Thread(target=call, daemon=True).start()
-    if not done.wait(seconds):
-        return False, None
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return True, value
-
-
-def _reachable(host: str, port: int, timeout_s: float) -> bool:
-    """Whether a TCP connection opens within ``timeout_s``, name lookup included
-    (``getaddrinfo`` has no timeout of its own, hence the thread)."""
-    import socket
-    try:
-        finished, _ = _within(timeout_s, lambda: socket.create_connection((host, port), timeout=timeout_s).close())
-    except (OSError, ValueError):
-        return False
-    return finished
-
-
-def _download_config(repo_id: str) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES:
-        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                         f"download its config.json or pass a local path")
-    host, port, what = _hub_address()
-    if not host or not _reachable(host, port, HUB_CONNECT_TIMEOUT_S):
-        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and the hub is unreachable "
-                         f"(no connection to {what} within {HUB_CONNECT_TIMEOUT_S:.0f} s); pass a local "
-                         f"config.json or a shipped name")
-    import logging
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # no "Retrying in 1s" lines: the error below is the one line
-    try:
-        from huggingface_hub import hf_hub_download  # lazy: only for hub ids not cached
-        finished, path = _within(HUB_DOWNLOAD_TIMEOUT_S, hf_hub_download, repo_id, "config.json",
-                                 etag_timeout=HUB_CONNECT_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - network errors, gated repos, unknown repos
-        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
-                         f"({type(exc).__name__}); pass a local config.json or a shipped name") from None
-    finally:
-        hub_log.setLevel(level)
-    if not finished:
-        raise ValueError(f"{repo_id!r} is not in the local Hugging Face cache and its config.json did not "
-                         f"arrive within {HUB_DOWNLOAD_TIMEOUT_S:.0f} s; pass a local config.json or a shipped name")
-    return Path(path)
-
-
 def _source_index() -> dict[str, str]:
     """hub id (lower case) -> registry name, from each shipped file's ``_vramlab_source``."""
     index = {}
@@ -258,21 +153,31 @@ def load_model(name: str) -> ModelSpec:
     if not name or not str(name).strip():
         raise ValueError("no model given: pass a shipped name (e.g. llama-2-7b), a config.json path or a hub id")
     name = str(name).strip()
+    # a shipped name is a bare word: MODELS_DIR / "/abs/x.json" would be the absolute file
+    bare = not any(sep in name for sep in ("/", "\\")) and not name.startswith((".", "~"))
     registry = MODELS_DIR / f"{name.lower()}.json"
-    if registry.is_file():
+    if bare and registry.is_file():
         return spec_from_config(_read_json(registry), name=name.lower(), source=f"registry:{name.lower()}")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"folder {path} has no config.json")
-        return spec_from_config(_read_json(path / "config.json"), name=path.name, source=str(path))
+        return spec_from_config(_read_json(path / "config.json"), name=path.resolve().name, source=str(path))
     if path.is_file():
-        return spec_from_config(_read_json(path), name=path.stem, source=str(path))
+        # a checkpoint's config.json is titled by its folder, another file by its name
+        title = path.resolve().parent.name if path.name == "config.json" else path.stem
+        return spec_from_config(_read_json(path), name=title or path.stem, source=str(path))
+    if path.exists():
+        raise ValueError(f"{path} is not a config.json file or a folder holding one")
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+    if looks_like_path:
+        raise ValueError(f"no such file or folder: {path} (a model is a shipped name, a config.json path or "
+                         f"a hub id like org/name)")
     if name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".json"):
         shipped = _source_index().get(name.lower())
         if shipped:
             return load_model(shipped)
-        cached = _from_hf_cache(name) or _download_config(name)
+        cached = from_hf_cache(name) or download_config(name)
         return spec_from_config(_read_json(cached), name=name, source=f"hf:{name}")
     close = difflib.get_close_matches(name.lower(), registry_names(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped: {', '.join(registry_names())}"
