@@ -14,12 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .archs import MLP, QKV, Norm, Softmax, traits
+from .archs import MLP, Norm, traits
+from .caches import cache_copies_saved, dynamic_cache
+from .kernels import (
+    attention_output_copied,
+    cuda_sdpa_backend,
+    eager_softmax_saved,
+    fused_qkv,
+    kv_repeated,
+    qkv_views,
+    rotary_fp32_qk,
+    sdpa_kernel,
+)
 from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
-from .setup import Attention, Device, Loss, Mode, Setup
+from .setup import Attention, Device, Mode, Setup
 from .units import FP32, HALF
-from .versions import parse_version
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         out["attn_qkv"] = FP32 * 3 * q
         out["attn_scores"] = FP32 * a * s + ((1 + FP32) * a * s if dropout else 0)
         return out
-    if setup.attn is Attention.EAGER and _rotary_fp32(spec, setup, p):
+    if setup.attn is Attention.EAGER and rotary_fp32_qk(spec, setup, p):
         # GPT-NeoX < 4.45 with 16-bit weights: the rotated q and k are fp32 (the rotary_fp32
         # trait), so baddbmm saves them in fp32 and scores in fp32, the softmax
         # keeps its fp32 output and ``.to(value.dtype)`` (4.42.4 modeling_gpt_neox.py:301) the
@@ -86,8 +96,8 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         return out
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
-        out["attn_qkv"] = p * 3 * q
-        out["attn_scores"] = eager_softmax_saved(spec, setup) * a * s
+        out["attn_qkv"] = p * 3 * q  # (b, a, s, d) q, k, v each (k, v repeated to a heads)
+        out["attn_scores"] = eager_softmax_saved(spec, setup) * a * s  # (b, a, s, s) softmax [+ its cast]
         tr = traits(spec, setup)
         if tr.attn_softcap:
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
@@ -100,207 +110,20 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
-    out["attn_qkv"] = p * (q + 2 * (q if _kv_repeated(spec, setup) else kvd))
-    if _fused_qkv(spec, setup) and not dynamic_cache(spec, setup):
+    out["attn_qkv"] = p * (q + 2 * (q if kv_repeated(spec, setup) else kvd))
+    if fused_qkv(spec, setup) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
         # attention runs on the cache's copy of v instead)
         out["attn_qkv"] += p * (q + kvd)
-    if _cache_copies_saved(spec, setup):
+    if cache_copies_saved(spec, setup):
         out["attn_cache"] = p * 2 * kvd
-    out["attn_out"] = p * q
-    out["attn_lse"] = FP32 * a
+    out["attn_out"] = p * q  # (b, s, a, d) kernel output
+    out["attn_lse"] = FP32 * a  # (b, a, s) fp32 logsumexp
     if setup.device is Device.CUDA and cuda_sdpa_backend(spec, setup) == "efficient":
         # mem-efficient attention pads its logsumexp to 32 queries (_meta_registrations.py)
         out["attn_lse"] = FP32 * a * -(-s // 32) * 32 // s
     return out
-
-
-def eager_softmax_upcast(spec: ModelSpec, setup: Setup) -> bool:
-    """Whether eager attention's softmax runs in fp32 and casts back: ``softmax(dtype=
-    torch.float32).to(query.dtype)`` (the Llama family, OPT, GPT-NeoX from 4.49: 5.24
-    models/llama/modeling_llama.py eager_attention_forward; models/gpt_neox/modeling_gpt_neox.py:158),
-    rather than in the compute dtype (GPT-2 ``softmax(attn_weights).type(value.dtype)``, 5.24
-    models/gpt2/modeling_gpt2.py:64-67; BioGPT; GPT-NeoX's own attention before 4.49,
-    4.42.4 :281-301). Read by every eager term: saved activations, a layer's backward working
-    set (sharding.layer_working_set) and the no-grad prefill (estimate.prefill_transient)."""
-    return traits(spec, setup).eager_softmax is Softmax.UPCAST
-
-
-def eager_softmax_bytes(spec: ModelSpec, setup: Setup) -> int:
-    """Bytes per element of eager attention's softmax output: fp32 where the model upcasts,
-    and where CUDA autocast runs softmax (autocast_mode.cpp's fp32 cast list; CPU autocast
-    has no softmax entry); else the compute dtype."""
-    if eager_softmax_upcast(spec, setup) or (setup.device is Device.CUDA and setup.precision.is_autocast):
-        return FP32
-    return setup.precision.compute_bytes
-
-
-def eager_softmax_saved(spec: ModelSpec, setup: Setup) -> int:
-    """Bytes per score element that eager attention saves from its softmax: the output, and
-    where the model upcasts, the cast copy the value matmul saves (none in fp32)."""
-    p = setup.precision.compute_bytes
-    return eager_softmax_bytes(spec, setup) + (p if eager_softmax_upcast(spec, setup) and p != FP32 else 0)
-
-
-def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
-    """The sdpa kernel torch's CUDA dispatcher picks for this model in training (no mask,
-    ``enable_gqa`` for grouped heads; sdp_utils.cpp select_sdp_backend; the same rules the
-    sim applies, profiler/measure/sim.py): cuDNN or flash for 16-bit inputs (autocast casts
-    sdpa's inputs) up to head_dim 256, mem-efficient for fp32 without grouped heads,
-    math otherwise. cuDNN and flash save the same tensors, so they are one answer here."""
-    if setup.device is not Device.CUDA:
-        return "cpu"
-    d, grouped = spec.head_dim, spec.num_kv_heads < spec.num_heads and not _kv_repeated(spec, setup)
-    if setup.precision.compute_bytes == HALF and d <= 256 and _has_flash(setup):
-        return "fused"
-    if not grouped and d % (8 if setup.precision.compute_bytes == HALF else 4) == 0:
-        return "efficient"
-    return "math"
-
-
-def _has_flash(setup: Setup) -> bool:
-    """Flash attention runs on compute capability 8.0 and newer since torch 2.2 moved to
-    FlashAttention-2 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp
-    check_flash_attention_hardware_support: "[sm80, sm90]" in 2.2-2.3, "[sm80, sm121]"
-    later; torch 2.0-2.1's first FlashAttention took sm75 too), and cuDNN's has the same
-    floor; an older GPU (Turing, 7.5) runs 16-bit sdpa on the memory-efficient kernel,
-    which writes its output (b, s, heads, d) and pads its logsumexp."""
-    cc = setup.compute_capability
-    if not cc:
-        return True
-    have = tuple(int(x) for x in cc.split("."))
-    torch_version = dict(setup.semantics.versions).get("torch")
-    fa1 = torch_version is not None and parse_version(torch_version) < (2, 2)
-    return have >= (8, 0) or (fa1 and have >= (7, 5))
-
-
-def _kv_repeated(spec: ModelSpec, setup: Setup) -> bool:
-    """Grouped keys and values reach sdpa repeated to every head (repeat_kv), as
-    transformers < 4.54 does (Semantics.sdpa_repeats_kv)."""
-    return spec.num_kv_heads < spec.num_heads and setup.semantics.sdpa_repeats_kv
-
-
-def _sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:
-    """eager, math or fused (flash, cuDNN, mem-efficient: kernels that save their inputs)."""
-    if setup.attn is Attention.EAGER:
-        return "eager"
-    if setup.device is Device.CPU:
-        return "math" if spec.attn_dropout > 0 else "fused"
-    return "math" if cuda_sdpa_backend(spec, setup) == "math" else "fused"
-
-
-def qkv_views(spec: ModelSpec, setup: Setup) -> bool:
-    """q, k and v are views of one projection without RoPE (GPT-2's c_attn)."""
-    return traits(spec, setup).qkv is QKV.FUSED_VIEWS
-
-
-def _cache_copies_saved(spec: ModelSpec, setup: Setup) -> bool:
-    """Whether attention saves a training forward's KV cache in addition to what it saves
-    without one. ``DynamicLayer.update`` concatenates each layer's keys and values into new
-    tensors and attention runs on those (transformers cache_utils.py: ``torch.cat``, then
-    ``return self.keys, self.values``). Where q, k and v are views of one projection
-    without RoPE (GPT-2's c_attn), a fused kernel saves q as it is, which keeps that whole
-    output alive, and saves the cache's copies of k and v beside it."""
-    return dynamic_cache(spec, setup) and not setup.grad_ckpt and qkv_views(spec, setup) \
-        and _sdpa_kernel(spec, setup) == "fused"
-
-
-def dynamic_cache(spec: ModelSpec, setup: Setup) -> bool:
-    """A forward with ``use_cache`` whose cache copies the keys and values (``DynamicCache``);
-    transformers' older tuple caches hold attention's own tensors (traits tuple_cache, estimator/archs)."""
-    return setup.use_cache and not traits(spec, setup).tuple_cache
-
-
-def tuple_cache_beside_saved(spec: ModelSpec, setup: Setup) -> int:
-    """What an old tuple cache holds beside the saved tensors during the forward: GPT-2's
-    eager attention (and sdpa's math kernel) reshapes the (b, heads, s, d) views to
-    (b * heads, s, d) for its matmuls, a copy for b > 1 (the views are what it saves for
-    b = 1, _batch_one), so the
-    matmuls save copies and the cache alone keeps c_attn's output; kernels that save their
-    inputs as they are (sdpa) and OPT's contiguous copies leave nothing beside them."""
-    tr, kernel = traits(spec, setup), _sdpa_kernel(spec, setup)
-    if tr.qkv is QKV.FUSED_VIEWS and kernel in ("eager", "math") and setup.batch > 1:
-        return tuple_cache_bytes(spec, setup)
-    if tr.qkv is QKV.FUSED_ROTATED and kernel in ("eager", "math") and setup.batch > 1 \
-            and tuple_cache_bytes(spec, setup):
-        # GPT-NeoX's cached value is a view of query_key_value's output (4.42.4
-        # models/gpt_neox/modeling_gpt_neox.py:234, 257), which eager's matmul copies for b > 1
-        # (the reshape to (b * heads, s, d)): the cache alone keeps that output; its key is the
-        # rotated tensor attention saves
-        return spec.num_layers * 3 * spec.q_dim * setup.batch * setup.seq * setup.precision.compute_bytes
-    p = setup.precision.compute_bytes
-    if tr.qkv is QKV.SEPARATE and kernel == "math" and tuple_cache_bytes(spec, setup):
-        # sdpa's math kernel (BioGPT's attention dropout on CPU) saves a scaled copy of k, and
-        # fp32 copies of k and v for a 16-bit dtype it upcasts (attention.cpp
-        # _scaled_dot_product_attention_math): the tuple cache's own key (and value) are beside
-        # them (4.46.0 models/biogpt/modeling_biogpt.py:319 ``past_key_value = (key_states, value_states)``)
-        copies = 1 if p == FP32 else 2
-        return spec.num_layers * copies * spec.kv_dim * setup.batch * setup.seq * p
-    if kernel != "eager" and _rotary_fp32(spec, setup, p) and tuple_cache_bytes(spec, setup):
-        # sdpa gets query and key cast back to the value's dtype (4.42.4
-        # modeling_gpt_neox.py:552-554); the cache keeps the fp32 key (:257)
-        return spec.num_layers * FP32 * spec.kv_dim * setup.batch * setup.seq
-    return 0
-
-
-def tuple_cache_bytes(spec: ModelSpec, setup: Setup) -> int:
-    """What an old tuple cache holds once backward has freed the saved tensors: GPT-2's
-    key and value are views of the fused c_attn output, which they keep whole (3 h per
-    token and layer); OPT's are the contiguous (b, heads, s, d) copies attention made."""
-    tr = traits(spec, setup)
-    if not (setup.use_cache and tr.tuple_cache) or setup.grad_ckpt:
-        return 0
-    p = setup.precision.compute_bytes
-    per_token = p * (3 * spec.q_dim if tr.qkv is QKV.FUSED_VIEWS else 2 * spec.kv_dim)
-    if tr.qkv is QKV.FUSED_ROTATED:  # the rotated key, and the whole fused output its value views
-        per_token = (FP32 if _rotary_fp32(spec, setup, p) else p) * spec.kv_dim + p * 3 * spec.q_dim
-    return spec.num_layers * per_token * setup.batch * setup.seq
-
-
-def cache_beside_saved(spec: ModelSpec, setup: Setup) -> float:
-    """The fraction of a training forward's KV cache that no saved tensor holds: alive only
-    while the model's outputs are. Kernels that save their k and v inputs as they are
-    (flash, cuDNN, mem-efficient; eager matmuls without repeated heads) leave nothing; the
-    math kernel saves a scaled copy of k and, for grouped heads or a half dtype it upcasts,
-    of v (attention.cpp _scaled_dot_product_attention_math); eager attention saves
-    repeat_kv's copies for grouped heads. Transformers turns the cache off under gradient
-    checkpointing."""
-    if not dynamic_cache(spec, setup) or setup.grad_ckpt:
-        return 0.0
-    grouped, kernel = spec.num_kv_heads < spec.num_heads, _sdpa_kernel(spec, setup)
-    fused = kernel == "fused" and not _kv_repeated(spec, setup)  # repeated: the kernel saves copies
-    k_kept = fused or (kernel == "eager" and not grouped)
-    v_kept = fused or not grouped and (kernel == "eager" or setup.precision.compute_bytes == FP32)
-    return ((not k_kept) + (not v_kept)) / 2
-
-
-def _fused_qkv(spec: ModelSpec, setup: Setup) -> bool:
-    """q, k and v are slices of one rotated projection (Phi-3's qkv_proj; GPT-NeoX's
-    query_key_value, whose q and k are rotated into new tensors by ``torch.cat`` while v
-    stays a view of the projection: 5.24 models/gpt_neox/modeling_gpt_neox.py:138, 196;
-    4.42.4 :234, 248-249)."""
-    return traits(spec, setup).qkv is QKV.FUSED_ROTATED
-
-
-def _attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
-    """Whether the merged heads reach o_proj as a copy of the attention output, made by
-    ``transpose(1, 2).contiguous()``: eager and math attention write (b, heads, s, d), so
-    it copies; mem-efficient attention always writes (b, s, heads, d) and it copies
-    nothing; flash (CPU and CUDA) and cuDNN lay their output out like the query
-    (``empty_like(query)`` in _meta_registrations.py), which is (b, s, heads, d) after a
-    projection's view and RoPE, but not when q is sliced out of a fused projection. On CPU,
-    sdpa with dropout runs math."""
-    if setup.attn is Attention.EAGER:
-        return True
-    # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
-    # (GPT-2's own attention classes before 4.48 pass c_attn's views as they are)
-    contiguous = setup.semantics.sdpa_inputs_contiguous and not traits(spec, setup).sdpa_gets_views
-    like_query_copies = _fused_qkv(spec, setup) or contiguous
-    if setup.device is Device.CPU:
-        return spec.attn_dropout > 0 or like_query_copies
-    backend = cuda_sdpa_backend(spec, setup)
-    return backend == "math" or (backend == "fused" and like_query_copies)
 
 
 def _input_linears(spec: ModelSpec) -> int:
@@ -371,7 +194,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         copies = _input_linears(spec) if setup.precision.is_autocast else norms_before_linear
         terms["linear_inputs"] = copies * lin_in * h
     terms.update(_attention_kernel(spec, setup, p))
-    if trainable_base and _attention_output_copied(spec, setup):
+    if trainable_base and attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
     if tr.mlp in (MLP.GATED, MLP.GATED_FUSED):
@@ -418,12 +241,12 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         outside["first_layer_frozen"] = -per_norm * T
         targets = {lin.name for lin in lora_targets(spec, setup.lora_targets)}
         if "k_proj" in {lin.name for lin in layer_linears(spec)} and "k_proj" not in targets \
-                and _sdpa_kernel(spec, setup) in ("eager", "math"):
+                and sdpa_kernel(spec, setup) in ("eager", "math"):
             # nor does the first layer's key (k_proj unadapted, its input frozen): the score
             # matmul keeps k for q's gradient but not q, which only k's gradient reads (mm's
             # derivative saves each operand only for the other's gradient); the math kernel's
             # q is its fp32 scaled copy
-            outside["first_layer_frozen"] -= (FP32 if _sdpa_kernel(spec, setup) == "math" else p) * spec.q_dim * T
+            outside["first_layer_frozen"] -= (FP32 if sdpa_kernel(spec, setup) == "math" else p) * spec.q_dim * T
     if spec.embd_dropout > 0 and not frozen_input:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
     # after the last layer: the final norm saves what a layer's norm saves, and a trainable
@@ -452,12 +275,6 @@ def per_layer_norms(spec: ModelSpec, setup: Setup, per_norm: int) -> int:
     return out
 
 
-def _rotary_fp32(spec: ModelSpec, setup: Setup, p: int) -> bool:
-    """The query and key leave the rotary embedding in fp32 (GPT-NeoX < 4.45, traits
-    ``rotary_fp32``) when the weights are 16-bit."""
-    return p != FP32 and traits(spec, setup).rotary_fp32
-
-
 def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     """Whether an output projection's input is a tensor the frozen model saves anyway, so an
     fp32 adapter reading it adds nothing: the attention output a fused sdpa kernel saves
@@ -465,7 +282,7 @@ def _input_already_saved(spec: ModelSpec, setup: Setup, lin: Linear) -> bool:
     copy nothing), and a non-gated ReLU's output (OPT's fc2 input)."""
     if lin.group == "attention":
         return "attn_out" in _attention_kernel(spec, setup, setup.precision.compute_bytes) \
-            and not _attention_output_copied(spec, setup)
+            and not attention_output_copied(spec, setup)
     return traits(spec, setup).mlp is MLP.RELU
 
 
@@ -506,50 +323,3 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
                        layers=spec.num_layers,
                        outside={**{k: v for k, v in full.outside.items() if k != "first_layer_frozen"},
                                 "recomputed_layer": full.layer_bytes})
-
-
-def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
-    """Bytes of the LM head output and the loss during a training step.
-
-    transformers ForCausalLMLoss upcasts the logits to fp32 (``logits.float()``) and
-    cross_entropy saves the fp32 log-softmax (transformers PR #33902; torchtune PR #1046).
-    At the forward's end the half logits, the fp32 copy and the log-softmax coexist;
-    at the start of backward the saved log-softmax, its incoming gradient and the
-    gradient it returns coexist.
-    """
-    T = setup.batch * setup.seq
-    V = spec.vocab_size
-    p = setup.precision.compute_bytes
-    upcast = 0 if p == FP32 else FP32
-    # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
-    # its output, a second logits-sized tensor until its backward
-    softcap = p if spec.logit_softcap else 0
-    if setup.loss is Loss.LOGITS_SUM:
-        # loss = logits.sum(): nothing upcast, nothing saved (SumBackward keeps the sizes). Its
-        # backward returns grad.expand(sizes), a stride-0 view of one scalar, which the LM
-        # head's two mm backward calls read. On CUDA each copies it to a contiguous (T, V)
-        # tensor inside the kernel (a stride-0 operand is not cuBLAS-compatible:
-        # aten/src/ATen/native/cuda/Blas.cpp prepare_matrix_for_cublas, ``clone(Contiguous)``),
-        # one at a time; on the cpu backend no op output holds it (its tracker sees op outputs)
-        copy = p * T * V if setup.device is Device.CUDA else 0
-        return {"forward": (p + softcap) * T * V, "backward": softcap * T * V + copy}
-    if setup.semantics.loss_copies_shifted_logits:
-        # transformers < 4.49 (estimator/versions.py): cross_entropy runs on a contiguous fp32
-        # copy of the logits without their last position, S = b * (s - 1) rows: at the loss the
-        # half logits, the fp32 logits, the shifted copy and its log-softmax coexist; backward
-        # starts with the saved log-softmax, its incoming gradient and the returned one (S rows
-        # each), after which slice's backward writes them into a zeroed (T, V) gradient
-        S = setup.batch * (setup.seq - 1)
-        # for one sequence the slice [:, :-1, :] is contiguous already: ``contiguous()`` copies nothing
-        shifted = 2 if setup.batch > 1 else 1
-        if traits(spec, setup).loss_in_compute_dtype:
-            # the model's own CrossEntropyLoss on the shifted logits as they are, no fp32 upcast
-            # (GPT-NeoX 4.42.4 modeling_gpt_neox.py:1118-1121; BioGPT 4.46.0 modeling_biogpt.py:787-790)
-            return {"forward": (p + softcap) * T * V + shifted * p * S * V,
-                    "backward": softcap * T * V + p * max(3 * S, S + T) * V}
-        return {"forward": (p + upcast + softcap) * T * V + shifted * FP32 * S * V,
-                "backward": softcap * T * V + FP32 * max(3 * S, S + T) * V}
-    return {
-        "forward": (p + upcast + FP32 + softcap) * T * V,
-        "backward": (3 * FP32 + softcap) * T * V,
-    }

@@ -12,9 +12,11 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from . import activations as acts
+from . import caches, kernels
 from .archs import MLP, arch_of, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
+from .logits import logits_bytes
 from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
@@ -209,7 +211,15 @@ class _Phases:
 
 def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
              overheads: Overheads = DEFAULT) -> Estimate:
-    """Predict the peak memory of one step of ``setup`` on ``spec``."""
+    """Predict the peak memory of one step of ``setup`` on ``spec``: bytes per category in
+    every phase, and the phase where the peak falls.
+
+        >>> from estimator.modelspec import load_model
+        >>> from estimator.setup import Setup
+        >>> est = estimate(load_model("llama-2-7b"), Setup(mode="lora", precision="bf16", batch=4, seq=1024))
+        >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
+        ('backward', 34.3)
+    """
     if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
         raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
                          f"{spec.max_positions} positions (max_position_embeddings)")
@@ -286,7 +296,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
     A = int(act.total * k)
-    logits = {ph: int(v * k) for ph, v in acts.logits_bytes(spec, setup).items()}
+    logits = {ph: int(v * k) for ph, v in logits_bytes(spec, setup).items()}
     fb_temps = st.workspace + st.cast_fwd + constant
     bwd_temps = st.workspace + st.cast_bwd + constant
     recompute_temps = bwd_temps + st.cast_layer  # a recomputed layer casts its weights again
@@ -295,16 +305,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     saved = A - recomputed
     # the model's outputs: a KV cache when the forward builds one, and in a hand-written loop
     # the logits, both alive until the outputs are dropped: before backward in the Trainer's
-    # loop, after it otherwise. Attention saves much of the cache anyway (acts.cache_beside_saved);
+    # loop, after it otherwise. Attention saves much of the cache anyway (caches.cache_beside_saved);
     # once backward has freed the saved tensors, a held cache is all there
     # (an old tuple cache holds attention's own tensors: nothing beside them until backward
-    # frees them, acts.tuple_cache_bytes after)
+    # frees them, caches.tuple_cache_bytes after)
     full_cache = kv_cache_bytes(spec, setup, setup.seq) \
-        if acts.dynamic_cache(spec, setup) and not setup.grad_ckpt else 0
-    cache = int(full_cache * acts.cache_beside_saved(spec, setup)) or acts.tuple_cache_beside_saved(spec, setup)
+        if caches.dynamic_cache(spec, setup) and not setup.grad_ckpt else 0
+    cache = int(full_cache * caches.cache_beside_saved(spec, setup)) or caches.tuple_cache_beside_saved(spec, setup)
     manual = setup.loop in (Loop.MANUAL, Loop.HELD)
     held_logits = setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes if manual else 0
-    held_kv, held_kv_end = (cache, full_cache or acts.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
+    held_kv, held_kv_end = (cache, full_cache or caches.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
     # Loop.HELD: the previous step's outputs live until this step's forward returns (not in step 1)
     held = setup.loop is Loop.HELD
     prev_logits, prev_kv = (held_logits, held_kv_end) if held and not first_step else (0, 0)
@@ -408,7 +418,7 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
     if setup.loss is Loss.LOGITS_SUM:  # logits.sum(): the logits (and soft-capping's tanh) only
         loss = (p + (p if spec.logit_softcap else 0)) * T * V
-    elif setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see activations.logits_bytes
+    elif setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see logits.logits_bytes
         loss += FP32 * (2 * setup.batch * (setup.seq - 1) - T) * V
     layer = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache,
                   activations=int(k * prefill_transient(spec, setup)), temporaries=st.workspace + constant)
@@ -425,9 +435,9 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
     logits = setup.batch * spec.vocab_size * setup.precision.compute_bytes  # logits_to_keep=1
     kv = kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens)
     prompt_kv = kv_cache_bytes(spec, setup, setup.seq)
-    if traits(spec, setup).tuple_cache and acts.qkv_views(spec, setup):
+    if traits(spec, setup).tuple_cache and kernels.qkv_views(spec, setup):
         # an old tuple cache holds GPT-2's key and value as views of c_attn's output, which
-        # they keep whole after the prefill (3 h per token, activations.tuple_cache_bytes)
+        # they keep whole after the prefill (3 h per token, caches.tuple_cache_bytes)
         prompt_kv = prompt_kv * 3 * spec.q_dim // (2 * spec.kv_dim)
     prefill = [phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=prompt_kv,
                      activations=int(k * prefill_transient(spec, setup)), logits=logits,
@@ -449,7 +459,7 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
         # the math kernel (fp32 grouped heads on CUDA) repeats that layer's keys and values
         # to every head in fp32
         growth = kv // max(spec.num_layers, 1)
-        if acts.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
+        if kernels.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
             growth += 2 * FP32 * spec.q_dim * setup.batch * (setup.seq + setup.new_tokens)
         phases[Phase.DECODE] = phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                                      logits=logits, temporaries=st.workspace + constant)
@@ -597,7 +607,7 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     activation and its input (ReLU). Attention holds q, k, v and the output, the scores
     and their fp32 softmax (eager), or the fp32 scaled q, repeated k and v and two
     (heads, s, s) fp32 matrices (the math kernel a CUDA step runs for fp32 grouped heads,
-    activations.cuda_sdpa_backend)."""
+    kernels.cuda_sdpa_backend)."""
     T = setup.batch * setup.seq
     p = setup.precision.compute_bytes
     h, f = spec.hidden_size, spec.intermediate_size
@@ -607,13 +617,13 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     a, s = spec.num_heads, setup.seq
     # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
     # the scores) at once, beside q and the output
-    softmax = p + acts.eager_softmax_bytes(spec, setup)
+    softmax = p + kernels.eager_softmax_bytes(spec, setup)
     if setup.attn.value == "eager":
         attn = softmax * a * s * T + 2 * p * spec.q_dim * T
-    elif acts.cuda_sdpa_backend(spec, setup) == "math":
+    elif kernels.cuda_sdpa_backend(spec, setup) == "math":
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
     resid, mlp, attn = arch_of(spec).prefill_quirk(spec, setup, tr, resid, mlp, attn, softmax,
-                                                   acts.cuda_sdpa_backend(spec, setup) == "math")
+                                                   kernels.cuda_sdpa_backend(spec, setup) == "math")
     return resid + max(mlp, attn)

@@ -91,8 +91,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .activations import eager_softmax_bytes, training_activations
+from .activations import training_activations
 from .archs import inventory_of
+from .kernels import eager_softmax_bytes
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets, quant_state_bytes
 from .setup import Attention, Mode, Quant, Setup, Sharding

@@ -134,12 +134,13 @@ def test_turing_runs_16bit_sdpa_on_the_memory_efficient_kernel():
     # the RTX 2060 of the biogpt table: torch >= 2.2's flash attention needs sm80, so sdpa runs
     # mem-efficient, whose (b, s, heads, d) output out_proj reads without a copy
     from estimator import activations as acts
+    from estimator import kernels
     spec = load_model("biogpt")
     kw = dict(precision="fp16", batch=4, seq=256, optimizer="none", loss="logits-sum", device="cuda")
     turing = Setup(**kw, compute_capability="7.5", versions={"torch": "2.3.1", "transformers": "4.45"})
     ampere = turing.replace(compute_capability="8.6")
-    assert acts.cuda_sdpa_backend(spec, turing) == "efficient" and acts.cuda_sdpa_backend(spec, ampere) == "fused"
-    assert acts.cuda_sdpa_backend(spec, turing.replace(versions={"torch": "2.1.2"})) == "fused"  # FlashAttention-1
+    assert kernels.cuda_sdpa_backend(spec, turing) == "efficient" and kernels.cuda_sdpa_backend(spec, ampere) == "fused"
+    assert kernels.cuda_sdpa_backend(spec, turing.replace(versions={"torch": "2.1.2"})) == "fused"  # FlashAttention-1
     saved = {s: acts.training_activations(spec, s).per_layer for s in (turing, ampere)}
     assert "o_proj_input" not in saved[turing] and saved[ampere]["o_proj_input"] == 2 * 1024 * 4 * 256
     assert Setup.from_dict(turing.to_dict()) == turing and "compute_capability" not in Setup().to_dict()
