@@ -34,6 +34,7 @@ from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
+_PhaseMap = dict[Phase, dict[Category, int]]
 _ZERO = dict.fromkeys(Category, 0)  # iterating an Enum is slow: copy this template instead
 _CONTEXT, _ALLOCATOR, _TEMPORARIES = Category.CONTEXT, Category.ALLOCATOR, Category.TEMPORARIES
 _SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1,
@@ -237,9 +238,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     k = overheads.factor_for(group)
     first = None
     if setup.training:
-        phases = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase)
-        first = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase, first_step=True)
-        first = None if first == phases else first
+        phases, first = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     elif setup.mode is Mode.EVAL:
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
@@ -285,13 +284,13 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
 
 
 def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                     phase: _Phases, first_step: bool = False) -> dict[Phase, dict[Category, int]]:
-    """Forward, backward and optimizer step of a training step, each at its peak moment
-    (of the steady state, or of the first step: optimizer state, which torch.optim makes in
-    the first ``step()``, does not exist before it; mixed-bf16's master weights do)."""
+                     phase: _Phases) -> tuple[_PhaseMap, _PhaseMap | None]:
+    """Forward, backward and optimizer step of a training step, each at its peak moment: of
+    the steady state, and of the first step where it differs (optimizer state, which
+    torch.optim makes in the first ``step()``, does not exist before it; mixed-bf16's master
+    weights do; kept gradients exist from the first backward; a held loop's previous
+    outputs from the second step). The terms both share are computed once."""
     W, G, O = st.weights, st.gradients, st.optimizer_state
-    O_fwd = O if not first_step else st.master_weights
-    R = _resident_gradients(setup, st, first_step)
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
@@ -317,92 +316,101 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     held_kv, held_kv_end = (cache, full_cache or caches.tuple_cache_bytes(spec, setup)) if manual else (0, 0)
     # Loop.HELD: the previous step's outputs live until this step's forward returns (not in step 1)
     held = setup.loop is Loop.HELD
-    prev_logits, prev_kv = (held_logits, held_kv_end) if held and not first_step else (0, 0)
-    phases: dict[Phase, dict[Category, int]] = {}
-    # The forward's peak is at the loss: every saved activation, the logits and the loss's
-    # buffers; a checkpointed layer's full set exists only while backward recomputes it.
-    forward = [phase(big + n_states + n_act + 3 + 2 * bool(prev_logits), **with_extra(
-        ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-        logits=logits["forward"] + prev_logits, kv_cache=cache + prev_kv, temporaries=fb_temps))]
-    if ranked.flat and G and not first_step:
-        # FSDP1 frees the flat gradient shards only at the next forward's root pre-forward
-        # (_runtime_utils.py _root_pre_forward -> _reset_flat_param_grad_info_if_needed: with
-        # use_orig_params, zero_grad(set_to_none) clears the views' .grad only)
-        forward.append(phase(big + n_states + n_grads, weights=W, optimizer_state=O_fwd, gradients=max(G, R),
-                             temporaries=st.workspace + constant))
-    if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
-        forward.append(phase(big + n_states + n_act + 3, **with_extra(
-            ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
-            weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
-    phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
-    # Backward is a line from "all activations saved, no gradients" to "no activations,
-    # all gradients", so its peak is at one of three moments: the loss backward (fp32
-    # log-softmax gradients), the recomputation of a checkpointed layer, or the end. With
-    # gradients already there, each arrives as a new tensor added into .grad in place
-    # (AccumulateGrad): the embedding's dense gradient is the largest such transient.
-    end_grads, end_temps = G - st.tied_pending, st.embed_bwd + st.tied_pending
-    if R and not ranked.gathers:  # .grad exists: the tied sum is added into it, an untied embedding's too
-        end_grads = max(G, R)
-        end_temps += st.untied_embed_grad
-    # (FSDP2 accumulating: the last micro-batch reduce-scatters the accumulated unsharded
-    # gradients layer by layer, so its backward ends with the shards, as without accumulation)
-    candidates = [
-        phase(big + n_states + n_act + 3, **with_extra(
-            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-            logits=logits["backward"] + held_logits, kv_cache=held_kv, temporaries=bwd_temps)),
-        phase(big + n_states + n_grads, **with_extra(
-            ranked.backward_end_extra(), weights=W, optimizer_state=O_fwd, gradients=end_grads,
-            logits=held_logits, kv_cache=held_kv_end, temporaries=st.workspace + constant + end_temps)),
-    ]
-    if setup.loss is Loss.LOGITS_SUM:
-        # logits.sum() saves nothing, so the loss's moment is small and backward's peak can
-        # follow the LM head: its weight gradient made (a tied one waits in autograd's input
-        # buffer, temporaries, until the embedding's is added; an untied one is .grad), the
-        # head's input freed, and the last layer's backward working set (sharding.py)
-        head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
-            (st.states.gradients // max(st.states.trainable, 1) if setup.mode is Mode.FULL else 0)
-        tied = head if spec.tie_word_embeddings else 0
-        candidates.append(phase(big + n_states + n_act + 1, **with_extra(
-            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head - tied,
-            activations=saved - int(act.outside.get("head_input", 0) * k), logits=held_logits, kv_cache=held_kv,
-            temporaries=bwd_temps + tied + layer_working_set(spec, setup))))
-        if setup.device is Device.CUDA:
-            # inside the head's second mm backward (the input's gradient, after the weight's):
-            # the contiguous copy of the logits' gradient, the weight gradient and the input
-            # gradient (T, e) at once
-            e = spec.embed_dim or spec.hidden_size
-            candidates.append(phase(big + n_states + n_act + 3, **with_extra(
+    def build(first_step: bool) -> dict[Phase, dict[Category, int]]:
+        O_fwd = O if not first_step else st.master_weights
+        R = _resident_gradients(setup, st, first_step)
+        prev_logits, prev_kv = (held_logits, held_kv_end) if held and not first_step else (0, 0)
+        phases: dict[Phase, dict[Category, int]] = {}
+        # The forward's peak is at the loss: every saved activation, the logits and the loss's
+        # buffers; a checkpointed layer's full set exists only while backward recomputes it.
+        forward = [phase(big + n_states + n_act + 3 + 2 * bool(prev_logits), **with_extra(
+            ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+            logits=logits["forward"] + prev_logits, kv_cache=cache + prev_kv, temporaries=fb_temps))]
+        if ranked.flat and G and not first_step:
+            # FSDP1 frees the flat gradient shards only at the next forward's root pre-forward
+            # (_runtime_utils.py _root_pre_forward -> _reset_flat_param_grad_info_if_needed: with
+            # use_orig_params, zero_grad(set_to_none) clears the views' .grad only)
+            forward.append(phase(big + n_states + n_grads, weights=W, optimizer_state=O_fwd, gradients=max(G, R),
+                                 temporaries=st.workspace + constant))
+        if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit at a layer's all-gather (sharding.py)
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
+                weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
+        phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
+        # Backward is a line from "all activations saved, no gradients" to "no activations,
+        # all gradients", so its peak is at one of three moments: the loss backward (fp32
+        # log-softmax gradients), the recomputation of a checkpointed layer, or the end. With
+        # gradients already there, each arrives as a new tensor added into .grad in place
+        # (AccumulateGrad): the embedding's dense gradient is the largest such transient.
+        end_grads, end_temps = G - st.tied_pending, st.embed_bwd + st.tied_pending
+        if R and not ranked.gathers:  # .grad exists: the tied sum is added into it, an untied embedding's too
+            end_grads = max(G, R)
+            end_temps += st.untied_embed_grad
+        # (FSDP2 accumulating: the last micro-batch reduce-scatters the accumulated unsharded
+        # gradients layer by layer, so its backward ends with the shards, as without accumulation)
+        candidates = [
+            phase(big + n_states + n_act + 3, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-                logits=logits["backward"] + held_logits, kv_cache=held_kv,
-                temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
-    if ranked.gathers and setup.mode is Mode.FULL:
-        # FSDP1 / FSDP2 / ZeRO-3: the LM head's weight gradient made while the logits'
-        # gradient still exists, beside the root's and the last layer's unsharded parameters
-        # (and, accumulating, the unsharded gradients it is added into; sharding.py)
-        candidates.append(phase(big + n_states + n_act + 2, **with_extra(
-            ranked.backward_head_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-            logits=setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes + held_logits,
-            kv_cache=held_kv, temporaries=bwd_temps)))
-    if recomputed:
-        candidates.append(phase(big + n_states + n_act, **with_extra(
-            ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
-            activations=saved + recomputed, logits=held_logits, kv_cache=held_kv, temporaries=recompute_temps)))
-    if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
-        layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
-        if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
-            # (FSDP1: this micro-batch's head gradient still waits apart for the root's views)
-            layer = dict(layer, gradients=ranked.head_grads if ranked.flat else 0)
-        candidates.append(phase(big + n_states + n_act, **with_extra(
-            layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
-            temporaries=bwd_temps)))
-    phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
-    if setup.optimizer is Optimizer.NONE:  # forward and backward only; zero_grad frees the gradients
+                logits=logits["backward"] + held_logits, kv_cache=held_kv, temporaries=bwd_temps)),
+            phase(big + n_states + n_grads, **with_extra(
+                ranked.backward_end_extra(), weights=W, optimizer_state=O_fwd, gradients=end_grads,
+                logits=held_logits, kv_cache=held_kv_end, temporaries=st.workspace + constant + end_temps)),
+        ]
+        if setup.loss is Loss.LOGITS_SUM:
+            # logits.sum() saves nothing, so the loss's moment is small and backward's peak can
+            # follow the LM head: its weight gradient made (a tied one waits in autograd's input
+            # buffer, temporaries, until the embedding's is added; an untied one is .grad), the
+            # head's input freed, and the last layer's backward working set (sharding.py)
+            head = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+                (st.states.gradients // max(st.states.trainable, 1) if setup.mode is Mode.FULL else 0)
+            tied = head if spec.tie_word_embeddings else 0
+            candidates.append(phase(big + n_states + n_act + 1, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head - tied,
+                activations=saved - int(act.outside.get("head_input", 0) * k), logits=held_logits, kv_cache=held_kv,
+                temporaries=bwd_temps + tied + layer_working_set(spec, setup))))
+            if setup.device is Device.CUDA:
+                # inside the head's second mm backward (the input's gradient, after the weight's):
+                # the contiguous copy of the logits' gradient, the weight gradient and the input
+                # gradient (T, e) at once
+                e = spec.embed_dim or spec.hidden_size
+                candidates.append(phase(big + n_states + n_act + 3, **with_extra(
+                    ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                    logits=logits["backward"] + held_logits, kv_cache=held_kv,
+                    temporaries=bwd_temps + head + setup.batch * setup.seq * e * setup.precision.compute_bytes)))
+        if ranked.gathers and setup.mode is Mode.FULL:
+            # FSDP1 / FSDP2 / ZeRO-3: the LM head's weight gradient made while the logits'
+            # gradient still exists, beside the root's and the last layer's unsharded parameters
+            # (and, accumulating, the unsharded gradients it is added into; sharding.py)
+            candidates.append(phase(big + n_states + n_act + 2, **with_extra(
+                ranked.backward_head_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                logits=setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes + held_logits,
+                kv_cache=held_kv, temporaries=bwd_temps)))
+        if recomputed:
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
+                activations=saved + recomputed, logits=held_logits, kv_cache=held_kv, temporaries=recompute_temps)))
+        if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
+            layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
+            if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
+                # (FSDP1: this micro-batch's head gradient still waits apart for the root's views)
+                layer = dict(layer, gradients=ranked.head_grads if ranked.flat else 0)
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
+                temporaries=bwd_temps)))
+        phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
+        if setup.optimizer is Optimizer.NONE:  # forward and backward only; zero_grad frees the gradients
+            return phases
+        phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
+            ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
+            logits=held_logits if held else 0, kv_cache=held_kv_end if held else 0,
+            temporaries=st.workspace + st.opt_temps + constant))
         return phases
-    phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
-        ranked.optimizer_extra(), weights=W, gradients=G + st.master_grads, optimizer_state=O,
-        logits=held_logits if held else 0, kv_cache=held_kv_end if held else 0,
-        temporaries=st.workspace + st.opt_temps + constant))
-    return phases
+
+    steady = build(False)
+    same_first = st.master_weights == O and _resident_gradients(setup, st, True) == _resident_gradients(
+        setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
+    first = None if same_first else build(True)
+    return steady, (None if first == steady else first)
 
 
 def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,

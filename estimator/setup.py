@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from enum import Enum
+from functools import lru_cache
 from typing import TypeVar
 
 from .units import FP32, HALF
-from .versions import LIBRARIES, Semantics, parse_version, resolve
+from .versions import LIBRARIES, Semantics, parse_version, semantics_for
 
 E = TypeVar("E", bound=Enum)
 
@@ -163,6 +164,12 @@ _INTERNED: dict = {}
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
+@lru_cache(maxsize=64)
+def _field_names(cls) -> tuple[str, ...]:
+    """The dataclass fields of a Setup class, in order."""
+    return tuple(f.name for f in dataclass_fields(cls))
+
+
 def _versions_field(value) -> tuple[tuple[str, str], ...]:
     """Sorted (library, version) pairs from a dict, pairs or ``"a=1,b=2"``; checked."""
     if isinstance(value, str):
@@ -298,8 +305,8 @@ class Setup:
         dataclass field of the setup's class after :meth:`_neutral` (a new field is part of
         it without being named here)."""
         neutral = self._neutral(seq)
-        cls = type(self)
-        fields_key = (cls,) + tuple(neutral.get(f.name, self.__dict__[f.name]) for f in dataclass_fields(cls))
+        cls, d = type(self), self.__dict__
+        fields_key = (cls, *[neutral[name] if name in neutral else d[name] for name in _field_names(cls)])
         key = _INTERNED.get(fields_key)
         if key is None:
             key = object.__new__(cls)
@@ -323,7 +330,7 @@ class Setup:
         """What the assumed library versions change (installed ones under :attr:`versions`)."""
         found = self.__dict__.get("_semantics")
         if found is None:
-            found = Semantics(resolve(self.versions))
+            found = semantics_for(self.versions)
             object.__setattr__(self, "_semantics", found)
         return found
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import metadata
 
 #: The libraries whose versions move memory, as pip names them.
@@ -68,6 +68,21 @@ def resolve(overrides: dict[str, str] | tuple | None = None) -> tuple[tuple[str,
     return tuple(sorted(merged.items()))
 
 
+@lru_cache(maxsize=4096)
+def _at_least(versions: tuple[tuple[str, str], ...], name: str, version: str, missing: bool) -> bool:
+    have = dict(versions).get(name)
+    if have is None:
+        return missing
+    return parse_version(have) >= parse_version(version)
+
+
+@lru_cache(maxsize=256)
+def semantics_for(overrides: tuple[tuple[str, str], ...]) -> Semantics:
+    """One Semantics per set of overrides (installed versions under them), shared by every
+    setup that names them."""
+    return Semantics(resolve(overrides))
+
+
 @dataclass(frozen=True)
 class Semantics:
     """What the assumed versions do that moves memory in every architecture; what they
@@ -75,14 +90,18 @@ class Semantics:
 
     versions: tuple[tuple[str, str], ...]
 
+    def __hash__(self) -> int:  # cached: semantics key the traits' cache (archs.traits)
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(self.versions)
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def at_least(self, name: str, version: str, missing: bool = True) -> bool:
         """Whether library ``name`` is at ``version`` or newer (``missing``: when it is absent)."""
-        have = dict(self.versions).get(name)
-        if have is None:
-            return missing
-        return parse_version(have) >= parse_version(version)
+        return _at_least(self.versions, name, version, missing)
 
-    @property
+    @cached_property
     def loss_copies_shifted_logits(self) -> bool:
         """transformers < 4.49: the causal-LM loss shifts the fp32 logits with
         ``logits[..., :-1, :].contiguous()`` (4.48.3 loss/loss_utils.py:39; in the model's
@@ -91,7 +110,7 @@ class Semantics:
         (4.49.0 loss/loss_utils.py:39; transformers PR #35646)."""
         return not self.at_least("transformers", "4.49")
 
-    @property
+    @cached_property
     def sdpa_repeats_kv(self) -> bool:
         """transformers < 4.54 (or torch < 2.5) repeats grouped keys and values to every
         head before sdpa (4.48.3 integrations/sdpa_attention.py:30 ``repeat_kv``); 4.54
@@ -100,7 +119,7 @@ class Semantics:
         (what attention saves); the no-grad prefill's transient copies are not."""
         return not (self.at_least("transformers", "4.54") and self.at_least("torch", "2.5"))
 
-    @property
+    @cached_property
     def sdpa_inputs_contiguous(self) -> bool:
         """transformers < 4.56 makes sdpa's query, key and value contiguous first (4.55.0
         integrations/sdpa_attention.py:72-74; gone in 4.56.0): kernels that lay their output
@@ -108,7 +127,7 @@ class Semantics:
         (``transpose(1, 2).contiguous()``, 4.55.0 :99) copies it for o_proj to save."""
         return not self.at_least("transformers", "4.56")
 
-    @property
+    @cached_property
     def moe_experts_fused(self) -> bool:
         """transformers >= 5 stores MoE experts as fused 3-D parameters (5.0.0
         models/mixtral/modeling_mixtral.py:63-72 ``MixtralExperts.gate_up_proj``, ``down_proj``),
@@ -118,7 +137,7 @@ class Semantics:
         not measured here (no bitsandbytes on this machine)."""
         return self.at_least("transformers", "5.0")
 
-    @property
+    @cached_property
     def optimizer_foreach_default(self) -> bool:
         """torch >= 2.0 runs torch.optim's foreach implementation by default when every
         parameter is on CUDA (torch/optim/optimizer.py ``_default_to_fused_or_foreach``, 2.13.0
