@@ -49,6 +49,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
     g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
                                                        f"(no fp32 upcast, no log-softmax; default causal-lm)")
+    g.add_argument("--allow-llama-fallback", action="store_true",
+                   help="estimate a model type outside the registry with the Llama-style terms (refused "
+                        "otherwise; measure it with `vramlab profile MODEL --backend sim` instead)")
     g.add_argument("--versions", default="", help="library versions whose memory semantics to assume, e.g. "
                                                   "transformers=4.48,torch=2.4 (default: the installed ones)")
 
@@ -75,7 +78,8 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
-        versions=parse_overrides(getattr(args, "versions", "") or ""))
+        versions=parse_overrides(getattr(args, "versions", "") or ""),
+        allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored
         setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from . import activations as acts
 from . import caches, kernels
-from .archs import MLP, arch_of, traits
+from .archs import MLP, arch_of, registered_types, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
 from .logits import logits_bytes
@@ -21,6 +21,7 @@ from .modelspec import ModelSpec
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (
+    FALLBACK_ERROR_RANGE,
     count_params,
     layer_linears,
     lora_params,
@@ -224,6 +225,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
         raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
                          f"{spec.max_positions} positions (max_position_embeddings)")
+    if not spec.has_formula and not setup.allow_llama_fallback:
+        count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
+        raise NoFormula(spec)
     count = count_params(spec)
     group = _group(traits(spec, setup).family, setup.attn, setup.precision)
     cuda = setup.device is Device.CUDA
@@ -243,12 +247,34 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
+    _check_non_negative(spec, phases, first)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
                     calibration_key=group, first_step_phases=first)
+
+
+class NoFormula(ValueError):
+    """A model type outside the registry, refused: one sentence naming it and the ways on."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(
+            f"model_type {spec.model_type!r} ({spec.name}) has no formula here (families: "
+            f"{', '.join(registered_types())}); measure it with `vramlab profile {spec.source or spec.name} "
+            f"--backend sim` (any transformers causal LM, CUDA semantics, no GPU), or pass --allow-llama-fallback "
+            f"for the Llama-style terms, {FALLBACK_ERROR_RANGE}")
+
+
+def _check_non_negative(spec: ModelSpec, *phase_sets) -> None:
+    """A negative byte count is a bug in a term, never a result: an internal error (exit 1)."""
+    for phases in phase_sets:
+        for ph, comp in (phases or {}).items():
+            for cat, value in comp.items():
+                if value < 0:
+                    raise RuntimeError(f"internal error: the estimate of {spec.name} has {value} bytes of "
+                                       f"{cat.value} in {ph.value}; please report it with the command line")
 
 
 def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:

@@ -219,6 +219,10 @@ class Setup:
     # attention needs 8.0 or newer (torch's sdp_utils check_flash_attention_hardware_support);
     # "" assumes a GPU that has it
     compute_capability: str = ""
+    # a model type outside the registry (estimator/archs) is refused unless this is set: then
+    # its parameters come from a meta-device build and its activations from the Llama-style
+    # terms (--allow-llama-fallback; the estimate carries a note with the known error range)
+    allow_llama_fallback: bool = False
 
     def __post_init__(self) -> None:
         # accept strings for the enums so callers and JSON records can pass plain values
@@ -237,7 +241,7 @@ class Setup:
         if cc and not (cc.count(".") == 1 and all(part.isdigit() for part in cc.split("."))):
             raise ValueError(f"compute_capability is MAJOR.MINOR (e.g. 7.5), got {self.compute_capability!r}")
         object.__setattr__(self, "compute_capability", cc)
-        for name in ("grad_ckpt", "keep_grads", "use_cache"):
+        for name in ("grad_ckpt", "keep_grads", "use_cache", "allow_llama_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("batch", "seq", "world_size", "grad_accum"):
@@ -370,6 +374,8 @@ class Setup:
             del out["loss"]  # the default: records keep their case keys
         if not self.compute_capability:
             del out["compute_capability"]  # the default: records keep their case keys
+        if not self.allow_llama_fallback:
+            del out["allow_llama_fallback"]  # the default: records keep their case keys
         return out
 
     @classmethod

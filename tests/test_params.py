@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from estimator.estimate import estimate  # noqa: E402
+from estimator.estimate import NoFormula, estimate  # noqa: E402
 from estimator.modelspec import MODELS_DIR, load_model, registry_names  # noqa: E402
-from estimator.params import GROUPS, count_params, group_of, lora_params  # noqa: E402
+from estimator.params import GROUPS, count_params, group_of, lora_params, quantized_params  # noqa: E402
 from estimator.setup import Mode, Setup  # noqa: E402
 
 #: Totals published on each model's Hugging Face page (safetensors metadata "Params"),
@@ -165,9 +165,34 @@ def test_unknown_model_type_falls_back_to_meta_count(tmp_path):
     assert "stablelm" in count.note and "meta" in count.note
     expected = sum(p.numel() for p in _build(STABLELM_TINY).parameters())
     assert count.total == expected
-    est = estimate(spec, Setup(seq=64))
+    with pytest.raises(NoFormula, match=r"model_type 'stablelm' .* has no formula here .*--backend sim.*"
+                                        r"--allow-llama-fallback"):
+        estimate(spec, Setup(seq=64))  # never a number no mechanism stands behind, unless asked
+    est = estimate(spec, Setup(seq=64, allow_llama_fallback=True))
     assert est.params == expected
-    assert count.note in est.notes
+    assert count.note in est.notes and "-28 % to +33 %" in count.note
+
+
+def test_fallback_quantizes_the_real_linears(tmp_path):
+    # the Llama-style layer list has more linears than stablelm's real modules; the count must
+    # come from the model (the negative estimate of issue 21 came from the layer list)
+    import torch.nn as nn
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(STABLELM_TINY))
+    spec = load_model(str(path))
+    model = _build(STABLELM_TINY)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    assert quantized_params(spec)[0] == sum(m.weight.numel() for m in linears)
+    est = estimate(spec, Setup(mode="qlora", quant="nf4", seq=64, allow_llama_fallback=True))
+    assert all(v >= 0 for comp in est.phases.values() for v in comp.values())
+
+
+@pytest.mark.parametrize("name", registry_names())
+def test_quantized_elements_match_the_meta_builds_linears(name):
+    from estimator.archs.meta import meta_linears
+    spec = load_model(name)
+    assert quantized_params(spec) == meta_linears(spec)
 
 
 def test_model_type_transformers_does_not_know(tmp_path):

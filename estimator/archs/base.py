@@ -99,6 +99,7 @@ class Linear:
     fused_experts: bool = False  # one 3-D parameter, not an nn.Linear: no LoRA, no bitsandbytes
     conv1d: bool = False  # GPT-2's Conv1D stores its weight (in, out), nn.Linear (out, in)
     parts: int = 1  # projections concatenated in one fused expert parameter (gate_up_proj: 2)
+    router: bool = False  # an MoE router: nn.Linear in transformers 4.x, a module of its own class in 5.x
 
     def lora_rank_multiplier(self) -> int:
         """peft (0.21) wraps fused MoE expert parameters under all-linear with a rank of

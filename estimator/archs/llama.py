@@ -50,7 +50,7 @@ class LlamaStyle(Arch):
             # 3-D parameters gate_up_proj (E, 2f, h) and down_proj (E, h, f)
             # (5.0.0 models/mixtral/modeling_mixtral.py:63-72)
             e = spec.num_experts
-            return attention + [Linear("gate", "mlp", h, e, False),
+            return attention + [Linear("gate", "mlp", h, e, False, router=True),
                                 Linear("gate_up_proj", "mlp", h, 2 * f, False, copies=e, fused_experts=True,
                                        parts=2),
                                 Linear("down_proj", "mlp", f, h, False, copies=e, fused_experts=True)]

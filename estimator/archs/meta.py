@@ -70,3 +70,30 @@ def build_meta_model(spec):
             message = message[:117] + "..."
         raise ConfigError(f"transformers cannot build model_type {spec.model_type!r} from {where}: "
                           f"{type(exc).__name__}: {message}") from None
+
+
+_LINEARS: dict = {}
+
+
+def meta_linears(spec) -> tuple[int, int, int]:
+    """(weight elements, output rows, biases) of the modules bitsandbytes replaces in the
+    meta-device build: every module whose type is exactly nn.Linear, and GPT-2's Conv1D
+    (transformers 5.24 integrations/bitsandbytes.py:189 ``isinstance(module, Conv1D) or
+    type(module) is nn.Linear``), but the output embedding (``get_keys_to_not_convert``:
+    the output head); fused 3-D expert parameters and MoE routers of their own class stay as
+    they are. Memoised per spec (a build takes a second or two)."""
+    found = _LINEARS.get(spec)
+    if found is None:
+        import torch.nn as nn
+        from transformers.pytorch_utils import Conv1D
+        model = build_meta_model(spec)
+        head = model.get_output_embeddings()
+        weights = rows = biases = 0
+        for module in model.modules():
+            if module is head or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
+                continue
+            weights += module.weight.numel()
+            rows += module.nf if isinstance(module, Conv1D) else module.out_features
+            biases += module.bias.numel() if module.bias is not None else 0
+        found = _LINEARS[spec] = (weights, rows, biases)
+    return found

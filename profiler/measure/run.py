@@ -13,7 +13,7 @@ import platform
 import torch
 
 from estimator.categories import Category
-from estimator.estimate import estimate
+from estimator.estimate import NoFormula, estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 from profiler.measure.build import build_model, materialize_fake
@@ -56,8 +56,13 @@ def make_case(spec: ModelSpec, setup: Setup, backend: str, steps: int, nproc: in
                 setup=backend_setup(setup, backend).to_dict(), steps=steps, backend=backend, nproc=nproc)
 
 
-def prediction(spec: ModelSpec, setup: Setup) -> Prediction:
-    return Prediction(**estimate(spec, setup).to_dict())
+def prediction(spec: ModelSpec, setup: Setup) -> Prediction | None:
+    """The estimate put beside a measurement; ``None`` for a model type the estimator has no
+    formula for (it is measured all the same: that is how such a model is sized)."""
+    try:
+        return Prediction(**estimate(spec, setup).to_dict())
+    except NoFormula:
+        return None
 
 
 def device_info(backend: str) -> dict:
@@ -110,6 +115,8 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     spec = spec or load_model(model)
     setup = backend_setup(setup, backend)
     record = new_record(make_case(spec, setup, backend, steps, model=model), predicted=prediction(spec, setup))
+    if record.predicted is None:
+        record.note(f"no estimate beside it: model_type {spec.model_type!r} has no formula (estimator/archs)")
     cuda = backend == "cuda"
     sampler = None
     if cuda:
