@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .archs import MLP, Norm, traits
+from .archs import MLP, Norm, QKNorm, traits
 from .caches import cache_copies_saved, dynamic_cache
 from .kernels import (
     attention_output_copied,
@@ -182,7 +182,8 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # LlamaRMSNorm: x.to(fp32) (a copy unless already fp32), pow/mul save it; rsqrt
         # saves a fp32 scalar per token; `weight * x.to(dtype)` saves x.to(dtype) when the
         # weight is trainable (Gemma's (1 + weight) form keeps it fp32).
-        normed = (FP32 if tr.norm is Norm.RMS_ONE_PLUS else resid) * h if trainable_base else 0
+        normed = (FP32 if tr.norm in (Norm.RMS_ONE_PLUS, Norm.RMS_WEIGHT_FP32) else resid) * h \
+            if trainable_base else 0
         per_norm = FP32 * h + FP32 + normed
     else:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
@@ -194,6 +195,8 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         copies = _input_linears(spec) if setup.precision.is_autocast else norms_before_linear
         terms["linear_inputs"] = copies * lin_in * h
     terms.update(_attention_kernel(spec, setup, p))
+    if tr.qk_norm is not QKNorm.NONE:
+        terms["qk_norm"] = _qk_norm_saved(spec, tr, lin_in, trainable_base)
     if trainable_base and attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
@@ -255,6 +258,17 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     if trainable_base:
         outside["head_input"] = lin_in * h * T
     return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
+
+
+def _qk_norm_saved(spec: ModelSpec, tr, in_bytes: int, trainable: bool) -> int:
+    """Per token, what the query and key norms save (Qwen3's per-head ``q_norm``/``k_norm``,
+    OLMo 2's over all heads): as a layer's RMSNorm, the fp32 upcast of the projection's output
+    (its input itself when fp32), an fp32 rsqrt per head (or per token), and where the weight
+    is trainable ``x.to(dtype)`` (fp32 in Gemma's ``(1 + weight)`` form)."""
+    heads = (spec.num_heads, spec.num_kv_heads) if tr.qk_norm is QKNorm.HEAD else (1, 1)
+    normed = FP32 if tr.qk_norm_kind in (Norm.RMS_ONE_PLUS, Norm.RMS_WEIGHT_FP32) else in_bytes
+    return sum(FP32 * dim + FP32 * scalars + (normed * dim if trainable else 0)
+               for dim, scalars in ((spec.q_dim, heads[0]), (spec.kv_dim, heads[1])))
 
 
 def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:

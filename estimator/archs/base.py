@@ -73,8 +73,23 @@ class Norm(_Doc):
     RMS = "rms"
     #: GemmaRMSNorm: ``(1 + weight)`` in fp32, so the normed copy it saves is fp32
     RMS_ONE_PLUS = "rms-one-plus"
+    #: OLMo 2's RMSNorm: ``(weight * x_normed).to(dtype)``, the fp32 normed input saved for the
+    #: weight's gradient (as Gemma's form)
+    RMS_WEIGHT_FP32 = "rms-weight-fp32"
     #: nn.LayerNorm (native_layer_norm): its input, an fp32 mean and rstd per token
     LAYER = "layer"
+
+
+class QKNorm(_Doc):
+    """A norm on the projected queries and keys, before the rotary embedding."""
+
+    #: none (Llama, Mistral, Qwen2, ...)
+    NONE = "none"
+    #: over each head's head_dim (Qwen3 ``q_norm``/``k_norm`` of (head_dim,), Gemma 3): one
+    #: fp32 rsqrt per head and token
+    HEAD = "head"
+    #: over all heads at once (OLMo 2: (heads * head_dim,) weights): one rsqrt per token
+    FULL = "full"
 
 
 class Softmax(_Doc):
@@ -192,6 +207,9 @@ class Traits:
     mlp: MLP
     norm: Norm
     eager_softmax: Softmax
+    #: a norm on the projected queries and keys (its kind is ``qk_norm_kind``)
+    qk_norm: QKNorm = QKNorm.NONE
+    qk_norm_kind: Norm = Norm.RMS
     #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
     #: output is one more (heads, s, s) tensor saved in eager attention
     attn_softcap: bool = False
@@ -257,6 +275,7 @@ class Arch:
     peft_targets: ClassVar[tuple[str, ...]] = ("q_proj", "v_proj")
     #: the traits before any switch (:meth:`base_traits` may read the config on top)
     qkv: ClassVar[QKV] = QKV.SEPARATE
+    qk_norm: ClassVar[QKNorm] = QKNorm.NONE
     norm: ClassVar[Norm] = Norm.LAYER
     eager_softmax: ClassVar[Softmax] = Softmax.UPCAST
     #: the version switches, oldest behaviour in ``before``
@@ -333,7 +352,7 @@ def _norm_tensors(spec) -> list[Tensor]:
 @lru_cache(maxsize=512)
 def _resolve(arch: Arch, spec, semantics) -> Traits:
     values: dict[str, Any] = dict(family=arch.family, qkv=arch.qkv, mlp=arch.mlp_kind(spec), norm=arch.norm,
-                                  eager_softmax=arch.eager_softmax)
+                                  eager_softmax=arch.eager_softmax, qk_norm=arch.qk_norm, qk_norm_kind=arch.norm)
     values.update(arch.base_traits(spec))
     for sw in arch.switches:
         values[sw.trait] = sw.value if semantics.at_least(sw.library, sw.since) else sw.before
