@@ -151,10 +151,18 @@ def main(argv=None) -> int:
         return 0
     with gzip.open(args.check, "rt") as fh:
         before = [json.loads(x) for x in fh]
-    diffs = [(a, b) for a, b in zip(before, lines) if a != json.loads(json.dumps(b, sort_keys=True))]
-    if len(before) != len(lines):
-        print(f"DIFFERENT: {len(before)} lines saved, {len(lines)} now")
+    now = {(x["model"], x["setup"]): x for x in lines}
+    missing = [(x["model"], x["setup"]) for x in before if (x["model"], x["setup"]) not in now]
+    if missing:
+        gone = sorted({m for m, _ in missing})
+        print(f"DIFFERENT: {len(missing)} saved lines have no counterpart now (models {gone})")
         return 1
+    added = sorted({x["model"] for x in lines} - {x["model"] for x in before})
+    if added:
+        print(f"models not in the saved run (not compared): {', '.join(added)}")
+    diffs = [(a, now[(a["model"], a["setup"])]) for a in before
+             if a != json.loads(json.dumps(now[(a["model"], a["setup"])], sort_keys=True))]
+    lines = [now[(a["model"], a["setup"])] for a in before]
     if diffs:
         print(f"DIFFERENT: {len(diffs)} of {len(lines)} lines differ; the first 5:")
         for a, b in diffs[:5]:
@@ -163,6 +171,7 @@ def main(argv=None) -> int:
             print(f"  {a['model']} setup {a['setup']}: {a.get('error') or ''} -> {b.get('error') or ''} "
                   f"fields {where[:6]} allocated {ea.get('allocated_bytes')} -> {eb.get('allocated_bytes')}")
         return 1
+    ok = sum("estimate" in x for x in lines)
     print(f"identical: {len(lines)} lines ({ok} estimates, {len(lines) - ok} refusals) byte for byte")
     return 0
 

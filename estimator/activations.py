@@ -22,6 +22,8 @@ from .kernels import (
     eager_softmax_saved,
     fused_qkv,
     kv_repeated,
+    masked_layer_bytes,
+    masked_layers,
     qkv_views,
     rotary_fp32_qk,
     sdpa_kernel,
@@ -139,10 +141,15 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
     is memoised per (model, :attr:`Setup.per_sequence`) and scaled."""
     one = _training_activations_b1(spec, setup.per_sequence)
     b = setup.batch
-    if b == 1:
-        return _batch_one(spec, setup, one)
-    return Activations(per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
-                       outside={k: v * b for k, v in one.outside.items()})
+    out = _batch_one(spec, setup, one) if b == 1 else Activations(
+        per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
+        outside={k: v * b for k, v in one.outside.items()})
+    if "masked_layers" in out.outside:
+        # the one boolean sliding-window mask the model builds, (1, 1, s, s), whatever the batch
+        # (measured on the sim: s * s bytes once, beside the per-layer converted masks)
+        out = Activations(per_layer=out.per_layer, layers=out.layers,
+                          outside={**out.outside, "sliding_mask": setup.seq * setup.seq})
+    return out
 
 
 def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
@@ -230,6 +237,9 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
+    masked = masked_layers(spec, setup)
+    if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
+        outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T
     # Under LoRA without checkpointing the embedding output needs no gradient (frozen
     # embeddings; peft's enable_input_require_grads only comes with checkpointing), and
     # autograd saves only for inputs that need one: the embedding dropout keeps no mask and
@@ -333,7 +343,10 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     _, resid, _ = _dtypes(setup)
     T = setup.batch * setup.seq
     full = training_activations(spec, setup)
+    # a masked layer (sliding window) recomputes its converted mask too: the largest layer is it
+    masked = masked_layer_bytes(spec, setup) * T if "masked_layers" in full.outside else 0
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
-                       outside={**{k: v for k, v in full.outside.items() if k != "first_layer_frozen"},
-                                "recomputed_layer": full.layer_bytes})
+                       outside={**{k: v for k, v in full.outside.items()
+                                   if k not in ("first_layer_frozen", "masked_layers")},
+                                "recomputed_layer": full.layer_bytes + masked})

@@ -658,6 +658,9 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
+    masked = kernels.masked_layers(spec, setup)
+    if masked:  # a sliding-window layer's converted mask (and repeat_kv's copies), and the boolean one
+        attn += kernels.masked_layer_bytes(spec, setup) * T + setup.seq * setup.seq
     resid, mlp, attn = arch_of(spec).prefill_quirk(spec, setup, tr, resid, mlp, attn, softmax,
                                                    kernels.cuda_sdpa_backend(spec, setup) == "math")
     return resid + max(mlp, attn)

@@ -122,3 +122,27 @@ def rotary_fp32_qk(spec: ModelSpec, setup: Setup, p: int) -> bool:
     """The query and key leave the rotary embedding in fp32 (GPT-NeoX < 4.45, traits
     ``rotary_fp32``) when the weights are 16-bit."""
     return p != FP32 and traits(spec, setup).rotary_fp32
+
+
+def masked_layers(spec: ModelSpec, setup: Setup) -> int:
+    """Layers whose sdpa call gets an explicit mask: the sliding-window layers once the
+    sequence is as long as the window (transformers masking_utils.py ``_ignore_causal_mask_sdpa``:
+    ``kv_length >= local_attention_size`` keeps it); full-attention layers pass ``is_causal``."""
+    tr = traits(spec, setup)
+    if setup.attn is not Attention.SDPA or not tr.sliding_layers or setup.seq < tr.sliding_window:
+        return 0
+    return tr.sliding_layers
+
+
+def masked_layer_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """Per token, what a masked sdpa layer saves beyond an unmasked one: the mask sdpa converts
+    to the query's dtype for the kernel, (b, 1, s, s) (aten/src/ATen/native/transformers/
+    attention.cpp ``convert_boolean_attn_mask``; measured p bytes per element per layer on the
+    sim, cuda and cpu semantics), and, for grouped heads, ``repeat_kv``'s copies of k and v:
+    transformers passes ``enable_gqa`` only without a mask (integrations/sdpa_attention.py
+    ``use_gqa_in_sdpa``), and one key/value head repeats as a view (a size-1 dim), so only
+    1 < kv heads < heads copies."""
+    p = setup.precision.compute_bytes
+    kv, a = spec.num_kv_heads, spec.num_heads
+    repeat = 2 * (spec.q_dim - spec.kv_dim) * p if 1 < kv < a else 0
+    return p * setup.seq + repeat

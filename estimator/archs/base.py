@@ -210,6 +210,11 @@ class Traits:
     #: a norm on the projected queries and keys (its kind is ``qk_norm_kind``)
     qk_norm: QKNorm = QKNorm.NONE
     qk_norm_kind: Norm = Norm.RMS
+    #: layers of type sliding_attention, and their window: from a sequence as long as the
+    #: window, sdpa gets an explicit mask there (transformers masking_utils.py
+    #: ``_ignore_causal_mask_sdpa``: ``kv_length >= local_attention_size`` keeps the mask)
+    sliding_layers: int = 0
+    sliding_window: int = 0
     #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
     #: output is one more (heads, s, s) tensor saved in eager attention
     attn_softcap: bool = False
