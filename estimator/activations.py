@@ -144,11 +144,12 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
     out = _batch_one(spec, setup, one) if b == 1 else Activations(
         per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
         outside={k: v * b for k, v in one.outside.items()})
-    if "masked_layers" in out.outside:
-        # the one boolean sliding-window mask the model builds, (1, 1, s, s), whatever the batch
-        # (measured on the sim: s * s bytes once, beside the per-layer converted masks)
-        out = Activations(per_layer=out.per_layer, layers=out.layers,
-                          outside={**out.outside, "sliding_mask": setup.seq * setup.seq})
+    tr = traits(spec, setup)
+    if tr.local_rotary and tr.sliding_layers:
+        # the sliding layers' own rotary cos and sin, (1, s, head_dim) each in the compute dtype,
+        # which their rotary multiplications save whatever the batch (measured on the sim)
+        out = Activations(per_layer=out.per_layer, layers=out.layers, outside={
+            **out.outside, "local_rotary": 2 * setup.seq * spec.head_dim * setup.precision.compute_bytes})
     return out
 
 

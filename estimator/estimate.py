@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from . import activations as acts
 from . import caches, kernels
-from .archs import MLP, arch_of, registered_types, traits
+from .archs import MLP, arch_of, inventory_of, registered_types, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
 from .logits import logits_bytes
@@ -317,6 +317,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     weights do; kept gradients exist from the first backward; a held loop's previous
     outputs from the second step). The terms both share are computed once."""
     W, G, O = st.weights, st.gradients, st.optimizer_state
+    G_layer = _layer_gradients(spec, setup, st)
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
@@ -415,6 +416,17 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
                 activations=saved + recomputed, logits=held_logits, kv_cache=held_kv, temporaries=recompute_temps)))
+        if recomputed and not ranked.gathers and spec.num_layers > 1:
+            # the first layer's recomputation, last in backward: every gradient but the first
+            # layer's and the input embedding's exists by then (a layer's are made in its own
+            # backward), the later layers' inputs are freed, and the layer's backward holds its
+            # working set (sharding.layer_working_set) beside its recomputed activations
+            layer_input = int(act.per_layer.get("layer_input", 0) * k)
+            done = max(R, G - G_layer - st.untied_embed_grad - st.embed_bwd // 2)
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=done,
+                activations=saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
+                kv_cache=held_kv, temporaries=recompute_temps + layer_working_set(spec, setup))))
         if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
             layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
             if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
@@ -437,6 +449,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
         setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
     first = None if same_first else build(True)
     return steady, (None if first == steady else first)
+
+
+def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
+    """Bytes of one decoder layer's gradients on this rank (unsharded schemes)."""
+    if not st.states.trainable:
+        return 0
+    per_elem = st.states.gradients // st.states.trainable
+    if setup.mode is Mode.FULL:
+        return inventory_of(spec).layer_elems * per_elem if spec.has_formula else 0
+    return st.states.trainable // max(spec.num_layers, 1) * per_elem
 
 
 def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
@@ -659,8 +681,8 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
     masked = kernels.masked_layers(spec, setup)
-    if masked:  # a sliding-window layer's converted mask (and repeat_kv's copies), and the boolean one
-        attn += kernels.masked_layer_bytes(spec, setup) * T + setup.seq * setup.seq
+    if masked:  # a sliding-window layer's converted mask (and repeat_kv's copies)
+        attn += kernels.masked_layer_bytes(spec, setup) * T
     resid, mlp, attn = arch_of(spec).prefill_quirk(spec, setup, tr, resid, mlp, attn, softmax,
                                                    kernels.cuda_sdpa_backend(spec, setup) == "math")
     return resid + max(mlp, attn)

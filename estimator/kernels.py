@@ -138,7 +138,7 @@ def masked_layer_bytes(spec: ModelSpec, setup: Setup) -> int:
     """Per token, what a masked sdpa layer saves beyond an unmasked one: the mask sdpa converts
     to the query's dtype for the kernel, (b, 1, s, s) (aten/src/ATen/native/transformers/
     attention.cpp ``convert_boolean_attn_mask``; measured p bytes per element per layer on the
-    sim, cuda and cpu semantics), and, for grouped heads, ``repeat_kv``'s copies of k and v:
+    sim, cuda and cpu semantics, Gemma 3 and Mistral), and, for grouped heads, ``repeat_kv``'s copies of k and v:
     transformers passes ``enable_gqa`` only without a mask (integrations/sdpa_attention.py
     ``use_gqa_in_sdpa``), and one key/value head repeats as a view (a size-1 dim), so only
     1 < kv heads < heads copies."""

@@ -26,7 +26,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from ..configcheck import MAX_HIDDEN, MAX_POSITIONS, Fields
+from ..configcheck import MAX_HIDDEN, MAX_POSITIONS, ConfigError, Fields
 
 
 class _Doc(str, Enum):
@@ -215,6 +215,8 @@ class Traits:
     #: ``_ignore_causal_mask_sdpa``: ``kv_length >= local_attention_size`` keeps the mask)
     sliding_layers: int = 0
     sliding_window: int = 0
+    #: the sliding layers rotate with tables of their own (Gemma 3's ``rope_local_base_freq``)
+    local_rotary: bool = False
     #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
     #: output is one more (heads, s, s) tensor saved in eager attention
     attn_softcap: bool = False
@@ -321,6 +323,18 @@ class Arch:
         """Traits that depend on the config rather than on versions (override to add)."""
         return {}
 
+    def layer_types(self, spec) -> list[str]:
+        """Each layer's attention type, ``sliding_attention`` or ``full_attention``: the config's
+        ``layer_types`` where it lists them (checked by :func:`check_layer_types`), else the
+        configuration class's default (override: all full here)."""
+        types = spec.config.get("layer_types")
+        return list(types) if isinstance(types, list) else ["full_attention"] * spec.num_layers
+
+    def sliding_window(self, spec) -> int:
+        """The sliding window of the sliding_attention layers (0: none)."""
+        window = spec.config.get("sliding_window")
+        return window if isinstance(window, int) and not isinstance(window, bool) else 0
+
     def traits(self, spec, semantics) -> Traits:
         """The traits of ``spec`` under ``semantics`` (estimator/versions.py): the family's
         defaults, what the config sets, then every switch for the assumed versions."""
@@ -358,6 +372,9 @@ def _norm_tensors(spec) -> list[Tensor]:
 def _resolve(arch: Arch, spec, semantics) -> Traits:
     values: dict[str, Any] = dict(family=arch.family, qkv=arch.qkv, mlp=arch.mlp_kind(spec), norm=arch.norm,
                                   eager_softmax=arch.eager_softmax, qk_norm=arch.qk_norm, qk_norm_kind=arch.norm)
+    window = arch.sliding_window(spec)
+    sliding = sum(t == "sliding_attention" for t in arch.layer_types(spec)) if window else 0
+    values.update(sliding_layers=sliding, sliding_window=window if sliding else 0)
     values.update(arch.base_traits(spec))
     for sw in arch.switches:
         values[sw.trait] = sw.value if semantics.at_least(sw.library, sw.since) else sw.before
@@ -406,7 +423,7 @@ def read_common_llama(f: Fields) -> dict[str, Any]:
     check_shapes(f.where, h, heads, kv, head_dim_given=bool(head_dim), experts=experts, experts_per_token=per_token)
     attention_bias = f.bool("attention_bias", False)
     softcap = f.number("final_logit_softcapping")
-    return dict(
+    out = dict(
         hidden_size=h, num_layers=f.int("num_hidden_layers", "n_layer", limit=MAX_LAYERS),
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim or h // heads,
         intermediate_size=f.int("intermediate_size", "ffn_dim", "n_inner", limit=MAX_INTERMEDIATE),
@@ -417,6 +434,22 @@ def read_common_llama(f: Fields) -> dict[str, Any]:
         mlp_bias=f.bool("mlp_bias", False), num_experts=experts, experts_per_token=per_token,
         attn_dropout=f.fraction("attention_dropout", 0.0), resid_dropout=f.fraction("resid_pdrop", 0.0),
         embd_dropout=f.fraction("embd_pdrop", 0.0), logit_softcap=bool(softcap))
+    check_layer_types(f, out["num_layers"])
+    return out
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def check_layer_types(f: Fields, num_layers: int) -> None:
+    """A config's ``layer_types``, where given: one of :data:`LAYER_TYPES` per layer, and a
+    ``sliding_window`` that is a position count or null."""
+    types = f.config.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) != num_layers
+                              or not all(t in LAYER_TYPES for t in types)):
+        raise ConfigError(f"{f.where}: layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                          f"{num_layers} layers")
+    f.int("sliding_window", limit=MAX_POSITIONS, default=0)
 
 
 def config_flag(spec, key: str, default: bool) -> bool:

@@ -12,7 +12,7 @@ soft-capping None, sliding_window 4096).
 """
 from __future__ import annotations
 
-from ..configcheck import MAX_HEAD_DIM, MAX_LAYERS, MAX_POSITIONS, ConfigError
+from ..configcheck import MAX_HEAD_DIM, MAX_LAYERS
 from .base import QKNorm, Tensor
 from .gemma import Gemma2
 
@@ -30,27 +30,24 @@ class Gemma3Text(Gemma2):
         out = super().read(f, model_type)
         if f.config.get("head_dim") is None:  # Gemma3TextConfig's default
             out["head_dim"] = f.int("head_dim", limit=MAX_HEAD_DIM, default=256)
-        types = f.config.get("layer_types")
-        if types is not None and (not isinstance(types, list) or len(types) != out["num_layers"] or not all(
-                t in ("sliding_attention", "full_attention") for t in types)):
-            raise ConfigError(f"{f.where}: layer_types must list sliding_attention or full_attention for each of "
-                              f"the {out['num_layers']} layers")
-        f.int("sliding_window", limit=MAX_POSITIONS, default=4096)
         f.int("sliding_window_pattern", limit=MAX_LAYERS, default=6)
         return out
 
+    def layer_types(self, spec):
+        types = spec.config.get("layer_types")
+        if isinstance(types, list):
+            return list(types)
+        # Gemma3TextConfig: every sliding_window_pattern-th layer (default 6) is global
+        pattern = spec.config.get("sliding_window_pattern") or 6
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
+
+    def sliding_window(self, spec):
+        return super().sliding_window(spec) if "sliding_window" in spec.config else 4096  # the class default
+
     def base_traits(self, spec):
-        config = spec.config
-        types = config.get("layer_types")
-        if types is None:  # Gemma3TextConfig: every sliding_window_pattern-th layer (default 6) is global
-            pattern = int(config.get("sliding_window_pattern", 6) or 6)
-            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
-        return {
-            # Gemma3TextConfig: attn_logit_softcapping defaults to None (Gemma 2's to 50.0)
-            "attn_softcap": config.get("attn_logit_softcapping") is not None,
-            "sliding_layers": sum(t == "sliding_attention" for t in types),
-            "sliding_window": int(config.get("sliding_window") or 4096),
-        }
+        # Gemma3TextConfig: attn_logit_softcapping defaults to None (Gemma 2's to 50.0)
+        # the sliding layers' rotary tables are their own (rotary_emb_local, rope_local_base_freq)
+        return {"attn_softcap": spec.config.get("attn_logit_softcapping") is not None, "local_rotary": True}
 
 
 ARCHS = (Gemma3Text(),)

@@ -27,7 +27,7 @@ PREFILL_SWITCHES = (
 class LlamaStyle(Arch):
     """The base of every Llama-style family: subclasses change a field or a trait."""
 
-    model_types = ("llama", "mistral")
+    model_types = ("llama",)
     family = "llama"
     tie_default = False  # LlamaConfig / MistralConfig pass tie_word_embeddings=False
     norm = Norm.RMS
@@ -59,6 +59,17 @@ class LlamaStyle(Arch):
                             Linear("down_proj", "mlp", f, h, spec.mlp_bias)]
 
 
+class Mistral(LlamaStyle):
+    """Mistral: Llama's layout; with a ``sliding_window`` every layer slides (5.24
+    models/mistral/modeling_mistral.py:173 passes it to attention, :355 builds the sliding mask
+    for the model)."""
+
+    model_types = ("mistral",)
+
+    def layer_types(self, spec):
+        return ["sliding_attention"] * spec.num_layers
+
+
 class Fallback(LlamaStyle):
     """A model type without a formula: its config read under Llama's names, its parameters
     counted on a meta-device build (estimator/params.py meta_count), its activations from the
@@ -72,4 +83,4 @@ class Fallback(LlamaStyle):
     exact = False
 
 
-ARCHS = (LlamaStyle(),)
+ARCHS = (LlamaStyle(), Mistral())

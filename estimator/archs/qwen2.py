@@ -18,6 +18,18 @@ class Qwen2(LlamaStyle):
         Switch("rotary_tables_per_layer", "4.45", False, True,
                "4.44.2 models/qwen2/modeling_qwen2.py:160-161, :276; 4.45.0 :874"),)
 
+    def sliding_window(self, spec):
+        # Qwen2Config: sliding_window only with use_sliding_window (configuration_qwen2.py:83)
+        return super().sliding_window(spec) if spec.config.get("use_sliding_window") else 0
+
+    def layer_types(self, spec):
+        # the layers from max_window_layers on slide (configuration_qwen2.py:87-92)
+        types = spec.config.get("layer_types")
+        if isinstance(types, list):
+            return list(types)
+        first = spec.config.get("max_window_layers", 28)
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(spec.num_layers)]
+
     def read(self, f, model_type):
         out = super().read(f, model_type)
         return dict(out, qkv_bias=True, o_bias=False)  # Qwen2Attention: q/k/v biased, o_proj not
