@@ -19,6 +19,7 @@ from .caches import cache_copies_saved, dynamic_cache
 from .kernels import (
     attention_output_copied,
     cuda_sdpa_backend,
+    eager_softmax_bytes,
     eager_softmax_saved,
     fused_qkv,
     kv_repeated,
@@ -99,7 +100,9 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     if setup.attn is Attention.EAGER:
         # repeat_kv materialises GQA keys/values to a heads (modeling_llama.repeat_kv)
         out["attn_qkv"] = p * 3 * q  # (b, a, s, d) q, k, v each (k, v repeated to a heads)
-        out["attn_scores"] = eager_softmax_saved(spec, setup) * a * s  # (b, a, s, s) softmax [+ its cast]
+        # (b, a, s, s): the softmax [and its cast, which a dropout consumes: then only the dropout's
+        # output is saved, for the value matmul]
+        out["attn_scores"] = (eager_softmax_bytes(spec, setup) if dropout else eager_softmax_saved(spec, setup)) * a * s
         tr = traits(spec, setup)
         if tr.attn_softcap:
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping

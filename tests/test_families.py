@@ -26,7 +26,8 @@ FAMILIES = ["qwen3-0.6b", "olmo-2-1b", "gemma-3-1b", "llama-3.2-1b", "phi-4-mini
 
 def _reduced(name: str, layers: int = 4):
     spec = load_model(name)
-    cfg = dict(spec.config, num_hidden_layers=layers)
+    cfg = dict(spec.config)
+    cfg["n_layer" if "n_layer" in cfg else "num_hidden_layers"] = layers
     if isinstance(cfg.get("layer_types"), list):
         cfg["layer_types"] = cfg["layer_types"][:layers]
     return spec_from_config(cfg, name=f"{name}-{layers}l", source=spec.source)

@@ -317,7 +317,10 @@ class Arch:
         """Gated MLPs by the spec; the rest by ``hidden_act`` (transformers activations.py)."""
         if spec.gated_mlp:
             return MLP.GATED
-        return {"gelu_new": MLP.NEW_GELU, "gelu": MLP.GELU}.get(spec.hidden_act, MLP.RELU)
+        # gelu_pytorch_tanh is F.gelu(x, approximate="tanh") (transformers activations.py
+        # PytorchGELUTanh): one op saving its input, as exact GELU
+        kinds = {"gelu_new": MLP.NEW_GELU, "gelu": MLP.GELU, "gelu_pytorch_tanh": MLP.GELU}
+        return kinds.get(spec.hidden_act, MLP.RELU)
 
     def base_traits(self, spec) -> dict[str, Any]:
         """Traits that depend on the config rather than on versions (override to add)."""
