@@ -21,7 +21,8 @@ FAMILY_TOLERANCE = 0.005
 CPU_TOLERANCE = 0.005
 _T = {c.value for c in TENSOR_CATEGORIES}
 
-FAMILIES = ["qwen3-0.6b", "olmo-2-1b", "gemma-3-1b", "llama-3.2-1b", "phi-4-mini", "smollm3-3b", "granite-3.3-2b"]
+FAMILIES = ["qwen3-0.6b", "olmo-2-1b", "olmo-3-7b", "gemma-3-1b", "llama-3.2-1b", "phi-4-mini", "smollm3-3b",
+            "granite-3.3-2b", "starcoderbase-1b", "ministral-8b"]
 
 
 def _reduced(name: str, layers: int = 4):
