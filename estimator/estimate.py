@@ -407,11 +407,14 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
         if ranked.gathers and setup.mode is Mode.FULL:
             # FSDP1 / FSDP2 / ZeRO-3: the LM head's weight gradient made while the logits'
             # gradient still exists, beside the root's and the last layer's unsharded parameters
-            # (and, accumulating, the unsharded gradients it is added into; sharding.py)
+            # (and, accumulating, the unsharded gradients it is added into; sharding.py). The
+            # logits' gradient of loss = logits.sum() is a stride-0 expand of one scalar: only
+            # CUDA's contiguous copy of it for cuBLAS holds memory (logits.logits_bytes)
+            logits_grad = logits["backward"] if setup.loss is Loss.LOGITS_SUM else \
+                setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes
             candidates.append(phase(big + n_states + n_act + 2, **with_extra(
                 ranked.backward_head_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
-                logits=setup.batch * setup.seq * spec.vocab_size * setup.precision.compute_bytes + held_logits,
-                kv_cache=held_kv, temporaries=bwd_temps)))
+                logits=logits_grad + held_logits, kv_cache=held_kv, temporaries=bwd_temps)))
         if recomputed:
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,

@@ -1,23 +1,39 @@
 """Properties of estimate() over random valid setups (hypothesis).
 
 Models: small and large shipped configs of every family with a formula (GPT-2, OPT,
-Llama-style dense, MoE, fused-qkv Phi-3, Gemma-2).
+Llama-style dense, MoE, fused-qkv Phi-3, Gemma-2, and today's: Qwen3, Gemma 3, OLMo 2/3,
+Granite, SmolLM3, Ministral, GPT-BigCode); today's MoE types without a formula are refused
+or, with --allow-llama-fallback, never negative.
 """
 from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from estimator.categories import Category, Phase
-from estimator.estimate import estimate
-from estimator.modelspec import load_model
+from estimator.estimate import NoFormula, estimate
+from estimator.modelspec import load_model, spec_from_config
 from estimator.params import layer_linears
-from estimator.setup import Attention, Device, Loop, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from estimator.setup import (
+    Attention,
+    Device,
+    Loop,
+    Loss,
+    Mode,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+    Quant,
+    Setup,
+    Sharding,
+)
 
 MODELS = ("gpt2", "opt-125m", "smollm2-135m", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini",
-          "llama-2-7b", "mixtral-8x7b", "llama-3.1-70b")
+          "llama-2-7b", "mixtral-8x7b", "llama-3.1-70b", "qwen3-0.6b", "gemma-3-1b", "olmo-2-1b", "olmo-3-7b",
+          "granite-3.3-2b", "smollm3-3b", "ministral-8b", "starcoderbase-1b", "pythia-70m")
 SPECS = {name: load_model(name) for name in MODELS}
 MAX_SEQ = 2048
 EXAMPLES = 150
@@ -65,7 +81,8 @@ def model_and_setup(draw, sharded=None):
         lora_targets=draw(_target_choices(spec)), device=draw(st.sampled_from(list(Device))),
         world_size=world, sharding=sharding, new_tokens=new_tokens,
         loop=draw(st.sampled_from(list(Loop))), grad_accum=draw(st.integers(1, 8)),
-        keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()))
+        keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()), loss=draw(st.sampled_from(list(Loss))),
+        versions=draw(st.sampled_from(["", "transformers=4.46.0", "transformers=4.48.3,torch=2.4"])))
     return spec, setup
 
 
@@ -76,7 +93,8 @@ def test_total_is_sum_of_components(case):
     est = estimate(spec, setup)
     comp = est.components
     assert set(comp) == set(Category)
-    assert all(isinstance(v, int) and v >= 0 for v in comp.values())
+    for phases in (est.phases, est.first_step_phases or {}):  # no negative (or NaN) byte anywhere
+        assert all(isinstance(v, int) and v >= 0 for c in phases.values() for v in c.values())
     assert est.total_bytes == sum(comp.values())
     assert est.total_bytes == max(sum(c.values()) for c in est.phases.values())
     assert est.allocated_bytes <= est.reserved_bytes <= est.total_bytes
@@ -138,3 +156,64 @@ def test_setup_json_round_trip(case):
     data = json.loads(json.dumps(setup.to_dict()))
     assert Setup.from_dict(data) == setup
     assert Setup.from_dict(data).to_dict() == setup.to_dict()
+
+
+@settings(**SETTINGS)
+@given(model_and_setup(sharded=True), st.sampled_from([Sharding.ZERO3, Sharding.FSDP]))
+def test_gathered_rank_never_exceeds_ddp_unless_the_root_and_layers_explain_it(case, sharding):
+    """ZeRO-3 / FSDP2 hold the root group (embeddings, head) unsharded from its pre-forward to
+    its post-backward, and up to three layers' all-gather buffers (estimator/sharding.py): at
+    small N with a large root that can outweigh the shards, never by more."""
+    from estimator.estimate import model_states
+    from estimator.sharding import per_rank_states
+    spec, setup = case
+    gathered = setup.replace(sharding=sharding)
+    ddp = estimate(spec, setup.replace(sharding=Sharding.DDP)).allocated_bytes
+    rank = per_rank_states(spec, gathered, model_states(spec, gathered))
+    assert estimate(spec, gathered).allocated_bytes <= ddp + rank.root_params + 3 * rank.layer_params
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "num_hidden_layers": 2, "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts": 8,
+     "num_experts_per_tok": 2, "vocab_size": 1000, "head_dim": 64},
+    {"model_type": "gpt_oss", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "num_hidden_layers": 2, "intermediate_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2,
+     "vocab_size": 1000, "head_dim": 64},
+    {"model_type": "deepseek_v3", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+     "num_hidden_layers": 2, "intermediate_size": 512, "moe_intermediate_size": 128, "n_routed_experts": 8,
+     "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 64,
+     "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "vocab_size": 1000},
+], ids=lambda c: c["model_type"])
+def test_todays_moe_types_are_refused_or_never_negative(config):
+    spec = spec_from_config(config, name=config["model_type"])
+    with pytest.raises(NoFormula, match="has no formula here"):
+        estimate(spec, Setup(seq=64))
+    for setup in (Setup(seq=64, mode="qlora", quant="nf4"), Setup(seq=64, sharding="zero3", world_size=4),
+                  Setup(seq=64, mode="lora", lora_targets="all-linear")):
+        est = estimate(spec, setup.replace(allow_llama_fallback=True))
+        assert all(v >= 0 for c in est.phases.values() for v in c.values()), setup
+
+
+def test_logits_sum_gradient_under_fsdp_holds_no_logits_sized_tensor_on_cpu():
+    """loss = logits.sum() backward hands the LM head a stride-0 expand: under FSDP2 the head's
+    weight-gradient moment was counted with a (T, V) logits gradient, +37 % against the sim
+    (pythia-70m, 2 ranks, a manual loop: 1105.7 vs 806.0 MiB); now within 3 % of the sim's
+    rank 0 per phase, and below one device."""
+    from estimator.categories import TENSOR_CATEGORIES
+    from profiler.measure.distributed import run_sim_rank0
+    spec = load_model("pythia-70m")
+    setup = Setup(precision="fp16", batch=8, seq=512, grad_ckpt=True, loss="logits-sum", loop="manual",
+                  use_cache=True, optimizer="sgd-momentum", device="cpu", sharding="fsdp", world_size=2)
+    single = setup.replace(sharding=Sharding.NONE, world_size=1)
+    assert estimate(spec, setup).allocated_bytes < estimate(spec, single).allocated_bytes
+    record = run_sim_rank0("pythia-70m", setup, nproc=2)
+    assert record.ok, record.message
+    for phase, m in record.measured.phases.items():
+        if phase in record.predicted.phases:
+            pred = sum(v for k, v in record.predicted.phases[phase].items() if Category(k) in TENSOR_CATEGORIES)
+            assert abs(pred - m.peak_allocated_bytes) <= SHARDED_SIM_TOLERANCE * m.peak_allocated_bytes, phase
+
+
+#: estimate vs the sim's FSDP2 rank 0, per phase: measured +2.0 % (backward) on this case
+SHARDED_SIM_TOLERANCE = 0.03
