@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
+from estimator.files import write_atomic
 
 #: the shipped benchmark of published GPU measurements (results/published/build.py)
 PUBLISHED_RECORDS = str(Path(__file__).resolve().parents[1] / "results" / "published" / "records.jsonl")
@@ -250,7 +251,7 @@ def cmd_campaign(args) -> int:
                         say=lambda line: print(line, file=sys.stderr, flush=True))
     summary = campaign.run()
     summary["commit"] = args.commit
-    (out / "campaign.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "campaign.json", json.dumps(summary, indent=2) + "\n", "campaign summary")
     print(seconds_table(summary), end="")
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
@@ -273,8 +274,7 @@ def cmd_calibrate(args) -> int:
     from profiler.show import summary_table
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out, json.dumps(result, indent=2) + "\n", "calibration")
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
                               f"constant {result['overheads']['constant_bytes']} B"))
@@ -337,8 +337,7 @@ def cmd_compare(args) -> int:
     result = compare(baseline, current, threshold, error_growth, names=(args.baseline, args.current))
     text = markdown(result, threshold, allow_missing=args.allow_missing)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_atomic(args.out, text, "compare report")
     print(text, end="")
     return 1 if result.failures(args.allow_missing) else 0
 

@@ -53,10 +53,12 @@ def _fails_cleanly(r, code: int = 2):
 def test_empty_current_records_fail_with_a_sentence(objs, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for current in ("/dev/null", empty):
-        r = _cli(RECORDS, current)
-        _fails_cleanly(r)
-        assert f"{current} holds no records" in r.stderr
+    r = _cli(RECORDS, empty)
+    _fails_cleanly(r)
+    assert f"{empty} holds no records" in r.stderr
+    r = _cli(RECORDS, "/dev/null")  # no file at all: refused before it is read (issue 26)
+    _fails_cleanly(r)
+    assert "/dev/null is a character device, not a regular file" in r.stderr
     with pytest.raises(CompareError, match="the current records holds no records"):
         compare(_records(objs), [], Threshold.parse("2%"))
     with pytest.raises(CompareError, match="the baseline holds no records"):

@@ -1,0 +1,167 @@
+"""Fail closed, everywhere (issue 26): every path a user hands us is a regular file of a
+bounded size, outputs that replace a file never destroy it, the compare gate fails on a
+missing measurement, children never import the user's current directory, interrupted
+ranks die with their parent, the Trainer callback survives Adafactor and exceptions, and
+bad input exits 2 with one sentence."""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import estimator.files
+from profiler.record import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "results" / "cpu" / "cpu-quick.jsonl"
+CALIBRATION = ROOT / "results" / "calibration" / "cpu-quick.json"
+#: Seconds a refused special file may take: it is refused before it is opened for reading,
+#: so anything near this bound is a read that blocked (a FIFO with no writer).
+REFUSE_WITHIN_S = 20
+
+
+class Hung(BaseException):
+    """A command still running at its deadline (a BaseException: the CLI's handlers let it through)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    def on_alarm(signum, frame):
+        raise Hung(f"still running after {seconds} s: a read blocked")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _matrix(tmp_path: Path, body: str = 'model = "gpt2"\nprecision = "bf16"\nseq = 32\n') -> Path:
+    path = tmp_path / "m.toml"
+    path.write_text("steps = 1\n[[cases]]\n" + body)
+    return path
+
+
+# ------------------------------------------------------------------ 3. one guard for every path
+@pytest.fixture(params=["fifo", "character device", "directory"])
+def special(request, tmp_path) -> tuple[str, Path]:
+    """A path that is not a regular file, and the word the refusal names it by."""
+    if request.param == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+        return "FIFO", path
+    if request.param == "character device":
+        return "character device", Path(os.devnull)
+    path = tmp_path / "folder"
+    path.mkdir()
+    return "directory", path
+
+
+def _readers(path: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """Every command that reads a user's file, with ``path`` in the file's place."""
+    out = str(tmp_path / "out")
+    return {
+        "calibrate records": ["calibrate", str(path), "--out", out + ".json"],
+        "validate records": ["validate", str(path)],
+        "compare baseline": ["compare", str(path), str(RECORDS)],
+        "compare current": ["compare", str(RECORDS), str(path)],
+        "--calibration": ["estimate", "gpt2", "--calibration", str(path)],
+        "validate --calibration": ["validate", str(RECORDS), "--calibration", str(path)],
+        "matrix": ["sweep", str(path), "--backend", "sim", "--out", out + ".jsonl"],
+        "campaign matrix": ["campaign", str(path), "--backend", "sim", "--out", out],
+        "sweep --out on resume": ["sweep", str(_matrix(tmp_path)), "--backend", "sim", "--out", str(path)],
+        "validate --published": ["validate", "--published", str(path)],
+    }
+
+
+@pytest.mark.parametrize("reader", ["calibrate records", "validate records", "compare baseline", "compare current",
+                                    "--calibration", "validate --calibration", "matrix", "campaign matrix",
+                                    "sweep --out on resume", "validate --published"])
+def test_every_reader_refuses_what_is_not_a_regular_file(cli, special, reader, tmp_path):
+    kind, path = special
+    with deadline(REFUSE_WITHIN_S):
+        r = cli(*_readers(path, tmp_path)[reader])
+    assert r.code == 2, (r.code, r.err)
+    assert f"{path} is a {kind}, not a regular file" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+
+
+def test_the_pytest_plugin_refuses_special_files(special):
+    from profiler.integrations.pytest_plugin import load_baseline
+    kind, path = special
+    with deadline(REFUSE_WITHIN_S), pytest.raises(ValueError, match=f"{path} is a {kind}, not a regular file"):
+        load_baseline(path)
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(estimator.files, "MAX_INPUT_BYTES", 2**20)
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as fh:
+        fh.truncate(2**20 + 1)  # sparse: one byte over the cap, no disk used
+    r = cli("validate", str(big))
+    assert r.code == 2 and f"{big} holds {2**20 + 1} bytes, more than the 1.00 MiB" in r.err, r.err
+    with pytest.raises(ValueError, match="more than the 1.00 MiB"):
+        read_records(big)
+    at_cap = tmp_path / "at-cap.jsonl"
+    at_cap.write_bytes(RECORDS.read_bytes())
+    assert read_records(at_cap)  # under the cap: read as always
+
+
+def test_appending_to_a_special_file_is_refused(tmp_path):
+    from profiler.record import append_record, lock_records
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (record,) = read_records(RECORDS)[:1]
+    with deadline(REFUSE_WITHIN_S):
+        with pytest.raises(ValueError, match="is a FIFO, not a regular file"):
+            append_record(fifo, record)
+        with pytest.raises(ValueError, match="is a FIFO, not a regular file"):
+            with lock_records(fifo):
+                pass
+
+
+# ------------------------------------------------------------------ 7. an output never destroys the file it replaces
+def _limited(nbytes: int):
+    """preexec_fn: files this process writes stop at ``nbytes`` (RLIMIT_FSIZE: the write fails
+    with EFBIG, as a full disk fails it with ENOSPC; Python ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+def test_calibrate_out_on_a_full_disk_keeps_the_previous_file(tmp_path):
+    previous = tmp_path / "cal.json"
+    previous.write_text(CALIBRATION.read_text())
+    before = previous.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "profiler.cli", "calibrate", str(RECORDS), "--out", str(previous)],
+                       capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300,
+                       preexec_fn=_limited(len(before) // 4))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"cannot write calibration {previous}" in r.stderr and "Traceback" not in r.stderr
+    assert previous.read_bytes() == before  # the old calibration, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.json"]  # no temporary file left beside it
+
+
+def test_write_atomic_replaces_whole_files_only(tmp_path):
+    from estimator.files import write_atomic
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    write_atomic(target, "new\n", "report")
+    assert target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o640
+    write_atomic(tmp_path / "b.bin", b"\x00\x01", "plot")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(ValueError, match="is a FIFO, not a regular file"):
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        write_atomic(fifo, "x", "report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "pipe"]
