@@ -240,8 +240,8 @@ def cmd_campaign(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = Path(args.records) if args.records else out / f"{args.backend}-{Path(args.matrix).stem}.jsonl"
-    tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"] \
-        if args.tests else None
+    from profiler.measure.procs import python_command
+    tests = python_command("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests") if args.tests else None
     campaign = Campaign(args.matrix, args.backend, records,
                         workers=_positive(args.workers, "workers") if args.workers else None,
                         budget_s=_seconds(args.budget_s, "budget-s"),

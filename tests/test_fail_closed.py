@@ -6,6 +6,7 @@ bad input exits 2 with one sentence."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -165,3 +166,45 @@ def test_write_atomic_replaces_whole_files_only(tmp_path):
         os.mkfifo(fifo)
         write_atomic(fifo, "x", "report")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "pipe"]
+
+
+# ------------------------------------------------------------------ 4. children never import the user's directory
+TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+              "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+
+
+def _booby_trapped(folder: Path) -> Path:
+    """A folder whose ``json.py`` and ``estimator/`` leave a marker file when imported."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "IMPORTED"
+    trap = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (folder / "json.py").write_text(trap)
+    (folder / "estimator").mkdir(exist_ok=True)
+    (folder / "estimator" / "__init__.py").write_text(trap)
+    return marker
+
+
+def _vramlab(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    """The CLI as its console script runs it: the checkout importable, the current directory not."""
+    return subprocess.run([sys.executable, "-P", "-m", "profiler.cli", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sweep", "campaign"])
+def test_workers_never_import_code_from_the_current_directory(tmp_path, command):
+    user = tmp_path / "user"
+    marker = _booby_trapped(user)
+    model = tmp_path / "tiny-llama.json"
+    model.write_text(json.dumps(TINY_LLAMA))
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'steps = 1\nprecision = "fp32"\n[[cases]]\nmodel = "{model}"\nseq = 8\n')
+    out = tmp_path / "out"
+    extra = ["--out", str(out) + ".jsonl"] if command == "sweep" else ["--out", str(out), "--workers", "1"]
+    r = _vramlab(command, str(matrix), "--backend", "sim", *extra, cwd=user, timeout=600)
+    assert not marker.exists(), f"a worker imported {marker.read_text().split()} from the current directory"
+    assert r.returncode == 0, r.stderr
+    records = read_records(str(out) + ".jsonl" if command == "sweep" else out / "sim-m.jsonl")
+    assert [x.status.value for x in records] == ["ok"], [x.message for x in records]

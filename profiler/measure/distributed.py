@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -39,7 +38,7 @@ from estimator.categories import Category
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Mode, Setup, Sharding
 from profiler.measure.build import build_model, build_optimizer, materialize_fake
-from profiler.measure.procs import ROOT, checkout_env
+from profiler.measure.procs import CHILD_CWD, checkout_env, python_command
 from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
@@ -443,9 +442,11 @@ def error_record(model: str, setup: Setup, backend: str, steps: int, rank: int, 
 
 
 def launch_command(request: dict, nproc: int) -> list[str]:
-    """PyTorch's launcher (``torchrun``) running :mod:`profiler.measure.dist_worker` on ``nproc`` ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "profiler.measure.dist_worker", json.dumps(request, sort_keys=True)]
+    """PyTorch's launcher (``torchrun``) running :mod:`profiler.measure.dist_worker` on ``nproc``
+    ranks; each rank is this interpreter with ``-P`` (:func:`profiler.measure.procs.python_command`;
+    ``--no-python`` lets us name it, torchrun's ``-m`` would run ``python -u -m``)."""
+    return python_command("torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--no-python",
+                          *python_command("profiler.measure.dist_worker", json.dumps(request, sort_keys=True)))
 
 
 def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int = 1, nproc: int = 2,
@@ -476,7 +477,7 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
                    "out": str(path), "timeout_s": float(timeout_s)}
         if _crash_rank is not None:
             request["crash_rank"] = int(_crash_rank)
-        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=checkout_env(),
+        proc = subprocess.Popen(launch_command(request, nproc), cwd=CHILD_CWD, env=checkout_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous

@@ -1,14 +1,28 @@
 """Child processes of the profiler (sweep workers, campaign workers, torchrun ranks):
-the checkout importable first, and no child outliving its parent."""
+the checkout importable first, the user's current directory never, and no child
+outliving its parent."""
 from __future__ import annotations
 
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Where every child starts: the checkout, never the user's current directory, whose
+#: ``json.py`` or ``estimator/`` a child would otherwise import (``python -m`` puts the
+#: current directory first on sys.path).
+CHILD_CWD = str(ROOT)
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    """This interpreter running ``module`` with ``-P`` (Python 3.11+: nothing prepended to
+    sys.path, neither the current directory nor a script's folder); the checkout comes
+    from :func:`checkout_env`'s PYTHONPATH. Start it with ``cwd=CHILD_CWD`` too, so a
+    relative entry in the user's PYTHONPATH cannot reach back to their directory."""
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 def checkout_env() -> dict[str, str]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
-from profiler.measure.procs import ROOT, checkout_env, die_with_parent
+from profiler.measure.procs import CHILD_CWD, checkout_env, die_with_parent, python_command
 from profiler.measure.run import backend_setup
 from profiler.record import (
     Record,
@@ -155,8 +155,7 @@ class Campaign:
             None if backend == "cuda" else DEFAULT_CARD_BYTES)
         self.tests, self.tests_log = (list(tests) if tests else None), tests_log
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="vramlab-campaign-"))
-        self.worker_cmd = list(worker_cmd) if worker_cmd else \
-            [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
+        self.worker_cmd = list(worker_cmd) if worker_cmd else python_command("profiler.sweeps.campaign", "worker")
         self.say = say
         self.sel = selectors.DefaultSelector()
         self.workers: dict[int, _Worker] = {}
@@ -184,7 +183,7 @@ class Campaign:
         log_path = self.log_dir / f"worker-{slot}.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(self.worker_cmd + [self.backend], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, env=env, cwd=str(ROOT), preexec_fn=die_with_parent)
+                                stderr=log, env=env, cwd=CHILD_CWD, preexec_fn=die_with_parent)
         log.close()
         os.set_blocking(proc.stdout.fileno(), False)
         w = _Worker(slot, proc, log_path, replacement=slot in self.workers)
@@ -422,7 +421,7 @@ class Campaign:
                 return  # after every initial worker has measured its context (not after replacements)
             self.first_round_done = True
         log = open(self.tests_log, "wb") if self.tests_log else subprocess.DEVNULL
-        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=CHILD_CWD,
                                            env=checkout_env(), preexec_fn=die_with_parent)
         if log is not subprocess.DEVNULL:
             log.close()

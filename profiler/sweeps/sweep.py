@@ -12,7 +12,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup
-from profiler.measure.procs import checkout_env, dies_with_this_process
+from profiler.measure.procs import CHILD_CWD, checkout_env, dies_with_this_process, python_command
 from profiler.measure.run import make_case
 from profiler.record import (
     Case,
@@ -103,9 +102,9 @@ def run_in_subprocess(job: Planned, backend: str, timeout_s: float = DEFAULT_CAS
     request = json.dumps({"model": job.model, "setup": job.setup.to_dict(), "backend": backend,
                           "steps": job.steps, "timeline": timeline})
     try:
-        proc = subprocess.run([sys.executable, "-m", "profiler.sweeps.worker"], input=request, text=True,
+        proc = subprocess.run(python_command("profiler.sweeps.worker"), input=request, text=True,
                               errors="replace", capture_output=True, timeout=timeout_s, env=checkout_env(),
-                              preexec_fn=dies_with_this_process())
+                              cwd=CHILD_CWD, preexec_fn=dies_with_this_process())
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         message = f"worker exited with code {proc.returncode}: {tail}"
