@@ -13,6 +13,7 @@ from pathlib import Path
 
 from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
 from estimator.files import write_atomic
+from profiler.sweeps.matrix import MAX_CASES
 
 #: the shipped benchmark of published GPU measurements (results/published/build.py)
 PUBLISHED_RECORDS = str(Path(__file__).resolve().parents[1] / "results" / "published" / "records.jsonl")
@@ -178,12 +179,11 @@ def _seconds(text, name: str) -> float:
         raise UsageError(f"--{name} takes a number of seconds, got {text!r}") from None
 
 
-def _say(stream, text: str) -> None:
+def _say(stream, text: str, end: str = "\n") -> None:
     """``print`` that outlives its reader: once a pipe is closed (``| head``), what it would
     have read goes to /dev/null and the command goes on."""
-    import os
     try:
-        print(text, file=stream, flush=True)
+        print(text, file=stream, end=end, flush=True)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
@@ -226,7 +226,8 @@ def cmd_sweep(args) -> int:
 
         sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=timeout_s, on_case=on_case,
               timeline=args.timeline, retries=retries, on_start=on_start,
-              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"))
+              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"),
+              max_cases=_positive(args.max_cases, "max-cases"))
     _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
     return 0
 
@@ -248,7 +249,8 @@ def cmd_campaign(args) -> int:
                         case_timeout_s=_seconds(args.case_timeout, "case-timeout"),
                         card_bytes=parse_bytes(args.card_memory) if args.card_memory else None,
                         tests=tests, tests_log=out / "gpu-tests.log", log_dir=out,
-                        say=lambda line: print(line, file=sys.stderr, flush=True))
+                        say=lambda line: print(line, file=sys.stderr, flush=True),
+                        max_cases=_positive(args.max_cases, "max-cases"))
     summary = campaign.run()
     summary["commit"] = args.commit
     write_atomic(out / "campaign.json", json.dumps(summary, indent=2) + "\n", "campaign summary")
@@ -338,7 +340,7 @@ def cmd_compare(args) -> int:
     text = markdown(result, threshold, allow_missing=args.allow_missing)
     if args.out:
         write_atomic(args.out, text, "compare report")
-    print(text, end="")
+    _say(sys.stdout, text, end="")  # the verdict stands when nobody reads the report
     return 1 if result.failures(args.allow_missing) else 0
 
 
@@ -367,6 +369,8 @@ def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeo
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--case-timeout", default=case_timeout,
                    help=f"seconds before a case is stopped (default {case_timeout})")
+    p.add_argument("--max-cases", default=str(MAX_CASES),
+                   help=f"refuse a matrix of more cases than this (default {MAX_CASES})")
     return p
 
 
@@ -491,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     error and exits 1; ``--debug`` prints the traceback first. Ctrl-C exits 130; a closed
     stdout pipe ends the command quietly."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.stdout is None:  # started with stdout closed (>&-): a file opened now could take its descriptor
+        print("vramlab: error: standard output is closed; redirect it to a file or /dev/null (> FILE)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     debug = "--debug" in argv
     parser = build_parser()
     try:

@@ -208,3 +208,146 @@ def test_workers_never_import_code_from_the_current_directory(tmp_path, command)
     assert r.returncode == 0, r.stderr
     records = read_records(str(out) + ".jsonl" if command == "sweep" else out / "sim-m.jsonl")
     assert [x.status.value for x in records] == ["ok"], [x.message for x in records]
+
+
+# ------------------------------------------------------------------ 7. exit codes: bad input is 2, with one sentence
+HUGE = "9" * 400 + "GiB"  # a float of infinity: no integer number of bytes
+
+
+def _one_sentence(r, code: int = 2):
+    assert r.code == code, (r.code, r.out, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "internal error" not in r.err and "Traceback" not in r.err
+
+
+@pytest.mark.parametrize("argv", [["fit", "gpt2", "--memory", HUGE],
+                                  ["campaign", "MATRIX", "--backend", "sim", "--out", "OUT", "--card-memory", HUGE]],
+                         ids=["fit --memory", "campaign --card-memory"])
+def test_sizes_too_large_to_hold_exit_2(cli, tmp_path, argv):
+    argv = [str(_matrix(tmp_path)) if a == "MATRIX" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    r = cli(*argv)
+    _one_sentence(r)
+    assert "too large" in r.err
+
+
+def test_parse_bytes_says_a_size_is_too_large():
+    from estimator.units import parse_bytes
+    with pytest.raises(ValueError, match="too large to be a number of bytes"):
+        parse_bytes(HUGE)
+
+
+def _deep_line(depth: int) -> str:
+    return "[" * depth + "]" * depth + "\n"
+
+
+@pytest.mark.parametrize("command", ["validate", "calibrate", "compare"])
+def test_a_records_line_nested_100000_deep_exits_2(cli, tmp_path, command):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(RECORDS.read_text() + _deep_line(100_000))
+    args = {"validate": [str(deep)], "calibrate": [str(deep), "--out", str(tmp_path / "c.json")],
+            "compare": [str(RECORDS), str(deep)]}[command]
+    r = cli(command, *args)
+    _one_sentence(r)
+    assert f"{deep}, line 17" in r.err and "deeper than" in r.err
+
+
+def test_documents_nested_too_deep_exit_2(cli, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"schema": 1, "x": ' + _deep_line(100_000).strip() + "}")
+    r = cli("estimate", "gpt2", "--calibration", str(deep))
+    _one_sentence(r)
+    assert "deeper than" in r.err
+
+
+def test_validate_published_given_a_records_file_exits_2(cli):
+    r = cli("validate", "--published", str(RECORDS))
+    _one_sentence(r)
+    assert f"{RECORDS} line 1 is not a published measurement" in r.err and "vramlab validate FILE" in r.err
+
+
+def _closed_reader(args: list[str]) -> subprocess.CompletedProcess:
+    """``vramlab ARGS | head -0``: the reader of stdout is gone before the first write."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "profiler.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=_env(), timeout=300)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("argv", [["rules"], ["estimate", "gpt2"], ["fit", "gpt2", "--memory", "24GiB"],
+                                  ["validate", str(RECORDS)]], ids=lambda a: a[0])
+def test_a_closed_pipe_ends_tables_and_json_alike_and_quietly(argv):
+    table, as_json = _closed_reader(argv), _closed_reader(argv + ["--json"])
+    assert (table.returncode, table.stderr) == (as_json.returncode, as_json.stderr) == (0, "")
+
+
+def test_a_closed_pipe_keeps_the_gate_verdict(tmp_path):
+    objs = [json.loads(line) for line in RECORDS.read_text().splitlines()]
+    for o in objs:
+        o["measured"]["peak_allocated_bytes"] *= 2
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    assert _closed_reader(["compare", str(RECORDS), str(grown)]).returncode == 1  # a regression, read or not
+
+
+@pytest.mark.parametrize("argv", [["rules"], ["rules", "--json"], ["estimate", "gpt2"]], ids=" ".join)
+def test_a_closed_stdout_exits_2_with_a_sentence(argv):
+    r = subprocess.run([sys.executable, "-m", "profiler.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, cwd=ROOT, env=_env(), timeout=300, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["vramlab: error: standard output is closed; redirect it to a file or "
+                                             "/dev/null (> FILE)"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ('model = "gpt2"\nnew_tokens = 4\n', "--new-tokens 4 applies to --mode inference"),
+    ('model = "gpt2"\nattn = "flash"\ndevice = "cpu"\n', "--attn flash (FlashAttention-2) runs on CUDA only"),
+    ('model = "gpt2"\nattn = "flash"\nprecision = "fp32"\n', "--attn flash needs 16-bit attention inputs"),
+], ids=["new_tokens with training", "flash on cpu", "flash in fp32"])
+@pytest.mark.parametrize("command", ["sweep", "campaign"])
+def test_matrix_cases_get_the_cli_contradiction_checks(cli, tmp_path, body, message, command):
+    out = tmp_path / ("out.jsonl" if command == "sweep" else "out")
+    r = cli(command, str(_matrix(tmp_path, body)), "--backend", "sim", "--out", str(out))
+    _one_sentence(r)
+    assert "case 1 (gpt2)" in r.err and message in r.err
+    written = [out] if out.is_file() else list(out.rglob("*.jsonl")) if out.is_dir() else []
+    assert all(p.stat().st_size == 0 for p in written)  # no case ran
+
+
+def test_flash_cases_on_the_cpu_backend_are_refused_too(cli, tmp_path):
+    r = cli("sweep", str(_matrix(tmp_path, 'model = "gpt2"\nattn = "flash"\n')), "--backend", "cpu",
+            "--out", str(tmp_path / "o.jsonl"))
+    _one_sentence(r)
+    assert "runs on CUDA only" in r.err
+
+
+def test_a_matrix_over_the_case_cap_is_refused_at_once_unless_raised(cli, tmp_path):
+    from profiler.sweeps.matrix import MAX_CASES
+    # 10 ** 6 cases: six lists of ten
+    big = _matrix(tmp_path, 'model = "gpt2"\n' + "".join(f"{k} = {list(range(1, 11))}\n" for k in
+                                                          ("batch", "seq", "lora_rank", "grad_accum", "world_size")) +
+                  'lora_alpha = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n')
+    with deadline(REFUSE_WITHIN_S):
+        r = cli("sweep", str(big), "--backend", "sim", "--out", str(tmp_path / "o.jsonl"))
+    _one_sentence(r)
+    assert f"expands to 1000000 cases, more than the cap of {MAX_CASES}" in r.err and "--max-cases" in r.err
+    two = _matrix(tmp_path, 'model = "gpt2"\nseq = [8, 16]\nprecision = "bf16"\n')
+    r = cli("sweep", str(two), "--backend", "sim", "--out", str(tmp_path / "o.jsonl"), "--max-cases", "1")
+    _one_sentence(r)
+    assert "expands to 2 cases, more than the cap of 1" in r.err
+    r = cli("campaign", str(two), "--backend", "sim", "--out", str(tmp_path / "c"), "--max-cases", "0")
+    _one_sentence(r)
+    assert "--max-cases must be a positive integer" in r.err
+
+
+@pytest.mark.parametrize("flag", ["--budget-s", "--case-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_campaign_rejects_nan_and_infinite_seconds(cli, tmp_path, flag, value):
+    r = cli("campaign", str(_matrix(tmp_path)), "--backend", "sim", "--out", str(tmp_path / "out"), f"{flag}={value}")
+    _one_sentence(r)
+    assert "finite positive number of seconds" in r.err and value in r.err
+    from profiler.sweeps.campaign import Campaign
+    with pytest.raises(ValueError, match="finite positive number of seconds"):
+        Campaign(_matrix(tmp_path), "sim", tmp_path / "r.jsonl",
+                 **{{"--budget-s": "budget_s", "--case-timeout": "case_timeout_s"}[flag]: float(value)})

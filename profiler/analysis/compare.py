@@ -69,8 +69,8 @@ class Threshold:
             return cls(fraction=parse_points(t, "threshold"))
         try:
             return cls(bytes=parse_bytes(t))
-        except OverflowError:
-            raise CompareError(f"threshold {text!r} is too large to be a size") from None
+        except ValueError as exc:
+            raise CompareError(f"threshold {text!r}: {exc}") from None
 
     def allowed(self, base: int) -> float:
         """The change in bytes a figure of ``base`` bytes may make."""

@@ -58,7 +58,8 @@ from profiler.record import (
     lock_records,
     new_record,
 )
-from profiler.sweeps.sweep import Planned, done_keys, plan
+from profiler.sweeps.matrix import MAX_CASES
+from profiler.sweeps.sweep import Planned, check_seconds, done_keys, plan
 
 #: Headroom kept free on the card beyond the admitted predictions: the estimator's own
 #: error on unmeasured setups is unknown until the first CUDA records exist, so admit a
@@ -113,10 +114,11 @@ def _default_workers(backend: str) -> int:
     return max(1, min(3 if backend == "cuda" else 2, cores))
 
 
-def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None) -> list[Job]:
+def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None,
+              max_cases: int = MAX_CASES) -> list[Job]:
     """The matrix's cases not yet done, largest predicted need first."""
     jobs = []
-    for index, planned in enumerate(plan(matrix, backend)):
+    for index, planned in enumerate(plan(matrix, backend, max_cases=max_cases)):
         if planned.key in done:
             continue
         predicted = estimate(planned.spec, backend_setup(planned.setup, backend)).reserved_bytes
@@ -143,14 +145,15 @@ class Campaign:
                  workers: int | None = None, budget_s: float = 330.0, case_timeout_s: float = 120.0,
                  card_bytes: int | None = None, tests: Sequence[str] | None = None,
                  tests_log: str | Path | None = None, log_dir: str | Path | None = None,
-                 worker_cmd: Sequence[str] | None = None, say: Callable[[str], None] = print):
-        if budget_s <= 0 or case_timeout_s <= 0:
-            raise ValueError("the budget and the case timeout must be positive numbers of seconds")
+                 worker_cmd: Sequence[str] | None = None, say: Callable[[str], None] = print,
+                 max_cases: int = MAX_CASES):
+        self.budget_s = check_seconds(budget_s, "the budget")
+        self.case_timeout_s = check_seconds(case_timeout_s, "the case timeout")
+        self.max_cases = max_cases
         self.matrix, self.backend, self.records = Path(matrix), backend, Path(records)
         self.n_workers = workers or _default_workers(backend)
         if self.n_workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.n_workers}")
-        self.budget_s, self.case_timeout_s = float(budget_s), float(case_timeout_s)
         self.card_bytes = card_bytes if card_bytes is not None else (
             None if backend == "cuda" else DEFAULT_CARD_BYTES)
         self.tests, self.tests_log = (list(tests) if tests else None), tests_log
@@ -449,7 +452,7 @@ class Campaign:
         deadline = t0 + self.budget_s
         self.started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         done = done_keys(self.records, warn=self.say)
-        self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes)
+        self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes, self.max_cases)
         self.resumed = len(done)
         self.total = len(self.pending)
         self.say(f"{self.total} cases to run ({len(done)} already in {self.records}); {self.n_workers} workers, "
