@@ -255,6 +255,8 @@ def cmd_campaign(args) -> int:
     summary["commit"] = args.commit
     write_atomic(out / "campaign.json", json.dumps(summary, indent=2) + "\n", "campaign summary")
     print(seconds_table(summary), end="")
+    if summary["interrupted"]:
+        return EXIT_INTERRUPTED
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
 

@@ -351,3 +351,94 @@ def test_campaign_rejects_nan_and_infinite_seconds(cli, tmp_path, flag, value):
     with pytest.raises(ValueError, match="finite positive number of seconds"):
         Campaign(_matrix(tmp_path), "sim", tmp_path / "r.jsonl",
                  **{{"--budget-s": "budget_s", "--case-timeout": "case_timeout_s"}[flag]: float(value)})
+
+
+# ------------------------------------------------------------------ 2. interrupted ranks die with their parent
+#: Seconds for two ranks to start under torchrun on 2 busy cores (imports of torch, rendezvous).
+RANKS_START_S = 180
+#: Seconds every child may take to go once vramlab is stopped: torchrun's ranks are told
+#: at once; the launcher gives torchrun STOP_GRACE_S (10 s) before it kills it.
+CHILDREN_GONE_S = 45
+
+
+def _children(marker: str) -> dict[int, str]:
+    """pid -> command line of every process whose command line holds ``marker``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def _wait_for(predicate, seconds: float, poll_s: float = 0.2):
+    import time
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return predicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_profile_nproc_leaves_no_rank_and_no_temporary_folder(tmp_path, sig):
+    model = tmp_path / f"tiny-llama-{sig.name}.json"  # in every child's command line (the request)
+    model.write_text(json.dumps(TINY_LLAMA))
+    user = tmp_path / "user"
+    imported = _booby_trapped(user)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    log = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "profiler.cli", "profile", str(model), "--nproc", "2",
+                             "--backend", "cpu", "--sharding", "ddp", "--precision", "fp32", "--seq", "32",
+                             "--steps", "100000"], cwd=user, env=dict(_env(), TMPDIR=str(temp)),
+                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        ranks = _wait_for(lambda: [p for p, c in _children(str(model)).items() if "dist_worker" in c
+                                   and "torch.distributed.run" not in c and "profiler.measure.launch" not in c
+                                   and p != proc.pid] if len(_children(str(model))) >= 4 else [], RANKS_START_S)
+        assert len(ranks) == 2, (tmp_path / "stderr.log").read_text()[-2000:]
+        assert list(temp.glob("vramlab-dist-*")), "the launch's temporary folder was not made in TMPDIR"
+        if sig is signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C: the terminal signals the foreground process group
+        else:
+            os.kill(proc.pid, sig)
+        code = proc.wait(timeout=CHILDREN_GONE_S)
+        assert code == (-signal.SIGKILL if sig is signal.SIGKILL else 130), (tmp_path / "stderr.log").read_text()
+        left = _wait_for(lambda: not _children(str(model)), CHILDREN_GONE_S) or _children(str(model))
+        assert left is True, f"still running after {CHILDREN_GONE_S} s: {left}"
+        assert not list(temp.glob("vramlab-dist-*")), list(temp.iterdir())
+        assert not imported.exists(), "a rank imported code from the current directory"
+    finally:
+        for pid in [proc.pid, *_children(str(model))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_campaign_exits_130(tmp_path):
+    matrix = _matrix(tmp_path, 'model = "gpt2"\nprecision = "bf16"\nseq = [32, 64, 96, 128]\n')
+    err = tmp_path / "stderr.log"
+    with open(err, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "profiler.cli", "campaign", str(matrix), "--backend", "sim",
+                                 "--out", str(tmp_path / "out"), "--workers", "1"], cwd=ROOT, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        assert _wait_for(lambda: "cases to run" in err.read_text(), RANKS_START_S), err.read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=CHILDREN_GONE_S) == 130, err.read_text()
+        assert "every finished case is on disk" in err.read_text()
+        assert json.loads((tmp_path / "out" / "campaign.json").read_text())["interrupted"] is True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

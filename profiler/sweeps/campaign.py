@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
-from profiler.measure.procs import CHILD_CWD, checkout_env, die_with_parent, python_command
+from profiler.measure.procs import CHILD_CWD, checkout_env, die_with_parent, python_command, signals_raise
 from profiler.measure.run import backend_setup
 from profiler.record import (
     Record,
@@ -174,6 +173,7 @@ class Campaign:
         self.versions: dict = {}
         self.resumed = 0
         self.stopped_by_budget = False
+        self.interrupted = False  # Ctrl-C, SIGTERM or SIGHUP ended it
         # The first context a CUDA worker measured alone: a worker that replaces another
         # initialises while cases run (NVML's before/after is not its own then) and takes it.
         self.context_reference: dict | None = None
@@ -459,44 +459,42 @@ class Campaign:
                  f"budget {self.budget_s:.0f} s")
         if self.backend == "cuda":
             self.idle_device_bytes = _nvml_device_used()  # before any worker has a context
-        old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
-        try:
-            if self.pending:
-                for slot in range(min(self.n_workers, len(self.pending))):
-                    self._spawn(slot)
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    self.stopped_by_budget = bool(self.pending or self._busy())
-                    break
-                self._check_timeouts(now)
-                self._gate_inits()
-                self._dispatch()
-                self._start_tests()
-                live = [w for w in self.workers.values() if w.state != "dead"]
-                if not self.pending and not self._busy():
-                    break
-                if not live:
-                    self.say("no worker could start; the campaign stops")
-                    break
-                for key, _ in self.sel.select(timeout=min(0.5, max(0.01, deadline - now))):
-                    self._read(key.data)
-        except KeyboardInterrupt:
-            self.stopped_by_budget = True
-            self.say("stopped: every finished case is on disk; run again with the same records to resume")
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            for w in self.workers.values():
-                if w.state != "dead":
-                    self._send(w, {"op": "exit"})
-            for w in list(self.workers.values()):
-                if w.state != "dead":
-                    try:
-                        w.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    self._kill(w)
+        with signals_raise():  # SIGTERM, SIGHUP: as Ctrl-C, every finished case stays on disk
+            try:
+                if self.pending:
+                    for slot in range(min(self.n_workers, len(self.pending))):
+                        self._spawn(slot)
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        self.stopped_by_budget = bool(self.pending or self._busy())
+                        break
+                    self._check_timeouts(now)
+                    self._gate_inits()
+                    self._dispatch()
+                    self._start_tests()
+                    live = [w for w in self.workers.values() if w.state != "dead"]
+                    if not self.pending and not self._busy():
+                        break
+                    if not live:
+                        self.say("no worker could start; the campaign stops")
+                        break
+                    for key, _ in self.sel.select(timeout=min(0.5, max(0.01, deadline - now))):
+                        self._read(key.data)
+            except KeyboardInterrupt:
+                self.stopped_by_budget = self.interrupted = True
+                self.say("stopped: every finished case is on disk; run again with the same records to resume")
+            finally:
+                for w in self.workers.values():
+                    if w.state != "dead":
+                        self._send(w, {"op": "exit"})
+                for w in list(self.workers.values()):
+                    if w.state != "dead":
+                        try:
+                            w.proc.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            pass
+                        self._kill(w)
         tests_code = None
         if self.tests_proc is not None:
             left = max(1.0, deadline + 30 - time.monotonic())
@@ -514,7 +512,7 @@ class Campaign:
         return {"started": self.started_at, "wall_s": round(wall_s, 1), "backend": self.backend,
                 "matrix": str(self.matrix), "records": str(self.records), "workers": self.n_workers,
                 "cases_planned": self.total, "cases_already_done": self.resumed, "counts": dict(self.counts),
-                "not_run": not_run, "stopped_by_budget": self.stopped_by_budget,
+                "not_run": not_run, "stopped_by_budget": self.stopped_by_budget, "interrupted": self.interrupted,
                 "device": self.device, "versions": self.versions,
                 "nvml_idle_used_bytes": self.idle_device_bytes, "card_free_bytes": self.free_bytes,
                 "card_bytes": self.card_bytes,
@@ -543,10 +541,6 @@ def seconds_table(summary: dict) -> str:
     out += [f"| {r['case']} | {r['status']} | {r['seconds']:.1f} | {r['worker']} | {'yes' if r['alone'] else 'no'} |"
             for r in rows]
     return "\n".join(out) + "\n"
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------- worker side
