@@ -27,7 +27,6 @@ import contextlib
 import gc
 import json
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -40,16 +39,7 @@ from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Mode, Setup, Sharding
 from profiler.measure.build import build_model, build_optimizer, materialize_fake
 from profiler.measure.launcher import RECORDS_NAME
-from profiler.measure.procs import (
-    CHILD_CWD,
-    STOP_GRACE_S,
-    checkout_env,
-    dies_with_this_process,
-    python_command,
-    signals_held,
-    signals_raise,
-    stop_group,
-)
+from profiler.measure.procs import STOP_GRACE_S, python_command, signals_held, signals_raise, start_group, stop_group
 from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
@@ -483,10 +473,8 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
         request["crash_rank"] = int(_crash_rank)
     # the keeper (profiler/measure/launcher.py) owns torchrun and the temporary folder; it
     # gets SIGTERM when this process dies, however it dies, and cleans up then too
-    proc = subprocess.Popen(python_command("profiler.measure.launcher", json.dumps(request, sort_keys=True),
-                                           str(nproc)),
-                            cwd=CHILD_CWD, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=dies_with_this_process(signal.SIGTERM))
+    proc = start_group(python_command("profiler.measure.launcher", json.dumps(request, sort_keys=True), str(nproc)),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with signals_raise():  # SIGTERM, SIGHUP: the finally below runs, as for Ctrl-C
             try:

@@ -23,16 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from profiler.measure.procs import (
-    CHILD_CWD,
-    Stopped,
-    checkout_env,
-    dies_with_this_process,
-    python_command,
-    signals_held,
-    signals_raise,
-    stop_group,
-)
+from profiler.measure.procs import Stopped, python_command, signals_held, signals_raise, start_group, stop_group
 
 #: The file rank 0 writes the gathered records to; each rank writes ``<it>.rank<r>`` first.
 RECORDS_NAME = "records.jsonl"
@@ -53,9 +44,7 @@ def keep(request: dict, nproc: int) -> int:
         try:
             folder = Path(tempfile.mkdtemp(prefix="vramlab-dist-"))
             request = dict(request, out=str(folder / RECORDS_NAME))
-            proc = subprocess.Popen(launch_command(request, nproc), cwd=CHILD_CWD, env=checkout_env(),
-                                    stdout=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=dies_with_this_process(signal.SIGTERM))
+            proc = start_group(launch_command(request, nproc), stdout=subprocess.DEVNULL)
             returncode = proc.wait()
         except Stopped as stopped:
             returncode = 128 + stopped.signum

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Where every child starts: the checkout, never the user's current directory, whose
@@ -106,6 +107,14 @@ def signals_held(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, sign
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_group(command: list[str], **popen: Any) -> subprocess.Popen:
+    """``command`` in a session (and process group) of its own, from the checkout, with
+    SIGTERM as its parent-death signal: it cleans up after itself when this process dies,
+    and :func:`stop_group` ends it with whatever it started in its group."""
+    return subprocess.Popen(command, cwd=CHILD_CWD, env=checkout_env(), start_new_session=True,
+                            preexec_fn=dies_with_this_process(signal.SIGTERM), **popen)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> tuple[str | bytes | None, ...]:
