@@ -98,6 +98,14 @@ def rules_tables(rows: list[RuleRow], wide: bool = False) -> Table:
     return table
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits 1 when the reader of stdout is gone; raise instead, so a table ends a
+        closed pipe as every other print does (profiler/cli.py ``main``: quietly)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def print_table(table: Table, min_width: int = 120) -> None:
     """Print at the terminal's width, at least ``min_width`` columns (0: the terminal's)."""
-    Console(width=max(Console().width, min_width)).print(table)
+    _Console(width=max(Console().width, min_width)).print(table)

@@ -46,7 +46,10 @@ def parse_bytes(text: str | int) -> int:
     if unit not in UNITS:
         valid = ", ".join(["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"])
         raise ValueError(f"unknown size unit {match.group(2)!r} in {text!r}; valid units: {valid}")
-    return int(round(float(number) * UNITS[unit]))
+    try:
+        return int(round(float(number) * UNITS[unit]))
+    except OverflowError:  # float("9" * 400) is infinity: no integer holds it
+        raise ValueError(f"size {text!r} is too large to be a number of bytes") from None
 
 
 def format_gib(n_bytes: int, digits: int = 2) -> str:

@@ -12,6 +12,8 @@ import traceback
 from pathlib import Path
 
 from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
+from estimator.files import write_atomic
+from profiler.sweeps.matrix import MAX_CASES
 
 #: the shipped benchmark of published GPU measurements (results/published/build.py)
 PUBLISHED_RECORDS = str(Path(__file__).resolve().parents[1] / "results" / "published" / "records.jsonl")
@@ -178,12 +180,11 @@ def _seconds(text, name: str) -> float:
         raise UsageError(f"--{name} takes a number of seconds, got {text!r}") from None
 
 
-def _say(stream, text: str) -> None:
+def _say(stream, text: str, end: str = "\n") -> None:
     """``print`` that outlives its reader: once a pipe is closed (``| head``), what it would
     have read goes to /dev/null and the command goes on."""
-    import os
     try:
-        print(text, file=stream, flush=True)
+        print(text, file=stream, end=end, flush=True)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
@@ -226,7 +227,8 @@ def cmd_sweep(args) -> int:
 
         sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=timeout_s, on_case=on_case,
               timeline=args.timeline, retries=retries, on_start=on_start,
-              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"))
+              warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"),
+              max_cases=_positive(args.max_cases, "max-cases"))
     _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
     return 0
 
@@ -240,19 +242,22 @@ def cmd_campaign(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = Path(args.records) if args.records else out / f"{args.backend}-{Path(args.matrix).stem}.jsonl"
-    tests = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"] \
-        if args.tests else None
+    from profiler.measure.procs import python_command
+    tests = python_command("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests") if args.tests else None
     campaign = Campaign(args.matrix, args.backend, records,
                         workers=_positive(args.workers, "workers") if args.workers else None,
                         budget_s=_seconds(args.budget_s, "budget-s"),
                         case_timeout_s=_seconds(args.case_timeout, "case-timeout"),
                         card_bytes=parse_bytes(args.card_memory) if args.card_memory else None,
                         tests=tests, tests_log=out / "gpu-tests.log", log_dir=out,
-                        say=lambda line: print(line, file=sys.stderr, flush=True))
+                        say=lambda line: print(line, file=sys.stderr, flush=True),
+                        max_cases=_positive(args.max_cases, "max-cases"))
     summary = campaign.run()
     summary["commit"] = args.commit
-    (out / "campaign.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "campaign.json", json.dumps(summary, indent=2) + "\n", "campaign summary")
     print(seconds_table(summary), end="")
+    if summary["interrupted"]:
+        return EXIT_INTERRUPTED
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
 
@@ -274,8 +279,7 @@ def cmd_calibrate(args) -> int:
     from profiler.show import summary_table
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out, json.dumps(result, indent=2) + "\n", "calibration")
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
                               f"constant {result['overheads']['constant_bytes']} B"))
@@ -343,9 +347,8 @@ def cmd_compare(args) -> int:
     result = compare(baseline, current, threshold, error_growth, names=(args.baseline, args.current))
     text = markdown(result, threshold, allow_missing=args.allow_missing)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    print(text, end="")
+        write_atomic(args.out, text, "compare report")
+    _say(sys.stdout, text, end="")  # the verdict stands when nobody reads the report
     return 1 if result.failures(args.allow_missing) else 0
 
 
@@ -374,6 +377,8 @@ def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeo
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--case-timeout", default=case_timeout,
                    help=f"seconds before a case is stopped (default {case_timeout})")
+    p.add_argument("--max-cases", default=str(MAX_CASES),
+                   help=f"refuse a matrix of more cases than this (default {MAX_CASES})")
     return p
 
 
@@ -501,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     error and exits 1; ``--debug`` prints the traceback first. Ctrl-C exits 130; a closed
     stdout pipe ends the command quietly."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.stdout is None:  # started with stdout closed (>&-): a file opened now could take its descriptor
+        print("vramlab: error: standard output is closed; redirect it to a file or /dev/null (> FILE)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     debug = "--debug" in argv
     parser = build_parser()
     try:

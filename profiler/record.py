@@ -37,6 +37,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from estimator.files import check_output_path, read_input_bytes, too_deep
+
 SCHEMA_VERSION = 1
 
 #: Fields that are differences of two readings and may be negative: NVML's context figure
@@ -378,6 +380,8 @@ def _torn(line: bytes) -> bool:
         json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return True
+    except RecursionError:  # whole, but too deep to read: the reader says so
+        return False
     return False
 
 
@@ -388,10 +392,7 @@ def read_records(path: str | Path, allow_partial_tail: bool = False, warn: Warn 
     is not (a write cut short), ``allow_partial_tail`` skips it, telling ``warn`` which
     line it was; otherwise it is an error naming the line."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(f"cannot read records file {path}: {exc.strerror}") from None
+    data = _read(path)
     lines = data.split(b"\n")
     out = []
     for number, raw in enumerate(lines, start=1):
@@ -407,22 +408,32 @@ def read_records(path: str | Path, allow_partial_tail: bool = False, warn: Warn 
             break
         try:
             obj = json.loads(raw.decode("utf-8"))
+            out.append(check_record(obj, where))
         except UnicodeDecodeError:
             raise RecordError(f"{where}: not valid UTF-8") from None
         except json.JSONDecodeError as exc:
             raise RecordError(f"{where}: not valid JSON ({exc.msg})") from None
-        out.append(check_record(obj, where))
+        except RecursionError:
+            raise RecordError(str(too_deep(where))) from None
     return out
+
+
+def _read(path: Path) -> bytes:
+    """A records file's bytes (:func:`estimator.files.read_input_bytes`: a regular file, not too large)."""
+    try:
+        return read_input_bytes(path, "records file")
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
 
 
 def repair_tail(path: str | Path, warn: Warn | None = None) -> int:
     """Make the file end with a newline before a writer appends: a whole last record whose
     newline is missing gets it; an unfinished one (a write cut short) is cut off, and
     ``warn`` names its line. Returns the bytes cut."""
-    path = Path(path)
+    path = _output(path)
     if not path.exists():
         return 0
-    data = path.read_bytes()
+    data = _read(path)
     if not data or data.endswith(b"\n"):
         return 0
     keep = data.rfind(b"\n") + 1
@@ -448,7 +459,7 @@ def lock_records(path: str | Path, warn: Warn | None = None) -> Iterator[None]:
     """Hold an advisory lock (``fcntl.flock``) on a records file while appending to it, so
     a second sweep or campaign on the same file stops with a sentence instead of writing
     every case twice. Where the filesystem has no locks, ``warn`` says so and it goes on."""
-    path = Path(path)
+    path = _output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "ab")
@@ -475,10 +486,18 @@ def append_record(path: str | Path, record: Record) -> None:
     obj = record.to_json()
     check_record(obj, "record to write")
     line = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
-    path = Path(path)
+    path = _output(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _output(path: str | Path) -> Path:
+    """A records file to append to: absent or a regular file (a FIFO would block the writer)."""
+    try:
+        return check_output_path(path, "records file")
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None

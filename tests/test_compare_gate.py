@@ -53,10 +53,12 @@ def _fails_cleanly(r, code: int = 2):
 def test_empty_current_records_fail_with_a_sentence(objs, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for current in ("/dev/null", empty):
-        r = _cli(RECORDS, current)
-        _fails_cleanly(r)
-        assert f"{current} holds no records" in r.stderr
+    r = _cli(RECORDS, empty)
+    _fails_cleanly(r)
+    assert f"{empty} holds no records" in r.stderr
+    r = _cli(RECORDS, "/dev/null")  # no file at all: refused before it is read (issue 26)
+    _fails_cleanly(r)
+    assert "/dev/null is a character device, not a regular file" in r.stderr
     with pytest.raises(CompareError, match="the current records holds no records"):
         compare(_records(objs), [], Threshold.parse("2%"))
     with pytest.raises(CompareError, match="the baseline holds no records"):
@@ -170,3 +172,49 @@ def test_a_torn_tail_in_current_is_skipped_with_a_warning(objs, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{torn}, line {len(objs) + 1}: skipped an unfinished last record" in r.stderr
     assert f"{len(objs)} cases matched" in r.stdout
+
+
+# --- issue 26, item 1: a missing measurement on either side fails the gate ------------------------
+
+def _without(objs, index: int, key: str | None = None):
+    """A copy with record ``index``'s ``measured`` emptied (``key`` None) or lacking ``key``."""
+    out = copy.deepcopy(objs)
+    if key is None:
+        out[index]["measured"] = {}
+    else:
+        out[index]["measured"].pop(key, None)
+    return out
+
+
+@pytest.mark.parametrize("key", ["peak_allocated_bytes", None], ids=["no peak", "measured {}"])
+def test_a_current_ok_record_that_measured_nothing_fails_the_gate(objs, tmp_path, key):
+    cur = _write(tmp_path / "cur.jsonl", _without(objs, 2, key))
+    r = _cli(RECORDS, cur)
+    _fails_cleanly(r, 1)
+    label = _records(objs[2:3])[0].case.label(backend=True)
+    assert "**missing measurement**" in r.stdout
+    (line,) = [x for x in r.stdout.splitlines() if "missing from" in x]  # one case, one metric
+    assert line.startswith(f"- {label}") and line.endswith(f": peak allocated missing from {cur}"), line
+    cmp = compare(_records(objs), _records(_without(objs, 2, key)), Threshold.parse("2%"))
+    assert cmp.failures() == ["missing measurement"] and not cmp.regressed
+
+
+def test_a_baseline_without_its_peak_cannot_hide_a_tenfold_growth(objs, tmp_path):
+    base = _write(tmp_path / "base.jsonl", _without(objs, 0, "peak_allocated_bytes"))
+    grown = copy.deepcopy(objs)
+    grown[0]["measured"]["peak_allocated_bytes"] *= 10
+    r = _cli(base, _write(tmp_path / "cur.jsonl", grown))
+    _fails_cleanly(r, 1)
+    assert "**missing measurement**" in r.stdout and f"peak allocated missing from {base}" in r.stdout
+
+
+def test_a_metric_in_the_baseline_absent_from_current_fails(objs, tmp_path):
+    with_reserved = copy.deepcopy(objs)
+    for o in with_reserved:
+        o["measured"]["peak_reserved_bytes"] = o["measured"]["peak_allocated_bytes"]
+    base = _write(tmp_path / "base.jsonl", with_reserved)
+    r = _cli(base, RECORDS)  # the committed cpu records measure no reserved bytes
+    _fails_cleanly(r, 1)
+    assert "**missing measurement**" in r.stdout
+    assert r.stdout.count(f"peak reserved missing from {RECORDS}") == len(objs)
+    assert _cli(RECORDS, RECORDS).returncode == 0  # a metric neither side measures is no failure

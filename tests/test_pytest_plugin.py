@@ -133,6 +133,7 @@ def test_importing_the_plugin_does_not_import_torch():
     ('"4 parsecs"', "vram_limit('4 parsecs') is not a size: unknown size unit 'parsecs'"),
     ('"lots"', "vram_limit('lots') is not a size: cannot read 'lots' as a size"),
     ("-1", "vram_limit(-1) is not a size: a size must not be negative"),
+    (f'"{"9" * 400}GiB"', "is too large to be a number of bytes"),  # issue 26: was an OverflowError
     ("", "vram_limit takes one argument, the limit"),
 ])
 def test_bad_limit_fails_the_test_with_the_valid_units_and_does_not_run_it(pytester, marker, expected):
@@ -234,6 +235,8 @@ def test_malformed_baseline_is_a_usage_error(pytester, content, problem):
     (("--vram-increase-tolerance", "5 parsecs"), "--vram-increase-tolerance: unknown size unit 'parsecs'"),
     (("--vram-increase-tolerance=-2%",), "--vram-increase-tolerance: a tolerance must not be negative"),
     (("--vram-top", "-1"), "--vram-top must be 0 (all) or a positive count"),
+    (("--vram-increase-tolerance", "9" * 400 + "GiB"), "is too large to be a number of bytes"),  # issue 26
+    (("--vram-save-baseline", "/dev/null"), "/dev/null is a character device, not a regular file"),  # issue 26
 ])
 def test_bad_options_are_usage_errors(pytester, args, message):
     _alloc_test(pytester, N)

@@ -128,3 +128,65 @@ def test_bad_arguments_are_clear_errors():
         VramCallback(spec=spec, setup={"batch": 2})
     with pytest.raises(ValueError, match="unknown backend 'tpu'; choose one of: cuda, cpu"):
         VramCallback(backend="tpu")
+
+
+# --- issue 26, item 5: optimizer state that is not a tensor; any exit path leaves no mode behind ---
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128, max_position_embeddings=128)
+
+
+def _tiny_trainer(tmp_path, callback, steps: int = 2, **kw):
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=1, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    return Trainer(model=model, args=args, train_dataset=_dataset(TINY["vocab_size"]), callbacks=[callback]), model
+
+
+def _fail_at_forward(model, call: int):
+    """Make the model's ``call``-th forward raise, as a bug in a training step would."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(1)
+        if len(seen) == call:
+            raise RuntimeError("a bug in the step")
+    model.register_forward_pre_hook(hook)
+
+
+def test_adafactor_and_its_int_step_are_tracked(tmp_path):
+    callback = VramCallback()  # Adafactor keeps state["step"] as a Python int (transformers optimization.py)
+    trainer, model = _tiny_trainer(tmp_path, callback, optim="adafactor")
+    trainer.train()
+    assert callback.setup.optimizer.value == "adafactor"
+    assert [r.status.value for r in callback.records] == ["ok", "ok"]
+    # from step 2 Adafactor's factored second moments exist for the whole step: row + column
+    # statistics per matrix, so more than nothing and far less than one copy of the weights
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = callback.records[1].measured.categories["optimizer_state"]
+    assert 0 < state < weights
+    assert _get_current_dispatch_mode_stack() == []
+
+
+def test_an_exception_in_training_leaves_no_dispatch_mode_without_a_with_block(tmp_path):
+    callback = VramCallback()
+    trainer, model = _tiny_trainer(tmp_path, callback, steps=3)
+    _fail_at_forward(model, call=2)
+    with pytest.raises(RuntimeError, match="a bug in the step"):
+        trainer.train()
+    assert _get_current_dispatch_mode_stack() == []
+    assert [(r.step, r.status.value) for r in callback.records] == [(1, "ok"), (2, "error")]
+    assert "a bug in the step" in callback.records[1].message
+
+
+def test_a_failing_record_write_still_leaves_no_mode_and_no_hooks(tmp_path):
+    unwritable = tmp_path / "folder.jsonl"
+    unwritable.mkdir()  # the step's failure record cannot be appended here
+    with pytest.raises((ValueError, OSError), match="[Ii]s a directory"):
+        with VramCallback(out=unwritable) as callback:
+            trainer, model = _tiny_trainer(tmp_path, callback)
+            _fail_at_forward(model, call=1)
+            trainer.train()
+    assert _get_current_dispatch_mode_stack() == []
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert "_init_group" not in vars(optimizer)  # the tracker's patch of the optimizer is gone too

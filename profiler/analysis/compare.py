@@ -6,6 +6,9 @@ markdown report fit for a pull-request comment. The gate fails closed.
 - A measured figure that grew by more than the threshold is a memory regression; one
   that fell by more is an improvement, reported and never failing.
 - A case that was ok and is not any more is a status regression.
+- A measurement missing from one side of a case that is ok on both fails the gate: the
+  peak allocated bytes always (every backend measures them), any other metric when the
+  other side has it. A metric neither side measured (reserved bytes on cpu) is not compared.
 - A baseline case missing from the current records fails the gate unless missing cases
   are allowed; no matched case at all always fails it.
 - Growth of the estimate's |error| is a separate check, on only when asked for
@@ -28,6 +31,8 @@ from profiler.record import Record, Status
 #: (name, the Measured field compared)
 METRICS = (("peak allocated", "peak_allocated_bytes"), ("peak reserved", "peak_reserved_bytes"),
            ("NVML peak", "nvml_peak_used_bytes"))
+#: The metric every ok record measures (cuda: max_memory_allocated; cpu, sim: tracked bytes).
+REQUIRED_METRIC = "peak_allocated_bytes"
 #: The metric name of the opt-in check on the estimate's |error|.
 ERROR_METRIC = "estimate |error|"
 
@@ -64,8 +69,8 @@ class Threshold:
             return cls(fraction=parse_points(t, "threshold"))
         try:
             return cls(bytes=parse_bytes(t))
-        except OverflowError:
-            raise CompareError(f"threshold {text!r} is too large to be a size") from None
+        except ValueError as exc:
+            raise CompareError(f"threshold {text!r}: {exc}") from None
 
     def allowed(self, base: int) -> float:
         """The change in bytes a figure of ``base`` bytes may make."""
@@ -120,6 +125,7 @@ class Comparison:
     only_baseline: list[str] = field(default_factory=list)   # missing from the current records
     only_current: list[str] = field(default_factory=list)
     status_changes: list[tuple[str, str, str]] = field(default_factory=list)
+    missing_metrics: list[tuple[str, str, str]] = field(default_factory=list)  # (case, metric, side lacking it)
     matched: int = 0
     error_growth: float | None = None                         # the opt-in check, when on
 
@@ -153,6 +159,8 @@ class Comparison:
             out.append("status regression")
         if self.error_regressions:
             out.append("estimate error growth")
+        if self.missing_metrics:
+            out.append("missing measurement")
         if self.matched == 0:
             out.append("no case matched")
         elif self.only_baseline and not allow_missing:
@@ -213,6 +221,8 @@ def compare(baseline: Sequence[Record], current: Sequence[Record], threshold: Th
         for name, field_name in METRICS:
             bv, cv = getattr(b.measured, field_name), getattr(c.measured, field_name)
             if bv is None or cv is None:
+                if field_name == REQUIRED_METRIC or (bv, cv) != (None, None):
+                    out.missing_metrics.append((label, name, names[0] if bv is None else names[1]))
                 continue
             out.findings.append(Finding(label, name, bv, cv, threshold.exceeded(bv, cv),
                                         threshold.improved(bv, cv)))
@@ -252,6 +262,9 @@ def markdown(cmp: Comparison, threshold: Threshold, allow_missing: bool = False)
         lines += _table(flagged)
     for label, old, new in cmp.status_changes:
         lines.append(f"- status of {label}: {old} -> {new}")
+    if cmp.missing_metrics:
+        lines += ["Measurements missing (a case that measured nothing cannot pass):"]
+        lines += [f"- {label}: {metric} missing from {side}" for label, metric, side in cmp.missing_metrics]
     if cmp.improvements:
         lines += ["", "Improvements (not failures):", ""] + _table(cmp.improvements)
     if cmp.only_baseline:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from estimator.files import write_atomic
 from profiler.analysis.calibrate import calibrate
 from profiler.analysis.report import write_report
 from profiler.analysis.validate import Validation, validate
@@ -25,7 +26,8 @@ def quick_loop(out: Path, backend: str, say: Callable[[str], None]) -> tuple[Val
     records = read_records(records_path)
     cal_path = out / f"{backend}-quick-calibration.json"
     say(f"2/3 calibrating -> {cal_path}")
-    cal_path.write_text(json.dumps(calibrate(records, [records_path], f"{backend}-quick"), indent=2) + "\n")
+    write_atomic(cal_path, json.dumps(calibrate(records, [records_path], f"{backend}-quick"), indent=2) + "\n",
+                 "calibration")
     say(f"3/3 validating -> {out / 'report'}")
     result = validate(records)
     return result, write_report(result, records, out / "report", f"vramlab quick loop ({backend})")

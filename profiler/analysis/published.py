@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from estimator.estimate import estimate
+from estimator.files import read_input_bytes, too_deep
 from estimator.gpus import GPU, get_gpu
 from estimator.modelspec import load_model
 from estimator.setup import Setup
@@ -83,18 +84,40 @@ class PublishedValidation:
 
 
 def read_published(path: str | Path = PUBLISHED) -> list[dict]:
+    """The published rows of ``path``, each checked to be one (:func:`check_row`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"no published records at {path}; build them with python results/published/build.py")
+    try:
+        text = read_input_bytes(path, "published records").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"published records {path} are not UTF-8 text") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(check_row(json.loads(line), f"{path} line {n}"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} line {n} is not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise too_deep(f"{path} line {n}") from None
     return rows
+
+
+def check_row(rec: object, where: str) -> dict:
+    """``rec`` if it is a published row (an ``id`` and a ``metric`` naming what was measured
+    and its bytes), else a ValueError saying what ``--published`` takes."""
+    metric = rec.get("metric") if isinstance(rec, dict) else None
+    if not isinstance(metric, dict) or not isinstance(metric.get("name"), str) or "id" not in rec:
+        hint = "; a run's records are validated with vramlab validate FILE" \
+            if isinstance(rec, dict) and "case_key" in rec else ""
+        raise ValueError(f"{where} is not a published measurement (no id and metric name): --published takes "
+                         f"the published table, results/published/records.jsonl{hint}")
+    value = metric.get("bytes")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{where}: metric.bytes must be a non-negative integer or null, got {value!r}")
+    return rec
 
 
 def _gpu(rec: dict) -> GPU:

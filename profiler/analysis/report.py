@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from estimator.categories import TENSOR_CATEGORIES, Category
+from estimator.files import write_atomic
 from estimator.units import GiB
 from profiler.analysis.validate import Validation, summary_label
 from profiler.record import Record
@@ -23,6 +25,13 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG, replacing ``path`` whole (:func:`estimator.files.write_atomic`)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue(), "plot")
 
 
 def scatter(v: Validation, path: Path) -> Path:
@@ -47,7 +56,7 @@ def scatter(v: Validation, path: Path) -> Path:
     ax.set_title(f"predicted vs measured, {len(v.rows)} cases")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -73,7 +82,7 @@ def stacked_bars(v: Validation, path: Path) -> Path:
     ax.set_title("per category: left predicted, right (hatched) measured")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -117,7 +126,7 @@ def timeline(records: Sequence[Record], path: Path) -> Path | None:
             ax.set_ylabel("NVML device used GiB")
         ax.set_title(f"timeline: {r.label} ({r.backend})")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         return path
     return None
@@ -194,9 +203,9 @@ def write_report(v: Validation, records: Sequence[Record], folder: Path, title: 
            "## Per category at the measured peak: measured GiB (estimate - measured, share of the peak)", "",
            categories_table_md(v), ""]
     out["markdown"] = folder / "summary.md"
-    out["markdown"].write_text("\n".join(md), encoding="utf-8")
+    write_atomic(out["markdown"], "\n".join(md), "report summary")
     out["html"] = folder / "report.html"
-    out["html"].write_text(_html(v, title, [p for k, p in out.items() if str(p).endswith(".png")]), encoding="utf-8")
+    write_atomic(out["html"], _html(v, title, [p for k, p in out.items() if str(p).endswith(".png")]), "report")
     return out
 
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+from estimator.files import check_output_path, read_input_bytes, too_deep, write_atomic
 from estimator.units import UNITS, format_bytes, parse_bytes
 
 MARKER = "vram_limit"
@@ -91,14 +90,14 @@ def load_baseline(path: str | Path) -> dict[str, int]:
     """``{nodeid: peak bytes}`` from a JSON file; ``ValueError`` naming the file and problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read vram baseline file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
+        data = json.loads(read_input_bytes(path, "vram baseline file").decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"vram baseline file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"vram baseline file {path} is not valid JSON: {exc.msg} "
                          f"at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise too_deep(f"vram baseline file {path}") from None
     if not isinstance(data, dict):
         raise ValueError(f"vram baseline file {path} must hold a JSON object mapping test ids to "
                          f"peak bytes, not a {type(data).__name__}")
@@ -111,15 +110,11 @@ def load_baseline(path: str | Path) -> dict[str, int]:
 
 def save_baseline(path: str | Path, peaks: dict[str, int]) -> None:
     """Write ``peaks`` merged over what ``path`` already holds (a subset run keeps the rest)."""
-    path = Path(path)
+    path = check_output_path(path, "vram baseline file")
     merged = load_baseline(path) if path.exists() else {}
     merged.update(peaks)
-    text = json.dumps(dict(sorted(merged.items())), indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a baseline
+    # atomic: a killed run or a full disk never leaves half a baseline
+    write_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1) + "\n", "vram baseline file")
 
 
 @dataclass(frozen=True)
@@ -151,9 +146,10 @@ def options_from_config(config: pytest.Config) -> VramOptions:
     if get("vram_fail_on_increase") and baseline is None:
         raise pytest.UsageError("--vram-fail-on-increase needs --vram-baseline FILE to compare with")
     save_path = get("vram_save_baseline")
-    if save_path and Path(save_path).exists():
+    if save_path:
         try:  # fail now, not after the whole run, if the file we would merge into is bad
-            load_baseline(save_path)
+            if check_output_path(save_path, "vram baseline file").exists():
+                load_baseline(save_path)
         except ValueError as exc:
             raise pytest.UsageError(f"--vram-save-baseline: {exc}") from None
     backend = get("vram_backend")

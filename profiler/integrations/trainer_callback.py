@@ -23,16 +23,22 @@ that spans all of the step's micro-batches.
     peak restarted at every step. So the peak is absolute too: weights + optimizer
     state + whatever the step allocates. The batch is prefetched before ``on_step_begin``
     and is not counted (a few KiB of token ids). The mode is entered in one callback and
-    left in another; ``close()`` (or leaving the ``with`` block) pops it should
-    ``train()`` raise between the two.
+    left in another, so an exception between the two would leave it installed: the
+    Trainer that calls ``on_init_end`` / ``on_train_begin`` (found as the ``self`` of a
+    calling frame) has its ``train`` wrapped, and an exception leaving ``train()`` records
+    the failed step (``oom`` or ``error``, as data) and calls ``close()``. A callback added
+    with ``add_callback`` is guarded from its second ``train()`` on; ``close()`` (or leaving
+    the ``with`` block) covers the rest.
 
 The backend is where the model's parameters live (``use_cpu=True`` on a GPU host is
 ``cpu``), unless ``backend=`` says otherwise.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -106,9 +112,33 @@ class VramCallback(TrainerCallback):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and self._meter is not None and isinstance(exc, Exception):
-            self._finish_step(*classify_failure(exc))  # the step that raised: oom or error, as data
-        self.close()
+        self._abandon(exc)
+
+    def _abandon(self, exc: BaseException | None) -> None:
+        """Training ended by ``exc``: the step that raised is a record (oom or error, as data)
+        when it was an Exception; the tracker is closed whatever happens while recording it."""
+        try:
+            if exc is not None and self._meter is not None and isinstance(exc, Exception):
+                self._finish_step(*classify_failure(exc))
+        finally:
+            self.close()
+
+    def _guard(self) -> None:
+        """Wrap the calling Trainer's ``train`` so an exception leaving it ends in :meth:`_abandon`."""
+        trainer = _calling_trainer()
+        if trainer is None or getattr(trainer.train, "_vramlab_guard", None) is self:
+            return
+        train = trainer.train
+
+        @functools.wraps(train)
+        def guarded(*args, **kwargs):
+            try:
+                return train(*args, **kwargs)
+            except BaseException as exc:
+                self._abandon(exc)
+                raise
+        guarded._vramlab_guard = self
+        trainer.train = guarded
 
     def close(self) -> None:
         """Leave the tracker's dispatch mode and remove its hooks (idempotent)."""
@@ -130,8 +160,13 @@ class VramCallback(TrainerCallback):
         self._watched = None
 
     # ------------------------------------------------------------------ callback events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._guard()
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.close()  # a previous train() that raised mid-step
+        self._guard()
         if model is None:
             raise ValueError("VramCallback needs the model: the Trainer passes it to callbacks")
         if self.backend is None:
@@ -254,6 +289,20 @@ class VramCallback(TrainerCallback):
         return Case(model=self.model_name or name, config_hash=config_hash,
                     setup=self.setup.to_dict() if self.setup is not None else None,
                     steps=int(state.max_steps), backend=self.backend)
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose callback handler is calling us: the ``self`` of a
+    calling frame (``Trainer.__init__`` calls ``on_init_end``, ``_inner_training_loop``
+    calls ``on_train_begin``); None when there is none."""
+    from transformers import Trainer
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _spec_of(model: Any) -> ModelSpec | None:

@@ -17,6 +17,8 @@ import sys
 
 
 def main(argv=None) -> int:
+    from profiler.measure.procs import die_with_parent
+    die_with_parent(os.getppid())  # torchrun killed outright (SIGKILL) takes this rank with it
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         sys.stderr.write("usage: python -m profiler.measure.dist_worker '<json request>'\n")

@@ -2,9 +2,12 @@
 many simulated in-process.
 
 :func:`run_distributed` launches PyTorch's own launcher
-(``python -m torch.distributed.run --standalone --nproc_per_node N -m profiler.measure.dist_worker``);
-each rank (:func:`rank_record`) builds the model like the single-device harness, wraps it
-in ``DistributedDataParallel`` (sharding ddp), FSDP2 ``fully_shard`` per decoder layer
+(``python -P -m torch.distributed.run --standalone --nproc_per_node N --no-python python -P -m
+profiler.measure.dist_worker``) under a keeper (:mod:`profiler.measure.launcher`) that owns the
+temporary folder the ranks write to; no rank, torchrun or folder outlives an interrupted,
+terminated or killed run (each child has a parent-death signal). Each rank
+(:func:`rank_record`) builds the model like the single-device harness, wraps it in
+``DistributedDataParallel`` (sharding ddp), FSDP2 ``fully_shard`` per decoder layer
 and then the root (sharding fsdp; zero3 is measured as fsdp) or FSDP1 as accelerate runs
 it (fsdp1, fsdp1-shard-grad-op: :func:`wrap_fsdp1`), and measures warm-up plus N
 steps phase by phase with the harness's meter. On CPU the ranks talk over gloo, on CUDA
@@ -23,12 +26,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,7 +38,8 @@ from estimator.categories import Category
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Mode, Setup, Sharding
 from profiler.measure.build import build_model, build_optimizer, materialize_fake
-from profiler.measure.procs import ROOT, checkout_env
+from profiler.measure.launcher import RECORDS_NAME
+from profiler.measure.procs import STOP_GRACE_S, python_command, signals_held, signals_raise, start_group, stop_group
 from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
@@ -49,6 +49,9 @@ from profiler.record import Record, Status, append_record, check_record, new_rec
 MEASURED = (Sharding.DDP, Sharding.FSDP, Sharding.ZERO3, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
 FSDP1 = (Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
 DIST_BACKENDS = ("cpu", "cuda")
+#: Seconds the keeper may take to go once told: two stages of STOP_GRACE_S for torchrun
+#: (SIGTERM, then SIGKILL) and one more to relay the records and remove its folder.
+KEEPER_GRACE_S = 3 * STOP_GRACE_S
 
 
 def distributed_setup(setup: Setup, nproc: int) -> Setup:
@@ -442,12 +445,6 @@ def error_record(model: str, setup: Setup, backend: str, steps: int, rank: int, 
     return record
 
 
-def launch_command(request: dict, nproc: int) -> list[str]:
-    """PyTorch's launcher (``torchrun``) running :mod:`profiler.measure.dist_worker` on ``nproc`` ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "profiler.measure.dist_worker", json.dumps(request, sort_keys=True)]
-
-
 def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int = 1, nproc: int = 2,
                     out: str | Path | None = None, timeout_s: float = 600.0,
                     _crash_rank: int | None = None) -> list[Record]:
@@ -470,22 +467,30 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
     load_model(model)  # an unknown model is a ValueError here, not nproc crashed ranks
     if backend == "cuda" and torch.cuda.device_count() < nproc:
         raise ValueError(f"{nproc} ranks on cuda need {nproc} GPUs; torch sees {torch.cuda.device_count()}")
-    with tempfile.TemporaryDirectory(prefix="vramlab-dist-") as tmp:
-        path = Path(tmp) / "records.jsonl"
-        request = {"model": str(model), "setup": ranked.to_dict(), "backend": backend, "steps": steps,
-                   "out": str(path), "timeout_s": float(timeout_s)}
-        if _crash_rank is not None:
-            request["crash_rank"] = int(_crash_rank)
-        proc = subprocess.Popen(launch_command(request, nproc), cwd=str(ROOT), env=checkout_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous
-            cause = f"torchrun exited with code {proc.returncode}" if proc.returncode else ""
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            _, err = proc.communicate()
-            cause = f"stopped after {timeout_s + 60:.0f} s (timeout)"
-        records = _collect(path, nproc)
+    request = {"model": str(model), "setup": ranked.to_dict(), "backend": backend, "steps": steps,
+               "timeout_s": float(timeout_s)}
+    if _crash_rank is not None:
+        request["crash_rank"] = int(_crash_rank)
+    # the keeper (profiler/measure/launcher.py) owns torchrun and the temporary folder; it
+    # gets SIGTERM when this process dies, however it dies, and cleans up then too
+    proc = start_group(python_command("profiler.measure.launcher", json.dumps(request, sort_keys=True), str(nproc)),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with signals_raise():  # SIGTERM, SIGHUP: the finally below runs, as for Ctrl-C
+            try:
+                relayed, err = proc.communicate(timeout=timeout_s + 60)  # + start-up: imports, rendezvous
+                cause = ""
+            except subprocess.TimeoutExpired:
+                relayed, err = stop_group(proc, KEEPER_GRACE_S)
+                cause = f"stopped after {timeout_s + 60:.0f} s (timeout)"
+    finally:
+        if proc.poll() is None:  # interrupted: the keeper stops torchrun and removes its folder
+            with signals_held():
+                stop_group(proc, KEEPER_GRACE_S)
+    launch = _relayed(relayed or "")
+    if not cause and launch.get("returncode"):
+        cause = f"torchrun exited with code {launch['returncode']}"
+    records = _collect(launch.get("files") or {}, nproc)
     exits, root = _failures(err or "")
     out_records = []
     for rank in range(nproc):
@@ -505,32 +510,25 @@ def run_distributed(model: str, setup: Setup, backend: str = "cpu", steps: int =
     return out_records
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End the launcher and its ranks (their own process group), politely, then not."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+def _relayed(stdout: str) -> dict:
+    """The keeper's last line: torchrun's exit code and the files the ranks left."""
+    for line in reversed(stdout.splitlines()):
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+            obj = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
 
 
-def _collect(path: Path, nproc: int) -> dict[int, Record]:
+def _collect(files: dict[str, str], nproc: int) -> dict[int, Record]:
     """Records by rank: rank 0's gathered file, else each rank's own file."""
     found: dict[int, Record] = {}
-    candidates = [path] + [Path(f"{path}.rank{r}") for r in range(nproc)]
-    for candidate in candidates:
-        try:
-            lines = candidate.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            continue
-        for line in lines:
+    for name in [RECORDS_NAME] + [f"{RECORDS_NAME}.rank{r}" for r in range(nproc)]:
+        for line in str(files.get(name, "")).splitlines():
             try:
-                record = check_record(json.loads(line), str(candidate))
+                record = check_record(json.loads(line), name)
             except ValueError:  # JSONDecodeError and RecordError: a torn or foreign line
                 continue
             if record.rank is not None:

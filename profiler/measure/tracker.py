@@ -544,7 +544,7 @@ def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
         yield from obj.buffers()
     elif isinstance(obj, torch.optim.Optimizer):
         for state in obj.state.values():
-            yield from _iter_tensors(state)
+            yield from _state_tensors(state)
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _iter_tensors(v)
@@ -553,3 +553,17 @@ def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _iter_tensors(v)
     else:
         raise TypeError(f"cannot track an object of type {type(obj).__name__}")
+
+
+def _state_tensors(state: Any) -> Iterator[torch.Tensor]:
+    """The tensors of one parameter's optimizer state. State holds plain numbers beside
+    them (Adafactor's ``state["step"]`` is an int, transformers/optimization.py), which
+    own no storage: skipped, not refused."""
+    if isinstance(state, _Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _state_tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _state_tensors(v)

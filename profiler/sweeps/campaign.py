@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
-from profiler.measure.procs import ROOT, checkout_env, die_with_parent
+from profiler.measure.procs import CHILD_CWD, checkout_env, die_with_parent, python_command, signals_raise
 from profiler.measure.run import backend_setup
 from profiler.record import (
     Record,
@@ -58,7 +57,8 @@ from profiler.record import (
     lock_records,
     new_record,
 )
-from profiler.sweeps.sweep import Planned, done_keys, plan
+from profiler.sweeps.matrix import MAX_CASES
+from profiler.sweeps.sweep import Planned, check_seconds, done_keys, plan
 
 #: Headroom kept free on the card beyond the admitted predictions: the estimator's own
 #: error on unmeasured setups is unknown until the first CUDA records exist, so admit a
@@ -113,10 +113,11 @@ def _default_workers(backend: str) -> int:
     return max(1, min(3 if backend == "cuda" else 2, cores))
 
 
-def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None) -> list[Job]:
+def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None,
+              max_cases: int = MAX_CASES) -> list[Job]:
     """The matrix's cases not yet done, largest predicted need first."""
     jobs = []
-    for index, planned in enumerate(plan(matrix, backend)):
+    for index, planned in enumerate(plan(matrix, backend, max_cases=max_cases)):
         if planned.key in done:
             continue
         predicted = estimate(planned.spec, backend_setup(planned.setup, backend)).reserved_bytes
@@ -143,20 +144,20 @@ class Campaign:
                  workers: int | None = None, budget_s: float = 330.0, case_timeout_s: float = 120.0,
                  card_bytes: int | None = None, tests: Sequence[str] | None = None,
                  tests_log: str | Path | None = None, log_dir: str | Path | None = None,
-                 worker_cmd: Sequence[str] | None = None, say: Callable[[str], None] = print):
-        if budget_s <= 0 or case_timeout_s <= 0:
-            raise ValueError("the budget and the case timeout must be positive numbers of seconds")
+                 worker_cmd: Sequence[str] | None = None, say: Callable[[str], None] = print,
+                 max_cases: int = MAX_CASES):
+        self.budget_s = check_seconds(budget_s, "the budget")
+        self.case_timeout_s = check_seconds(case_timeout_s, "the case timeout")
+        self.max_cases = max_cases
         self.matrix, self.backend, self.records = Path(matrix), backend, Path(records)
         self.n_workers = workers or _default_workers(backend)
         if self.n_workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.n_workers}")
-        self.budget_s, self.case_timeout_s = float(budget_s), float(case_timeout_s)
         self.card_bytes = card_bytes if card_bytes is not None else (
             None if backend == "cuda" else DEFAULT_CARD_BYTES)
         self.tests, self.tests_log = (list(tests) if tests else None), tests_log
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="vramlab-campaign-"))
-        self.worker_cmd = list(worker_cmd) if worker_cmd else \
-            [sys.executable, "-m", "profiler.sweeps.campaign", "worker"]
+        self.worker_cmd = list(worker_cmd) if worker_cmd else python_command("profiler.sweeps.campaign", "worker")
         self.say = say
         self.sel = selectors.DefaultSelector()
         self.workers: dict[int, _Worker] = {}
@@ -172,6 +173,7 @@ class Campaign:
         self.versions: dict = {}
         self.resumed = 0
         self.stopped_by_budget = False
+        self.interrupted = False  # Ctrl-C, SIGTERM or SIGHUP ended it
         # The first context a CUDA worker measured alone: a worker that replaces another
         # initialises while cases run (NVML's before/after is not its own then) and takes it.
         self.context_reference: dict | None = None
@@ -184,7 +186,7 @@ class Campaign:
         log_path = self.log_dir / f"worker-{slot}.log"
         log = open(log_path, "ab")
         proc = subprocess.Popen(self.worker_cmd + [self.backend], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, env=env, cwd=str(ROOT), preexec_fn=die_with_parent)
+                                stderr=log, env=env, cwd=CHILD_CWD, preexec_fn=die_with_parent)
         log.close()
         os.set_blocking(proc.stdout.fileno(), False)
         w = _Worker(slot, proc, log_path, replacement=slot in self.workers)
@@ -422,7 +424,7 @@ class Campaign:
                 return  # after every initial worker has measured its context (not after replacements)
             self.first_round_done = True
         log = open(self.tests_log, "wb") if self.tests_log else subprocess.DEVNULL
-        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+        self.tests_proc = subprocess.Popen(self.tests, stdout=log, stderr=subprocess.STDOUT, cwd=CHILD_CWD,
                                            env=checkout_env(), preexec_fn=die_with_parent)
         if log is not subprocess.DEVNULL:
             log.close()
@@ -450,51 +452,49 @@ class Campaign:
         deadline = t0 + self.budget_s
         self.started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         done = done_keys(self.records, warn=self.say)
-        self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes)
+        self.pending = plan_jobs(self.matrix, self.backend, done, self.card_bytes, self.max_cases)
         self.resumed = len(done)
         self.total = len(self.pending)
         self.say(f"{self.total} cases to run ({len(done)} already in {self.records}); {self.n_workers} workers, "
                  f"budget {self.budget_s:.0f} s")
         if self.backend == "cuda":
             self.idle_device_bytes = _nvml_device_used()  # before any worker has a context
-        old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
-        try:
-            if self.pending:
-                for slot in range(min(self.n_workers, len(self.pending))):
-                    self._spawn(slot)
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    self.stopped_by_budget = bool(self.pending or self._busy())
-                    break
-                self._check_timeouts(now)
-                self._gate_inits()
-                self._dispatch()
-                self._start_tests()
-                live = [w for w in self.workers.values() if w.state != "dead"]
-                if not self.pending and not self._busy():
-                    break
-                if not live:
-                    self.say("no worker could start; the campaign stops")
-                    break
-                for key, _ in self.sel.select(timeout=min(0.5, max(0.01, deadline - now))):
-                    self._read(key.data)
-        except KeyboardInterrupt:
-            self.stopped_by_budget = True
-            self.say("stopped: every finished case is on disk; run again with the same records to resume")
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            for w in self.workers.values():
-                if w.state != "dead":
-                    self._send(w, {"op": "exit"})
-            for w in list(self.workers.values()):
-                if w.state != "dead":
-                    try:
-                        w.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    self._kill(w)
+        with signals_raise():  # SIGTERM, SIGHUP: as Ctrl-C, every finished case stays on disk
+            try:
+                if self.pending:
+                    for slot in range(min(self.n_workers, len(self.pending))):
+                        self._spawn(slot)
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        self.stopped_by_budget = bool(self.pending or self._busy())
+                        break
+                    self._check_timeouts(now)
+                    self._gate_inits()
+                    self._dispatch()
+                    self._start_tests()
+                    live = [w for w in self.workers.values() if w.state != "dead"]
+                    if not self.pending and not self._busy():
+                        break
+                    if not live:
+                        self.say("no worker could start; the campaign stops")
+                        break
+                    for key, _ in self.sel.select(timeout=min(0.5, max(0.01, deadline - now))):
+                        self._read(key.data)
+            except KeyboardInterrupt:
+                self.stopped_by_budget = self.interrupted = True
+                self.say("stopped: every finished case is on disk; run again with the same records to resume")
+            finally:
+                for w in self.workers.values():
+                    if w.state != "dead":
+                        self._send(w, {"op": "exit"})
+                for w in list(self.workers.values()):
+                    if w.state != "dead":
+                        try:
+                            w.proc.wait(timeout=5)
+                        except subprocess.TimeoutExpired:
+                            pass
+                        self._kill(w)
         tests_code = None
         if self.tests_proc is not None:
             left = max(1.0, deadline + 30 - time.monotonic())
@@ -512,7 +512,7 @@ class Campaign:
         return {"started": self.started_at, "wall_s": round(wall_s, 1), "backend": self.backend,
                 "matrix": str(self.matrix), "records": str(self.records), "workers": self.n_workers,
                 "cases_planned": self.total, "cases_already_done": self.resumed, "counts": dict(self.counts),
-                "not_run": not_run, "stopped_by_budget": self.stopped_by_budget,
+                "not_run": not_run, "stopped_by_budget": self.stopped_by_budget, "interrupted": self.interrupted,
                 "device": self.device, "versions": self.versions,
                 "nvml_idle_used_bytes": self.idle_device_bytes, "card_free_bytes": self.free_bytes,
                 "card_bytes": self.card_bytes,
@@ -541,10 +541,6 @@ def seconds_table(summary: dict) -> str:
     out += [f"| {r['case']} | {r['status']} | {r['seconds']:.1f} | {r['worker']} | {'yes' if r['alone'] else 'no'} |"
             for r in rows]
     return "\n".join(out) + "\n"
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------- worker side

@@ -11,12 +11,18 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 from estimator.files import read_document
 from estimator.setup import Setup
 
+#: The most cases a matrix may expand to unless told otherwise (``--max-cases``): the
+#: largest committed matrix holds 80 (benchmarks/gpu-standard.toml), and a sweep pays
+#: 10-15 s of imports per case (profiler/sweeps/campaign.py), so 1,000 cases are hours of
+#: work; a matrix a hundred times larger is a typo, refused before it is expanded.
+MAX_CASES = 1000
 SETUP_KEYS = set(Setup.__dataclass_fields__)
 CASE_KEYS = SETUP_KEYS | {"model", "steps"}
 
@@ -35,8 +41,16 @@ def _expand(table: dict, where: str) -> Iterator[dict]:
         yield dict(zip(keys, combo))
 
 
-def load_matrix(path: str | Path) -> list[tuple[str, Setup, int]]:
-    """(model, setup, steps) for every case; a malformed matrix raises MatrixError."""
+def _count(table: dict) -> int:
+    """How many cases a table expands to (the product of its lists' lengths)."""
+    return math.prod(len(v) if isinstance(v, list) else 1 for v in table.values())
+
+
+def load_matrix(path: str | Path, max_cases: int = MAX_CASES) -> list[tuple[str, Setup, int]]:
+    """(model, setup, steps) for every case; a malformed matrix, or one of more than
+    ``max_cases`` cases, raises MatrixError."""
+    if isinstance(max_cases, bool) or not isinstance(max_cases, int) or max_cases < 1:
+        raise MatrixError(f"--max-cases must be a positive integer, got {max_cases!r}")
     path = Path(path)
     try:
         data = read_document(path, "matrix", fmt="toml")
@@ -48,6 +62,10 @@ def load_matrix(path: str | Path) -> list[tuple[str, Setup, int]]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise MatrixError(f"matrix {path}: [[cases]] must be an array of tables")
     defaults = data
+    total = sum(_count({**defaults, **table}) for table in tables)
+    if total > max_cases:
+        raise MatrixError(f"matrix {path} expands to {total} cases, more than the cap of {max_cases} "
+                          f"(profiler/sweeps/matrix.py MAX_CASES); split it, or raise the cap with --max-cases N")
     out: list[tuple[str, Setup, int]] = []
     seen = set()
     for i, table in enumerate(tables, start=1):

@@ -12,16 +12,16 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from estimator.cli_args import check_flags
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup
-from profiler.measure.procs import checkout_env, dies_with_this_process
-from profiler.measure.run import make_case
+from profiler.measure.procs import CHILD_CWD, checkout_env, dies_with_this_process, python_command
+from profiler.measure.run import backend_setup, make_case
 from profiler.record import (
     Case,
     Record,
@@ -35,7 +35,7 @@ from profiler.record import (
     read_records,
     repair_tail,
 )
-from profiler.sweeps.matrix import load_matrix
+from profiler.sweeps.matrix import MAX_CASES, load_matrix
 
 #: Seconds one case may run before it is recorded as an error (a hung kernel, a swap storm).
 DEFAULT_CASE_TIMEOUT_S = 900
@@ -57,18 +57,22 @@ class Planned:
         return self.case.key
 
 
-def plan(matrix: str | Path, backend: str, shard: tuple[int, int] = (0, 1)) -> list[Planned]:
-    """The cases of this shard, each checked by the estimator (a case it rejects is a
-    malformed matrix)."""
+def plan(matrix: str | Path, backend: str, shard: tuple[int, int] = (0, 1),
+         max_cases: int = MAX_CASES) -> list[Planned]:
+    """The cases of this shard, each checked as the CLI checks a setup (flags that
+    contradict each other on this backend: :func:`estimator.cli_args.check_flags`) and by
+    the estimator; a case either rejects is a malformed matrix. A matrix of more than
+    ``max_cases`` cases is refused before it is expanded."""
     i, n = shard
     specs: dict[str, ModelSpec] = {}
     out = []
-    for index, (model, setup, steps) in enumerate(load_matrix(matrix)):
+    for index, (model, setup, steps) in enumerate(load_matrix(matrix, max_cases)):
         if index % n != i:
             continue
         if model not in specs:
             specs[model] = load_model(model)
         try:
+            check_flags(backend_setup(setup, backend))
             estimate(specs[model], setup)
         except ValueError as exc:
             raise ValueError(f"matrix {matrix}, case {index + 1} ({model}): {exc}") from None
@@ -103,9 +107,9 @@ def run_in_subprocess(job: Planned, backend: str, timeout_s: float = DEFAULT_CAS
     request = json.dumps({"model": job.model, "setup": job.setup.to_dict(), "backend": backend,
                           "steps": job.steps, "timeline": timeline})
     try:
-        proc = subprocess.run([sys.executable, "-m", "profiler.sweeps.worker"], input=request, text=True,
+        proc = subprocess.run(python_command("profiler.sweeps.worker"), input=request, text=True,
                               errors="replace", capture_output=True, timeout=timeout_s, env=checkout_env(),
-                              preexec_fn=dies_with_this_process())
+                              cwd=CHILD_CWD, preexec_fn=dies_with_this_process())
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         message = f"worker exited with code {proc.returncode}: {tail}"
@@ -154,12 +158,17 @@ def run_with_retries(job: Planned, backend: str, timeout_s: float, timeline: boo
         return record
 
 
+def check_seconds(value: float, what: str) -> float:
+    """``value`` as float if it is a finite positive number of seconds; ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite positive number of seconds, got {value}")
+    return float(value)
+
+
 def check_sweep_options(timeout_s: float, retries: int) -> None:
     """ValueError unless the case timeout is a finite positive number of seconds and
     retries a non-negative integer."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
-            or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"the case timeout must be a finite positive number of seconds, got {timeout_s}")
+    check_seconds(timeout_s, "the case timeout")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
 
@@ -168,7 +177,8 @@ def sweep(matrix: str | Path, backend: str, out: str | Path, shard: tuple[int, i
           timeout_s: float = DEFAULT_CASE_TIMEOUT_S,
           on_case: Callable[[int, int, Record], None] | None = None,
           runner: Callable[..., Record] = run_in_subprocess, timeline: bool = False, retries: int = 0,
-          on_start: Callable[[int, int], None] | None = None, warn: Warn | None = None) -> list[Record]:
+          on_start: Callable[[int, int], None] | None = None, warn: Warn | None = None,
+          max_cases: int = MAX_CASES) -> list[Record]:
     """Run every case of the shard not yet in ``out``; append each record as it finishes.
 
     Holds ``out``'s lock throughout (a second sweep on it raises RecordError at once).
@@ -176,7 +186,7 @@ def sweep(matrix: str | Path, backend: str, out: str | Path, shard: tuple[int, i
     ``warn`` hears of repaired files and killed workers."""
     check_sweep_options(timeout_s, retries)
     out = Path(out)
-    jobs = plan(matrix, backend, shard)
+    jobs = plan(matrix, backend, shard, max_cases)
     with lock_records(out, warn):
         done = done_keys(out, warn)
         todo = [job for job in jobs if job.key not in done]
