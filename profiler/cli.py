@@ -312,24 +312,23 @@ def cmd_validate(args) -> int:
     if not args.records:
         raise UsageError("validate needs record files, or --published for the published GPU measurements")
     from profiler.analysis.validate import with_estimates
-    records, redone, moved = with_estimates(_read_all(args.records), args.estimate)
-    if args.estimate == "current":
-        print(f"estimates: current (today's estimator under each record's versions) for {redone} of "
-              f"{len(records)} records, {moved} differing from the recorded one; --estimate recorded "
-              f"validates the estimate each record ran with", file=sys.stderr)
     calibration = load_calibration(args.calibration) if args.calibration else None
+    records, redone, moved = with_estimates(_read_all(args.records), args.estimate)
     result = validate(records, calibration)
+    which = (f"estimate: current (today's estimator under each record's versions; {moved} of {redone} differ from "
+             f"the recorded)" if args.estimate == "current" else "estimate: recorded (as each record ran)")
     if args.report:
         from profiler.analysis.report import write_report
         written = write_report(result, records, Path(args.report), args.title or "vramlab validation")
         print(f"report: {written['html']} ({', '.join(p.name for p in written.values())})", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(dict(result.to_dict(), estimate={"which": args.estimate, "re_estimated": redone,
+                                                           "differing": moved}), indent=2))
     else:
         from estimator.report import print_table
         from profiler.analysis.report import cases_table_md, categories_table_md
         from profiler.show import summary_table
-        title = f"{len(result.rows)} cases: error as a fraction of the measured peak"
+        title = f"{len(result.rows)} cases: error as a fraction of the measured peak; {which}"
         print_table(summary_table(result.summaries, title))
         print(cases_table_md(result))
         print()

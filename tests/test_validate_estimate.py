@@ -42,5 +42,8 @@ def test_unknown_choice_is_a_sentence():
 
 
 def test_cli_says_which_estimate_it_validated(cli):
+    import json
     out = cli("validate", str(QUICK))
-    assert out.code == 0 and "estimates: current" in out.err
+    assert out.code == 0 and "estimate: current" in out.out
+    data = json.loads(cli("validate", str(QUICK), "--json", "--estimate", "recorded").out)
+    assert data["estimate"] == {"which": "recorded", "re_estimated": 0, "differing": 0}
