@@ -234,6 +234,11 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     if spec.num_experts:
         # MoE routing (MixtralSparseMoeBlock): router logits, fp32 softmax, gathered expert inputs
         terms["moe_routing"] = (p + FP32) * spec.num_experts + mlp_tokens * lin_in * h
+        # transformers 5's grouped_mm experts (integrations/moe.py grouped_mm_experts_forward, the
+        # default experts implementation: modeling_utils.py get_correct_experts_implementation):
+        # the routing-weight product ``proj_out * sample_weights_g`` saves the (S, h) down-projection
+        # output, S = tokens x top-k (measured on the sim: Mixtral 32 MiB, Qwen3-MoE 64 MiB a layer)
+        terms["moe_weighted"] = mlp_tokens * p * h
     if spec.resid_dropout > 0:
         terms["resid_dropout"] = 2 * dropout_mask_bytes(setup, p) * h
     if setup.mode in (Mode.LORA, Mode.QLORA):

@@ -673,6 +673,13 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
     resid = 3 * p * h * T
     tr = traits(spec, setup)
     mlp = {MLP.GATED_FUSED: 4, MLP.GATED: 3, MLP.NEW_GELU: 4}.get(tr.mlp, 2) * p * f * T
+    if spec.num_experts:
+        # grouped_mm experts (integrations/moe.py grouped_mm_experts_forward) over S = T x top-k
+        # rows: while the gate runs, the gathered inputs (S, h), the fused gate_up output (S, 2f),
+        # act(gate) and the product (S, f each) are alive (locals until the function returns);
+        # later the gathered inputs, the down projection's output, its routing-weighted copy and
+        # that copy put back in token order ``weighted_out[inv_perm]`` (S, h each)
+        mlp = p * spec.experts_per_token * T * max(h + 4 * f, 4 * h)
     a, s = spec.num_heads, setup.seq
     # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
     # the scores) at once, beside q and the output
