@@ -147,6 +147,10 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
     out = _batch_one(spec, setup, one) if b == 1 else Activations(
         per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
         outside={k: v * b for k, v in one.outside.items()})
+    merged = lora_expert_weights(spec, setup)
+    if merged:
+        out = Activations(per_layer=out.per_layer, layers=out.layers,
+                          outside={**out.outside, "lora_expert_weights": spec.num_layers * merged})
     tr = traits(spec, setup)
     if tr.local_rotary and tr.sliding_layers:
         # the sliding layers' own rotary cos and sin, (1, s, head_dim) each in the compute dtype,
@@ -290,6 +294,18 @@ def _qk_norm_saved(spec: ModelSpec, tr, in_bytes: int, trainable: bool) -> int:
                for dim, scalars in ((spec.q_dim, heads[0]), (spec.kv_dim, heads[1])))
 
 
+def lora_expert_weights(spec: ModelSpec, setup: Setup) -> int:
+    """Bytes per layer that LoRA on fused 3-D expert parameters saves whatever the tokens: peft
+    (0.21) parametrizes each targeted stack with ``baddbmm(W, lhs, rhs)`` (tuners/lora/layer.py
+    ``_LoraFactorsProxy``), a new weight-sized tensor in the parameter's dtype made once per
+    forward (``parametrize.cached``), which the grouped matmul saves for its input's gradient
+    (measured on the sim: Mixtral's gate_up and down stacks, 2.8 GB a layer in bf16)."""
+    if setup.mode not in (Mode.LORA, Mode.QLORA):
+        return 0
+    return sum(lin.copies * lin.in_features * lin.out_features for lin in lora_targets(spec, setup.lora_targets)
+               if lin.fused_experts) * setup.precision.param_bytes
+
+
 def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
     """Whether ``lin`` reads its block's normed input (q/k/v, gate/up, c_attn, fc1), which
     the other input projections of the block read too, rather than a tensor of its own (the
@@ -354,8 +370,10 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     full = training_activations(spec, setup)
     # a masked layer (sliding window) recomputes its converted mask too: the largest layer is it
     masked = masked_layer_bytes(spec, setup) * T if "masked_layers" in full.outside else 0
+    # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
+    masked += lora_expert_weights(spec, setup)
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
                        outside={**{k: v for k, v in full.outside.items()
-                                   if k not in ("first_layer_frozen", "masked_layers")},
+                                   if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")},
                                 "recomputed_layer": full.layer_bytes + masked})

@@ -318,6 +318,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     outputs from the second step). The terms both share are computed once."""
     W, G, O = st.weights, st.gradients, st.optimizer_state
     G_layer = _layer_gradients(spec, setup, st)
+    merged_experts = int(acts.lora_expert_weights(spec, setup) * k) if setup.grad_ckpt else 0
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
@@ -363,6 +364,12 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
                 weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
+        if merged_experts:
+            # a checkpointed layer's forward still parametrizes its LoRA expert stacks (one layer's
+            # worth, freed when its experts module returns: activations.lora_expert_weights)
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                kv_cache=cache + prev_kv, temporaries=fb_temps + merged_experts)))
         phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
         # Backward is a line from "all activations saved, no gradients" to "no activations,
         # all gradients", so its peak is at one of three moments: the loss backward (fp32
@@ -419,6 +426,12 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
                 activations=saved + recomputed, logits=held_logits, kv_cache=held_kv, temporaries=recompute_temps)))
+        if acts.lora_expert_weights(spec, setup) and not setup.grad_ckpt and not ranked.gathers:
+            # LoRA on fused experts: the last layer's expert backward, its saved activations still
+            # there, holds the gradient of a parametrized stack (sharding.layer_working_set)
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
+                logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + layer_working_set(spec, setup))))
         if recomputed and not ranked.gathers and spec.num_layers > 1:
             # the first layer's recomputation, last in backward: every gradient but the first
             # layer's and the input embedding's exists by then (a layer's are made in its own

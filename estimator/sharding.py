@@ -571,7 +571,15 @@ def layer_working_set(spec: ModelSpec, setup: Setup) -> int:
     T, s = setup.batch * setup.seq, setup.seq
     down, mlp_grads, in_mlp, mlp_saved, attn_token, attn_square = _working_terms(spec, setup.shape_free)
     attn = attn_token * T + attn_square * setup.batch * s * s
-    return max(down + in_mlp * T, mlp_grads - mlp_saved * T + attn)
+    # LoRA on fused expert stacks: the gradient of the output projection's parametrized stack
+    # (weight-sized, activations.lora_expert_weights), the first the layer's backward makes,
+    # before baddbmm's backward reduces it to the factors (measured on the sim: Mixtral's down
+    # stack beside the saved activations; the gate_up stack's comes once the MLP's are freed)
+    stacks = [lin for lin in lora_targets(spec, setup.lora_targets) if lin.fused_experts] \
+        if setup.mode in (Mode.LORA, Mode.QLORA) else []
+    stack = stacks[-1].copies * stacks[-1].in_features * stacks[-1].out_features * setup.precision.param_bytes \
+        if stacks else 0
+    return max(down + in_mlp * T + stack, mlp_grads - mlp_saved * T + attn)
 
 
 @lru_cache(maxsize=1024)
