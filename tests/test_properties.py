@@ -162,15 +162,16 @@ def test_setup_json_round_trip(case):
 @given(model_and_setup(sharded=True), st.sampled_from([Sharding.ZERO3, Sharding.FSDP]))
 def test_gathered_rank_never_exceeds_ddp_unless_the_root_and_layers_explain_it(case, sharding):
     """ZeRO-3 / FSDP2 hold the root group (embeddings, head) unsharded from its pre-forward to
-    its post-backward, and up to three layers' all-gather buffers (estimator/sharding.py): at
-    small N with a large root that can outweigh the shards, never by more."""
+    its post-backward (and, while it is copied out of its all-gather buffer, twice), and up to
+    three layers' all-gather buffers (estimator/sharding.py): at small N with a large root that
+    can outweigh the shards, never by more."""
     from estimator.estimate import model_states
     from estimator.sharding import per_rank_states
     spec, setup = case
     gathered = setup.replace(sharding=sharding)
     ddp = estimate(spec, setup.replace(sharding=Sharding.DDP)).allocated_bytes
     rank = per_rank_states(spec, gathered, model_states(spec, gathered))
-    assert estimate(spec, gathered).allocated_bytes <= ddp + rank.root_params + 3 * rank.layer_params
+    assert estimate(spec, gathered).allocated_bytes <= ddp + 2 * rank.root_params + 3 * rank.layer_params
 
 
 @pytest.mark.parametrize("config", [
@@ -185,10 +186,11 @@ def test_gathered_rank_never_exceeds_ddp_unless_the_root_and_layers_explain_it(c
      "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 64,
      "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "vocab_size": 1000},
 ], ids=lambda c: c["model_type"])
-def test_todays_moe_types_are_refused_or_never_negative(config):
+def test_todays_moe_types_are_estimated_or_refused_and_never_negative(config):
     spec = spec_from_config(config, name=config["model_type"])
-    with pytest.raises(NoFormula, match="has no formula here"):
-        estimate(spec, Setup(seq=64))
+    if not spec.has_formula:  # qwen3_moe has one (estimator/archs/qwen3_moe.py)
+        with pytest.raises(NoFormula, match="has no formula here"):
+            estimate(spec, Setup(seq=64))
     for setup in (Setup(seq=64, mode="qlora", quant="nf4"), Setup(seq=64, sharding="zero3", world_size=4),
                   Setup(seq=64, mode="lora", lora_targets="all-linear")):
         est = estimate(spec, setup.replace(allow_llama_fallback=True))
