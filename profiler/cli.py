@@ -217,6 +217,9 @@ def cmd_sweep(args) -> int:
             progress.update(task, total=total - done)
             _say(sys.stderr, f"{total} cases in shard {args.shard}; {done} already in {args.out}; "
                              f"running {total - done}")
+            if done and done == total:
+                _say(sys.stderr, f"nothing to run: every case is in {args.out} (a sweep resumes);")
+                _say(sys.stderr, "to measure again, move that file away or pass a new --out")
 
         def on_case(n, total, record):
             counts[record.status.value] += 1
@@ -253,6 +256,9 @@ def cmd_campaign(args) -> int:
     summary["commit"] = args.commit
     (out / "campaign.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(seconds_table(summary), end="")
+    if summary["not_run"]:
+        print(f"stopped at the budget: {summary['not_run']} of {summary['cases_planned']} cases not run (exit 1);\n"
+              f"the finished ones are in {records}: the same command again runs only the rest", file=sys.stderr)
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
 
@@ -270,16 +276,15 @@ def cmd_calibrate(args) -> int:
     from pathlib import Path
 
     from estimator.report import print_table
-    from profiler.analysis.calibrate import calibrate
+    from profiler.analysis.calibrate import calibrate, write_calibration
     from profiler.show import summary_table
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    written = write_calibration(out, result)
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
                               f"constant {result['overheads']['constant_bytes']} B"), wide=args.wide)
-    print(f"wrote {out}")
+    print(f"wrote {out}" if written else f"kept {out}: the same calibration (only its creation time would change)")
     return 0
 
 
