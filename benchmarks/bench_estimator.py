@@ -71,11 +71,15 @@ def _per_call(fn, n: int) -> float:
 
 def interleaved(fn, n: int, rounds: int = ROUNDS) -> tuple[float, float]:
     """(seconds per fn call, seconds per REFERENCE), each the fastest of ``rounds`` blocks
-    timed alternately."""
+    timed alternately, every reference block as long as the figure's block before it (on a
+    busy machine a long block is preempted more often than a short one)."""
+    ref = lambda i: reference_work()  # noqa: E731
+    m = max(1, round(n * _per_call(fn, n) / _per_call(ref, 1)))  # an untimed round sizes the blocks
     ours, refs = [], []
     for _ in range(rounds):
         ours.append(_per_call(fn, n))
-        refs.append(_per_call(lambda i: reference_work(), max(1, n // 10)))
+        refs.append(_per_call(ref, m))
+        m = max(1, round(n * ours[-1] / refs[-1]))
     return min(ours), min(refs)
 
 
