@@ -35,6 +35,8 @@ def test_the_readme_sweep_example_does_not_resume_onto_committed_records():
         if not (ROOT / ".git").exists():
             pytest.skip("not a git checkout")
         assert not _tracked(out), f"{out} is committed: the sweep would skip its cases and run none"
+        for backend in ("cpu", "cuda"):  # the first README command (vramlab loop --out vramlab-out) writes these
+            assert Path(out) != Path("vramlab-out") / f"{backend}-quick.jsonl", out
 
 
 def test_a_sweep_with_every_case_recorded_says_there_is_nothing_to_run(cli, tmp_path):
