@@ -258,7 +258,7 @@ def cmd_campaign(args) -> int:
     print(seconds_table(summary), end="")
     if summary["not_run"]:
         print(f"stopped at the budget: {summary['not_run']} of {summary['cases_planned']} cases not run (exit 1);\n"
-              f"the finished ones are in {records}: the same command again runs only the rest", file=sys.stderr)
+              f"the finished ones are in {records};\nthe same command again runs only the rest", file=sys.stderr)
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
 
@@ -275,7 +275,7 @@ def _read_all(paths):
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from estimator.report import print_table
+    from estimator.report import print_table, print_text
     from profiler.analysis.calibrate import calibrate, write_calibration
     from profiler.show import summary_table
     out = Path(args.out)
@@ -284,7 +284,8 @@ def cmd_calibrate(args) -> int:
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
                               f"constant {result['overheads']['constant_bytes']} B"), wide=args.wide)
-    print(f"wrote {out}" if written else f"kept {out}: the same calibration (only its creation time would change)")
+    print_text(f"wrote {out}" if written else f"kept {out}: the same fit (only its creation time would change)",
+               wide=args.wide)
     return 0
 
 
