@@ -100,7 +100,8 @@ class Precision(_Choice):
         Llama, Mistral, Qwen and Gemma checkpoints), transformers 4's to fp32. The Trainer's
         ``bf16``/``fp16`` (accelerate ``mixed_precision``) then runs the forward under
         ``torch.autocast`` (accelerate/accelerator.py ``prepare_model``), which over bf16
-        weights casts nothing: pure bf16. TRL's ``SFTTrainer("model-id")`` loads with
+        weights leaves weights and matmuls in bf16 (only its fp32-list ops, softmax, pow,
+        norms, run in fp32): bf16 is the nearest recipe. TRL's ``SFTTrainer("model-id")`` loads with
         ``dtype="auto"`` (trl ``create_model_from_path``) and ``SFTConfig`` sets ``bf16=True``
         unless ``fp16`` (trl/trainer/sft_config.py). DeepSpeed's ``"bf16": {"enabled": true}``
         keeps fp32 master weights and optimizer state in its ZeRO optimizer."""
