@@ -13,7 +13,13 @@ Every measured step uses a fresh optimizer, so the step allocates the AdamW stat
 fills FakeTensorMode's dispatch cache first, so no variant pays for it.
 
 Targets: StorageTracker overhead <= 2x untracked; StorageTracker >= 5x faster than
-MemTracker; the two peaks within 1%.
+MemTracker; the two peaks within 1%; the simulated FSDP2 rank of a 70B model (a whole
+``vramlab profile`` subprocess) within FSDP_SIM_TARGET_STEPS untracked fake steps of
+llama-2-7b. Every time figure is a ratio of two timings of the same run (interleaved, the
+fastest kept), so a busy machine slows both sides alike and the verdict holds.
+
+Exit code 0 when every target is met, 1 when one is missed (a real regression), 2 when the
+benchmark cannot run; a comparison that cannot run here (MemTracker missing) is n/a.
 
     PYTHONPATH=. python benchmarks/bench_profiler.py [--layers 32] [--repeats 2]
 """
@@ -24,6 +30,7 @@ import gc
 import os
 import platform
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -160,12 +167,12 @@ def main() -> int:
     t_plain, t_tracked = min(plain), min(tracked)
     overhead = t_tracked / t_plain
     print("# StorageTracker benchmark: llama-2-7b sim step (FakeTensorMode, CPU)\n")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, threads={torch.get_num_threads()}; "
-          f"model {args.layers} layers, {n_params / 1e9:.3f} B params bf16, "
-          f"batch {args.batch} x seq {args.seq}; build {t_build:.2f} s, warm-up step {t_warm:.2f} s; "
-          f"{res.n_allocs} storages allocated / {res.n_frees} freed in the tracked step; "
-          f"min of {args.repeats} runs\n")
+    print(textwrap.fill(f"torch {torch.__version__}, python {platform.python_version()}, "
+                        f"{os.cpu_count()} CPUs, threads={torch.get_num_threads()}; "
+                        f"model {args.layers} layers, {n_params / 1e9:.3f} B params bf16, "
+                        f"batch {args.batch} x seq {args.seq}; build {t_build:.2f} s, warm-up step {t_warm:.2f} s; "
+                        f"{res.n_allocs} storages allocated / {res.n_frees} freed in the tracked step; "
+                        f"min of {args.repeats} runs", 78) + "\n")
     rows = [
         ("untracked fake step", f"{t_plain:.2f}", "1.00x", "-", "-", "-"),
         ("StorageTracker", f"{t_tracked:.2f}", f"{overhead:.2f}x", fmt_gib(res.peak_bytes),
@@ -186,6 +193,9 @@ def main() -> int:
     print("|" + "|".join("---" for _ in hdr) + "|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    print("\n" + textwrap.fill("step s: the fastest of the timed steps; vs untracked: that time over the "
+                              "untracked step's (the figure the targets read); peak: live tensor bytes at the "
+                              "step's peak, GiB = 2^30 B.", 78))
 
     cats = [c.value for c in Category if any(p.peak_breakdown.get(c.value) for p in res.phases)]
     print("\n## StorageTracker phases (GiB; breakdown at each phase's peak)\n")
@@ -195,24 +205,31 @@ def main() -> int:
         print(f"| {p.name} | {p.start_bytes / GiB:.3f} | {p.peak_bytes / GiB:.3f} | {p.end_bytes / GiB:.3f} | "
               + " | ".join(f"{p.peak_breakdown.get(c, 0) / GiB:.3f}" for c in cats) + " |")
     if not args.skip_fsdp:
-        print_fsdp_sim()
+        rows.append(print_fsdp_sim(t_plain))
     print(f"\npeak {res.peak_bytes} B; total benchmark wall time {time.perf_counter() - t_start:.1f} s")
-    return 0
+    missed = [r[0] for r in rows if r[-1] == "FAIL"]
+    if missed:
+        print(f"MISSED: {', '.join(missed)} (exit 1)")
+    return 1 if missed else 0
 
 
-#: A simulated FSDP2 rank of a 70B model: wall time of the whole command, at most this.
-FSDP_SIM_TARGET_S = 15.0
+#: A simulated FSDP2 rank of a 70B model: the whole command's wall time, in untracked fake
+#: llama-2-7b steps of the same run, at most this: the old absolute target (15 s) over the
+#: untracked step's time on the project's 2-core VM (T_PLAIN_REFERENCE_S).
+T_PLAIN_REFERENCE_S = 1.85  # 2026-12-02, load 0.8 of 2 cores, torch 2.13.0+cpu, the fastest of 2
+FSDP_SIM_TARGET_STEPS = 15.0 / T_PLAIN_REFERENCE_S
 FSDP_SIM = ["profile", "llama-2-70b", "--backend", "sim", "--nproc", "64", "--sharding", "fsdp", "--grad-ckpt",
             "--seq", "1024", "--steps", "1", "--json"]
 
 
-def print_fsdp_sim() -> None:
+def print_fsdp_sim(t_plain: float) -> tuple:
     """``vramlab profile llama-2-70b --backend sim --nproc 64 --sharding fsdp --grad-ckpt``:
-    where its time goes. Measured with py-spy (2026-11-26): 30 s before, a third of it in
-    DTensor's sharding propagation for every foreach op of the optimizer step (never cached)
-    and a fifth in making all 64 chunks of every parameter while sharding; the simulated rank
-    now steps its local shards (distributed.LocalShardOptimizer) and builds only the chunks
-    it reads (distributed._Chunks), with identical per-phase peaks."""
+    where its time goes, and its wall time in untracked steps (the returned row). Measured
+    with py-spy (2026-11-26): 30 s before, a third of it in DTensor's sharding propagation for
+    every foreach op of the optimizer step (never cached) and a fifth in making all 64 chunks
+    of every parameter while sharding; the simulated rank now steps its local shards
+    (distributed.LocalShardOptimizer) and builds only the chunks it reads
+    (distributed._Chunks), with identical per-phase peaks."""
     import json
     import subprocess
     t0 = time.perf_counter()
@@ -221,16 +238,30 @@ def print_fsdp_sim() -> None:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(f"\nFSDP sim failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-        return
+        return ("simulated FSDP2 rank", "-", "-", "-", "the command ran", "FAIL")
     timings = json.loads(proc.stdout)["timings"]
     work = timings["build_s"] + sum(timings["warmup_s"]) + sum(timings["step_s"])
+    steps = wall / t_plain
+    verdict = "PASS" if steps <= FSDP_SIM_TARGET_STEPS else "FAIL"
     print("\n## Simulated FSDP2 rank 0 of 64, llama-2-70b, checkpointing, seq 1024\n")
-    print("| wall s | imports s | build s | warm-up s | step s | target | result |")
-    print("|---|---|---|---|---|---|---|")
+    print("| wall s | imports s | build s | warm-up s | step s | in untracked steps | target | result |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {wall:.1f} | {wall - work:.1f} | {timings['build_s']:.1f} | {sum(timings['warmup_s']):.1f} | "
-          f"{sum(timings['step_s']):.1f} | <= {FSDP_SIM_TARGET_S:.0f} s | "
-          f"{'PASS' if wall <= FSDP_SIM_TARGET_S else 'FAIL'} |")
+          f"{sum(timings['step_s']):.1f} | {steps:.1f} | <= {FSDP_SIM_TARGET_STEPS:.1f} | {verdict} |")
+    print("\n" + textwrap.fill(f"in untracked steps: the command's wall time over this run's untracked "
+                              f"llama-2-7b fake step ({t_plain:.2f} s); the target is the old 15 s where that "
+                              f"step took {T_PLAIN_REFERENCE_S:.2f} s.", 78))
+    return ("simulated FSDP2 rank", f"{wall:.1f}", f"{steps:.1f}x", "-", f"<= {FSDP_SIM_TARGET_STEPS:.1f}x", verdict)
+
+
+def _main() -> int:
+    """main(), and exit code 2 (not 1, a missed target) when the benchmark itself breaks."""
+    try:
+        return main()
+    except Exception:  # noqa: BLE001 - a broken benchmark is no verdict
+        traceback.print_exc()
+        return 2
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())

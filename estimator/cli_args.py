@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from .setup import (
     DEFAULT_LORA_TARGETS,
@@ -20,11 +21,44 @@ from .setup import (
 from .versions import parse_overrides
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a description's lines that start with two spaces
+    stay lines (the precision recipes), each wrapped with a hanging indent."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for line in text.split("\n"):
+            if line.startswith("  "):
+                out.append(textwrap.fill(line.strip(), width, initial_indent=indent + "  ",
+                                         subsequent_indent=indent + " " * RECIPE_HANG))
+            else:
+                out.append(super()._fill_text(line, width, indent))
+        return "\n".join(out)
+
+
+#: Where a recipe's text starts in ``--help``: after the longest name ("mixed-bf16") and two spaces
+RECIPE_HANG = 2 + max(len(p.value) for p in Precision) + 2
+
+
+def recipes_help() -> str:
+    """``--help``'s table of precision recipes, from the enum's own definitions."""
+    return "\n".join(f"  {p.value:<{RECIPE_HANG - 3}} {p.recipe}. Comes from: {p.comes_from}." for p in Precision)
+
+
+def recipes_markdown() -> str:
+    """The README's table of precision recipes, from the same definitions."""
+    rows = [f"| `{p.value}` | {p.recipe} | {p.comes_from} |" for p in Precision]
+    return "\n".join(["| `--precision` | weights, gradients, optimizer state, compute | what gives it |",
+                      "|---|---|---|", *rows])
+
+
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("setup")
     choices = lambda enum: ", ".join(m.value for m in enum)  # noqa: E731
     g.add_argument("--mode", default="full", help=f"{choices(Mode)} (default full)")
-    g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16)")
+    g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16: pure bf16; each "
+                                                       f"recipe below, under 'precision recipes')")
     g.add_argument("--quant", default="none", help=f"{choices(Quant)} (inference, qlora)")
     g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; none: forward and "
                                                       f"backward only, gradients freed before the next; training only)")
@@ -54,6 +88,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                         "otherwise; measure it with `vramlab profile MODEL --backend sim` instead)")
     g.add_argument("--versions", default="", help="library versions whose memory semantics to assume, e.g. "
                                                   "transformers=4.48,torch=2.4 (default: the installed ones)")
+    parser.add_argument_group("precision recipes (--precision)", "What each recipe types how, and which "
+                              "training code runs it (the model's dtype decides first, then autocast):\n"
+                              + recipes_help())
 
 
 def _int(name: str, text) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .cli_args import check_flags
 from .estimate import Estimate, estimate
 from .gpus import GPU
 from .modelspec import ModelSpec
@@ -37,15 +38,19 @@ class FitResult:
     max_seq: int  # at the setup's batch; 0 when even 1 token does not fit
     strategies: list[Strategy] = field(default_factory=list)
     min_gpus: int | None = None  # ZeRO-3 ranks needed for the setup as given
+    #: the setup as given under each precision recipe (named by it), the given one included:
+    #: "batch 9 fits" in pure bf16 says nothing of a Trainer's amp-bf16 run
+    recipes: list[Strategy] = field(default_factory=list)
 
     def verdict(self) -> str:
         """One sentence about the setup as given: it fits, or it does not and what would
         (never both: ``min_gpus`` is searched only when the setup does not fit)."""
         total, budget = self.estimate.total_bytes / GiB, self.memory_bytes / GiB
+        recipe = f"(precision {self.setup.precision})"
         if self.fits:
-            return f"The setup as given fits: {total:.2f} of {budget:.2f} GiB."
+            return f"The setup as given fits {recipe}: {total:.2f} of {budget:.2f} GiB."
         one_gpu = any(s.fits for s in self.strategies if s.setup.world_size == 1)
-        text = f"The setup as given does not fit: it needs {total:.2f} GiB of {budget:.2f}; " + \
+        text = f"The setup as given does not fit {recipe}: it needs {total:.2f} GiB of {budget:.2f}; " + \
             ("a one-GPU strategy above does" if one_gpu else "no one-GPU strategy above does")
         if self.min_gpus:
             text += f"; ZeRO-3 needs {self.min_gpus} GPUs of this size"
@@ -58,6 +63,8 @@ class FitResult:
             "min_gpus_zero3": self.min_gpus, "setup": self.setup.to_dict(),
             "strategies": [{"name": s.name, "total_bytes": s.total_bytes, "fits": s.fits,
                             "max_batch": s.max_batch, "setup": s.setup.to_dict()} for s in self.strategies],
+            "recipes": [{"precision": s.name, "total_bytes": s.total_bytes, "fits": s.fits,
+                         "max_batch": s.max_batch} for s in self.recipes],
         }
 
 
@@ -108,7 +115,20 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None
             candidate = setup.replace(world_size=n, sharding=Sharding.ZERO3)
             strategies.append(Strategy(f"ZeRO-3 over {n} GPUs", candidate, _total(spec, candidate, gpu, overheads),
                                        True, _largest(lambda b: under(candidate.replace(batch=b)), MAX_SEARCH)))
-    return FitResult(spec.name, memory_bytes, setup, est, fits, max_batch, max_seq, strategies, min_gpus)
+    recipes = []
+    for precision in Precision:
+        if precision is setup.precision:
+            recipes.append(Strategy(str(precision), setup, est.total_bytes, fits, max_batch))
+            continue
+        try:
+            candidate = setup.replace(precision=precision)
+            check_flags(candidate)
+        except ValueError:  # a recipe this setup cannot run (flash attention in fp32)
+            continue
+        total = _total(spec, candidate, gpu, overheads)
+        recipes.append(Strategy(str(precision), candidate, total, total <= memory_bytes,
+                                _largest(lambda b, c=candidate: under(c.replace(batch=b)), MAX_SEARCH)))
+    return FitResult(spec.name, memory_bytes, setup, est, fits, max_batch, max_seq, strategies, min_gpus, recipes)
 
 
 def _ladder(setup: Setup, lora_targets: tuple[str, ...]):

@@ -9,7 +9,11 @@ from .categories import TENSOR_CATEGORIES, Category
 from .estimate import Estimate
 from .fit import FitResult
 from .rules import RuleRow
+from .setup import Precision
 from .units import BILLION, GB, GiB
+
+#: A ``--wide`` view is drawn up to this many columns: every table at its natural width.
+WIDE_COLUMNS = 1000
 
 
 def _gib(n: int) -> str:
@@ -18,23 +22,26 @@ def _gib(n: int) -> str:
 
 def estimate_table(est: Estimate) -> Table:
     s = est.setup
-    title = (f"{est.model}: {s.mode} {s.precision}, {s.optimizer}, batch {s.batch} x seq {s.seq}"
+    title = (f"{est.model}: {s.mode} {s.precision}{f', {s.optimizer}' if s.training else ''}, "
+             f"batch {s.batch} x seq {s.seq}{f' + {s.new_tokens} new tokens' if s.new_tokens else ''}"
              f"{', grad-ckpt' if s.grad_ckpt else ''}, {s.attn}, {s.device}"
              f"{f', {s.sharding} x{s.world_size} (per rank)' if s.world_size > 1 else ''}")
-    table = Table(title=title, caption=f"params {est.params:,}, trainable {est.trainable_params:,}; "
-                                      f"peak in the {est.peak_phase} phase; overheads: {est.overheads_source}")
-    table.add_column("category")
-    table.add_column("GiB at peak", justify="right")
+    table = Table(title=title, box=box.SIMPLE_HEAD,
+                  caption=f"GiB = 2^30 bytes; {recipe_line(s.precision)}; params {est.params:,}, trainable "
+                          f"{est.trainable_params:,}; peak in the {est.peak_phase} phase; "
+                          f"overheads: {est.overheads_source}")
+    table.add_column("category", no_wrap=True, min_width=len(Category.OPTIMIZER_STATE.value))
+    table.add_column("at peak", justify="right")
     table.add_column("share", justify="right")
     for phase in est.phases:
-        table.add_column(f"{phase} GiB", justify="right", style="dim")
+        table.add_column(str(phase), justify="right", style="dim")
     total = est.total_bytes or 1
     for cat in Category:
         value = est.components[cat]
         table.add_row(cat.value, _gib(value), f"{100 * value / total:.1f}%",
                       *(_gib(comp[cat]) for comp in est.phases.values()))
     table.add_section()
-    table.add_row("allocated (tensors)", _gib(est.allocated_bytes), "",
+    table.add_row("allocated", _gib(est.allocated_bytes), "",
                   *(_gib(sum(v for k, v in c.items() if k in TENSOR_CATEGORIES)) for c in est.phases.values()))
     table.add_row("total", _gib(est.total_bytes), "100.0%",
                   *(_gib(sum(c.values())) for c in est.phases.values()), style="bold")
@@ -45,7 +52,8 @@ def fit_table(result: FitResult) -> Table:
     budget = result.memory_bytes
     table = Table(title=f"{result.model} in {_gib(budget)} GiB: as given {_gib(result.estimate.total_bytes)} GiB "
                         f"({'fits' if result.fits else 'does not fit'}); largest batch {result.max_batch} "
-                        f"at seq {result.setup.seq}; longest seq {result.max_seq} at batch {result.setup.batch}")
+                        f"at seq {result.setup.seq}; longest seq {result.max_seq} at batch {result.setup.batch}",
+                  caption=f"GiB = 2^30 bytes; assumes {recipe_line(result.setup.precision)}", box=box.SIMPLE_HEAD)
     table.add_column("strategy (cheapest first)")
     table.add_column("GiB", justify="right")
     table.add_column("fits", justify="center")
@@ -53,6 +61,26 @@ def fit_table(result: FitResult) -> Table:
     for st in result.strategies:
         table.add_row(st.name, _gib(st.total_bytes), "yes" if st.fits else "no", str(st.max_batch))
     return table
+
+
+def fit_recipes_table(result: FitResult) -> Table:
+    """The setup as given under each precision recipe: which one your code runs decides."""
+    table = Table(title="the setup as given, per precision recipe (--precision)", box=box.SIMPLE_HEAD,
+                  caption="--help says what each recipe types how and which training code runs it "
+                          "(amp-bf16: a Trainer's bf16=True on an fp32-loaded model)")
+    table.add_column("recipe")
+    table.add_column("GiB", justify="right")
+    table.add_column("fits", justify="center")
+    table.add_column("largest batch", justify="right")
+    for r in result.recipes:
+        mark = " (as given)" if r.setup.precision is result.setup.precision else ""
+        table.add_row(f"{r.name}{mark}", _gib(r.total_bytes), "yes" if r.fits else "no", str(r.max_batch))
+    return table
+
+
+def recipe_line(precision: Precision) -> str:
+    """``precision bf16 = pure bf16: ...``: the recipe a figure assumes, as ``--help`` defines it."""
+    return f"precision {precision} = {precision.recipe}"
 
 
 def _rule_text(r: RuleRow) -> str:
@@ -68,19 +96,22 @@ NARROW_CAUSE_MIN_BYTES = GB // 20
 
 
 def rules_tables(rows: list[RuleRow], wide: bool = False) -> Table:
-    """The rules beside the estimate: 80 columns by default (sizes, short settings, the
-    largest cause by a short name); ``wide`` adds the model column and every cause."""
+    """The rules beside the estimate: 80 columns by default (sizes, short settings with
+    their recipe, the largest cause by a short name); ``wide`` adds the model and recipe
+    columns and every cause."""
     per_gpu = "H100s x GB" if not wide else "ZeRO-3 on H100 80GB: GPUs x GB each"
     models = "; ".join(sorted({f"{r.size} = {r.model} ({r.params / BILLION:.2f}B)" for r in rows},
                               key=lambda t: float(t.split("B")[0])))
+    recipes = "; ".join(recipe_line(p) for p in dict.fromkeys(r.estimate.setup.precision for r in rows))
     table = Table(title="Rules of thumb beside the estimate, GB (10^9 B)" if not wide else
                   "Rules of thumb (Deep Learning 101, 2023) beside the detailed estimate, in GB (10^9 bytes)",
                   caption=f"{models}; batch 1 x seq 512 unless said; the estimate is the step's peak on one "
-                          f"CUDA GPU{'' if wide else '; --wide names every cause'}",
+                          f"CUDA GPU; {recipes}{'' if wide else '; --wide names every cause'}",
                   box=None if not wide else box.HEAVY_HEAD, pad_edge=False)
     columns = [("size", "left"), ("setting", "left"), ("rule", "right"), ("est.", "right"), (per_gpu, "right"),
                ("largest gap" if not wide else "what the rule leaves out (GB)", "left")]
     if wide:
+        columns[2:2] = [("recipe", "left")]
         columns.insert(1, ("model", "left"))
     for col, just in columns:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -88,7 +119,8 @@ def rules_tables(rows: list[RuleRow], wide: bool = False) -> Table:
         fits = "-" if r.per_gpu is None else f"{r.per_gpu[0]} x {r.per_gpu[1] / GB:,.1f}"
         if wide:
             causes = "; ".join(f"{c.why} {c.bytes / GB:+,.2f}" for c in r.causes)
-            table.add_row(r.size, f"{r.model} ({r.params / BILLION:.2f}B)", r.setting, _rule_text(r),
+            table.add_row(r.size, f"{r.model} ({r.params / BILLION:.2f}B)", r.setting,
+                          str(r.estimate.setup.precision), _rule_text(r),
                           f"{r.estimate.total_bytes / GB:,.1f}", fits, causes)
         else:
             big = sorted((c for c in r.causes if abs(c.bytes) >= NARROW_CAUSE_MIN_BYTES), key=lambda c: -abs(c.bytes))
@@ -106,6 +138,21 @@ class _Console(Console):
         raise BrokenPipeError
 
 
-def print_table(table: Table, min_width: int = 120) -> None:
-    """Print at the terminal's width, at least ``min_width`` columns (0: the terminal's)."""
-    _Console(width=max(Console().width, min_width)).print(table)
+def console(wide: bool = False) -> Console:
+    """Where tables and sentences go: the terminal's width (rich reads ``COLUMNS``, else
+    the terminal, else 80 columns), tables folding their text columns to fit; ``wide``
+    draws every table at its natural width. No markup: a label's ``[cpu]`` stays text."""
+    return _Console(width=WIDE_COLUMNS if wide else None, markup=False, highlight=False, emoji=False)
+
+
+def print_table(table: Table, wide: bool = False) -> None:
+    """One table at the terminal's width (``wide``: at its natural width)."""
+    console(wide).print(table)
+
+
+def print_text(text: str, wide: bool = False) -> None:
+    """A sentence wrapped at the terminal's width between words (``wide``: one line)."""
+    if wide:
+        print(text)
+    else:
+        console().print(text, overflow="fold")

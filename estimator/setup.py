@@ -64,14 +64,60 @@ class Loss(_Choice):
 
 
 class Precision(_Choice):
-    """Precision recipe: how weights, compute, gradients and optimizer state are typed."""
+    """Precision recipe: how weights, compute, gradients and optimizer state are typed.
+
+    The one definition of each recipe: :attr:`recipe` says what it types how and
+    :attr:`comes_from` which training code gives it; ``--help``, the README's table and every
+    output line that names a precision read them from here.
+    """
 
     FP32 = "fp32"
-    FP16 = "fp16"  # pure: model cast to fp16, states in fp16 (torch keeps them in param dtype)
-    BF16 = "bf16"  # pure: model cast to bf16
-    AMP_FP16 = "amp-fp16"  # fp32 params under torch.autocast(fp16): weight-cast cache
+    FP16 = "fp16"
+    BF16 = "bf16"
+    AMP_FP16 = "amp-fp16"
     AMP_BF16 = "amp-bf16"
-    MIXED_BF16 = "mixed-bf16"  # bf16 weights/grads + fp32 master weights and states (ZeRO)
+    MIXED_BF16 = "mixed-bf16"
+
+    @property
+    def recipe(self) -> str:
+        """What the recipe types how, in one line. torch.optim keeps AdamW's exp_avg and
+        exp_avg_sq in the parameter's dtype (``zeros_like(p)``, torch/optim/adamw.py);
+        torch.autocast casts matmul inputs and caches the weight casts for the forward and
+        backward (aten/src/ATen/autocast_mode.cpp ``cached_cast``); mixed-bf16 is ZeRO's
+        mixed-precision Adam (Rajbhandari et al. 2019, Sec. 3) with bf16 in place of fp16."""
+        return {
+            Precision.FP32: "fp32 weights, gradients, optimizer state and compute",
+            Precision.FP16: "pure fp16: weights, gradients, optimizer state and compute fp16",
+            Precision.BF16: "pure bf16: weights, gradients, optimizer state and compute bf16",
+            Precision.AMP_FP16: "fp32 weights, gradients and optimizer state; matmuls fp16 under autocast",
+            Precision.AMP_BF16: "fp32 weights, gradients and optimizer state; matmuls bf16 under autocast",
+            Precision.MIXED_BF16: "bf16 weights and gradients; fp32 master weights and optimizer state",
+        }[self]
+
+    @property
+    def comes_from(self) -> str:
+        """Which training code gives the recipe. The model's dtype decides first:
+        transformers 5's ``from_pretrained`` defaults to ``dtype="auto"``, the checkpoint's
+        own dtype (modeling_utils.py: ``if dtype is None: dtype = "auto"``; bf16 for most
+        Llama, Mistral, Qwen and Gemma checkpoints), transformers 4's to fp32. The Trainer's
+        ``bf16``/``fp16`` (accelerate ``mixed_precision``) then runs the forward under
+        ``torch.autocast`` (accelerate/accelerator.py ``prepare_model``), which over bf16
+        weights leaves weights and matmuls in bf16 (only its fp32-list ops, softmax, pow,
+        norms, run in fp32): bf16 is the nearest recipe. TRL's ``SFTTrainer("model-id")`` loads with
+        ``dtype="auto"`` (trl ``create_model_from_path``) and ``SFTConfig`` sets ``bf16=True``
+        unless ``fp16`` (trl/trainer/sft_config.py). DeepSpeed's ``"bf16": {"enabled": true}``
+        keeps fp32 master weights and optimizer state in its ZeRO optimizer."""
+        return {
+            Precision.FP32: "Trainer without bf16/fp16 on an fp32-loaded model (transformers 4's default load)",
+            Precision.FP16: "a model loaded with dtype=torch.float16 and trained without autocast",
+            Precision.BF16: "a bf16-loaded model (dtype=torch.bfloat16, or transformers 5's default "
+                            "dtype=\"auto\" on a bf16 checkpoint) under the Trainer, bf16=True or not; "
+                            "TRL's SFTTrainer defaults",
+            Precision.AMP_FP16: "Trainer fp16=True (accelerate mixed_precision=\"fp16\") on an fp32-loaded model",
+            Precision.AMP_BF16: "Trainer bf16=True (accelerate mixed_precision=\"bf16\") on an fp32-loaded "
+                                "model (transformers 4's default load, or dtype=torch.float32)",
+            Precision.MIXED_BF16: "DeepSpeed ZeRO with bf16 enabled; ZeRO's 16 bytes/param",
+        }[self]
 
     @property
     def param_bytes(self) -> int:

@@ -79,15 +79,15 @@ def cmd_estimate(args) -> int:
         from estimator.estimate import assumed_versions
         print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup)), indent=2))
     else:
-        from estimator.report import estimate_table, print_table
-        print_table(estimate_table(est))
+        from estimator.report import estimate_table, print_table, print_text
+        print_table(estimate_table(est), wide=args.wide)
         for note in est.notes:
-            print(f"note: {note}")
+            print_text(f"note: {note}", wide=args.wide)
         assumed = setup.semantics.to_dict()["versions"]
-        print("assumed: " + ", ".join(f"{k} {v}" for k, v in assumed.items()))
+        print_text("assumed: " + ", ".join(f"{k} {v}" for k, v in assumed.items()), wide=args.wide)
         if gpu:
             verdict = "fits" if est.total_bytes <= gpu.memory_bytes else "does NOT fit"
-            print(f"{verdict} on {gpu.name} ({format_gib(gpu.memory_bytes, 1)})")
+            print_text(f"{verdict} on {gpu.name} ({format_gib(gpu.memory_bytes, 1)})", wide=args.wide)
     return 0
 
 
@@ -106,9 +106,10 @@ def cmd_fit(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        from estimator.report import fit_table, print_table
-        print_table(fit_table(result))
-        print(result.verdict())
+        from estimator.report import fit_recipes_table, fit_table, print_table, print_text
+        print_table(fit_table(result), wide=args.wide)
+        print_table(fit_recipes_table(result), wide=args.wide)
+        print_text(result.verdict(), wide=args.wide)
     return 0
 
 
@@ -119,7 +120,7 @@ def cmd_rules(args) -> int:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
     else:
         from estimator.report import print_table, rules_tables
-        print_table(rules_tables(rows, wide=args.wide), min_width=120 if args.wide else 0)
+        print_table(rules_tables(rows, wide=args.wide), wide=args.wide)
     return 0
 
 
@@ -142,7 +143,7 @@ def cmd_profile(args) -> int:
         objs = [r.to_json() for r in records]
         print(json.dumps(objs[0] if len(objs) == 1 else objs, indent=2))
     else:
-        print_records(records)
+        print_records(records, wide=args.wide)
     return 0 if all(r.status.value in ("ok", "oom") for r in records) else 1
 
 
@@ -218,6 +219,9 @@ def cmd_sweep(args) -> int:
             progress.update(task, total=total - done)
             _say(sys.stderr, f"{total} cases in shard {args.shard}; {done} already in {args.out}; "
                              f"running {total - done}")
+            if done and done == total:
+                _say(sys.stderr, f"nothing to run: every case is in {args.out} (a sweep resumes);")
+                _say(sys.stderr, "to measure again, move that file away or pass a new --out")
 
         def on_case(n, total, record):
             counts[record.status.value] += 1
@@ -258,6 +262,9 @@ def cmd_campaign(args) -> int:
     print(seconds_table(summary), end="")
     if summary["interrupted"]:
         return EXIT_INTERRUPTED
+    if summary["not_run"]:
+        print(f"stopped at the budget: {summary['not_run']} of {summary['cases_planned']} cases not run (exit 1);\n"
+              f"the finished ones are in {records};\nthe same command again runs only the rest", file=sys.stderr)
     return 0 if summary["not_run"] == 0 and summary["counts"].get("error", 0) == 0 else 1
 
 
@@ -274,31 +281,37 @@ def _read_all(paths):
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from estimator.report import print_table
-    from profiler.analysis.calibrate import calibrate
+    from estimator.report import print_table, print_text
+    from profiler.analysis.calibrate import calibrate, write_calibration
     from profiler.show import summary_table
     out = Path(args.out)
     result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
-    write_atomic(out, json.dumps(result, indent=2) + "\n", "calibration")
+    written = write_calibration(out, result)
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
-                              f"constant {result['overheads']['constant_bytes']} B"))
-    print(f"wrote {out}")
+                              f"constant {result['overheads']['constant_bytes']} B"), wide=args.wide)
+    print_text(f"wrote {out}" if written else f"kept {out}: the same fit (only its creation time would change)",
+               wide=args.wide)
     return 0
 
 
 def cmd_validate_published(args) -> int:
     from estimator.report import print_table
     from profiler.analysis.published import rows_table_md, validate_published
-    from profiler.show import summary_table
+    from profiler.show import published_tables, summary_table
     result = validate_published(args.published)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     for metric, s in result.to_dict()["by_metric"].items():
         print_table(summary_table({k: v for k, v in s.items() if k != "cases"},
-                                  f"{s['cases']} pinned published rows, {metric}: error as a fraction of the value"))
-    print(rows_table_md(result))
+                                  f"{s['cases']} pinned published rows, {metric}: error as a fraction of the value"),
+                    wide=args.wide)
+    if args.wide:
+        print(rows_table_md(result))
+    else:
+        for table in published_tables(result):
+            print_table(table)
     return 0
 
 
@@ -320,19 +333,22 @@ def cmd_validate(args) -> int:
     if args.report:
         from profiler.analysis.report import write_report
         written = write_report(result, records, Path(args.report), args.title or "vramlab validation")
-        print(f"report: {written['html']} ({', '.join(p.name for p in written.values())})", file=sys.stderr)
+        print(f"report: {written['html']} (+ {len(written) - 1} files beside it)", file=sys.stderr)
     if args.json:
         print(json.dumps(dict(result.to_dict(), estimate={"which": args.estimate, "re_estimated": redone,
                                                            "differing": moved}), indent=2))
     else:
         from estimator.report import print_table
         from profiler.analysis.report import cases_table_md, categories_table_md
-        from profiler.show import summary_table
+        from profiler.show import cases_table, summary_table
         title = f"{len(result.rows)} cases: error as a fraction of the measured peak; {which}"
-        print_table(summary_table(result.summaries, title))
-        print(cases_table_md(result))
-        print()
-        print(categories_table_md(result))
+        print_table(summary_table(result.summaries, title), wide=args.wide)
+        if args.wide:
+            print(cases_table_md(result))
+            print()
+            print(categories_table_md(result))
+        else:
+            print_table(cases_table(result))
     return 0
 
 
@@ -363,9 +379,16 @@ def cmd_loop(args) -> int:
         import torch
         backend = "cuda" if torch.cuda.is_available() else "cpu"
     result, written = quick_loop(Path(args.out), backend, lambda line: print(line, file=sys.stderr))
-    print_table(summary_table(result.summaries, f"{len(result.rows)} cases on {backend}: |error| vs measured peak"))
+    print_table(summary_table(result.summaries, f"{len(result.rows)} cases on {backend}: |error| vs measured peak"),
+                wide=args.wide)
     print(f"report: {written['html']}")
     return 0
+
+
+def _add_wide(p: argparse.ArgumentParser, what: str = "tables at their natural width") -> None:
+    """``--wide``: output is folded to the terminal's width (80 columns when it is no
+    terminal) unless asked for this."""
+    p.add_argument("--wide", action="store_true", help=f"{what}, not folded to the terminal's width")
 
 
 def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeout: str) -> argparse.ArgumentParser:
@@ -392,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="GPU preset (sets the cuBLAS workspace and says whether it fits)")
     p.add_argument("--calibration", default="auto", help="calibration JSON, 'none', or 'auto' (default)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    _add_wide(p)
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("fit", help="largest batch / longest sequence and strategies that fit a budget")
     _add_model(p)
@@ -400,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="memory budget, e.g. 24GiB or 80GB")
     p.add_argument("--calibration", default="auto", help="calibration JSON, 'none', or 'auto' (default)")
     p.add_argument("--json", action="store_true")
+    _add_wide(p)
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("rules", help="the rules of thumb for 1B, 7B, 70B beside the detailed estimate")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--wide", action="store_true", help="every cause in full, with the model column (120+ columns)")
+    _add_wide(p, "every cause in full, with the model and recipe columns (120+ columns)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rules)
     p = sub.add_parser("profile", help="run real steps and measure them beside the estimate")
@@ -416,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", action="store_true", help="keep the tracker's memory timeline in the record")
     p.add_argument("--nproc", default="1", help="ranks: > 1 runs DDP/FSDP2/FSDP1 under torchrun (sim: rank 0 of N)")
     p.add_argument("--json", action="store_true", help="print the record")
+    _add_wide(p)
     p.set_defaults(func=cmd_profile)
     p = _matrix_parser(sub, "sweep", "run a TOML matrix, one subprocess per case, resumable", backend="cpu",
                        out="JSONL file; cases already in it are skipped", case_timeout="900")
@@ -439,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("records", nargs="+")
     p.add_argument("--out", required=True, help="calibration JSON, e.g. results/calibration/NAME.json")
     p.add_argument("--name", help="name stored in the file (default: the file's stem)")
+    _add_wide(p)
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("validate", help="predicted beside measured, with error summaries and a report")
     p.add_argument("records", nargs="*")
@@ -452,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="current (default): today's estimator under each record's library versions; "
                         "recorded: the estimate frozen in each record when it ran")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_wide(p, "every predictor and category per case, as markdown tables (up to ~370 columns)")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("compare", help="baseline vs current records; exit 1 on a regression or missing cases")
     p.add_argument("baseline")
@@ -466,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loop", help="profile the embedded quick matrix, calibrate, validate, write the report")
     p.add_argument("--out", default="vramlab-out", help="folder for records, calibration and report")
     p.add_argument("--backend", default="auto", choices=("auto", "cuda", "cpu"))
+    _add_wide(p)
     p.set_defaults(func=cmd_loop)
     for command in sub.choices.values():  # --debug after the command works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

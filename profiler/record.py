@@ -80,12 +80,58 @@ class Case:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def label(self, backend: bool = False) -> str:
-        """A short human name: model, mode, precision, batch x seq, attention."""
+        """A short human name: model, mode, precision, batch x seq, attention, then every
+        other setup field that differs from its default (:func:`setup_tags`), so two cases
+        of one file never share a label."""
         s = self.setup or {}
         label = (f"{self.model} {s.get('mode', '?')} {s.get('precision', '?')} "
                  f"b{s.get('batch', '?')}x{s.get('seq', '?')} {s.get('attn', '?')}")
-        label += " ckpt" if s.get("grad_ckpt") else ""
+        label = " ".join([label, *setup_tags(s, self.backend)])
         return label + (f" [{self.backend}]" if backend else "")
+
+
+_ABSENT = object()
+
+#: The setup fields every label names in its head (model mode precision bBATCHxSEQ attn).
+_LABEL_HEAD = frozenset({"mode", "precision", "batch", "seq", "attn"})
+
+#: How a label writes a setup field that differs from its default; a field not named here
+#: (a new one) is written ``name=value``, so a label never drops a difference.
+_TAGS: dict[str, Callable[[Any], str]] = {
+    "grad_ckpt": lambda v: "ckpt" if v else "no-ckpt",
+    "optimizer": lambda v: "no-optimizer" if v == "none" else str(v),
+    "optimizer_impl": lambda v: f"impl={v}",
+    "quant": lambda v: str(v),
+    "lora_rank": lambda v: f"r{v}",
+    "lora_alpha": lambda v: f"alpha{v}",
+    "lora_targets": lambda v: ",".join(v) if isinstance(v, list) else str(v),
+    "world_size": lambda v: f"x{v}",
+    "sharding": lambda v: str(v),
+    "new_tokens": lambda v: f"+{v}tok",
+    "loop": lambda v: f"{v}-loop",
+    "grad_accum": lambda v: f"accum{v}",
+    "keep_grads": lambda v: "keep-grads" if v else "no-keep-grads",
+    "use_cache": lambda v: "use-cache" if v else "no-cache",
+    "loss": lambda v: str(v),
+    "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
+    "compute_capability": lambda v: f"cc{v}",
+}
+
+
+def setup_tags(setup: dict[str, Any], backend: str | None = None) -> list[str]:
+    """One short tag per setup field that differs from ``Setup()``'s default, beyond the
+    label's head; the device only where it is not the backend's own (cpu on the cpu
+    backend, cuda on cuda and sim)."""
+    from estimator.setup import Setup
+    defaults = Setup().to_dict()
+    defaults["device"] = "cpu" if backend == "cpu" else defaults["device"]
+    tags = []
+    for name, value in setup.items():
+        if name in _LABEL_HEAD or value == defaults.get(name, _ABSENT) or value in (None, [], ""):
+            continue
+        tag = _TAGS.get(name)
+        tags.append(tag(value) if tag else f"{name}={value}")
+    return tags
 
 
 @dataclass

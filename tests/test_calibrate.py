@@ -169,6 +169,7 @@ def test_committed_records_agree_per_category(path):
     # had them as temporaries in the measurement, 16.7 % of the peak)
     ("smollm2-135m", dict(precision="mixed-bf16", batch=2, seq=256)),
 ])
+@pytest.mark.slow
 def test_realistic_cpu_steps_agree_per_category(model, kw):
     from profiler.measure.run import run_case
     record = run_case(model, Setup(**kw), "cpu", steps=1)

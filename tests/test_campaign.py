@@ -35,6 +35,7 @@ def _peaks(record: dict) -> dict:
             for phase, v in record.measured.phases.items()}
 
 
+@pytest.mark.slow
 def test_same_cases_in_two_orders_give_the_same_peaks_to_the_byte():
     seen: dict = {}
     for order in (ISOLATION_CASES, ISOLATION_CASES[::-1]):
@@ -47,6 +48,7 @@ def test_same_cases_in_two_orders_give_the_same_peaks_to_the_byte():
         assert first == second, f"{model} {setup.mode} {setup.precision}: peaks depend on the order"
 
 
+@pytest.mark.slow
 def test_persistent_worker_measures_what_a_fresh_process_measures():
     from profiler.sweeps.sweep import Planned, run_in_subprocess
     model, setup = ISOLATION_CASES[0]
@@ -58,6 +60,7 @@ def test_persistent_worker_measures_what_a_fresh_process_measures():
     assert _peaks(here) == _peaks(fresh)
 
 
+@pytest.mark.slow
 def test_a_leaking_case_is_marked_and_does_not_move_the_next(monkeypatch):
     model, setup = ISOLATION_CASES[0]
     alone, _ = run_isolated(model, setup, "cpu", steps=1)
@@ -83,6 +86,7 @@ def test_a_leaking_case_is_marked_and_does_not_move_the_next(monkeypatch):
 
 @pytest.mark.parametrize("after, clean", [(512, True), (PROCESS_RESIDUAL_LIMIT_BYTES, True),
                                           (PROCESS_RESIDUAL_LIMIT_BYTES + 512, False)])
+@pytest.mark.slow
 def test_a_small_process_lifetime_allocation_keeps_the_worker_a_larger_one_replaces_it(monkeypatch, after, clean):
     # CUDA's settle reports what stays allocated; here it is driven: 0 before the case, `after` after it
     # (the first H200 campaign saw 512 B after every case, no tensor of it alive)
@@ -219,6 +223,7 @@ def test_resume_skips_recorded_cases_and_the_budget_keeps_what_finished(tmp_path
     assert len(read_records(records)) == 4
 
 
+@pytest.mark.slow
 def test_campaign_cli_runs_real_workers_on_sim(tmp_path, cli):
     matrix = tmp_path / "m.toml"
     matrix.write_text('steps = 1\n[[cases]]\nmodel = ["smollm2-135m", "gpt2"]\nprecision = "bf16"\nseq = 32\n')

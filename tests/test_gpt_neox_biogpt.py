@@ -103,6 +103,7 @@ PYTHIA_CASES = [
 
 
 @pytest.mark.parametrize("kw", PYTHIA_CASES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.slow
 def test_pythia_estimate_equals_real_cpu_steps(kw):
     _assert_within(run_case("pythia-70m", Setup(**kw), "cpu", steps=1))
 
@@ -126,6 +127,7 @@ def small_biogpt(tmp_path_factory):
     dict(precision="bf16", batch=2, seq=256, optimizer="sgd", attn="sdpa"),  # dropout: sdpa's math kernel
     dict(precision="bf16", batch=2, seq=256, mode="lora", attn="sdpa"),
 ], ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.slow
 def test_biogpt_estimate_equals_real_cpu_steps(small_biogpt, kw):
     _assert_within(run_case(small_biogpt, Setup(**kw), "cpu", steps=1))
 

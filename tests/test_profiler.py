@@ -55,6 +55,7 @@ def test_sim_equals_cpu_with_eager_attention(tiny):
     ("smollm2-135m", dict(mode="inference", precision="bf16", seq=64, new_tokens=2)),
     ("smollm2-135m", dict(mode="lora", precision="bf16", seq=128)),
 ])
+@pytest.mark.slow
 def test_estimate_matches_sim_per_phase(model, kw):
     record = run_case(model, Setup(**kw), "sim", steps=1)
     assert record.status == "ok", record.message
@@ -123,6 +124,7 @@ def _cli(*args, **kw):
                           env=env, cwd=ROOT, **kw)
 
 
+@pytest.mark.slow
 def test_sweep_bad_inputs_exit_2(tmp_path):
     m = tmp_path / "m.toml"
     m.write_text('[[cases]]\nmodel = "gpt2"\nmode = "lora"\nlora_targets = [["q_proj"]]\n')
@@ -136,6 +138,7 @@ def test_sweep_bad_inputs_exit_2(tmp_path):
     assert bad.read_text() == '{"x": 1}\n\n'  # data already written is never lost
 
 
+@pytest.mark.slow
 def test_sweep_survives_kill_and_resumes_without_duplicates(tiny, tmp_path):
     m = tmp_path / "m.toml"
     m.write_text(f'steps = 1\nprecision = "fp32"\n[[cases]]\nmodel = "{tiny}"\nseq = [8, 16, 24, 32]\n')

@@ -30,6 +30,7 @@ def test_opt_350m_is_post_ln_with_projections():
     dict(precision="fp32", seq=256, optimizer="sgd"),
     dict(precision="bf16", batch=2, seq=512, optimizer="none", loss="logits-sum", loop="manual"),
 ], ids=["fp32-sgd", "bf16-published-workload"])
+@pytest.mark.slow
 def test_opt_350m_estimate_equals_real_cpu_steps(kw):
     record = run_case("opt-350m", Setup(**kw), "cpu", steps=1)
     _assert_phases_agree(record)

@@ -208,6 +208,7 @@ def test_retries_rerun_a_killed_worker_only(one_case, tmp_path):
         sweep(one_case, "sim", tmp_path / "d.jsonl", retries=-1)
 
 
+@pytest.mark.slow
 def test_cli_retries_rerun_a_case_whose_worker_was_killed(one_case, tmp_path):
     out = tmp_path / "out.jsonl"
     proc = _sweep_proc(one_case, out, "--retries", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -238,6 +239,7 @@ def test_the_worker_dies_with_the_sweep(tmp_path):
     assert not out.exists() or out.read_text() == ""
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_pipe_does_not_stop_the_sweep(matrix, tmp_path):
     out = tmp_path / "out.jsonl"
     proc = _sweep_proc(matrix, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -249,6 +251,7 @@ def test_a_closed_stdout_pipe_does_not_stop_the_sweep(matrix, tmp_path):
 
 # ------------------------------------------------------------------ options and numbers
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf", "0", "-1", "soon"])
+@pytest.mark.slow
 def test_case_timeout_must_be_finite_and_positive(matrix, tmp_path, value):
     out = tmp_path / "out.jsonl"
     r = _cli("sweep", matrix, "--backend", "sim", "--out", out, f"--case-timeout={value}")

@@ -196,6 +196,7 @@ def test_fsdp1_under_lora_wraps_each_adapter_on_its_own(llama7b):
     assert ranked.largest_view == 16 * 4096 // 8
 
 
+@pytest.mark.slow
 def test_fsdp1_sizes_match_torch_flat_parameters():
     """torch's own FSDP1 on a fake process group of 3 ranks (in a fresh process): rank 0's
     flat parameter per unit is the estimator's shard, the padded total its unsharded size."""

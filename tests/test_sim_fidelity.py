@@ -45,6 +45,7 @@ def _measured(record) -> dict:
 @pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-0.5b"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode,ckpt", [("full", False), ("full", True), ("lora", False), ("lora", True)])
+@pytest.mark.slow
 def test_sim_equals_cpu_to_the_byte_with_sdpa_and_gqa(shapes, model, precision, mode, ckpt):
     setup = Setup(mode=mode, precision=precision, seq=SEQ, grad_ckpt=ckpt, attn="sdpa", device="cpu")
     cpu = run_case(shapes[model], setup, "cpu", steps=1)
@@ -153,6 +154,7 @@ def test_cuda_sim_steps_foreach_adamw():
     ("qwen2.5-0.5b", dict(mode="lora", precision="amp-bf16", batch=2, seq=512, grad_ckpt=True)),
     ("smollm2-135m", dict(mode="inference", precision="fp32", batch=8, seq=512, new_tokens=4)),
 ])
+@pytest.mark.slow
 def test_estimate_equals_the_cuda_sim_per_phase(model, kw):
     """Two independent paths to one number: the estimator's arithmetic and a fake CUDA step."""
     record = run_case(model, Setup(**kw), "sim", steps=1)

@@ -54,6 +54,7 @@ def trained(tmp_path_factory):
     return callback, weights, out / "steps.jsonl"
 
 
+@pytest.mark.slow
 def test_the_setup_is_read_from_the_trainer(trained):
     callback, _, _ = trained
     s = callback.setup
@@ -63,6 +64,24 @@ def test_the_setup_is_read_from_the_trainer(trained):
     assert callback.predicted.params >= 100_000_000  # a realistic size: SmolLM2-135M
 
 
+def test_training_ends_with_a_one_line_summary_and_validate_reads_the_records(tmp_path, capsys, cli):
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=128, max_position_embeddings=128)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    out = tmp_path / "steps.jsonl"
+    capsys.readouterr()
+    with VramCallback(out=out) as cb:
+        Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=_dataset(128), callbacks=[cb]).train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vramlab:")]
+    assert printed == [cb.summary()]
+    assert "2 steps" in printed[0] and "(precision fp32)" in printed[0] and "estimate" in printed[0]
+    assert f"vramlab validate {out}" in printed[0]
+    result = cli("validate", str(out))  # what the line tells the user to run
+    assert result.code == 0 and "2 cases" in result.out, result.err
+
+
+@pytest.mark.slow
 def test_one_record_per_step_written_and_valid(trained):
     callback, _, path = trained
     assert [r.step for r in callback.records] == [1, 2, 3]
@@ -75,6 +94,7 @@ def test_one_record_per_step_written_and_valid(trained):
     assert len({r.case_key for r in on_disk}) == 1  # one case, three steps
 
 
+@pytest.mark.slow
 def test_peaks_hold_the_model_states_they_must(trained):
     callback, weights, _ = trained
     for r in callback.records:
@@ -86,6 +106,7 @@ def test_peaks_hold_the_model_states_they_must(trained):
         assert r.measured.categories["optimizer_state"] >= 2 * weights
 
 
+@pytest.mark.slow
 def test_peaks_match_the_estimate_within_one_percent(trained):
     callback, _, _ = trained
     p = callback.predicted
@@ -95,6 +116,7 @@ def test_peaks_match_the_estimate_within_one_percent(trained):
         assert abs(expected - got) <= TOLERANCE * got, (r.step, got, expected)
 
 
+@pytest.mark.slow
 def test_validate_compares_the_first_step_with_the_first_step_estimate(trained):
     callback, _, _ = trained
     result = validate(callback.records)  # the first record against the first-step estimate
@@ -115,6 +137,7 @@ def test_given_spec_and_setup_are_used(tmp_path):
     assert cb.setup is setup and cb.records[0].case.model == "tiny-llama" and cb.records[0].first_step
 
 
+@pytest.mark.slow
 def test_the_dispatch_mode_is_gone_after_training(trained):
     assert _get_current_dispatch_mode_stack() == []
 

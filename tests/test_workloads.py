@@ -136,6 +136,7 @@ CPU_CASES = [
 
 
 @pytest.mark.parametrize("model,knob", CPU_CASES)
+@pytest.mark.slow
 def test_each_knob_estimate_equals_real_cpu_steps(model, knob):
     record = run_case(model, Setup(precision="fp32", batch=1, seq=CPU_SEQ, **KNOBS[knob]), "cpu", steps=1)
     _assert_phases_agree(record)
@@ -143,11 +144,13 @@ def test_each_knob_estimate_equals_real_cpu_steps(model, knob):
 
 @pytest.mark.parametrize("knob", list(KNOBS))
 @pytest.mark.parametrize("model", ["gpt2", "smollm2-135m", "opt-125m"])
+@pytest.mark.slow
 def test_each_knob_estimate_equals_the_cuda_sim(model, knob):
     record = run_case(model, Setup(precision="bf16", batch=2, seq=SEQ, **KNOBS[knob]), "sim", steps=1)
     _assert_phases_agree(record)
 
 
+@pytest.mark.slow
 def test_validate_compares_first_steps_with_first_steps():
     record = run_case("smollm2-135m", Setup(precision="fp32", seq=128, grad_accum=2), "cpu", steps=1)
     assert record.ok, record.message
@@ -205,6 +208,7 @@ PUBLISHED_KNOB_CASES = [
 
 @pytest.mark.parametrize("model,kw", PUBLISHED_KNOB_CASES, ids=lambda x: x if isinstance(x, str) else
                          "-".join(f"{v}" for v in x.values()))
+@pytest.mark.slow
 def test_published_knobs_estimate_equals_real_cpu_steps(model, kw):
     record = run_case(model, Setup(**kw), "cpu", steps=1)
     _assert_phases_agree(record)

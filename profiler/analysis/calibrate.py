@@ -22,6 +22,7 @@ from pathlib import Path
 
 from estimator.calibration import CALIBRATION_SCHEMA
 from estimator.categories import TENSOR_CATEGORIES
+from estimator.files import write_atomic
 from estimator.modelspec import load_model
 from estimator.overheads import calibration_key
 from profiler.record import Case, Record
@@ -220,3 +221,27 @@ def calibrate(records: Sequence[Record], sources: Sequence[Path], name: str) -> 
                             "fitted": summary([c["fitted_error"] for c in cases]),
                             "loo": summary(loo)}},
     }
+
+
+#: Keys a calibration rewrites on every run (its creation time): a regeneration that would
+#: change nothing else keeps the committed file as it is.
+VOLATILE_KEYS = ("created",)
+
+
+def write_calibration(path: Path, result: dict) -> bool:
+    """Write ``result`` as the calibration file at ``path``, unless the file there already
+    holds the same calibration but for :data:`VOLATILE_KEYS` (regenerating from the same
+    records is then a no-op). True when the file was written."""
+    import json
+    text = json.dumps(result, indent=2) + "\n"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict):
+        strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE_KEYS}  # noqa: E731
+        if strip(old) == strip(json.loads(text)):
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text, "calibration")  # a full disk never leaves half a file (estimator/files.py)
+    return True

@@ -2,12 +2,10 @@
 was measured, validate against the simpler predictors, write the report."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from estimator.files import write_atomic
-from profiler.analysis.calibrate import calibrate
+from profiler.analysis.calibrate import calibrate, write_calibration
 from profiler.analysis.report import write_report
 from profiler.analysis.validate import Validation, validate
 from profiler.record import read_records
@@ -26,8 +24,7 @@ def quick_loop(out: Path, backend: str, say: Callable[[str], None]) -> tuple[Val
     records = read_records(records_path)
     cal_path = out / f"{backend}-quick-calibration.json"
     say(f"2/3 calibrating -> {cal_path}")
-    write_atomic(cal_path, json.dumps(calibrate(records, [records_path], f"{backend}-quick"), indent=2) + "\n",
-                 "calibration")
+    write_calibration(cal_path, calibrate(records, [records_path], f"{backend}-quick"))
     say(f"3/3 validating -> {out / 'report'}")
     result = validate(records)
     return result, write_report(result, records, out / "report", f"vramlab quick loop ({backend})")

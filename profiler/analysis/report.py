@@ -15,7 +15,9 @@ from profiler.analysis.validate import Validation, summary_label
 from profiler.record import Record
 
 BAND = 0.05  # the +-5% band drawn around the diagonal
-MAX_BARS = 16  # cases shown in the stacked-bar chart
+MAX_BARS = 24  # cases shown in the stacked-bar chart (more do not leave a bar readable)
+BAR_HEADROOM = 1.06  # the bar chart's top over its tallest bar, so no bar touches the frame
+LABEL_PT = 9  # tick, legend and axis labels (at 110 dpi: about 14 px)
 PREDICTORS = ("uncalibrated", "calibrated", "calibrated_loo", "first_step", "rules_of_thumb", "accelerate",
               "korthikanti", "reserved", "nvml")
 
@@ -62,29 +64,48 @@ def scatter(v: Validation, path: Path) -> Path:
 
 
 def stacked_bars(v: Validation, path: Path) -> Path:
+    fig = bars_figure(v)
+    _save(fig, path)
+    _plt().close(fig)
+    return path
+
+
+def bars_figure(v: Validation):
+    """Per case, the estimate's categories (plain) beside the measurement's (hatched) at
+    the measured peak phase: the legend outside the axes, room above the tallest bar,
+    labels at a readable size."""
     plt = _plt()
+    from matplotlib.patches import Patch
     rows = v.rows[:MAX_BARS]
     cats = [c.value for c in Category if c not in (Category.CONTEXT, Category.ALLOCATOR)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(rows)) + 2.5, 6.5))
     width = 0.4
     colors = plt.get_cmap("tab10")
+    top = 0.0
     for side, (attr, offset, hatch) in enumerate((("categories_predicted", -width / 2, ""),
                                                   ("categories_measured", width / 2, "//"))):
         bottoms = [0.0] * len(rows)
         for ci, cat in enumerate(cats):
             vals = [getattr(r, attr).get(cat, 0) / GiB for r in rows]
             ax.bar([i + offset for i in range(len(rows))], vals, width, bottom=bottoms, color=colors(ci),
-                   hatch=hatch, label=cat if side == 0 else None, edgecolor="white", linewidth=0.3)
+                   hatch=hatch, label=cat.replace("_", " ") if side == 0 else None, edgecolor="white",
+                   linewidth=0.3)
             bottoms = [b + x for b, x in zip(bottoms, vals)]
+        top = max([top, *bottoms])
+    ax.set_ylim(0, top * BAR_HEADROOM or 1)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r.label for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("GiB at the peak phase")
-    ax.set_title("per category: left predicted, right (hatched) measured")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_xticklabels([r.label for r in rows], rotation=60, ha="right", fontsize=LABEL_PT)
+    ax.tick_params(axis="y", labelsize=LABEL_PT)
+    ax.set_ylabel("GiB (2^30 bytes) at the measured peak phase", fontsize=LABEL_PT + 1)
+    shown = f"the first {len(rows)} of {len(v.rows)} cases" if len(rows) < len(v.rows) else f"{len(rows)} cases"
+    ax.set_title(f"tensor bytes per category, {shown}", fontsize=LABEL_PT + 2)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(facecolor="lightgray", edgecolor="white", label="estimate (left, plain)"),
+                Patch(facecolor="lightgray", edgecolor="white", hatch="//", label="measured (right, hatched)")]
+    ax.legend(handles=handles, fontsize=LABEL_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 #: phase -> colour of its band in the timeline plot
@@ -92,44 +113,81 @@ PHASE_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "
                  "zero_grad": "tab:gray", "prefill": "tab:purple", "decode": "tab:pink", "step": "tab:olive"}
 
 
+def _nvml_phase_levels(m) -> list[tuple[str, float, str]]:
+    """(phases, GiB, line style) where NVML should sit at each phase's peak: the caching
+    allocator's ``max_memory_reserved`` of the phase plus the CUDA context and the device's
+    use before the run (``nvml_context_bytes`` is NVML used - idle - reserved). Phases whose
+    levels agree within PHASE_LEVEL_MERGE share a line."""
+    base = (m.nvml_idle_used_bytes or 0) + (m.nvml_context_bytes or 0)
+    levels: list[tuple[list[str], float, str]] = []
+    for prefix, phases, style in (("", m.phases, "--"), ("first ", m.first_step or {}, ":")):
+        for name, pm in phases.items():
+            if not pm.peak_reserved_bytes:
+                continue
+            gib = (base + pm.peak_reserved_bytes) / GiB
+            same = [lv for lv in levels if lv[2] == style and abs(lv[1] - gib) <= PHASE_LEVEL_MERGE * gib]
+            if same:
+                same[0][0].append(name)
+            else:
+                levels.append(([f"{prefix}{name}"], gib, style))
+    return [(", ".join(names), gib, style) for names, gib, style in levels]
+
+
+#: NVML phase levels closer than this share of each other are drawn as one line
+PHASE_LEVEL_MERGE = 0.01
+
+
 def timeline(records: Sequence[Record], path: Path) -> Path | None:
-    """Live tensor bytes over a run, phases shaded and steps marked (the tracker's timeline of
-    the first record with one), else NVML's device memory over seconds (cuda)."""
+    """The timeline of the first record with one (:func:`timeline_figure`), or None."""
     for r in records:
-        m = r.measured
-        if not (m.timeline or m.nvml_timeline):
-            continue
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        if m.timeline:
-            xs, ys = zip(*m.timeline)
-            ax.plot(xs, [y / GiB for y in ys], lw=1, color="black")
-            starts = []
-            for name, first, last in m.timeline_phases or []:
-                label = name if name not in {s[0] for s in starts} else None
-                ax.axvspan(first, max(last, first + 1), color=PHASE_COLOURS.get(name, "tab:cyan"), alpha=0.2,
-                           lw=0, label=label)
-                if name in ("forward", "prefill", "step"):
-                    starts.append((name, first))
-                elif label:
-                    starts.append((name, None))
-            ticks = [first for _, first in starts if first is not None]
-            if ticks:
-                ax.set_xticks(ticks, [f"step {i}" for i in range(1, len(ticks) + 1)])
-                ax.legend(fontsize=7, loc="upper left", ncol=4)
-            ax.set_xlabel("measured steps (the warm-up step before them)")
-            ax.set_ylabel("live tensor GiB")
-        else:
-            xs, ys = zip(*m.nvml_timeline)
-            ax.plot(xs, [y / GiB for y in ys], lw=1)
-            ax.set_xlabel("seconds")
-            ax.set_ylabel("NVML device used GiB")
-        ax.set_title(f"timeline: {r.label} ({r.backend})")
-        fig.tight_layout()
-        _save(fig, path)
-        plt.close(fig)
-        return path
+        if r.measured.timeline or r.measured.nvml_timeline:
+            fig = timeline_figure(r)
+            _save(fig, path)
+            _plt().close(fig)
+            return path
     return None
+
+
+def timeline_figure(r: Record):
+    """Live tensor bytes over a run, phases shaded and steps marked (the tracker's
+    timeline), else NVML's device memory over seconds (cuda) with each phase's peak level
+    drawn across it."""
+    m = r.measured
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if m.timeline:
+        xs, ys = zip(*m.timeline)
+        ax.plot(xs, [y / GiB for y in ys], lw=1, color="black")
+        starts = []
+        for name, first, last in m.timeline_phases or []:
+            label = name if name not in {s[0] for s in starts} else None
+            ax.axvspan(first, max(last, first + 1), color=PHASE_COLOURS.get(name, "tab:cyan"), alpha=0.2,
+                       lw=0, label=label)
+            if name in ("forward", "prefill", "step"):
+                starts.append((name, first))
+            elif label:
+                starts.append((name, None))
+        ticks = [first for _, first in starts if first is not None]
+        if ticks:
+            ax.set_xticks(ticks, [f"step {i}" for i in range(1, len(ticks) + 1)])
+        ax.set_xlabel("tensor allocations of the measured steps (the warm-up step before them)",
+                      fontsize=LABEL_PT)
+        ax.set_ylabel("live tensor GiB (2^30 B)", fontsize=LABEL_PT)
+    else:
+        xs, ys = zip(*m.nvml_timeline)
+        ax.plot(xs, [y / GiB for y in ys], lw=1, color="black", label="NVML device used")
+        for i, (names, gib, style) in enumerate(_nvml_phase_levels(m)):
+            ax.axhline(gib, ls=style, lw=0.8, color=plt.get_cmap("tab10")(i % 10), label=f"{names} peak")
+        ax.set_xlabel("seconds from the warm-up step's start (the model built before)", fontsize=LABEL_PT)
+        ax.set_ylabel("NVML device used GiB (2^30 B)", fontsize=LABEL_PT)
+        ax.text(0.0, -0.2, "phase peaks: max_memory_reserved + CUDA context + the device's use before the "
+                "run; dashed: steady state, dotted: first step", transform=ax.transAxes, fontsize=LABEL_PT - 1)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=LABEL_PT - 1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.tick_params(labelsize=LABEL_PT)
+    ax.set_title(f"timeline: {r.label} ({r.backend})", fontsize=LABEL_PT + 1)
+    fig.tight_layout()
+    return fig
 
 
 def _pct(x: float | None) -> str:
@@ -185,6 +243,53 @@ def categories_table_md(v: Validation) -> str:
     return "\n".join(lines)
 
 
+#: What the per-case table's columns are (the report prints it above the table).
+CASES_KEY = ("measured GiB: the measured peak of live tensor bytes (`max_memory_allocated` on cuda), in GiB "
+             "(2^30 bytes). Every other column: (predicted - measured) / measured peak, in percent; vramlab: "
+             "uncalibrated; calibrated LOO: calibrated on every other case (leave-one-out); rules of thumb, "
+             "accelerate, korthikanti: the simpler predictors.")
+CATEGORIES_KEY = ("Each cell: the category's measured GiB (2^30 bytes) at the case's measured peak phase, then in "
+                  "brackets the estimate minus the measurement as a share of the measured peak; worst: the largest "
+                  "such share, in absolute value.")
+
+
+def category_key() -> list[str]:
+    """``name: definition`` of every tensor category, from the documented members of
+    ``estimator.categories.Category`` (their attribute docstrings: the one definition)."""
+    import ast
+    import inspect
+
+    from estimator import categories
+    tree = ast.parse(inspect.getsource(categories))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Category"]
+    docs = {}
+    for node, after in zip(cls.body, cls.body[1:]):
+        if isinstance(node, ast.Assign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.targets[0].id] = " ".join(str(after.value.value).split())
+    return [f"{c.value.replace('_', ' ')}: {docs.get(c.name, '')}" for c in TENSOR_CATEGORIES]
+
+
+def provenance(records: Sequence[Record]) -> list[str]:
+    """Where and when the records were measured, under which versions: one line each, as
+    the records say (never the time the report was made, so a report is reproducible)."""
+    def counted(values) -> str:
+        counts: dict[str, int] = {}
+        for value in values:
+            counts[value] = counts.get(value, 0) + 1
+        return ", ".join(f"{k} ({n})" if len(counts) > 1 else k for k, n in sorted(counts.items()))
+    dates = sorted(r.created for r in records if r.created)
+    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "not recorded"
+    versions: dict[str, list[str]] = {}
+    for r in records:
+        for lib, version in sorted((r.versions or {}).items()):
+            versions.setdefault(lib, []).append(version)
+    return [f"measured: {when} (UTC)",
+            f"backend: {counted(r.backend for r in records)}; device: "
+            f"{counted(str((r.device or {}).get('name') or r.backend) for r in records)}",
+            f"host: {counted(r.host or 'not recorded' for r in records)}",
+            "versions: " + "; ".join(f"{lib} {counted(vs)}" for lib, vs in versions.items())]
+
+
 def write_report(v: Validation, records: Sequence[Record], folder: Path, title: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = {"scatter": scatter(v, folder / "scatter.png"), "bars": stacked_bars(v, folder / "categories.png")}
@@ -192,20 +297,21 @@ def write_report(v: Validation, records: Sequence[Record], folder: Path, title: 
     if tl:
         out["timeline"] = tl
     md = [f"# {title}", "", f"{len(v.rows)} cases; errors are (predicted - measured) / measured peak "
-          "allocated bytes.", ""]
+          "allocated bytes.", ""] + [f"- {line}" for line in provenance(records)] + [""]
     if v.calibration_source:
         md += [f"Calibration: {v.calibration_source}", ""]
     md += [summary_table_md(v), "", "![predicted vs measured](scatter.png)", "",
            "![categories](categories.png)", ""]
     if tl:
         md += ["![timeline](timeline.png)", ""]
-    md += ["## Per case", "", cases_table_md(v), "",
+    md += ["## Per case", "", CASES_KEY, "", cases_table_md(v), "",
            "## Per category at the measured peak: measured GiB (estimate - measured, share of the peak)", "",
-           categories_table_md(v), ""]
+           CATEGORIES_KEY, ""] + [f"- {line}" for line in category_key()] + ["", categories_table_md(v), ""]
     out["markdown"] = folder / "summary.md"
     write_atomic(out["markdown"], "\n".join(md), "report summary")
     out["html"] = folder / "report.html"
-    write_atomic(out["html"], _html(v, title, [p for k, p in out.items() if str(p).endswith(".png")]), "report")
+    write_atomic(out["html"], _html(v, records, title, [p for k, p in out.items() if str(p).endswith(".png")]),
+                 "report")
     return out
 
 
@@ -217,15 +323,21 @@ def _md_table_to_html(md: str) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def _html(v: Validation, title: str, images: list[Path]) -> str:
+def _html(v: Validation, records: Sequence[Record], title: str, images: list[Path]) -> str:
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                    for p in images)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}")
+             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}"
+             "p.key,ul.key{font-size:13px;color:#333}")
+    items = lambda lines: "".join(f"<li>{html.escape(line)}</li>" for line in lines)  # noqa: E731
+    calibration = f"<p>Calibration: {html.escape(v.calibration_source)}</p>" if v.calibration_source else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{len(v.rows)} cases; errors are (predicted - measured) / measured peak allocated bytes.</p>"
+            f"<ul class='key'>{items(provenance(records))}</ul>{calibration}"
             f"{_md_table_to_html(summary_table_md(v))}{imgs}<h2>Per case</h2>"
+            f"<p class='key'>{html.escape(CASES_KEY)}</p>"
             f"{_md_table_to_html(cases_table_md(v))}<h2>Per category at the measured peak</h2>"
+            f"<p class='key'>{html.escape(CATEGORIES_KEY)}</p><ul class='key'>{items(category_key())}</ul>"
             f"{_md_table_to_html(categories_table_md(v))}</body></html>")

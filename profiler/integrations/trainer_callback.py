@@ -32,6 +32,11 @@ that spans all of the step's micro-batches.
 
 The backend is where the model's parameters live (``use_cpu=True`` on a GPU host is
 ``cpu``), unless ``backend=`` says otherwise.
+
+At ``on_train_end`` the callback prints one line (:meth:`VramCallback.summary`): the run's
+peak beside the estimate and where the records went. The ``out`` JSONL is a records file
+like a sweep's: ``vramlab validate trainer-peaks.jsonl`` puts every step beside its
+estimate (the first step beside the first step's), ``vramlab compare`` gates two runs.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ from transformers import TrainerCallback
 from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
 from estimator.setup import Device, Loop, Mode, Optimizer, OptimizerImpl, Precision, Setup
+from estimator.units import GiB
 from profiler.measure.run import device_info, prediction
 from profiler.measure.steps import Meter, classify_failure, summarise
 from profiler.measure.tracker import StorageTracker
@@ -211,7 +217,27 @@ class VramCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
+        if self.records:
+            print(self.summary(), flush=True)
         return control
+
+    def summary(self) -> str:
+        """One line about the run so far: its peak beside the estimate, and where the
+        records are (``vramlab validate FILE`` reads them); ``on_train_end`` prints it."""
+        if not self.records:
+            return "vramlab: no step measured"
+        steady = self.records[1:] or self.records  # the first step is compared with its own estimate
+        peak = max(steady, key=lambda r: r.measured.peak_allocated_bytes or 0)
+        measured = peak.measured.peak_allocated_bytes or 0
+        precision = (peak.case.setup or {}).get("precision")
+        recipe = f" (precision {precision})" if precision else ""
+        text = (f"vramlab: {len(self.records)} steps of {peak.case.model} on {peak.backend}{recipe}: "
+                f"peak {measured / GiB:.2f} GiB at step {peak.step}")
+        if peak.predicted is not None and measured:
+            est = peak.predicted.allocated_bytes
+            text += f", estimate {est / GiB:.2f} GiB ({100 * (est - measured) / measured:+.1f}%)"
+        where = f"records in {self.out} (vramlab validate {self.out})" if self.out else "records in .records"
+        return f"{text}; {where}"
 
     # ------------------------------------------------------------------ helpers
     def _see_batch(self, module, args, kwargs) -> None:

@@ -529,7 +529,8 @@ def seconds_table(summary: dict) -> str:
         model, mode = r["case"].split(" ")[:2]
         groups.setdefault(f"{model} {mode}", []).append(r["seconds"])
     out = [f"campaign: {len(rows)} cases in {summary['wall_s']} s wall on {summary['workers']} workers "
-           f"({summary['backend']}); ok {summary['counts'].get('ok', 0)}, oom {summary['counts'].get('oom', 0)}, "
+           f"({summary['backend']})",
+           f"ok {summary['counts'].get('ok', 0)}, oom {summary['counts'].get('oom', 0)}, "
            f"error {summary['counts'].get('error', 0)}, not run {summary['not_run']}", "",
            "| model / mode | cases | total s | mean s | max s |", "|---|---:|---:|---:|---:|"]
     for name, secs in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
