@@ -364,6 +364,15 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
                 weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
+        if setup.grad_ckpt:
+            # inside a checkpointed layer's forward: it saves nothing for backward, but its
+            # working set is there as in a no-grad forward (prefill_transient: at long sequences
+            # eager attention's scores and softmax), beside every earlier layer's input
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
+                activations=saved - int(act.outside.get("final_norm", 0) * k)
+                - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup)),
+                kv_cache=cache + prev_kv, temporaries=fb_temps)))
         if merged_experts:
             # a checkpointed layer's forward still parametrizes its LoRA expert stacks (one layer's
             # worth, freed when its experts module returns: activations.lora_expert_weights)
@@ -694,11 +703,15 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         # that copy put back in token order ``weighted_out[inv_perm]`` (S, h each)
         mlp = p * spec.experts_per_token * T * max(h + 4 * f, 4 * h)
     a, s = spec.num_heads, setup.seq
-    # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
-    # the scores) at once, beside q and the output
-    softmax = p + kernels.eager_softmax_bytes(spec, setup)
+    # eager: while the softmax runs, its input (the masked scores), the input converted to the
+    # softmax's dtype where that is fp32 and the input is not (``softmax(x, dtype=float32)``
+    # converts first: aten/src/ATen/native/SoftMax.cpp ``host_softmax`` on ``input.to(dtype)``)
+    # and its output, beside q and the output (measured on the sim: 10 bytes a score in fp16)
+    softmax = p + kernels.eager_softmax_transient(spec, setup)
     if setup.attn.value == "eager":
-        attn = softmax * a * s * T + 2 * p * spec.q_dim * T
+        # and the (b, 1, s, s) mask transformers builds for eager attention in the compute dtype
+        # (masking_utils.py: eager masks are additive, min_dtype where masked)
+        attn = softmax * a * s * T + 2 * p * spec.q_dim * T + p * s * T
     elif kernels.cuda_sdpa_backend(spec, setup) == "math":
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:
