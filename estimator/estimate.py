@@ -7,6 +7,7 @@ Each phase's resident set is computed separately and the largest is the peak.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
@@ -57,9 +58,20 @@ class Estimate:
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
     calibration_key: str = ""
-    #: the first optimizer step's phases, where they differ from the steady state (optimizer
-    #: state is made in the first ``step()``; kept gradients exist from the first backward)
-    first_step_phases: dict[Phase, dict[Category, int]] | None = None
+    #: builds the first optimizer step's phases (optimizer state is made in the first
+    #: ``step()``; kept gradients exist from the first backward) when asked: most callers
+    #: (fit's scans, the tables) never read them (:attr:`first_step_phases`)
+    first_step: Callable[[], _PhaseMap] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def first_step_phases(self) -> _PhaseMap | None:
+        """The first step's phases where they differ from the steady state, else None."""
+        if "_first" not in self.__dict__:
+            first = self.first_step() if self.first_step is not None else None
+            if first is not None:
+                _check_non_negative(self.model, first)
+            object.__setattr__(self, "_first", None if first == self.phases else first)
+        return self.__dict__["_first"]
 
     @property
     def components(self) -> dict[Category, int]:
@@ -247,13 +259,13 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
-    _check_non_negative(spec, phases, first)
+    _check_non_negative(spec.name, phases)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
-                    calibration_key=group, first_step_phases=first)
+                    calibration_key=group, first_step=first)
 
 
 class NoFormula(ValueError):
@@ -267,14 +279,13 @@ class NoFormula(ValueError):
             f"for the Llama-style terms, {FALLBACK_ERROR_RANGE}")
 
 
-def _check_non_negative(spec: ModelSpec, *phase_sets) -> None:
+def _check_non_negative(model: str, phases) -> None:
     """A negative byte count is a bug in a term, never a result: an internal error (exit 1)."""
-    for phases in phase_sets:
-        for ph, comp in (phases or {}).items():
-            for cat, value in comp.items():
-                if value < 0:
-                    raise RuntimeError(f"internal error: the estimate of {spec.name} has {value} bytes of "
-                                       f"{cat.value} in {ph.value}; please report it with the command line")
+    for ph, comp in phases.items():
+        for cat, value in comp.items():
+            if value < 0:
+                raise RuntimeError(f"internal error: the estimate of {model} has {value} bytes of "
+                                   f"{cat.value} in {ph.value}; please report it with the command line")
 
 
 def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:
@@ -310,7 +321,7 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
 
 
 def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                     phase: _Phases) -> tuple[_PhaseMap, _PhaseMap | None]:
+                     phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
     """Forward, backward and optimizer step of a training step, each at its peak moment: of
     the steady state, and of the first step where it differs (optimizer state, which
     torch.optim makes in the first ``step()``, does not exist before it; mixed-bf16's master
@@ -441,6 +452,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + layer_working_set(spec, setup))))
+        if recomputed and not ranked.gathers:
+            # the last layer's recomputation, first in backward: every layer's input still saved,
+            # the layer's backward working set beside its recomputed activations, the LM head's
+            # gradient made (full training)
+            head_grad = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+                (st.states.gradients // max(st.states.trainable, 1)) if setup.mode is Mode.FULL else 0
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head_grad,
+                activations=saved + recomputed, logits=held_logits, kv_cache=held_kv,
+                temporaries=recompute_temps + layer_working_set(spec, setup))))
         if recomputed and not ranked.gathers and spec.num_layers > 1:
             # the first layer's recomputation, last in backward: every gradient but the first
             # layer's and the input embedding's exists by then (a layer's are made in its own
@@ -472,8 +493,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     steady = build(False)
     same_first = st.master_weights == O and _resident_gradients(setup, st, True) == _resident_gradients(
         setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
-    first = None if same_first else build(True)
-    return steady, (None if first == steady else first)
+    return steady, None if same_first else (lambda: build(True))
 
 
 def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
