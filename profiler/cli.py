@@ -37,6 +37,11 @@ def _setup(args, device: str | None = None):
     once the command has succeeded (a failing command prints its one error line only)."""
     setup = setup_from_args(args, device)
     args.warnings = flag_warnings(args)
+    gpu = _gpu(args) if getattr(args, "gpu", None) is not None else None
+    if gpu is not None and not setup.compute_capability:
+        # the card decides the sdpa kernel (flash needs sm80+: kernels.has_flash), not only the
+        # workspaces: --gpu t4 runs 16-bit sdpa on the memory-efficient kernel
+        setup = setup.replace(compute_capability=gpu.compute_capability)
     return setup
 
 

@@ -39,3 +39,16 @@ def test_eager_at_4096_tokens_against_the_sim(kw):
         pred = sum(v for k, v in record.predicted.phases[phase].items() if k in _T)
         assert abs(pred - m.peak_allocated_bytes) <= LONG_TOLERANCE * m.peak_allocated_bytes, \
             (phase, pred, m.peak_allocated_bytes, (pred - m.peak_allocated_bytes) / m.peak_allocated_bytes)
+
+
+def test_a_gpu_preset_carries_its_compute_capability_into_the_kernel_choice(cli):
+    import json
+
+    from estimator.kernels import cuda_sdpa_backend
+    out = cli("estimate", "smollm2-360m", "--precision", "fp16", "--gpu", "t4", "--json")
+    assert out.code == 0, out.err
+    setup = Setup.from_dict(json.loads(out.out)["setup"])
+    assert setup.compute_capability == "7.5"  # Turing: no flash attention for torch >= 2.2
+    spec = load_model("smollm2-360m")
+    assert cuda_sdpa_backend(spec, setup) == "efficient"
+    assert cuda_sdpa_backend(spec, setup.replace(compute_capability="8.0")) == "fused"
