@@ -234,9 +234,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
         ('backward', 34.3)
     """
-    if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
-        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
-                         f"{spec.max_positions} positions (max_position_embeddings)")
+    limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
+    if limit and setup.seq + setup.new_tokens > limit:
+        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)

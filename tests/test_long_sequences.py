@@ -54,3 +54,21 @@ def test_a_gpu_preset_carries_its_compute_capability_into_the_kernel_choice(cli)
     assert cuda_sdpa_backend(spec, setup.replace(compute_capability="8.0")) == "fused"
     # grouped heads: the memory-efficient kernel takes no enable_gqa, so sm75 falls to math
     assert cuda_sdpa_backend(load_model("smollm2-360m"), setup) == "math"
+
+
+def test_contexts_past_the_config_need_a_rope_scaling_that_covers_them():
+    from estimator.estimate import estimate
+    llama = load_model("llama-2-7b")  # max_position_embeddings 4096, no rope scaling
+    with pytest.raises(ValueError, match=r"beyond llama-2-7b's 4096 positions .*--rope-scaling"):
+        estimate(llama, Setup(seq=8192))
+    assert estimate(llama, Setup(seq=8192, rope_scaling=2)).allocated_bytes > estimate(llama, Setup(seq=4096)).allocated_bytes
+    with pytest.raises(ValueError, match="beyond llama-2-7b's 8192 positions"):
+        estimate(llama, Setup(seq=8193, rope_scaling=2))
+    # a config's own linear scaling stretches it; learned positions never stretch
+    scaled = spec_from_config(dict(llama.config, rope_scaling={"rope_type": "linear", "factor": 4.0}), name="x")
+    estimate(scaled, Setup(seq=16384))
+    with pytest.raises(ValueError, match="its learned position table"):
+        estimate(load_model("gpt2"), Setup(seq=2048, rope_scaling=4))
+    with pytest.raises(ValueError, match="rope scaling must be a factor"):
+        Setup(rope_scaling=-1)
+    assert "rope_scaling" not in Setup().to_dict()  # records keep their case keys
