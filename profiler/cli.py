@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from estimator.cli_args import add_setup_arguments, flag_warnings, setup_from_args
-from estimator.files import write_atomic
+from estimator.files import make_folder, write_atomic
 from profiler.sweeps.matrix import MAX_CASES
 
 #: the shipped benchmark of published GPU measurements (results/published/build.py)
@@ -248,8 +248,7 @@ def cmd_campaign(args) -> int:
 
     from estimator.units import parse_bytes
     from profiler.sweeps.campaign import Campaign, seconds_table
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out, "campaign folder")
     records = Path(args.records) if args.records else out / f"{args.backend}-{Path(args.matrix).stem}.jsonl"
     from profiler.measure.procs import python_command
     tests = python_command("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests") if args.tests else None
