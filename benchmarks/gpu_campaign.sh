@@ -5,6 +5,7 @@
 # downloaded and the repo need not be pip-installed (PYTHONPATH). Writes under $OUT
 # (default ./out), each file as soon as it has something:
 #   cuda-standard.jsonl  one record per case, appended with flush + fsync as each case ends
+#                        (named after the matrix: gpu-families.toml -> cuda-families.jsonl)
 #   campaign.json        device, driver, CUDA, versions, commit, worker contexts, seconds per case
 #   provenance.txt       nvidia-smi, versions, commit, then the seconds-per-case table
 #   gpu-tests.log        the gpu-marked tests, run beside the cases
@@ -22,7 +23,8 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET="${CALL_BUDGET_S:-330}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-RECORDS="$OUT/${BACKEND}-standard.jsonl"
+NAME="$(basename "$MATRIX" .toml)"
+RECORDS="$OUT/${BACKEND}-${NAME#gpu-}.jsonl"  # gpu-standard.toml -> cuda-standard.jsonl, gpu-families.toml -> cuda-families.jsonl
 if [ -n "${RESUME:-}" ] && [ -f "$RESUME" ] && [ "$(realpath "$RESUME")" != "$(realpath -m "$RECORDS")" ]; then
   cp "$RESUME" "$RECORDS"
 fi
