@@ -75,3 +75,13 @@ def test_sliding_layers_follow_each_configuration_class():
     assert traits(load_model("mistral-7b"), s).sliding_layers == 32  # sliding_window set: every layer
     assert traits(load_model("qwen2.5-7b"), s).sliding_layers == 0  # use_sliding_window false
     assert traits(load_model("qwen3-8b"), s).sliding_layers == 0
+
+
+@pytest.mark.parametrize("targets", ["q_proj,k_proj,v_proj,o_proj", "all-linear"])
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "ckpt"])
+def test_moe_lora_saves_the_gathered_expert_inputs_only_for_trainable_experts(targets, grad_ckpt):
+    """Frozen experts (LoRA on attention) save no gathered inputs: the grouped matmul keeps
+    its input only for its weights' gradient (before: +2.4 % at 4 layers, 64 MiB a layer)."""
+    spec = _reduced("qwen3-30b-a3b", layers=2)
+    setup = Setup(mode="lora", precision="bf16", batch=2, seq=1024, lora_targets=targets, grad_ckpt=grad_ckpt)
+    _check(run_case(spec.name, setup, "sim", steps=1, spec=spec), 0.01)
