@@ -556,14 +556,39 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
                              temporaries=st.workspace + constant))
     phases = {Phase.PREFILL: max(prefill, key=lambda c: sum(c.values()))}
     if setup.new_tokens:
-        # DynamicCache.update concatenates per layer: one layer's old and new cache coexist;
-        # the math kernel (fp32 grouped heads on CUDA) repeats that layer's keys and values
-        # to every head in fp32
-        growth = kv // max(spec.num_layers, 1)
+        # DynamicCache.update concatenates per layer, the keys and then the values (5.24
+        # cache_utils.py:136-137 DynamicLayer.update): the old and the new keys, or values, of
+        # one layer coexist -- half a layer's cache beside the rest
+        growth = kv // max(2 * spec.num_layers, 1)
+        L = setup.seq + setup.new_tokens
+        decode = [phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
+                        logits=logits, temporaries=st.workspace + constant)]
         if kernels.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
-            growth += 2 * FP32 * spec.q_dim * setup.batch * (setup.seq + setup.new_tokens)
-        phases[Phase.DECODE] = phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
-                                     logits=logits, temporaries=st.workspace + constant)
+            # the math kernel (fp32 grouped heads on CUDA) over the whole cache after the update:
+            # the keys and values repeated to every head (repeat_interleave for enable_gqa), the
+            # repeated keys' transpose scaled by sqrt(scale) (aten/src/ATen/native/transformers/
+            # attention.cpp _scaled_dot_product_attention_math: query and key each times
+            # sqrt(scale)), and two (b, heads, 1, L) fp32 score matrices
+            work = FP32 * (3 * spec.q_dim + 2 * spec.num_heads) * setup.batch * L
+            decode.append(phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv, logits=logits,
+                                activations=int(k * work), temporaries=st.workspace + constant))
+        if setup.attn.value == "eager":
+            # the last layer's attention over the whole cache, after its update: repeat_kv's
+            # copies of its keys and values to every head where heads are grouped (5.24
+            # models/llama/modeling_llama.py repeat_kv: expand + reshape copies, n_rep 1 returns
+            # its input), the (b, heads, 1, L) scores with the softmax's transient (as in the
+            # prefill, prefill_transient) and the (b, 1, 1, L) additive mask
+            # sliding layers attend over their window (cache_utils.py:242-249: the window's cache
+            # and the new token) -- all of L where any layer attends fully
+            if tr.sliding_layers >= spec.num_layers and tr.sliding_window:
+                L = min(L, tr.sliding_window)
+            p = setup.precision.compute_bytes
+            copies = 2 * p * spec.q_dim * setup.batch * L if spec.num_kv_heads < spec.num_heads else 0
+            softmax = p + kernels.eager_softmax_transient(spec, setup)
+            scores = (softmax * spec.num_heads + p) * setup.batch * L
+            decode.append(phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv, logits=logits,
+                                activations=int(k * (copies + scores)), temporaries=st.workspace + constant))
+        phases[Phase.DECODE] = max(decode, key=lambda c: sum(c.values()))
     return phases
 
 
