@@ -178,6 +178,7 @@ class CachingAllocator:
         self.oom = False
         ms = conf.max_split_size_bytes
         self._max_split = ms if ms is not None else 1 << 62
+        self._plain = ms is None and not conf.expandable_segments
 
     # ------------------------------------------------------------------ pools
     def _pool(self, key: tuple) -> list:
@@ -216,10 +217,18 @@ class CachingAllocator:
 
     # ------------------------------------------------------------------ malloc / free
     def malloc(self, key, nbytes: int, stream: int = 0) -> bool:
-        size = round_size(nbytes)
+        size = K_MIN_BLOCK_SIZE if nbytes < K_MIN_BLOCK_SIZE else K_MIN_BLOCK_SIZE * -(-nbytes // K_MIN_BLOCK_SIZE)
         small = size <= K_SMALL_SIZE
         pool_key = (stream, small)
-        block = self._free_block(size, pool_key)
+        if self._plain:  # the default configuration: get_free_block's best fit, inline
+            pool = self._pools.get(pool_key)
+            block = None
+            if pool:
+                i = bisect.bisect_left(pool, (size, -1))
+                if i < len(pool):
+                    block = pool.pop(i)[2]
+        else:
+            block = self._free_block(size, pool_key)
         if block is None:
             block = self._new_block(size, pool_key)
             if block is None:
@@ -227,24 +236,28 @@ class CachingAllocator:
                 self.num_ooms += 1
                 return False
         remaining = block.size - size
-        if block.segment is not None or small:
+        if small or block.segment is not None:
             split = remaining >= K_MIN_BLOCK_SIZE
         else:
-            split = size < self._max_split and remaining > K_SMALL_SIZE
+            split = remaining > K_SMALL_SIZE and size < self._max_split
         if split:
             rest = _Block(block.address + size, remaining, pool_key, block.segment)
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
+            nxt = block.next
+            rest.prev, rest.next = block, nxt
+            if nxt is not None:
+                nxt.prev = rest
             block.next, block.size = rest, size
-            self._insert(rest)
+            pool = self._pools.get(pool_key)
+            if pool is None:
+                pool = self._pools[pool_key] = []
+            bisect.insort(pool, (remaining, rest.address, rest))
         block.allocated, block.requested = True, nbytes
-        self.allocated += block.size
-        self.requested += nbytes
-        if self.allocated > self.peak_allocated:
-            self.peak_allocated = self.allocated
-        if self.requested > self.peak_requested:
-            self.peak_requested = self.requested
+        allocated = self.allocated = self.allocated + block.size
+        requested = self.requested = self.requested + nbytes
+        if allocated > self.peak_allocated:
+            self.peak_allocated = allocated
+        if requested > self.peak_requested:
+            self.peak_requested = requested
         self._live[key] = block
         return True
 

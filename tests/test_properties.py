@@ -38,6 +38,16 @@ SPECS = {name: load_model(name) for name in MODELS}
 MAX_SEQ = 2048
 EXAMPLES = 150
 SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: how far the device total may fall when a setup grows: reserved memory is the caching
+#: allocator's replay (estimator/allocations.py), and a larger step can carve its tensors out
+#: of one cached segment where a smaller one needed two (2 MiB rounding, 20 MiB segments for
+#: 1-10 MiB requests: c10/cuda/CUDACachingAllocator.cpp get_allocation_size); the tensors
+#: themselves never fall
+REPLAY_NON_MONOTONE = 0.02
+
+
+def _tensors(phase: dict) -> int:
+    return sum(v for k, v in phase.items() if k not in (Category.ALLOCATOR, Category.CONTEXT))
 
 
 def _target_choices(spec):
@@ -95,11 +105,14 @@ def test_total_is_sum_of_components(case):
     assert set(comp) == set(Category)
     for phases in (est.phases, est.first_step_phases or {}):  # no negative (or NaN) byte anywhere
         assert all(isinstance(v, int) and v >= 0 for c in phases.values() for v in c.values())
-    assert est.total_bytes == sum(comp.values())
-    assert est.total_bytes == max(sum(c.values()) for c in est.phases.values())
+    # the total is the largest phase's (the load's included): reserved memory peaks where the
+    # allocator's replay says, often after the tensors do (Estimate.total_bytes)
+    every = list(est.phases.values()) + ([est.load_phase] if est.load_phase else [])
+    assert est.total_bytes == max(sum(c.values()) for c in every) >= sum(comp.values())
     assert est.allocated_bytes <= est.reserved_bytes <= est.total_bytes
     d = est.to_dict()
-    assert d["total_bytes"] == sum(d["components"].values())
+    assert d["total_bytes"] == est.total_bytes and d["allocated_bytes"] == sum(
+        v for k, v in d["components"].items() if k not in ("allocator", "context"))
 
 
 @settings(**SETTINGS)
@@ -107,7 +120,9 @@ def test_total_is_sum_of_components(case):
 def test_total_never_falls_as_batch_grows(case, more):
     spec, setup = case
     bigger = setup.replace(batch=setup.batch + more)
-    assert estimate(spec, bigger).total_bytes >= estimate(spec, setup).total_bytes
+    big, small = estimate(spec, bigger), estimate(spec, setup)
+    assert big.allocated_bytes >= small.allocated_bytes
+    assert big.total_bytes >= small.total_bytes * (1 - REPLAY_NON_MONOTONE)
 
 
 @settings(**SETTINGS)
@@ -116,7 +131,9 @@ def test_total_never_falls_as_seq_grows(case, more):
     spec, setup = case
     top = min(MAX_SEQ, spec.max_positions - setup.new_tokens)
     longer = setup.replace(seq=min(setup.seq + more, top))
-    assert estimate(spec, longer).total_bytes >= estimate(spec, setup).total_bytes
+    long, short = estimate(spec, longer), estimate(spec, setup)
+    assert long.allocated_bytes >= short.allocated_bytes
+    assert long.total_bytes >= short.total_bytes * (1 - REPLAY_NON_MONOTONE)
 
 
 @settings(**SETTINGS)
@@ -128,10 +145,12 @@ def test_sharded_rank_never_exceeds_unsharded(case):
     # once backward is over only shards remain; during forward/backward FSDP2 and ZeRO-3 also
     # hold the root group and up to three layers' buffers, which can outweigh the shards at
     # small N (GPT-2 LoRA on 2 ranks: 622 MB vs 501 MB alone, measured by the sim backend)
+    # (the tensors: NCCL's buffers come with a second rank, and the allocator's cache is not
+    # monotone in what it holds; see REPLAY_NON_MONOTONE)
     if Phase.OPTIMIZER in alone.phases:  # --optimizer none: no step, no phase after backward
-        assert sum(ranked.phases[Phase.OPTIMIZER].values()) <= sum(alone.phases[Phase.OPTIMIZER].values())
+        assert _tensors(ranked.phases[Phase.OPTIMIZER]) <= _tensors(alone.phases[Phase.OPTIMIZER])
     if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
-        assert ranked.total_bytes <= alone.total_bytes
+        assert ranked.allocated_bytes <= alone.allocated_bytes
 
 
 @settings(**SETTINGS)
@@ -143,10 +162,10 @@ def test_more_ranks_never_cost_more_per_rank(case, more):
         # grow by a few rows (64 -> 65 ranks: 4096 -> 4160), while the shards never do
         if Phase.OPTIMIZER not in estimate(spec, setup).phases:  # --optimizer none: no step to compare
             return
-        assert sum(estimate(spec, wider).phases[Phase.OPTIMIZER].values()) <= \
-            sum(estimate(spec, setup).phases[Phase.OPTIMIZER].values())
+        assert _tensors(estimate(spec, wider).phases[Phase.OPTIMIZER]) <= \
+            _tensors(estimate(spec, setup).phases[Phase.OPTIMIZER])
     else:
-        assert estimate(spec, wider).total_bytes <= estimate(spec, setup).total_bytes
+        assert estimate(spec, wider).allocated_bytes <= estimate(spec, setup).allocated_bytes
 
 
 @settings(**SETTINGS)
