@@ -79,8 +79,10 @@ def cmd_estimate(args) -> int:
         from estimator.estimate import assumed_versions
         print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup)), indent=2))
     else:
-        from estimator.report import estimate_table, print_table, print_text
+        from estimator.report import estimate_table, non_tensor_lines, print_table, print_text
         print_table(estimate_table(est), wide=args.wide)
+        for line in non_tensor_lines(est):
+            print_text(line, wide=args.wide)
         for note in est.notes:
             print_text(f"note: {note}", wide=args.wide)
         assumed = setup.semantics.to_dict()["versions"]
@@ -106,9 +108,10 @@ def cmd_fit(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        from estimator.report import fit_recipes_table, fit_table, print_table, print_text
+        from estimator.report import fit_figures_table, fit_recipes_table, fit_table, print_table, print_text
         print_table(fit_table(result), wide=args.wide)
         print_table(fit_recipes_table(result), wide=args.wide)
+        print_table(fit_figures_table(result), wide=args.wide)
         print_text(result.verdict(), wide=args.wide)
     return 0
 
