@@ -306,10 +306,18 @@ def cmd_validate_published(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    for metric, s in result.to_dict()["by_metric"].items():
+    summary = result.to_dict()
+    for metric, s in summary["by_metric"].items():
         print_table(summary_table({k: v for k, v in s.items() if k != "cases"},
                                   f"{s['cases']} pinned published rows, {metric}: error as a fraction of the value"),
                     wide=args.wide)
+    from estimator.report import print_text
+    for metric, column in summary["headline"].items():
+        if column["cases"]:
+            continue  # its table is above
+        left = "; ".join(f"{n} {why}" for why, n in column["left_out"].items()) or "none published"
+        print_text(f"{metric} (vs the estimate's {column['figure']}): 0 pinned rows of {column['published']} "
+                   f"published; left out: {left}", wide=args.wide)
     if args.wide:
         print(rows_table_md(result))
     else:
