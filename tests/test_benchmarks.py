@@ -43,6 +43,7 @@ def _fake(bench, monkeypatch, estimate_refs: float):
     monkeypatch.setattr(bench, "bench_estimate", lambda: {"refs": estimate_refs, "us_each": 1.0, "ref_us": 1.0})
     monkeypatch.setattr(bench, "bench_fit", lambda: {"refs": 1.0, "ms": 1.0, "ref_us": 1.0, "max_batch": 1,
                                                      "strategies": 1})
+    monkeypatch.setattr(bench, "bench_replay", lambda: {"refs": 1.0, "ms": 1.0, "ref_us": 1.0})
 
 
 def test_the_estimator_benchmark_exits_1_on_a_miss_and_0_otherwise(bench, monkeypatch, capsys):
@@ -60,6 +61,7 @@ def test_the_estimator_benchmark_says_what_each_figure_means(bench, monkeypatch,
     bench.main()
     out = capsys.readouterr().out
     flat = " ".join(out.split())
-    for words in ("per estimate", "per REFERENCE", "the old 50,000/s", "the old 50 ms", "alternating"):
+    for words in ("per estimate", "per REFERENCE", "the old 50,000/s", "its replays not cached", "alternating",
+                  "replayed (not cached)"):
         assert words in flat, words
     assert max(len(line) for line in out.splitlines()) <= 80
