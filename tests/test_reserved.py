@@ -135,3 +135,19 @@ def test_nontensor_sources_are_named_and_sum_to_the_context():
     assert sum(s["bytes"] for s in sources.values()) == est.components[next(c for c in est.components
                                                                               if c.value == "context")]
     assert sources["cuda_context"]["bytes"] == 645_464_064  # measured on the H200 (gpus.json)
+
+
+@pytest.mark.slow
+def test_the_sim_replays_under_the_setups_alloc_conf():
+    """A sim record's reserved memory comes from its trace replayed under the run's
+    PYTORCH_CUDA_ALLOC_CONF (Setup.alloc_conf), as the estimate's is: expandable segments
+    reserve less, and the two replays agree on each."""
+    from profiler.measure.run import run_case
+    spec = load_model("smollm2-135m")
+    reserved = {}
+    for conf in ("", "expandable_segments:True"):
+        setup = Setup(precision="bf16", batch=2, seq=128, alloc_conf=conf)
+        measured = run_case("smollm2-135m", setup, "sim", steps=2).measured.peak_reserved_bytes
+        assert abs(estimate(spec, harness_setup(setup, "sim")).reserved_bytes / measured - 1) <= CASE_TOLERANCE
+        reserved[conf] = measured
+    assert reserved["expandable_segments:True"] < reserved[""]
