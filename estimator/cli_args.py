@@ -85,6 +85,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
     g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
                                                        f"(no fp32 upcast, no log-softmax; default causal-lm)")
+    g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
+                   help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
+                        "(default: the config's rope scaling)")
     g.add_argument("--allow-llama-fallback", action="store_true",
                    help="estimate a model type outside the registry with the Llama-style terms (refused "
                         "otherwise; measure it with `vramlab profile MODEL --backend sim` instead)")
@@ -110,6 +113,16 @@ def _int(name: str, text) -> int:
         raise ValueError(f"--{name} must be an integer, got {text!r}") from None
 
 
+def _factor(name: str, text) -> float:
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--{name} must be a number, got {text!r}") from None
+    return value
+
+
 def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setup:
     """Build a validated Setup; raises ValueError with a one-sentence message, also for flags
     that contradict each other (:func:`check_flags`). ``device`` overrides ``--device``
@@ -129,7 +142,8 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",
         empty_cache_steps=_int("empty-cache-steps", getattr(args, "empty_cache_steps", 0) or 0),
-        load=getattr(args, "load", "pretrained") or "pretrained")
+        load=getattr(args, "load", "pretrained") or "pretrained",
+        rope_scaling=_factor("rope-scaling", getattr(args, "rope_scaling", None)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored
         setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)

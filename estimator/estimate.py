@@ -49,13 +49,15 @@ _SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP
 @dataclass(frozen=True)
 class Reserved:
     """What the replay of an estimate's allocation sequence adds to its tensors: every
-    phase with its allocator and context bytes, the first step's, the load phase, and the
+    phase with its allocator and context bytes, the load phase, the first step's peaks, and the
     memory outside the allocator by source."""
 
     phases: dict[Phase, dict[Category, int]]
-    first_step_phases: dict[Phase, dict[Category, int]] | None
     load_phase: dict[Category, int] | None
     non_tensor: dict[str, dict]
+    #: the first step's replayed peaks per phase (None without a replay), and the context bytes
+    first_peaks: dict | None
+    context: int
 
 
 @dataclass(frozen=True)
@@ -78,25 +80,40 @@ class Estimate:
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
     calibration_key: str = ""
-    #: the first optimizer step's phases, where they differ from the steady state (optimizer
-    #: state is made in the first ``step()``; kept gradients exist from the first backward)
-    first_step_tensor_phases: dict[Phase, dict[Category, int]] | None = None
+    #: builds the first optimizer step's tensor phases (optimizer state is made in the first
+    #: ``step()``; kept gradients exist from the first backward) when asked: most callers
+    #: (fit's scans, the tables) never read them (:attr:`first_step_tensor_phases`)
+    first_step: Callable[[], _PhaseMap] | None = field(default=None, compare=False, repr=False)
     #: makes :class:`Reserved` (a partial of :func:`_reserved`; None: the phases as they are)
     replay: Callable[[], Reserved] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def reserved(self) -> Reserved:
         if self.replay is None:
-            return Reserved(self.tensor_phases, self.first_step_tensor_phases, None, {})
-        return self.replay(self.tensor_phases, self.first_step_tensor_phases)
+            return Reserved(self.tensor_phases, None, {}, None, 0)
+        return self.replay(self.tensor_phases)
 
     @property
     def phases(self) -> dict[Phase, dict[Category, int]]:
         return self.reserved.phases
 
     @property
+    def first_step_tensor_phases(self) -> _PhaseMap | None:
+        """The first step's tensor phases where they differ from the steady state, else None."""
+        if "_first" not in self.__dict__:
+            first = self.first_step() if self.first_step is not None else None
+            if first is not None:
+                _check_non_negative(self.model, first)
+            object.__setattr__(self, "_first", None if first == self.tensor_phases else first)
+        return self.__dict__["_first"]
+
+    @property
     def first_step_phases(self) -> dict[Phase, dict[Category, int]] | None:
-        return self.reserved.first_step_phases
+        """The first step's phases, with the allocator and context bytes its replay gives."""
+        first = self.first_step_tensor_phases
+        if first is None or self.reserved.first_peaks is None:
+            return first
+        return _with_replay(first, self.reserved.first_peaks, self.reserved.context)
 
     @property
     def load_phase(self) -> dict[Category, int] | None:
@@ -307,9 +324,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
         ('backward', 34.3)
     """
-    if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
-        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
-                         f"{spec.max_positions} positions (max_position_embeddings)")
+    limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
+    if limit and setup.seq + setup.new_tokens > limit:
+        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
@@ -332,45 +349,46 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
-    _check_non_negative(spec, phases, first)
+    _check_non_negative(spec.name, phases)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     replay = partial(_reserved, spec, setup, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
-                    calibration_key=group, first_step_tensor_phases=first, replay=replay)
+                    calibration_key=group, first_step=first, replay=replay)
 
 
 def _reserved(spec: ModelSpec, setup: Setup, st: _Static, k: float, gpu: GPU | None, overheads: Overheads,
-              phases: _PhaseMap, first: _PhaseMap | None) -> Reserved:
+              phases: _PhaseMap) -> Reserved:
     """The allocator and context categories from the replay of the estimate's own
     allocation sequence (estimator/allocations.py) and the non-tensor sources
     (estimator/nontensor.py): each phase's allocator bytes are what the replay reserved
-    there beyond the phase's tensors. The phases' tensors are left as they are."""
+    there beyond the phase's tensors. The phases' tensors are left as they are; the first
+    step's replayed peaks are kept for its phases, built when asked."""
     replay = replay_estimate(spec, setup, st, k)
     outside = non_tensor(setup, gpu, overheads)
     context = outside.total
-
-    def apply(ph_map: _PhaseMap, peaks) -> _PhaseMap:
-        out = {}
-        for ph, comp in ph_map.items():
-            comp = dict(comp)
-            tensors = sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
-            if ph in peaks:
-                comp[_ALLOCATOR] = max(peaks[ph].reserved - tensors, 0)
-            comp[_CONTEXT] = context
-            out[ph] = comp
-        return out
-
-    phases = apply(phases, replay.steady)
-    first = apply(first, replay.first) if first is not None else None
     load = _ZERO.copy()
     load[Category.WEIGHTS] = st.weights
     load[_TEMPORARIES] = max(replay.load.allocated - st.weights, 0)  # a quantize-on-load staging copy
     load[_ALLOCATOR] = max(replay.load.reserved - load[Category.WEIGHTS] - load[_TEMPORARIES], 0)
     load[_CONTEXT] = context
-    return Reserved(phases, first, load, outside.to_dict())
+    return Reserved(_with_replay(phases, replay.steady, context), load, outside.to_dict(), replay.first, context)
+
+
+def _with_replay(ph_map: _PhaseMap, peaks, context: int) -> _PhaseMap:
+    """``ph_map`` with each phase's allocator bytes what the replay reserved there beyond its
+    tensors, and the context the non-tensor sources' total."""
+    out = {}
+    for ph, comp in ph_map.items():
+        comp = dict(comp)
+        tensors = sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
+        if ph in peaks:
+            comp[_ALLOCATOR] = max(peaks[ph].reserved - tensors, 0)
+        comp[_CONTEXT] = context
+        out[ph] = comp
+    return out
 
 
 class NoFormula(ValueError):
@@ -384,14 +402,13 @@ class NoFormula(ValueError):
             f"for the Llama-style terms, {FALLBACK_ERROR_RANGE}")
 
 
-def _check_non_negative(spec: ModelSpec, *phase_sets) -> None:
+def _check_non_negative(model: str, phases) -> None:
     """A negative byte count is a bug in a term, never a result: an internal error (exit 1)."""
-    for phases in phase_sets:
-        for ph, comp in (phases or {}).items():
-            for cat, value in comp.items():
-                if value < 0:
-                    raise RuntimeError(f"internal error: the estimate of {spec.name} has {value} bytes of "
-                                       f"{cat.value} in {ph.value}; please report it with the command line")
+    for ph, comp in phases.items():
+        for cat, value in comp.items():
+            if value < 0:
+                raise RuntimeError(f"internal error: the estimate of {model} has {value} bytes of "
+                                   f"{cat.value} in {ph.value}; please report it with the command line")
 
 
 def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:
@@ -427,7 +444,7 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
 
 
 def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                     phase: _Phases) -> tuple[_PhaseMap, _PhaseMap | None]:
+                     phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
     """Forward, backward and optimizer step of a training step, each at its peak moment: of
     the steady state, and of the first step where it differs (optimizer state, which
     torch.optim makes in the first ``step()``, does not exist before it; mixed-bf16's master
@@ -481,6 +498,15 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
                 weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
+        if setup.grad_ckpt:
+            # inside a checkpointed layer's forward: it saves nothing for backward, but its
+            # working set is there as in a no-grad forward (prefill_transient: at long sequences
+            # eager attention's scores and softmax), beside every earlier layer's input
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
+                activations=saved - int(act.outside.get("final_norm", 0) * k)
+                - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup)),
+                kv_cache=cache + prev_kv, temporaries=fb_temps)))
         if merged_experts:
             # a checkpointed layer's forward still parametrizes its LoRA expert stacks (one layer's
             # worth, freed when its experts module returns: activations.lora_expert_weights)
@@ -549,6 +575,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + layer_working_set(spec, setup))))
+        if recomputed and not ranked.gathers:
+            # the last layer's recomputation, first in backward: every layer's input still saved,
+            # the layer's backward working set beside its recomputed activations, the LM head's
+            # gradient made (full training)
+            head_grad = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+                (st.states.gradients // max(st.states.trainable, 1)) if setup.mode is Mode.FULL else 0
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head_grad,
+                activations=saved + recomputed, logits=held_logits, kv_cache=held_kv,
+                temporaries=recompute_temps + layer_working_set(spec, setup))))
         if recomputed and not ranked.gathers and spec.num_layers > 1:
             # the first layer's recomputation, last in backward: every gradient but the first
             # layer's and the input embedding's exists by then (a layer's are made in its own
@@ -580,8 +616,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     steady = build(False)
     same_first = st.master_weights == O and _resident_gradients(setup, st, True) == _resident_gradients(
         setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
-    first = None if same_first else build(True)
-    return steady, (None if first == steady else first)
+    return steady, None if same_first else (lambda: build(True))
 
 
 def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
@@ -811,11 +846,15 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         # that copy put back in token order ``weighted_out[inv_perm]`` (S, h each)
         mlp = p * spec.experts_per_token * T * max(h + 4 * f, 4 * h)
     a, s = spec.num_heads, setup.seq
-    # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
-    # the scores) at once, beside q and the output
-    softmax = p + kernels.eager_softmax_bytes(spec, setup)
+    # eager: while the softmax runs, its input (the masked scores), the input converted to the
+    # softmax's dtype where that is fp32 and the input is not (``softmax(x, dtype=float32)``
+    # converts first: aten/src/ATen/native/SoftMax.cpp ``host_softmax`` on ``input.to(dtype)``)
+    # and its output, beside q and the output (measured on the sim: 10 bytes a score in fp16)
+    softmax = p + kernels.eager_softmax_transient(spec, setup)
     if setup.attn.value == "eager":
-        attn = softmax * a * s * T + 2 * p * spec.q_dim * T
+        # and the (b, 1, s, s) mask transformers builds for eager attention in the compute dtype
+        # (masking_utils.py: eager masks are additive, min_dtype where masked)
+        attn = softmax * a * s * T + 2 * p * spec.q_dim * T + p * s * T
     elif kernels.cuda_sdpa_backend(spec, setup) == "math":
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:

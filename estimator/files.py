@@ -92,6 +92,19 @@ def check_output_path(path: str | Path, what: str) -> Path:
     return path
 
 
+def make_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a folder, made with its parents where absent; a file, a device or a FIFO
+    already there is refused with a sentence (``mkdir`` would say only "File exists")."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{what} {path} exists and is not a folder; name a folder") from None
+    except OSError as exc:
+        raise ValueError(f"cannot make {what} {path}: {exc.strerror}") from None
+    return path
+
+
 def write_atomic(path: str | Path, data: str | bytes, what: str) -> Path:
     """Replace ``path`` with ``data`` (text is UTF-8) all at once: written to a temporary
     file beside it, flushed and fsynced, then renamed over it (``os.replace`` is atomic

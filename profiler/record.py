@@ -118,6 +118,8 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "alloc_conf": lambda v: str(v),
     "empty_cache_steps": lambda v: f"empty-cache/{v}",
     "load": lambda v: f"load-{v}",
+    "rope_scaling": lambda v: f"rope-x{v}",
+    "allow_llama_fallback": lambda v: "llama-fallback" if v else "no-llama-fallback",
 }
 
 

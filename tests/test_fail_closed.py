@@ -168,6 +168,33 @@ def test_write_atomic_replaces_whole_files_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "pipe"]
 
 
+def test_calibrate_out_naming_a_device_or_fifo_is_refused_before_the_old_file_is_read(tmp_path, capsys):
+    """The second sweep's find: ``calibrate --out /dev/full`` read the "previous calibration"
+    from /dev/full (zeros without end) before its write was refused, until the kernel killed it."""
+    from profiler.cli import main
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for out, word in ((Path("/dev/full") if Path("/dev/full").exists() else Path(os.devnull), "character device"),
+                      (fifo, "FIFO")):
+        with deadline(REFUSE_WITHIN_S):
+            assert main(["calibrate", str(RECORDS), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"calibration {out} is a {word}, not a regular file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["validate", str(RECORDS), "--report", "{file}"], ["loop", "--out", "{file}"],
+                                  ["campaign", str(ROOT / "benchmarks" / "gpu-standard.toml"), "--backend", "sim",
+                                   "--out", "{file}"]], ids=["validate --report", "loop --out", "campaign --out"])
+def test_an_output_folder_that_is_a_file_is_one_sentence(tmp_path, capsys, argv):
+    from profiler.cli import main
+    file = tmp_path / "taken"
+    file.write_text("data a user keeps\n")
+    assert main([a.replace("{file}", str(file)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{file} exists and is not a folder; name a folder" in err and "Errno" not in err
+    assert file.read_text() == "data a user keeps\n"
+
+
 # ------------------------------------------------------------------ 4. children never import the user's directory
 TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
               "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,

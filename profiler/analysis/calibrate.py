@@ -22,7 +22,7 @@ from pathlib import Path
 
 from estimator.calibration import CALIBRATION_SCHEMA
 from estimator.categories import TENSOR_CATEGORIES
-from estimator.files import write_atomic
+from estimator.files import check_output_path, read_input_bytes, write_atomic
 from estimator.modelspec import load_model
 from estimator.overheads import calibration_key
 from profiler.record import Case, Record
@@ -231,9 +231,10 @@ def write_calibration(path: Path, result: dict) -> bool:
     records is then a no-op). True when the file was written."""
     import json
     text = json.dumps(result, indent=2) + "\n"
+    path = check_output_path(path, "calibration")  # a device or FIFO is refused, never read (/dev/full reads forever)
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        old = json.loads(read_input_bytes(path, "calibration"))
+    except ValueError:  # absent, unreadable or not JSON: replaced
         old = None
     if isinstance(old, dict):
         strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE_KEYS}  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from estimator.files import make_folder
 from profiler.analysis.calibrate import calibrate, write_calibration
 from profiler.analysis.report import write_report
 from profiler.analysis.validate import Validation, validate
@@ -16,7 +17,7 @@ QUICK_MATRIX = Path(__file__).resolve().parents[1] / "data" / "cpu-quick.toml"
 
 def quick_loop(out: Path, backend: str, say: Callable[[str], None]) -> tuple[Validation, dict[str, Path]]:
     """Records, calibration and report under ``out``; returns the validation and the report's files."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "output folder")
     records_path = out / f"{backend}-quick.jsonl"
     say(f"1/3 profiling {QUICK_MATRIX.name} on the {backend} backend -> {records_path}")
     sweep(QUICK_MATRIX, backend, records_path, timeline=True,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from estimator.categories import TENSOR_CATEGORIES, Category
-from estimator.files import write_atomic
+from estimator.files import make_folder, write_atomic
 from estimator.units import GiB
 from profiler.analysis.validate import Validation, summary_label
 from profiler.record import Record
@@ -291,7 +291,7 @@ def provenance(records: Sequence[Record]) -> list[str]:
 
 
 def write_report(v: Validation, records: Sequence[Record], folder: Path, title: str) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "report folder")
     out = {"scatter": scatter(v, folder / "scatter.png"), "bars": stacked_bars(v, folder / "categories.png")}
     tl = timeline(records, folder / "timeline.png")
     if tl:
