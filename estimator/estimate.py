@@ -181,7 +181,7 @@ class Estimate:
     @property
     def first_step_peak_phase(self) -> Phase:
         phases = self.first_step_tensor_phases or self.tensor_phases
-        return max(phases, key=lambda ph: sum(phases[ph].values()))
+        return max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
 
     @property
     def first_step_allocated_bytes(self) -> int:
@@ -350,7 +350,10 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     _check_non_negative(spec.name, phases)
-    peak = max(phases, key=lambda ph: sum(phases[ph].values()))
+    # the phase whose live tensors are most (max_memory_allocated's peak): the analytic
+    # allocator and context terms the phases carry until the replay replaces them must not
+    # choose it (a phase of many small tensors, the optimizer's, would win on its rounding)
+    peak = max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     replay = partial(_reserved, spec, setup, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
@@ -389,6 +392,10 @@ def _with_replay(ph_map: _PhaseMap, peaks, context: int) -> _PhaseMap:
         comp[_CONTEXT] = context
         out[ph] = comp
     return out
+
+
+def _tensor_bytes(comp: dict[Category, int]) -> int:
+    return sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
 
 
 class NoFormula(ValueError):
