@@ -38,12 +38,22 @@ SPECS = {name: load_model(name) for name in MODELS}
 MAX_SEQ = 2048
 EXAMPLES = 150
 SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-#: how far the device total may fall when a setup grows: reserved memory is the caching
+#: The device total need not grow with the setup: reserved memory is the caching
 #: allocator's replay (estimator/allocations.py), and a larger step can carve its tensors out
-#: of one cached segment where a smaller one needed two (2 MiB rounding, 20 MiB segments for
-#: 1-10 MiB requests: c10/cuda/CUDACachingAllocator.cpp get_allocation_size); the tensors
-#: themselves never fall
-REPLAY_NON_MONOTONE = 0.02
+#: of fewer cached segments than a smaller one (2 MiB rounding, 20 MiB segments for 1-10 MiB
+#: requests: c10/cuda/CUDACachingAllocator.cpp get_allocation_size). GPT-2 fp32 eager
+#: generation, b12 x s84 / 85 / 86 + 86 tokens: reserved 730 / 790 / 748 MiB (3 % of the
+#: total at s85, found by the seq property below). What never falls as a setup grows is the
+#: tensors and the memory outside the allocator; the cache is what may (_assert_grows).
+
+
+def _assert_grows(big, small) -> None:
+    """``big`` (a larger setup) holds at least ``small``'s tensors and non-tensor memory, and
+    reserves at least ``small``'s tensors: only the allocator's cache may be smaller."""
+    assert big.allocated_bytes >= small.allocated_bytes
+    assert big.non_tensor_bytes >= small.non_tensor_bytes
+    assert big.reserved_bytes >= small.allocated_bytes
+    assert big.total_bytes >= small.allocated_bytes + small.non_tensor_bytes
 
 
 def _tensors(phase: dict) -> int:
@@ -120,9 +130,7 @@ def test_total_is_sum_of_components(case):
 def test_total_never_falls_as_batch_grows(case, more):
     spec, setup = case
     bigger = setup.replace(batch=setup.batch + more)
-    big, small = estimate(spec, bigger), estimate(spec, setup)
-    assert big.allocated_bytes >= small.allocated_bytes
-    assert big.total_bytes >= small.total_bytes * (1 - REPLAY_NON_MONOTONE)
+    _assert_grows(estimate(spec, bigger), estimate(spec, setup))
 
 
 @settings(**SETTINGS)
@@ -131,9 +139,7 @@ def test_total_never_falls_as_seq_grows(case, more):
     spec, setup = case
     top = min(MAX_SEQ, spec.max_positions - setup.new_tokens)
     longer = setup.replace(seq=min(setup.seq + more, top))
-    long, short = estimate(spec, longer), estimate(spec, setup)
-    assert long.allocated_bytes >= short.allocated_bytes
-    assert long.total_bytes >= short.total_bytes * (1 - REPLAY_NON_MONOTONE)
+    _assert_grows(estimate(spec, longer), estimate(spec, setup))
 
 
 @settings(**SETTINGS)
@@ -146,7 +152,7 @@ def test_sharded_rank_never_exceeds_unsharded(case):
     # hold the root group and up to three layers' buffers, which can outweigh the shards at
     # small N (GPT-2 LoRA on 2 ranks: 622 MB vs 501 MB alone, measured by the sim backend)
     # (the tensors: NCCL's buffers come with a second rank, and the allocator's cache is not
-    # monotone in what it holds; see REPLAY_NON_MONOTONE)
+    # monotone in what it holds; see _assert_grows)
     if Phase.OPTIMIZER in alone.phases:  # --optimizer none: no step, no phase after backward
         assert _tensors(ranked.phases[Phase.OPTIMIZER]) <= _tensors(alone.phases[Phase.OPTIMIZER])
     if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
