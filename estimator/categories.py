@@ -56,6 +56,7 @@ class Phase(str, Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     STEP = "step"  # a whole optimizer step, as a Trainer callback sees it (no phases inside)
+    LOAD = "load"  # the model loaded onto the device, before the first step
 
     def __str__(self) -> str:
         return self.value

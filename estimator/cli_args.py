@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from .allocator import ALLOC_CONF_KEYS
 from .setup import (
     DEFAULT_LORA_TARGETS,
     Attention,
     Device,
+    Load,
     Loop,
     Loss,
     Mode,
@@ -91,6 +93,14 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                         "otherwise; measure it with `vramlab profile MODEL --backend sim` instead)")
     g.add_argument("--versions", default="", help="library versions whose memory semantics to assume, e.g. "
                                                   "transformers=4.48,torch=2.4 (default: the installed ones)")
+    g.add_argument("--alloc-conf", default="", help=f"PYTORCH_CUDA_ALLOC_CONF as the run sets it ("
+                                                    f"{', '.join(ALLOC_CONF_KEYS)}), e.g. "
+                                                    f"expandable_segments:True (default: torch's)")
+    g.add_argument("--empty-cache-steps", default="0", help="torch.cuda.empty_cache() every N optimizer steps "
+                                                            "(TrainingArguments torch_empty_cache_steps; default 0: "
+                                                            "never)")
+    g.add_argument("--load", default="pretrained", help=f"{choices(Load)}: how the weights reach the device "
+                                                        f"(config: from_config built on it; default pretrained)")
     parser.add_argument_group("precision recipes (--precision)", "What each recipe types how, and which "
                               "training code runs it (the model's dtype decides first, then autocast):\n"
                               + recipes_help())
@@ -130,6 +140,9 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
         versions=parse_overrides(getattr(args, "versions", "") or ""),
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
+        alloc_conf=getattr(args, "alloc_conf", "") or "",
+        empty_cache_steps=_int("empty-cache-steps", getattr(args, "empty_cache_steps", 0) or 0),
+        load=getattr(args, "load", "pretrained") or "pretrained",
         rope_scaling=_factor("rope-scaling", getattr(args, "rope_scaling", None)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored

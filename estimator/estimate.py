@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import NamedTuple
 
 from . import activations as acts
 from . import caches, kernels
+from .allocations import replay_estimate
 from .archs import MLP, arch_of, inventory_of, registered_types, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
 from .logits import logits_bytes
 from .modelspec import ModelSpec
+from .nontensor import non_tensor
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (
@@ -45,60 +47,145 @@ _SHARDED_STATES = (Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3, Sharding.FSDP
 
 
 @dataclass(frozen=True)
+class Reserved:
+    """What the replay of an estimate's allocation sequence adds to its tensors: every
+    phase with its allocator and context bytes, the load phase, the first step's peaks, and the
+    memory outside the allocator by source."""
+
+    phases: dict[Phase, dict[Category, int]]
+    load_phase: dict[Category, int] | None
+    non_tensor: dict[str, dict]
+    #: the first step's replayed peaks per phase (None without a replay), and the context bytes
+    first_peaks: dict | None
+    context: int
+
+
+@dataclass(frozen=True)
 class Estimate:
-    """Predicted bytes per category at the peak phase, and every phase's breakdown."""
+    """Predicted bytes per category at the peak phase, and every phase's breakdown.
+
+    The tensors come with the estimate; the allocator's and the context's bytes (reserved
+    memory and NVML's view) come from replaying the estimate's allocation sequence
+    (estimator/allocations.py), done the first time something asks for them."""
 
     model: str
     setup: Setup
     params: int
     trainable_params: int
     peak_phase: Phase
-    phases: dict[Phase, dict[Category, int]]
+    #: every phase's tensors (and the analytic allocator and context terms the phases were
+    #: chosen by); :attr:`phases` has the replayed allocator and context instead
+    tensor_phases: dict[Phase, dict[Category, int]]
     param_groups: dict[str, int] = field(default_factory=dict)
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
     calibration_key: str = ""
-    #: builds the first optimizer step's phases (optimizer state is made in the first
+    #: builds the first optimizer step's tensor phases (optimizer state is made in the first
     #: ``step()``; kept gradients exist from the first backward) when asked: most callers
-    #: (fit's scans, the tables) never read them (:attr:`first_step_phases`)
+    #: (fit's scans, the tables) never read them (:attr:`first_step_tensor_phases`)
     first_step: Callable[[], _PhaseMap] | None = field(default=None, compare=False, repr=False)
+    #: makes :class:`Reserved` (a partial of :func:`_reserved`; None: the phases as they are)
+    replay: Callable[[], Reserved] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def reserved(self) -> Reserved:
+        if self.replay is None:
+            return Reserved(self.tensor_phases, None, {}, None, 0)
+        return self.replay(self.tensor_phases)
 
     @property
-    def first_step_phases(self) -> _PhaseMap | None:
-        """The first step's phases where they differ from the steady state, else None."""
+    def phases(self) -> dict[Phase, dict[Category, int]]:
+        return self.reserved.phases
+
+    @property
+    def first_step_tensor_phases(self) -> _PhaseMap | None:
+        """The first step's tensor phases where they differ from the steady state, else None."""
         if "_first" not in self.__dict__:
             first = self.first_step() if self.first_step is not None else None
             if first is not None:
                 _check_non_negative(self.model, first)
-            object.__setattr__(self, "_first", None if first == self.phases else first)
+            object.__setattr__(self, "_first", None if first == self.tensor_phases else first)
         return self.__dict__["_first"]
+
+    @property
+    def first_step_phases(self) -> dict[Phase, dict[Category, int]] | None:
+        """The first step's phases, with the allocator and context bytes its replay gives."""
+        first = self.first_step_tensor_phases
+        if first is None or self.reserved.first_peaks is None:
+            return first
+        return _with_replay(first, self.reserved.first_peaks, self.reserved.context)
+
+    @property
+    def load_phase(self) -> dict[Category, int] | None:
+        """Loading the model, a phase of its own before the first step (CUDA): the weights, a
+        quantize-on-load staging copy (temporaries), what the load leaves cached (allocator)."""
+        return self.reserved.load_phase
+
+    @property
+    def non_tensor(self) -> dict[str, dict]:
+        """Memory outside the caching allocator by source (estimator/nontensor.py): the
+        context category's parts, each ``{"bytes": n, "source": label}``."""
+        return self.reserved.non_tensor
 
     @property
     def components(self) -> dict[Category, int]:
         return self.phases[self.peak_phase]
 
+    def _all_phases(self) -> list[dict[Category, int]]:
+        return list(self.phases.values()) + ([self.load_phase] if self.load_phase else [])
+
     @property
     def total_bytes(self) -> int:
-        """Everything on the device at the peak: tensors, allocator cache and context (NVML's view)."""
-        return sum(self.components.values())
+        """Everything on the device at its highest: tensors, the allocator's cache and the memory
+        outside it (NVML's view), the largest over the phases (reserved memory only grows
+        within a step, so it peaks late, often after the tensors)."""
+        return max(sum(c.values()) for c in self._all_phases())
 
     @property
     def allocated_bytes(self) -> int:
         """The part ``torch.cuda.max_memory_allocated`` counts: live tensors."""
-        return sum(v for k, v in self.components.items() if k in TENSOR_CATEGORIES)
+        return sum(v for k, v in self.tensor_phases[self.peak_phase].items() if k in TENSOR_CATEGORIES)
 
     @property
     def reserved_bytes(self) -> int:
-        return self.allocated_bytes + self.components.get(Category.ALLOCATOR, 0)
+        """What ``torch.cuda.max_memory_reserved`` says: the largest over the phases (the
+        load's included) of tensors plus the allocator's cache."""
+        return max(sum(v for k, v in c.items() if k is not Category.CONTEXT) for c in self._all_phases())
+
+    @property
+    def reserved_phase(self) -> str:
+        """The phase where reserved memory peaks (``load`` for the model's load)."""
+        if self.load_phase and sum(v for k, v in self.load_phase.items() if k is not Category.CONTEXT) \
+                >= self.reserved_bytes:
+            return Phase.LOAD.value
+        return max(self.phases, key=lambda ph: sum(v for k, v in self.phases[ph].items()
+                                                   if k is not Category.CONTEXT)).value
+
+    @property
+    def non_tensor_bytes(self) -> int:
+        return sum(int(s["bytes"]) for s in self.non_tensor.values())
+
+    def runs_within(self, capacity_bytes: int) -> bool:
+        """Whether the step runs when the caching allocator may reserve at most
+        ``capacity_bytes``: its allocation sequence replayed under that capacity, a refused
+        cudaMalloc freeing the cached blocks and retrying as the allocator does
+        (estimator/allocator.py), runs out of nothing. Without a replay (the cpu device),
+        whether the tensors fit."""
+        if capacity_bytes <= 0 or self.allocated_bytes > capacity_bytes:
+            return False
+        if self.replay is None or self.reserved_bytes <= capacity_bytes:
+            return True
+        spec, setup, st, k = self.replay.args[:4]
+        return not replay_estimate(spec, setup, st, k, capacity_bytes).oom
 
     @property
     def first_step_peak_phase(self) -> Phase:
-        phases = self.first_step_phases or self.phases
-        return max(phases, key=lambda ph: sum(phases[ph].values()))
+        phases = self.first_step_tensor_phases or self.tensor_phases
+        return max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
 
     @property
     def first_step_allocated_bytes(self) -> int:
-        phases = self.first_step_phases or self.phases
+        phases = self.first_step_tensor_phases or self.tensor_phases
         return sum(v for k, v in phases[self.first_step_peak_phase].items() if k in TENSOR_CATEGORIES)
 
     def to_dict(self) -> dict:
@@ -115,6 +202,9 @@ class Estimate:
             "allocated_bytes": self.allocated_bytes,
             "reserved_bytes": self.reserved_bytes,
             "peak_phase": self.peak_phase.value,
+            "reserved_phase": self.reserved_phase,
+            "non_tensor": {k: dict(v) for k, v in self.non_tensor.items()},
+            "load": None if self.load_phase is None else {c.value: self.load_phase.get(c, 0) for c in Category},
             "params": self.params,
             "trainable_params": self.trainable_params,
             "param_groups": dict(self.param_groups),
@@ -260,12 +350,52 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     _check_non_negative(spec.name, phases)
-    peak = max(phases, key=lambda ph: sum(phases[ph].values()))
+    # the phase whose live tensors are most (max_memory_allocated's peak): the analytic
+    # allocator and context terms the phases carry until the replay replaces them must not
+    # choose it (a phase of many small tensors, the optimizer's, would win on its rounding)
+    peak = max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
+    replay = partial(_reserved, spec, setup, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
-                    peak_phase=peak, phases=phases, param_groups=dict(count.groups),
+                    peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
-                    calibration_key=group, first_step=first)
+                    calibration_key=group, first_step=first, replay=replay)
+
+
+def _reserved(spec: ModelSpec, setup: Setup, st: _Static, k: float, gpu: GPU | None, overheads: Overheads,
+              phases: _PhaseMap) -> Reserved:
+    """The allocator and context categories from the replay of the estimate's own
+    allocation sequence (estimator/allocations.py) and the non-tensor sources
+    (estimator/nontensor.py): each phase's allocator bytes are what the replay reserved
+    there beyond the phase's tensors. The phases' tensors are left as they are; the first
+    step's replayed peaks are kept for its phases, built when asked."""
+    replay = replay_estimate(spec, setup, st, k)
+    outside = non_tensor(setup, gpu, overheads)
+    context = outside.total
+    load = _ZERO.copy()
+    load[Category.WEIGHTS] = st.weights
+    load[_TEMPORARIES] = max(replay.load.allocated - st.weights, 0)  # a quantize-on-load staging copy
+    load[_ALLOCATOR] = max(replay.load.reserved - load[Category.WEIGHTS] - load[_TEMPORARIES], 0)
+    load[_CONTEXT] = context
+    return Reserved(_with_replay(phases, replay.steady, context), load, outside.to_dict(), replay.first, context)
+
+
+def _with_replay(ph_map: _PhaseMap, peaks, context: int) -> _PhaseMap:
+    """``ph_map`` with each phase's allocator bytes what the replay reserved there beyond its
+    tensors, and the context the non-tensor sources' total."""
+    out = {}
+    for ph, comp in ph_map.items():
+        comp = dict(comp)
+        tensors = sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
+        if ph in peaks:
+            comp[_ALLOCATOR] = max(peaks[ph].reserved - tensors, 0)
+        comp[_CONTEXT] = context
+        out[ph] = comp
+    return out
+
+
+def _tensor_bytes(comp: dict[Category, int]) -> int:
+    return sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
 
 
 class NoFormula(ValueError):

@@ -41,8 +41,12 @@ class Overheads:
     #: a fitted constant added to every phase's temporaries (what no formula term explains)
     constant_bytes: int = 0
     #: fitted reserved - allocated as a fraction of allocated; None: the rounding model above
+    #: (only for the cpu-device fallback: on CUDA the allocator replay gives reserved memory)
     allocator_fraction: float | None = None
     source: str = "defaults (estimator/overheads.py)"
+    #: the measured spread of the reserved and device-total figures on CUDA records (a
+    #: calibration's ``margins``, profiler/analysis/nontensor.py): ``fit``'s safe / uncertain
+    margins: Mapping | None = field(default=None, hash=False, compare=False)
 
     def factor_for(self, key: str) -> float:
         return self.activation_factors.get(key, self.activation_factor)

@@ -5,7 +5,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .categories import TENSOR_CATEGORIES, Category
+from .categories import TENSOR_CATEGORIES, Category, Phase
 from .estimate import Estimate
 from .fit import FitResult
 from .rules import RuleRow
@@ -25,41 +25,77 @@ def estimate_table(est: Estimate) -> Table:
     title = (f"{est.model}: {s.mode} {s.precision}{f', {s.optimizer}' if s.training else ''}, "
              f"batch {s.batch} x seq {s.seq}{f' + {s.new_tokens} new tokens' if s.new_tokens else ''}"
              f"{', grad-ckpt' if s.grad_ckpt else ''}, {s.attn}, {s.device}"
-             f"{f', {s.sharding} x{s.world_size} (per rank)' if s.world_size > 1 else ''}")
+             f"{f', {s.sharding} x{s.world_size} (per rank)' if s.world_size > 1 else ''}"
+             f"{f', {s.alloc_conf}' if s.alloc_conf else ''}")
+    columns = dict(est.phases)
+    if est.load_phase:
+        columns[Phase.LOAD] = est.load_phase
     table = Table(title=title, box=box.SIMPLE_HEAD,
                   caption=f"GiB = 2^30 bytes; {recipe_line(s.precision)}; params {est.params:,}, trainable "
-                          f"{est.trainable_params:,}; peak in the {est.peak_phase} phase; "
-                          f"overheads: {est.overheads_source}")
+                          f"{est.trainable_params:,}; tensors peak in the {est.peak_phase} phase, reserved "
+                          f"memory in the {est.reserved_phase} phase; overheads: {est.overheads_source}")
     table.add_column("category", no_wrap=True, min_width=len(Category.OPTIMIZER_STATE.value))
     table.add_column("at peak", justify="right")
     table.add_column("share", justify="right")
-    for phase in est.phases:
+    for phase in columns:
         table.add_column(str(phase), justify="right", style="dim")
     total = est.total_bytes or 1
     for cat in Category:
         value = est.components[cat]
         table.add_row(cat.value, _gib(value), f"{100 * value / total:.1f}%",
-                      *(_gib(comp[cat]) for comp in est.phases.values()))
+                      *(_gib(comp[cat]) for comp in columns.values()))
     table.add_section()
     table.add_row("allocated", _gib(est.allocated_bytes), "",
-                  *(_gib(sum(v for k, v in c.items() if k in TENSOR_CATEGORIES)) for c in est.phases.values()))
+                  *(_gib(sum(v for k, v in c.items() if k in TENSOR_CATEGORIES)) for c in columns.values()))
+    table.add_row("reserved", _gib(est.reserved_bytes), "",
+                  *(_gib(sum(v for k, v in c.items() if k is not Category.CONTEXT)) for c in columns.values()))
     table.add_row("total", _gib(est.total_bytes), "100.0%",
-                  *(_gib(sum(c.values())) for c in est.phases.values()), style="bold")
+                  *(_gib(sum(c.values())) for c in columns.values()), style="bold")
     return table
+
+
+def non_tensor_lines(est: Estimate) -> list[str]:
+    """The context category by source, one line each."""
+    return [f"non-tensor {name}: {_gib(int(src['bytes']))} GiB, {src['source']}"
+            for name, src in est.non_tensor.items()]
+
+
+#: how the fit tables name each verdict (8 characters at most: 80 columns)
+VERDICT_TEXT = {"safe": "safe", "uncertain": "unsure", "does_not_fit": "no"}
 
 
 def fit_table(result: FitResult) -> Table:
     budget = result.memory_bytes
+    j = result.judgement
     table = Table(title=f"{result.model} in {_gib(budget)} GiB: as given {_gib(result.estimate.total_bytes)} GiB "
-                        f"({'fits' if result.fits else 'does not fit'}); largest batch {result.max_batch} "
-                        f"at seq {result.setup.seq}; longest seq {result.max_seq} at batch {result.setup.batch}",
-                  caption=f"GiB = 2^30 bytes; assumes {recipe_line(result.setup.precision)}", box=box.SIMPLE_HEAD)
+                        f"({str(j.verdict).replace('_', ' ')}); largest safe batch {result.max_batch} "
+                        f"at seq {result.setup.seq}; longest safe seq {result.max_seq} at batch "
+                        f"{result.setup.batch}",
+                  caption=f"GiB = 2^30 bytes; device total = reserved + non-tensor; assumes "
+                          f"{recipe_line(result.setup.precision)}", box=box.SIMPLE_HEAD)
     table.add_column("strategy (cheapest first)")
     table.add_column("GiB", justify="right")
-    table.add_column("fits", justify="center")
-    table.add_column("largest batch", justify="right")
+    table.add_column("verdict", justify="center")
+    table.add_column("largest safe batch", justify="right")
     for st in result.strategies:
-        table.add_row(st.name, _gib(st.total_bytes), "yes" if st.fits else "no", str(st.max_batch))
+        table.add_row(st.name, _gib(st.total_bytes), VERDICT_TEXT[st.verdict.value], str(st.max_batch))
+    return table
+
+
+def fit_figures_table(result: FitResult) -> Table:
+    """The three figures of the setup as given and what they are measured against."""
+    j, est = result.judgement, result.estimate
+    table = Table(title="the setup as given: what decides out-of-memory", box=box.SIMPLE_HEAD,
+                  caption=f"spread measured on {result.margin.cases} CUDA cases "
+                          f"({100 * (result.margin.min_ratio - 1):+.1f} % to "
+                          f"{100 * (result.margin.max_ratio - 1):+.1f} %): {result.margin.source}")
+    table.add_column("figure")
+    table.add_column("GiB", justify="right")
+    table.add_column("what counts it")
+    table.add_row("allocated", _gib(j.allocated_bytes), "max_memory_allocated: live tensors")
+    table.add_row("reserved", _gib(j.reserved_bytes), f"max_memory_reserved (peak in {est.reserved_phase})")
+    table.add_row("non-tensor", _gib(j.non_tensor_bytes), ", ".join(est.non_tensor) or "-")
+    table.add_row("device total", _gib(j.total_bytes), "nvidia-smi: reserved + non-tensor", style="bold")
     return table
 
 
@@ -70,11 +106,11 @@ def fit_recipes_table(result: FitResult) -> Table:
                           "(amp-bf16: a Trainer's bf16=True on an fp32-loaded model)")
     table.add_column("recipe")
     table.add_column("GiB", justify="right")
-    table.add_column("fits", justify="center")
-    table.add_column("largest batch", justify="right")
+    table.add_column("verdict", justify="center")
+    table.add_column("largest safe batch", justify="right")
     for r in result.recipes:
         mark = " (as given)" if r.setup.precision is result.setup.precision else ""
-        table.add_row(f"{r.name}{mark}", _gib(r.total_bytes), "yes" if r.fits else "no", str(r.max_batch))
+        table.add_row(f"{r.name}{mark}", _gib(r.total_bytes), VERDICT_TEXT[r.verdict.value], str(r.max_batch))
     return table
 
 

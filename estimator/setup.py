@@ -11,6 +11,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import TypeVar
 
+from .allocator import AllocConf
 from .units import FP32, HALF
 from .versions import LIBRARIES, Semantics, parse_version, semantics_for
 
@@ -182,6 +183,21 @@ class Attention(_Choice):
     FLASH = "flash"  # flash_attention_2
 
 
+class Load(_Choice):
+    """How the model's weights reach the device, before the first step."""
+
+    # from_pretrained (then .to(device), or a device_map): every tensor placed once, a tied
+    # head once; a checkpoint stored in another dtype is converted on the host (a blocking
+    # CPU-to-GPU copy converts before it copies: aten/src/ATen/native/cuda/Copy.cu
+    # copy_kernel_cuda, "type conversions are performed on the CPU"); bitsandbytes quantizes
+    # on the device from a 16-bit copy of each weight
+    PRETRAINED = "pretrained"
+    # from_config built on the device (``with torch.device("cuda")``, the profiler's harness):
+    # the LM head's own weight is made with the module and dropped when tie_weights() ties it
+    # (transformers PreTrainedModel.post_init -> tie_weights), a cached block of its size
+    CONFIG = "config"
+
+
 class Device(_Choice):
     CUDA = "cuda"
     CPU = "cpu"
@@ -273,6 +289,15 @@ class Setup:
     # its parameters come from a meta-device build and its activations from the Llama-style
     # terms (--allow-llama-fallback; the estimate carries a note with the known error range)
     allow_llama_fallback: bool = False
+    # PYTORCH_CUDA_ALLOC_CONF as the run sets it (estimator/allocator.py AllocConf: the
+    # settings that change reserved memory, expandable_segments and max_split_size_mb);
+    # "" is torch's default. Stored canonical: "expandable_segments:True,max_split_size_mb:128"
+    alloc_conf: str = ""
+    # torch.cuda.empty_cache() every N optimizer steps (transformers TrainingArguments
+    # torch_empty_cache_steps; the profiler's harness empties it before every step: 1);
+    # 0: never
+    empty_cache_steps: int = 0
+    load: Load = Load.PRETRAINED
     # a rope scaling factor over the config's (linear / dynamic / yarn stretch the positions
     # by it): sequences past max_position_embeddings up to factor x it; 0 keeps the config's
     rope_scaling: float = 0.0
@@ -282,7 +307,7 @@ class Setup:
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
                            ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
-                           ("loss", Loss)):
+                           ("loss", Loss), ("load", Load)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
@@ -297,6 +322,10 @@ class Setup:
         for name in ("grad_ckpt", "keep_grads", "use_cache", "allow_llama_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "alloc_conf", str(AllocConf.parse(self.alloc_conf)))
+        if isinstance(self.empty_cache_steps, bool) or not isinstance(self.empty_cache_steps, int) \
+                or self.empty_cache_steps < 0:
+            raise ValueError(f"empty_cache_steps must be a non-negative integer, got {self.empty_cache_steps!r}")
         for name in ("batch", "seq", "world_size", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -397,6 +426,11 @@ class Setup:
         return found
 
     @property
+    def allocator(self):
+        """The caching allocator's settings (:class:`estimator.allocator.AllocConf`)."""
+        return AllocConf.parse(self.alloc_conf)
+
+    @property
     def training(self) -> bool:
         return self.mode in (Mode.FULL, Mode.LORA, Mode.QLORA)
 
@@ -434,6 +468,11 @@ class Setup:
             del out["compute_capability"]  # the default: records keep their case keys
         if not self.allow_llama_fallback:
             del out["allow_llama_fallback"]  # the default: records keep their case keys
+        for name in ("alloc_conf", "empty_cache_steps"):
+            if not out[name]:
+                del out[name]  # the defaults: records keep their case keys
+        if self.load is Load.PRETRAINED:
+            del out["load"]  # the default: records keep their case keys
         if not self.rope_scaling:
             del out["rope_scaling"]  # the default: records keep their case keys
         return out

@@ -605,7 +605,8 @@ def _working_terms(spec: ModelSpec, key: Setup):
 
 def smallest_world(spec: ModelSpec, setup: Setup, memory_bytes: int,
                    estimate_fn: Callable[[ModelSpec, Setup], object],
-                   sharding: Sharding = Sharding.FSDP, powers_of_two: bool = False) -> int | None:
+                   sharding: Sharding = Sharding.FSDP, powers_of_two: bool = False,
+                   lower_bound: Callable[[ModelSpec, Setup], int] | None = None) -> int | None:
     """Fewest ranks (up to MAX_WORLD_SIZE; only powers of two when asked) whose per-rank
     ``estimate_fn(spec, setup).total_bytes`` fits ``memory_bytes`` under ``sharding``;
     ``None`` if none does. One rank is the setup as given (no sharding). A plain scan:
@@ -620,7 +621,10 @@ def smallest_world(spec: ModelSpec, setup: Setup, memory_bytes: int,
     n = 1
     while n <= MAX_WORLD_SIZE:
         candidate = setup if n == 1 else setup.replace(world_size=n, sharding=sharding)
-        if estimate_fn(spec, candidate).total_bytes <= memory_bytes:
+        # ``lower_bound``: a cheap figure the total cannot be under (the tensors and the
+        # memory outside the allocator), so the full estimate runs only where it could fit
+        if (lower_bound is None or lower_bound(spec, candidate) <= memory_bytes) \
+                and estimate_fn(spec, candidate).total_bytes <= memory_bytes:
             return n
         n = 2 * n if powers_of_two else n + 1
     return None

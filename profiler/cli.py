@@ -84,8 +84,10 @@ def cmd_estimate(args) -> int:
         from estimator.estimate import assumed_versions
         print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup)), indent=2))
     else:
-        from estimator.report import estimate_table, print_table, print_text
+        from estimator.report import estimate_table, non_tensor_lines, print_table, print_text
         print_table(estimate_table(est), wide=args.wide)
+        for line in non_tensor_lines(est):
+            print_text(line, wide=args.wide)
         for note in est.notes:
             print_text(f"note: {note}", wide=args.wide)
         assumed = setup.semantics.to_dict()["versions"]
@@ -111,9 +113,10 @@ def cmd_fit(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        from estimator.report import fit_recipes_table, fit_table, print_table, print_text
+        from estimator.report import fit_figures_table, fit_recipes_table, fit_table, print_table, print_text
         print_table(fit_table(result), wide=args.wide)
         print_table(fit_recipes_table(result), wide=args.wide)
+        print_table(fit_figures_table(result), wide=args.wide)
         print_text(result.verdict(), wide=args.wide)
     return 0
 
@@ -309,10 +312,18 @@ def cmd_validate_published(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    for metric, s in result.to_dict()["by_metric"].items():
+    summary = result.to_dict()
+    for metric, s in summary["by_metric"].items():
         print_table(summary_table({k: v for k, v in s.items() if k != "cases"},
                                   f"{s['cases']} pinned published rows, {metric}: error as a fraction of the value"),
                     wide=args.wide)
+    from estimator.report import print_text
+    for metric, column in summary["headline"].items():
+        if column["cases"]:
+            continue  # its table is above
+        left = "; ".join(f"{n} {why}" for why, n in column["left_out"].items()) or "none published"
+        print_text(f"{metric} (vs the estimate's {column['figure']}): 0 pinned rows of {column['published']} "
+                   f"published; left out: {left}", wide=args.wide)
     if args.wide:
         print(rows_table_md(result))
     else:

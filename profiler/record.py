@@ -115,6 +115,9 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "loss": lambda v: str(v),
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
+    "alloc_conf": lambda v: str(v),
+    "empty_cache_steps": lambda v: f"empty-cache/{v}",
+    "load": lambda v: f"load-{v}",
     "rope_scaling": lambda v: f"rope-x{v}",
     "allow_llama_fallback": lambda v: "llama-fallback" if v else "no-llama-fallback",
 }
@@ -197,6 +200,9 @@ class Prediction:
     notes: list[str]
     calibration_key: str | None = None
     first_step: dict[str, Any] | None = None  # the first step, where it differs (Estimate.first_step_phases)
+    reserved_phase: str | None = None  # where reserved memory peaks (the model's load: "load")
+    non_tensor: dict[str, Any] | None = None  # memory outside the allocator by source (Estimate.non_tensor)
+    load: dict[str, int] | None = None  # the load phase's categories (Estimate.load_phase)
 
     def phases_of(self, first_step: bool = False) -> dict[str, dict[str, int]]:
         """The predicted phases of the first step (where it differs) or of steady state."""

@@ -82,3 +82,80 @@ def test_the_sim_replay_matches_the_h200s_allocator_counters(label):
     want_alloc, want_res = gpu.measured.peak_allocated_bytes, gpu.measured.peak_reserved_bytes
     assert abs(allocated - want_alloc) / want_alloc <= ALLOCATED_TOLERANCE, (allocated, want_alloc)
     assert abs(sim.measured.peak_reserved_bytes - want_res) / want_res <= RESERVED_TOLERANCE
+
+
+# --- the rules the estimator's replay adds (estimator/allocator.py) -------------------------------
+
+from estimator.allocator import AllocConf, CachingAllocator  # noqa: E402
+
+
+def test_a_block_freed_on_one_stream_is_not_reused_on_another():
+    a = CachingAllocator()
+    a.malloc("x", 30 * MiB, stream=1)  # an all-gather buffer on FSDP's side stream
+    a.free("x")
+    a.malloc("y", 30 * MiB, stream=0)  # the default stream cannot take it
+    assert a.reserved == 60 * MiB
+    a.malloc("z", 30 * MiB, stream=1)  # its own stream can
+    assert a.reserved == 60 * MiB
+
+
+def test_expandable_segments_grow_one_segment_by_20_mib_pages_and_leave_no_sliver():
+    # the "N + 1" pattern of Note [Expandable Segments]: ten 25 MiB tensors, freed, then ten
+    # of 27 MiB. Default: each 25 MiB one had a segment of its own (rounded to 26 MiB), which
+    # no 27 MiB request fits: ten new 28 MiB segments beside the cached ones
+    sizes_a, sizes_b = 25 * MiB, 27 * MiB
+    default, expandable = CachingAllocator(), CachingAllocator(AllocConf(expandable_segments=True))
+    for alloc in (default, expandable):
+        for i in range(10):
+            alloc.malloc(("a", i), sizes_a)
+        for i in range(10):
+            alloc.free(("a", i))
+        for i in range(10):
+            alloc.malloc(("b", i), sizes_b)
+    assert default.reserved == 10 * 26 * MiB + 10 * 28 * MiB      # cached 26 MiB segments, new 28 MiB ones
+    assert expandable.reserved == 280 * MiB                       # 270 MiB in 20 MiB pages, the freed space reused
+    assert expandable.allocated == 270 * MiB                      # and blocks split to the byte
+
+
+def test_expandable_empty_cache_unmaps_only_whole_free_pages():
+    a = CachingAllocator(AllocConf(expandable_segments=True))
+    a.malloc("x", 5 * MiB)    # maps one 20 MiB page
+    a.malloc("y", 30 * MiB)   # 15 MiB free in the page, 15 more needed: one more page
+    assert a.reserved == 40 * MiB
+    a.free("y")
+    a.empty_cache()           # y's space beyond x's page is a whole free page: unmapped
+    assert a.reserved == 20 * MiB
+    a.malloc("z", 30 * MiB)   # grows again where it was unmapped
+    assert a.reserved == 40 * MiB
+
+
+def test_max_split_size_keeps_oversize_blocks_whole():
+    a = CachingAllocator(AllocConf(max_split_size_bytes=64 * MiB))
+    a.malloc("big", 100 * MiB)
+    a.free("big")
+    a.malloc("small", 30 * MiB)   # under max_split_size: never takes an oversize block
+    assert a.reserved == 130 * MiB
+    a.malloc("near", 90 * MiB)    # over it: takes a cached one under request + 20 MiB, unsplit
+    assert a.reserved == 130 * MiB and a.allocated == 130 * MiB
+
+
+def test_a_card_size_frees_the_cache_and_retries_before_running_out():
+    a = CachingAllocator(capacity_bytes=100 * MiB)
+    a.malloc("x", 60 * MiB)
+    a.free("x")                   # cached: reserved stays 60 MiB
+    assert a.malloc("y", 70 * MiB)  # 60 + 70 > 100: the cached segment is released, then it fits
+    assert a.num_alloc_retries == 1 and a.reserved == 70 * MiB
+    assert not a.malloc("z", 40 * MiB) and a.oom  # 70 + 40 > 100 with nothing cached: out of memory
+
+
+def test_alloc_conf_parses_torch_syntax_and_refuses_what_it_does_not_model():
+    assert str(AllocConf.parse("max_split_size_mb:128, expandable_segments:True")) == \
+        "expandable_segments:True,max_split_size_mb:128"
+    assert AllocConf.parse("") == AllocConf()
+    with pytest.raises(ValueError, match="not modelled; modelled: expandable_segments, max_split_size_mb"):
+        AllocConf.parse("garbage_collection_threshold:0.6")
+    with pytest.raises(ValueError, match="must be an integer over 20"):
+        AllocConf.parse("max_split_size_mb:20")
+    with pytest.raises(ValueError, match="takes True or False"):
+        AllocConf.parse("expandable_segments:yes")
+    assert Setup(alloc_conf="expandable_segments:True").allocator.expandable_segments

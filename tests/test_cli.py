@@ -75,7 +75,8 @@ def test_fit_gpu_json(cli):
 def test_fit_table(cli):
     r = cli("fit", "llama-2-7b", "--memory", "80GB")
     assert r.code == 0
-    assert "largest batch" in r.out and "LoRA" in r.out
+    assert "largest safe batch" in r.out and "LoRA" in r.out
+    assert "what decides out-of-memory" in r.out and "device total" in r.out
 
 
 def test_rules(cli):

@@ -71,14 +71,19 @@ def configs(draw) -> dict:
 
 
 def _check_estimate(d: dict) -> None:
-    """The invariants of an answer: integer bytes, none negative, total = sum >= weights."""
+    """The invariants of an answer: integer bytes, none negative; the total is the largest
+    phase's sum (the load's included: reserved memory peaks where it will, estimator/estimate.py
+    Estimate.total_bytes), at least the peak phase's and at least the weights; reserved
+    between allocated and the total."""
     comps = d["components"]
     assert set(comps) == {c.value for c in Category}
     for value in (d["total_bytes"], *comps.values()):
         assert isinstance(value, int) and not isinstance(value, bool) and value >= 0, d
     for phase in d["phases"].values():
         assert all(isinstance(v, int) and v >= 0 for v in phase.values()), d
-    assert d["total_bytes"] == sum(comps.values())
+    phases = list(d["phases"].values()) + ([d["load"]] if d.get("load") else [])
+    assert d["total_bytes"] == max(sum(p.values()) for p in phases) >= sum(comps.values())
+    assert d["total_bytes"] >= d["reserved_bytes"] >= d["allocated_bytes"]
     assert d["total_bytes"] >= comps["weights"]
     assert isinstance(d["params"], int) and d["params"] > 0
 

@@ -96,14 +96,14 @@ def test_estimate_names_the_recipe_it_assumes(cli, narrow, precision):
 
 
 def test_fit_shows_its_recipe_and_the_others(cli, narrow):
-    """Full fine-tuning of Llama-3.1-8B on one H100: fits in pure bf16, in no amp or mixed recipe."""
+    """Full fine-tuning of Llama-3.1-8B on one H100: safe in pure bf16, in no amp or mixed recipe."""
     out = cli("fit", "llama-3.1-8b", "--gpu", "h100-80gb").out
     flat = " ".join(out.split())
     assert f"assumes precision bf16 = {Precision.BF16.recipe}" in flat
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.split() and line.split()[0] in {p.value for p in Precision}}
     assert set(rows) == {p.value for p in Precision}
-    assert rows["bf16"][-2] == "yes" and int(rows["bf16"][-1]) > 0, rows["bf16"]
+    assert rows["bf16"][-2] == "safe" and int(rows["bf16"][-1]) > 0, rows["bf16"]
     for recipe in ("amp-bf16", "mixed-bf16"):  # fp32 weights and AdamW state: > 16 bytes/param
         assert rows[recipe][-2:] == ["no", "0"], rows[recipe]
 

@@ -38,6 +38,26 @@ SPECS = {name: load_model(name) for name in MODELS}
 MAX_SEQ = 2048
 EXAMPLES = 150
 SETTINGS = dict(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: The device total need not grow with the setup: reserved memory is the caching
+#: allocator's replay (estimator/allocations.py), and a larger step can carve its tensors out
+#: of fewer cached segments than a smaller one (2 MiB rounding, 20 MiB segments for 1-10 MiB
+#: requests: c10/cuda/CUDACachingAllocator.cpp get_allocation_size). GPT-2 fp32 eager
+#: generation, b12 x s84 / 85 / 86 + 86 tokens: reserved 730 / 790 / 748 MiB (3 % of the
+#: total at s85, found by the seq property below). What never falls as a setup grows is the
+#: tensors and the memory outside the allocator; the cache is what may (_assert_grows).
+
+
+def _assert_grows(big, small) -> None:
+    """``big`` (a larger setup) holds at least ``small``'s tensors and non-tensor memory, and
+    reserves at least ``small``'s tensors: only the allocator's cache may be smaller."""
+    assert big.allocated_bytes >= small.allocated_bytes
+    assert big.non_tensor_bytes >= small.non_tensor_bytes
+    assert big.reserved_bytes >= small.allocated_bytes
+    assert big.total_bytes >= small.allocated_bytes + small.non_tensor_bytes
+
+
+def _tensors(phase: dict) -> int:
+    return sum(v for k, v in phase.items() if k not in (Category.ALLOCATOR, Category.CONTEXT))
 
 
 def _target_choices(spec):
@@ -95,11 +115,14 @@ def test_total_is_sum_of_components(case):
     assert set(comp) == set(Category)
     for phases in (est.phases, est.first_step_phases or {}):  # no negative (or NaN) byte anywhere
         assert all(isinstance(v, int) and v >= 0 for c in phases.values() for v in c.values())
-    assert est.total_bytes == sum(comp.values())
-    assert est.total_bytes == max(sum(c.values()) for c in est.phases.values())
+    # the total is the largest phase's (the load's included): reserved memory peaks where the
+    # allocator's replay says, often after the tensors do (Estimate.total_bytes)
+    every = list(est.phases.values()) + ([est.load_phase] if est.load_phase else [])
+    assert est.total_bytes == max(sum(c.values()) for c in every) >= sum(comp.values())
     assert est.allocated_bytes <= est.reserved_bytes <= est.total_bytes
     d = est.to_dict()
-    assert d["total_bytes"] == sum(d["components"].values())
+    assert d["total_bytes"] == est.total_bytes and d["allocated_bytes"] == sum(
+        v for k, v in d["components"].items() if k not in ("allocator", "context"))
 
 
 @settings(**SETTINGS)
@@ -107,7 +130,7 @@ def test_total_is_sum_of_components(case):
 def test_total_never_falls_as_batch_grows(case, more):
     spec, setup = case
     bigger = setup.replace(batch=setup.batch + more)
-    assert estimate(spec, bigger).total_bytes >= estimate(spec, setup).total_bytes
+    _assert_grows(estimate(spec, bigger), estimate(spec, setup))
 
 
 @settings(**SETTINGS)
@@ -116,7 +139,7 @@ def test_total_never_falls_as_seq_grows(case, more):
     spec, setup = case
     top = min(MAX_SEQ, spec.max_positions - setup.new_tokens)
     longer = setup.replace(seq=min(setup.seq + more, top))
-    assert estimate(spec, longer).total_bytes >= estimate(spec, setup).total_bytes
+    _assert_grows(estimate(spec, longer), estimate(spec, setup))
 
 
 @settings(**SETTINGS)
@@ -128,10 +151,12 @@ def test_sharded_rank_never_exceeds_unsharded(case):
     # once backward is over only shards remain; during forward/backward FSDP2 and ZeRO-3 also
     # hold the root group and up to three layers' buffers, which can outweigh the shards at
     # small N (GPT-2 LoRA on 2 ranks: 622 MB vs 501 MB alone, measured by the sim backend)
+    # (the tensors: NCCL's buffers come with a second rank, and the allocator's cache is not
+    # monotone in what it holds; see _assert_grows)
     if Phase.OPTIMIZER in alone.phases:  # --optimizer none: no step, no phase after backward
-        assert sum(ranked.phases[Phase.OPTIMIZER].values()) <= sum(alone.phases[Phase.OPTIMIZER].values())
+        assert _tensors(ranked.phases[Phase.OPTIMIZER]) <= _tensors(alone.phases[Phase.OPTIMIZER])
     if setup.sharding in (Sharding.ZERO1, Sharding.ZERO2):
-        assert ranked.total_bytes <= alone.total_bytes
+        assert ranked.allocated_bytes <= alone.allocated_bytes
 
 
 @settings(**SETTINGS)
@@ -143,10 +168,10 @@ def test_more_ranks_never_cost_more_per_rank(case, more):
         # grow by a few rows (64 -> 65 ranks: 4096 -> 4160), while the shards never do
         if Phase.OPTIMIZER not in estimate(spec, setup).phases:  # --optimizer none: no step to compare
             return
-        assert sum(estimate(spec, wider).phases[Phase.OPTIMIZER].values()) <= \
-            sum(estimate(spec, setup).phases[Phase.OPTIMIZER].values())
+        assert _tensors(estimate(spec, wider).phases[Phase.OPTIMIZER]) <= \
+            _tensors(estimate(spec, setup).phases[Phase.OPTIMIZER])
     else:
-        assert estimate(spec, wider).total_bytes <= estimate(spec, setup).total_bytes
+        assert estimate(spec, wider).allocated_bytes <= estimate(spec, setup).allocated_bytes
 
 
 @settings(**SETTINGS)

@@ -81,6 +81,23 @@ def test_rows_left_out_keep_their_errors_and_reasons():
     assert table.count("\n") == len(result.rows) + 1 and "stale" in table
 
 
+def test_each_metric_has_its_own_headline_column(cli):
+    """reserved and nvidia-smi rows are never mixed into the allocated headline: each metric
+    its own column, its pinned rows' errors against its own figure, the rest counted by reason."""
+    summary = validate_published().to_dict()
+    head = summary["headline"]
+    assert set(head) == {"max_memory_allocated", "max_memory_reserved", "nvidia-smi"}
+    assert {m: c["figure"] for m, c in head.items()} == {"max_memory_allocated": "allocated_bytes",
+                                                          "max_memory_reserved": "reserved_bytes",
+                                                          "nvidia-smi": "total_bytes"}
+    for column in head.values():
+        assert column["cases"] + sum(column["left_out"].values()) == column["published"]
+        assert ("vramlab" in column) == (column["cases"] > 0)
+    assert head["max_memory_allocated"]["cases"] == summary["cases"]
+    out = cli("validate", "--published")
+    assert out.code == 0 and "max_memory_reserved" in out.out and "nvidia-smi" in out.out
+
+
 def test_validate_needs_records_or_published(cli):
     out = cli("validate")
     assert out.code == 2 and "--published" in out.err

@@ -80,3 +80,25 @@ def test_the_cuda_timeline_draws_each_phase():
             assert any(label.startswith(f"first {phase}") for label in labels), labels
     finally:
         _plt().close(fig)
+
+
+def test_the_memory_plot_shows_what_allocated_misses_and_each_figures_error():
+    from profiler.analysis.report import memory_figure
+    v = validate(read_records(CUDA))
+    fig = memory_figure(v)
+    try:
+        top, bottom = fig.axes
+        assert len(top.patches) == len(v.rows)  # one bar per case: reserved - allocated
+        labels = bottom.get_legend_handles_labels()[1]
+        assert labels == ["allocated vs max_memory_allocated", "reserved vs max_memory_reserved",
+                          "device total vs NVML (alone)"]
+        (nvml,) = [c for c in top.collections if c.get_offsets().shape[0]]
+        assert nvml.get_offsets().shape[0] == len([r for r in v.rows if r.nvml_process])
+    finally:
+        _plt().close(fig)
+
+
+def test_records_without_reserved_memory_get_no_memory_plot():
+    from profiler.analysis.report import memory_figure
+    cpu = read_records(ROOT / "results/cpu/cpu-quick.jsonl")
+    assert memory_figure(validate(cpu)) is None

@@ -80,8 +80,10 @@ def test_per_rank_memory_never_grows_with_world_size(llama7b, sharding):
         # whole step is monotone over powers of two, the resident shards over every N;
         # FSDP1's unsharded flat parameters are padded to a multiple of N (up to N-1 more
         # elements per unit) likewise
+        # (the tensors: NCCL's buffers come with the second rank and the allocator's cache is
+        # not monotone, tests/test_properties.py _assert_grows)
         if not sharding.startswith("fsdp") or world & (world - 1) == 0:
-            total = estimate(llama7b, ranked).total_bytes
+            total = estimate(llama7b, ranked).allocated_bytes
             if last_total is not None:
                 assert total <= last_total, (sharding, world)
             last_total = total

@@ -167,15 +167,6 @@ def selected_loo(pts: Sequence[Point]) -> tuple[list[float], bool]:
     return without, False
 
 
-def _allocator_fraction(records: Sequence[Record]) -> float | None:
-    ratios = []
-    for r in records:
-        m = r.measured
-        if r.backend == "cuda" and m.peak_reserved_bytes and m.peak_allocated_bytes:
-            ratios.append((m.peak_reserved_bytes - m.peak_allocated_bytes) / m.peak_allocated_bytes)
-    return statistics.median(ratios) if ratios else None
-
-
 def _context(records: Sequence[Record]) -> int | None:
     values = [r.measured.nvml_context_bytes for r in records
               if r.backend == "cuda" and r.measured.nvml_context_bytes is not None]
@@ -201,11 +192,16 @@ def calibrate(records: Sequence[Record], sources: Sequence[Path], name: str) -> 
                       "fitted_error": (p.predict(factors, constant) - p.y) / p.y, "loo_error": lo})
     devices = sorted({str((p.record.device or {}).get("name", "")) for p in pts})
     versions = sorted({tuple(sorted(p.record.versions.items())) for p in pts})
-    overheads = {"activation_factors": factors, "constant_bytes": int(round(constant)),
-                 "allocator_fraction": _allocator_fraction(records)}
+    # no allocator term is fitted: reserved memory comes from the allocator replay
+    # (estimator/allocations.py); the records only say how far it is (margins below)
+    overheads = {"activation_factors": factors, "constant_bytes": int(round(constant))}
     context = _context(records)
     if context is not None:
         overheads["context_bytes"] = context
+    spread = None
+    if backends[0] == "cuda":
+        from profiler.analysis.nontensor import margins
+        spread = margins(records)
     return {
         "schema": CALIBRATION_SCHEMA, "name": name, "backend": backends[0],
         "gpu": devices[0] if backends[0] == "cuda" and len(devices) == 1 else None,
@@ -220,6 +216,7 @@ def calibrate(records: Sequence[Record], sources: Sequence[Path], name: str) -> 
                 "summary": {"uncalibrated": summary([c["uncalibrated_error"] for c in cases]),
                             "fitted": summary([c["fitted_error"] for c in cases]),
                             "loo": summary(loo)}},
+        **({"margins": spread} if spread else {}),
     }
 
 

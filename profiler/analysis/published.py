@@ -68,6 +68,25 @@ class PublishedValidation:
             out[name] = summary([e for e in (r.error(name) for r in rows) if e is not None])
         return out
 
+    def headline(self) -> dict[str, dict]:
+        """One headline column per metric the estimate has a figure for (allocated, reserved,
+        nvidia-smi's device total): its pinned rows and their errors, and the published rows
+        of that metric left out, by reason (a column with no pinned row says so)."""
+        out = {}
+        for metric in METRIC_TARGET:
+            rows = [r for r in self.rows if r.metric == metric]
+            left: dict[str, int] = {}
+            for r in rows:
+                if not r.pinned:
+                    why = "; ".join(r.excluded_because) or "not stated"
+                    left[why] = left.get(why, 0) + 1
+            column = {"figure": METRIC_TARGET[metric], "cases": len(self.pinned(metric)), "published": len(rows),
+                      "left_out": left}
+            if self.pinned(metric):
+                column["vramlab"] = self.summaries(metric)["uncalibrated"]
+            out[metric] = column
+        return out
+
     def to_dict(self) -> dict:
         """``validate --json``'s shape over the pinned max_memory_allocated rows, then the
         same per metric and the row counts."""
@@ -77,6 +96,7 @@ class PublishedValidation:
         out["metric"] = head
         out["by_metric"] = {m: {"cases": len(self.pinned(m)), **self.summaries(m)}
                             for m in METRIC_TARGET if self.pinned(m)}
+        out["headline"] = self.headline()
         out["rows"] = len(self.rows)
         out["pinned"] = len(self.pinned())
         out["excluded"] = len(self.rows) - out["pinned"]

@@ -31,8 +31,14 @@ _RECORD_LIBRARIES = ("torch", "transformers", "peft")
 
 def current_setup(record: Record) -> Setup:
     """The record's setup under the library versions it ran with (its own ``versions``
-    field where the setup names none), for today's estimator."""
+    field where the setup names none) and as its loop ran it (the profiler's harness builds
+    the model from its config and empties the cache between training steps:
+    measure/run.py harness_setup; a Trainer callback's steps are the Trainer's own), for
+    today's estimator."""
+    from profiler.measure.harness import harness_setup
     setup = Setup.from_dict(record.case.setup)
+    if record.source != "trainer_callback":
+        setup = harness_setup(setup, record.backend)
     if setup.versions:
         return setup
     ran = {k: v for k, v in (record.versions or {}).items() if k in _RECORD_LIBRARIES and v and v != "absent"}
@@ -51,6 +57,7 @@ def with_estimates(records: Sequence[Record], which: str = "current") -> tuple[l
     from dataclasses import replace
 
     from estimator.estimate import estimate
+    from estimator.gpus import gpu_named
     from profiler.record import Prediction
     out, redone, moved = [], 0, 0
     for r in records:
@@ -58,7 +65,7 @@ def with_estimates(records: Sequence[Record], which: str = "current") -> tuple[l
         if spec is None or (r.case.config_hash and spec.config_hash != r.case.config_hash):
             out.append(r)
             continue
-        current = estimate(spec, current_setup(r)).to_dict()
+        current = estimate(spec, current_setup(r), gpu_named((r.device or {}).get("name"))).to_dict()
         current["setup"] = r.predicted.setup  # the case's own setup, as recorded
         new = Prediction(**current)
         redone += 1

@@ -100,7 +100,7 @@ class VramCallback(TrainerCallback):
         self.out = Path(out) if out is not None else None
         self.backend = backend
         self.model_name = model_name
-        self.predicted = prediction(spec, setup) if spec is not None else None
+        self.predicted = prediction(spec, setup, harness=False) if spec is not None else None
         self._args: Any = None
         self._model: Any = None
         self._seq: int | None = None
@@ -254,7 +254,7 @@ class VramCallback(TrainerCallback):
             self._seq_hook = None
         try:
             self.setup = setup_from_trainer(self._model, self._args, self._seq, self.backend)
-            self.predicted = prediction(self.spec, self.setup)
+            self.predicted = prediction(self.spec, self.setup, harness=False)
         except ValueError as exc:  # a model or option the estimator cannot read: records without it
             warnings.warn(f"VramCallback: no estimate beside the records ({exc})", RuntimeWarning, stacklevel=2)
             self.spec = None

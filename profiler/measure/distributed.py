@@ -346,7 +346,7 @@ def _rank_record(spec: ModelSpec, model: str, setup: Setup, backend: str, steps:
                  world: int) -> Record:
     """The record's frame, as a single-device run writes it, plus rank, world size and nproc."""
     case = make_case(spec, setup, backend, steps, nproc=world, model=model)
-    return new_record(case, predicted=prediction(spec, backend_setup(setup, backend)), rank=rank,
+    return new_record(case, predicted=prediction(spec, backend_setup(setup, backend), backend=backend), rank=rank,
                       world_size=world, device=device_info(backend))
 
 

@@ -14,9 +14,11 @@ import torch
 
 from estimator.categories import Category
 from estimator.estimate import NoFormula, estimate
+from estimator.gpus import gpu_named
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
 from profiler.measure.build import build_model, materialize_fake
+from profiler.measure.harness import harness_setup
 from profiler.measure.nvml import NvmlSampler
 from profiler.measure.sim import CUDA_BLOCK_BYTES, analytic_bytes, cuda_semantics, never_packed
 from profiler.measure.steps import Model, measure_run
@@ -56,11 +58,15 @@ def make_case(spec: ModelSpec, setup: Setup, backend: str, steps: int, nproc: in
                 setup=backend_setup(setup, backend).to_dict(), steps=steps, backend=backend, nproc=nproc)
 
 
-def prediction(spec: ModelSpec, setup: Setup) -> Prediction | None:
-    """The estimate put beside a measurement; ``None`` for a model type the estimator has no
-    formula for (it is measured all the same: that is how such a model is sized)."""
+def prediction(spec: ModelSpec, setup: Setup, device_name: str | None = None,
+               harness: bool = True, backend: str = "cuda") -> Prediction | None:
+    """The estimate put beside a measurement (of this harness's loop unless ``harness`` is
+    off, on the GPU named ``device_name`` when it is a preset); ``None`` for a model type the
+    estimator has no formula for (it is measured all the same: that is how such a model is
+    sized)."""
     try:
-        return Prediction(**estimate(spec, setup).to_dict())
+        run = harness_setup(setup, backend) if harness else setup
+        return Prediction(**estimate(spec, run, gpu_named(device_name)).to_dict())
     except NoFormula:
         return None
 
@@ -114,7 +120,9 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     """
     spec = spec or load_model(model)
     setup = backend_setup(setup, backend)
-    record = new_record(make_case(spec, setup, backend, steps, model=model), predicted=prediction(spec, setup))
+    device = torch.cuda.get_device_name(0) if backend == "cuda" and torch.cuda.is_available() else None
+    record = new_record(make_case(spec, setup, backend, steps, model=model),
+                        predicted=prediction(spec, setup, device, backend=backend))
     if record.predicted is None:
         record.note(f"no estimate beside it: model_type {spec.model_type!r} has no formula (estimator/archs)")
     cuda = backend == "cuda"

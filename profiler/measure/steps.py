@@ -437,7 +437,8 @@ def replay_allocator(record: Record, meter: Meter, tracker: StorageTracker, setu
     from profiler.measure.allocator import replay
     total = sum((analytic or {}).values())
     count = 2 if setup.training else 1  # sim.analytic_bytes: one cuBLAS workspace per thread
-    stats = replay(tracker.events or [], id(meter), [total // count] * count if total else [])
+    stats = replay(tracker.events or [], id(meter), [total // count] * count if total else [],
+                   conf=setup.allocator)  # the run's PYTORCH_CUDA_ALLOC_CONF (Setup.alloc_conf)
     m = record.measured
     for phase, p in m.phases.items():
         if phase in stats:
