@@ -82,7 +82,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay")
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
     g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
-                                                       f"(no fp32 upcast, no log-softmax; default causal-lm)")
+                                                       f"(no fp32 upcast, no log-softmax); none (--mode eval) "
+                                                       f"a forward without labels, logits only (default causal-lm)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")

@@ -36,7 +36,7 @@ class _Choice(str, Enum):
 
 class Mode(_Choice):
     INFERENCE = "inference"  # generate: a prefill with logits_to_keep=1, then decode steps
-    EVAL = "eval"  # one forward under no_grad with full logits and the loss (perplexity, scoring)
+    EVAL = "eval"  # one forward under no_grad with full logits and the loss (perplexity), or none (--loss none)
     FULL = "full"  # full training / full fine-tuning: every parameter trainable
     LORA = "lora"
     QLORA = "qlora"
@@ -61,6 +61,9 @@ class Loss(_Choice):
     # loss = out.logits.sum(): no upcast, nothing saved; backward starts from a ones-like
     # gradient of the logits (the transformers model_doc SDPA training benchmarks)
     LOGITS_SUM = "logits-sum"
+    # no loss at all: ``model(input_ids)`` without labels returns the logits only, as reward
+    # scoring and DPO's reference pass run it (--mode eval); nothing to start a backward from
+    NONE = "none"
 
 
 class Precision(_Choice):
@@ -327,6 +330,9 @@ class Setup:
                 f"fsdp1-shard-grad-op")
         if not self.training and self.sharding not in (Sharding.NONE,):
             raise ValueError(f"sharding applies to training; {self.mode} runs on one device here")
+        if self.loss is Loss.NONE and self.training:
+            raise ValueError(f"--loss none computes no loss, so --mode {self.mode} has no backward to run; use it "
+                             f"with --mode eval (a scoring forward, logits only)")
         if self.optimizer is Optimizer.NONE and self.optimizer_impl is not OptimizerImpl.AUTO:
             raise ValueError("--optimizer none runs no optimizer: leave --optimizer-impl auto")
         if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:

@@ -197,8 +197,11 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure, held: dict |
 
 def _loss_inputs(ids, setup: Setup) -> dict:
     """The forward's inputs: labels for transformers' causal-LM loss; none for
-    ``loss = logits.sum()`` (the model then computes no loss)."""
-    return {"input_ids": ids} if setup.loss is Loss.LOGITS_SUM else {"input_ids": ids, "labels": ids}
+    ``loss = logits.sum()`` and for a scoring forward (--loss none): the model then computes
+    no loss."""
+    if setup.loss in (Loss.LOGITS_SUM, Loss.NONE):
+        return {"input_ids": ids}
+    return {"input_ids": ids, "labels": ids}
 
 
 def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
@@ -254,7 +257,8 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
 
 
 def _eval_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
-    """``model(input_ids, labels=input_ids)`` under no_grad: full logits and the loss."""
+    """``model(input_ids, labels=input_ids)`` under no_grad: full logits and the loss; without
+    labels (--loss none, a scoring forward) the logits only."""
     model, device = built.forward, built.device
     hooks = _tag_head(built.inner.get_output_embeddings(), tracker)
     ids = synthetic_batch(spec, setup, device)
