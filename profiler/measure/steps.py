@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Device, Loop, Loss, Mode, Setup
+from estimator.setup import Device, Loop, Loss, Mode, Setup, Trainer
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
@@ -209,7 +209,10 @@ def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTrac
     """The first step (optimizer state, cuBLAS handles, DDP's buckets are made in it),
     measured on ``first``, then ``steps`` steady-state steps on ``meter``; training, an
     evaluation forward or generation by the setup's mode."""
-    if setup.training:
+    if setup.trainer is Trainer.SFT:  # the real trl.SFTTrainer drives the steps
+        from profiler.measure.trl_steps import sft_train_steps
+        sft_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
+    elif setup.training:
         _train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.mode is Mode.EVAL:
         _eval_steps(built, spec, setup, steps, tracker, meter, timings, first)
