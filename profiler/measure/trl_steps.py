@@ -22,8 +22,6 @@ import contextlib
 import tempfile
 import time
 
-import torch
-
 from estimator.categories import Category, Phase
 from estimator.setup import Loss, Precision, Setup
 from estimator.versions import installed_versions, parse_version
