@@ -19,7 +19,9 @@ from .setup import (
     Quant,
     Setup,
     Sharding,
+    Trainer,
 )
+from .trainers import trainer_defaults
 from .versions import parse_overrides
 
 
@@ -69,7 +71,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", default="1", help="micro-batch size per device (default 1)")
     g.add_argument("--seq", default="512", help="sequence length in tokens (default 512)")
     g.add_argument("--new-tokens", default=None, help="inference: tokens decoded after the prompt (default 0)")
-    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per decoder layer (training)")
+    g.add_argument("--grad-ckpt", action="store_true", default=None,
+                   help="gradient checkpointing per decoder layer (training; --trainer sft: on by default)")
+    g.add_argument("--no-grad-ckpt", action="store_false", dest="grad_ckpt",
+                   help="no gradient checkpointing (what --trainer sft turns on by default)")
     g.add_argument("--attn", default="sdpa", help=f"{choices(Attention)} (default sdpa; flash: CUDA, 16-bit)")
     g.add_argument("--lora-rank", default="16", help="LoRA rank r (default 16)")
     g.add_argument("--lora-alpha", default=None, help="LoRA alpha (default 2r)")
@@ -83,8 +88,14 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
     g.add_argument("--keep-grads", action="store_true", help="zero_grad(set_to_none=False): gradients stay")
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
-    g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
-                                                       f"(no fp32 upcast, no log-softmax; default causal-lm)")
+    g.add_argument("--loss", default=None, help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
+                                                f"(no fp32 upcast, no log-softmax); none (--mode eval) a forward "
+                                                f"without labels, logits only; chunked-nll TRL's fused LM head "
+                                                f"(--trainer sft) (default causal-lm; --trainer sft: chunked-nll "
+                                                f"from trl 1.7)")
+    g.add_argument("--trainer", default="hf", help=f"{choices(Trainer)}: sft is TRL's SFTTrainer with its "
+                                                   f"defaults (loss, checkpointing) for the assumed trl version "
+                                                   f"(default hf: transformers.Trainer or the --loop)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -128,17 +139,23 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
     that contradict each other (:func:`check_flags`). ``device`` overrides ``--device``
     where the command decides it (``profile --backend cpu`` runs CPU semantics). Flags that
     do not apply to the mode (:func:`flag_warnings`) are left out of the Setup."""
+    versions = parse_overrides(getattr(args, "versions", "") or "")
+    trainer = getattr(args, "trainer", "hf") or "hf"
+    defaults = trainer_defaults(trainer, tuple(sorted(versions.items())))
+    loss = getattr(args, "loss", None)
+    grad_ckpt = args.grad_ckpt
     setup = Setup(
         mode=args.mode, precision=args.precision, quant=args.quant, optimizer=args.optimizer or "adamw",
         optimizer_impl=args.optimizer_impl or "auto", batch=_int("batch", args.batch), seq=_int("seq", args.seq),
-        new_tokens=_int("new-tokens", args.new_tokens or 0), grad_ckpt=bool(args.grad_ckpt), attn=args.attn,
+        new_tokens=_int("new-tokens", args.new_tokens or 0),
+        grad_ckpt=bool(defaults.get("grad_ckpt", False) if grad_ckpt is None else grad_ckpt), attn=args.attn,
         lora_rank=_int("lora-rank", args.lora_rank),
         lora_alpha=None if args.lora_alpha is None else _int("lora-alpha", args.lora_alpha),
         lora_targets=args.lora_targets, device=device or args.device,
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
-        use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
-        versions=parse_overrides(getattr(args, "versions", "") or ""),
+        use_cache=bool(args.use_cache), loss=loss or defaults.get("loss", "causal-lm"), trainer=trainer,
+        versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",
         empty_cache_steps=_int("empty-cache-steps", getattr(args, "empty_cache_steps", 0) or 0),

@@ -639,7 +639,8 @@ def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
 def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
                  phase: _Phases) -> dict[Phase, dict[Category, int]]:
     """One forward under no_grad with full logits and the loss (``model(ids, labels=ids)``
-    in an evaluation, perplexity or reward-scoring loop): its peak is inside a layer (the
+    in an evaluation or perplexity loop; ``model(ids)``, logits only, with --loss none, as
+    reward scoring and DPO's reference pass run it): its peak is inside a layer (the
     prefill's working set, with the KV cache when the model builds one) or at the loss,
     where the logits, their fp32 copy (transformers ForCausalLMLoss: ``logits.float()``,
     none when they are fp32) and cross_entropy's fp32 log-softmax coexist."""
@@ -647,7 +648,11 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     T, V, p = setup.batch * setup.seq, spec.vocab_size, setup.precision.compute_bytes
     cache = kv_cache_bytes(spec, setup, setup.seq) if setup.use_cache else 0
     loss = (p + (0 if p == FP32 else FP32) + FP32 + (p if spec.logit_softcap else 0)) * T * V
-    if setup.loss is Loss.LOGITS_SUM:  # logits.sum(): the logits (and soft-capping's tanh) only
+    if setup.loss in (Loss.LOGITS_SUM, Loss.NONE):
+        # logits.sum(), or no labels (a scoring forward, --loss none): the model's forward makes
+        # no loss, only the logits in the compute dtype (and soft-capping's tanh); transformers 5's
+        # LlamaForCausalLM.forward upcasts nothing without labels (``self.loss_function`` runs only
+        # ``if labels is not None``, models/llama/modeling_llama.py:474, 5.24)
         loss = (p + (p if spec.logit_softcap else 0)) * T * V
     elif setup.semantics.loss_copies_shifted_logits:  # transformers < 4.49: see logits.logits_bytes
         loss += FP32 * (2 * setup.batch * (setup.seq - 1) - T) * V

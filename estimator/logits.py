@@ -3,8 +3,75 @@ from __future__ import annotations
 
 from .archs import traits
 from .modelspec import ModelSpec
-from .setup import Device, Loss, Setup
+from .setup import Device, Loss, Mode, Setup
 from .units import FP32
+
+#: trl 1.16.0 trl/kernels/chunked_logprob.py:30 TOKEN_CHUNK_SIZE: tokens per projection tile
+TRL_TOKEN_CHUNK = 4096
+#: trl 1.16.0 trl/trainer/utils.py:1506 _CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns per tile
+#: (the width of the tile buffer, whatever the vocabulary)
+TRL_VOCAB_CHUNK = 32768
+#: fp32 (N,) running statistics the forward keeps (chunked_logprob.py:340-346: running_max,
+#: sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target, target_logit)
+TRL_STAT_VECTORS = 7
+#: Bytes per tile element alive at the worst moment of the torch fold, on devices without Triton
+#: (trl 1.16.0 chunked_logprob.py). Forward, ``_forward_tile`` (:211-254) at ``e = torch.exp(z -
+#: m)``: z (fp32), the bool ``before_target`` (is_top1, kept to the end of the function), z - m
+#: and e (fp32): 4 + 1 + 4 + 4; its entropy term ``(e * z)`` holds the same 13 (z, e, e*z, the
+#: bool). Backward, ``_backward_tile`` (:257-296) inside ``grad += grad_logprobs.unsqueeze(-1)
+#: * (is_target.float() - p)``: y, z, log_p, p, grad (fp32, 20), the bool is_target (1), and two
+#: fp32 temporaries at a time (is_target.float() and the difference, freed before the product
+#: is made beside the difference: 8). Both counted op by op under the tracker (trl 1.16.0, torch 2.13).
+TRL_FORWARD_TILE_BYTES = 13
+TRL_BACKWARD_TILE_BYTES = 29
+
+
+def chunked_nll_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
+    """What TRL's fused LM head allocates (``--loss chunked-nll``; trl 1.16.0
+    trl/trainer/utils.py:1548 ``add_fused_lm_head``, trl/kernels/chunked_logprob.py:299
+    ``ChunkedLogProbFunction``), at its worst moment in forward and in backward. It never
+    makes the (b, s, V) logits: the final hidden states of every position but the last
+    (N = b (s - 1) rows) go through ``hidden @ weight[v0:v1].T`` tile by tile into one
+    [min(N, 4096) x 32768] buffer in the compute dtype (``mm_buf``, :347 and :417), folded
+    into online-logsumexp statistics; the backward recomputes each tile, turns it into the
+    logits' gradient in place and accumulates the hidden's and the weight's gradients in fp32
+    (``torch.zeros(..., dtype=torch.float32)``, :409-414; the weight's only when it trains:
+    full fine-tuning, not LoRA), cast back to the parameters' dtype on return (:455-457).
+
+    Where Triton runs the fold (CUDA, ``_use_triton``, :48) it allocates nothing beyond the
+    buffer, and the forward first gathers the labelled rows (``hidden_states[mask]``,
+    utils.py:1645: a copy of N x hidden); elsewhere (the cpu device) the torch fold's
+    per-element temporaries are the largest term (TRL_FORWARD_TILE_BYTES, ..._BACKWARD_...),
+    and ``reshape(-1, hidden)`` of the shifted hidden states copies them for more than one
+    sequence (a (b, s - 1, h) slice of (b, s, h) is no view of N rows). Cited, and measured on
+    the cpu device (tests/test_trl.py); the Triton path is cited, not measured."""
+    # the head's weight trains in full fine-tuning (trl refuses an adapter on lm_head: sft_trainer.py:1067-1072)
+    return fused_head_bytes(rows=setup.batch * (setup.seq - 1), vocab=spec.vocab_size,
+                            hidden=spec.embed_dim or spec.hidden_size, compute_bytes=setup.precision.compute_bytes,
+                            head_trains=setup.mode is Mode.FULL, triton=setup.device is Device.CUDA,
+                            copies_rows=setup.batch > 1, autocast=setup.precision.is_autocast)
+
+
+def fused_head_bytes(rows: int, vocab: int, hidden: int, compute_bytes: int, head_trains: bool, triton: bool,
+                     copies_rows: bool, autocast: bool = False) -> dict[str, int]:
+    """:func:`chunked_nll_bytes` for N = ``rows`` labelled positions: the bytes
+    ``ChunkedLogProbFunction`` holds at its worst moment in forward and in backward, beyond
+    its inputs (the hidden states and the head's weight)."""
+    p, h, V, N = compute_bytes, hidden, vocab, rows
+    n, w = min(N, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
+    buf = n * TRL_VOCAB_CHUNK * p
+    stats = TRL_STAT_VECTORS * FP32 * N
+    head = V * h if head_trains else 0
+    # the gradients' casts back to the parameters' dtype (``grad_hidden.to(hidden.dtype)``, :455-457),
+    # made while the fp32 accumulators and the buffer still exist
+    casts = p * (N * h + head) if p != FP32 and not autocast else 0
+    grads = FP32 * (N * h + head)
+    if triton:
+        copy = p * N * h  # hidden_states[mask]: every labelled row (all of them here)
+        return {"forward": buf + stats + copy, "backward": buf + grads + casts}
+    copy = p * N * h if copies_rows else 0
+    return {"forward": buf + stats + copy + TRL_FORWARD_TILE_BYTES * n * w,
+            "backward": buf + grads + max(TRL_BACKWARD_TILE_BYTES * n * w, casts)}
 
 
 def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
@@ -23,6 +90,8 @@ def logits_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     # Gemma 2's final soft-capping (modeling_gemma2.py: logits / cap, tanh, * cap): tanh saves
     # its output, a second logits-sized tensor until its backward
     softcap = p if spec.logit_softcap else 0
+    if setup.loss is Loss.CHUNKED_NLL:
+        return chunked_nll_bytes(spec, setup)
     if setup.loss is Loss.LOGITS_SUM:
         # loss = logits.sum(): nothing upcast, nothing saved (SumBackward keeps the sizes). Its
         # backward returns grad.expand(sizes), a stride-0 view of one scalar, which the LM

@@ -37,7 +37,7 @@ class _Choice(str, Enum):
 
 class Mode(_Choice):
     INFERENCE = "inference"  # generate: a prefill with logits_to_keep=1, then decode steps
-    EVAL = "eval"  # one forward under no_grad with full logits and the loss (perplexity, scoring)
+    EVAL = "eval"  # one forward under no_grad with full logits and the loss (perplexity), or none (--loss none)
     FULL = "full"  # full training / full fine-tuning: every parameter trainable
     LORA = "lora"
     QLORA = "qlora"
@@ -62,6 +62,24 @@ class Loss(_Choice):
     # loss = out.logits.sum(): no upcast, nothing saved; backward starts from a ones-like
     # gradient of the logits (the transformers model_doc SDPA training benchmarks)
     LOGITS_SUM = "logits-sum"
+    # no loss at all: ``model(input_ids)`` without labels returns the logits only, as reward
+    # scoring and DPO's reference pass run it (--mode eval); nothing to start a backward from
+    NONE = "none"
+    # TRL's SFTTrainer loss (trl >= 1.7's default, estimator/trainers.py): per-token log-probs
+    # from the LM head's weight in [4096 tokens x 32768 vocabulary] tiles, never the full
+    # (b, s, V) logits (trl 1.16.0 trl/trainer/utils.py:1548 add_fused_lm_head,
+    # trl/kernels/chunked_logprob.py:299 ChunkedLogProbFunction); --trainer sft only
+    CHUNKED_NLL = "chunked-nll"
+
+
+class Trainer(_Choice):
+    """Which trainer drives the step (its defaults and its loss path; estimator/trainers.py)."""
+
+    # transformers.Trainer, or the hand-written loop --loop names
+    HF = "hf"
+    # TRL's SFTTrainer: a transformers.Trainer whose compute_loss runs its own loss
+    # (trl 1.16.0 trl/trainer/sft_trainer.py:1560); defaults per trl version (trainers.py)
+    SFT = "sft"
 
 
 class Precision(_Choice):
@@ -278,6 +296,7 @@ class Setup:
     keep_grads: bool = False  # zero_grad(set_to_none=False): zeroed gradients stay allocated
     use_cache: bool = False  # training/eval forward builds a KV cache (model.config.use_cache)
     loss: Loss = Loss.CAUSAL_LM
+    trainer: Trainer = Trainer.HF
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -307,7 +326,7 @@ class Setup:
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
                            ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
-                           ("loss", Loss), ("load", Load)):
+                           ("loss", Loss), ("load", Load), ("trainer", Trainer)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
@@ -356,6 +375,25 @@ class Setup:
                 f"fsdp1-shard-grad-op")
         if not self.training and self.sharding not in (Sharding.NONE,):
             raise ValueError(f"sharding applies to training; {self.mode} runs on one device here")
+        if self.loss is Loss.NONE and self.training:
+            raise ValueError(f"--loss none computes no loss, so --mode {self.mode} has no backward to run; use it "
+                             f"with --mode eval (a scoring forward, logits only)")
+        if self.loss is Loss.CHUNKED_NLL and self.trainer is not Trainer.SFT:
+            raise ValueError("--loss chunked-nll is TRL's fused LM head, which SFTTrainer installs: pass --trainer sft")
+        if self.trainer is Trainer.SFT:
+            if not self.training:
+                raise ValueError(f"--trainer sft trains; --mode {self.mode} runs no SFTTrainer step (use --mode full, "
+                                 f"lora or qlora)")
+            if self.loss not in (Loss.CHUNKED_NLL, Loss.CAUSAL_LM):
+                raise ValueError(f"--trainer sft computes its own loss: --loss chunked-nll (trl >= 1.7) or causal-lm "
+                                 f"(trl < 1.7), not {self.loss}")
+            if self.loop is not Loop.TRAINER:
+                raise ValueError(f"--trainer sft runs the Trainer's own loop; --loop {self.loop} is a hand-written "
+                                 f"one (leave --loop trainer)")
+            if self.loss is Loss.CHUNKED_NLL and self.sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1,
+                                                                   Sharding.FSDP1_GRAD_OP):
+                raise ValueError(f"--loss chunked-nll under --sharding {self.sharding} (the LM head gathered for "
+                                 f"the tiles) is not modelled yet; use --sharding ddp, zero1 or zero2")
         if self.optimizer is Optimizer.NONE and self.optimizer_impl is not OptimizerImpl.AUTO:
             raise ValueError("--optimizer none runs no optimizer: leave --optimizer-impl auto")
         if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
@@ -475,6 +513,8 @@ class Setup:
             del out["load"]  # the default: records keep their case keys
         if not self.rope_scaling:
             del out["rope_scaling"]  # the default: records keep their case keys
+        if self.trainer is Trainer.HF:
+            del out["trainer"]  # the default: records keep their case keys
         return out
 
     @classmethod

@@ -19,7 +19,7 @@ from functools import cached_property, lru_cache
 from importlib import metadata
 
 #: The libraries whose versions move memory, as pip names them.
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl")
 
 _VERSION = re.compile(r"^\d+(\.\d+){0,3}")
 
@@ -148,12 +148,30 @@ class Semantics:
         for-loop's temporaries two tensors of the largest parameter (estimator/optimizer.py)."""
         return self.at_least("torch", "2.0")
 
+    @cached_property
+    def sft_loss_chunked(self) -> bool:
+        """trl >= 1.7: SFTConfig's ``loss_type`` defaults to ``"chunked_nll"`` (1.7.0
+        trl/trainer/sft_config.py:335-336; 1.6.0 sft_config.py:297-308 set ``"nll"``, the
+        model's own causal-LM loss); from 1.16 ``"chunked_nll"`` is an alias of ``"nll"``,
+        which runs the fused LM head always (1.16.0 sft_config.py:314-321, sft_trainer.py:1144
+        ``add_fused_lm_head``). Absent trl: the installed-release default, chunked."""
+        return self.at_least("trl", "1.7")
+
+    @cached_property
+    def sft_grad_ckpt_default(self) -> bool:
+        """trl >= 0.22: SFTConfig's ``gradient_checkpointing`` defaults to True (0.22.0
+        trl/trainer/sft_config.py:111-112; 1.16.0 trl/trainer/base_config.py:62, for every TRL
+        trainer); 0.21 kept TrainingArguments' False."""
+        return self.at_least("trl", "0.22")
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
                 "sdpa_repeats_kv": self.sdpa_repeats_kv,
                 "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous,
                 "moe_experts_fused": self.moe_experts_fused,
-                "optimizer_foreach_default": self.optimizer_foreach_default}
+                "optimizer_foreach_default": self.optimizer_foreach_default,
+                "sft_loss_chunked": self.sft_loss_chunked,
+                "sft_grad_ckpt_default": self.sft_grad_ckpt_default}
         # what the versions change in one architecture is a trait of its family
         # (estimator/archs/<family>.py switches; archs.traits)

@@ -113,6 +113,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "keep_grads": lambda v: "keep-grads" if v else "no-keep-grads",
     "use_cache": lambda v: "use-cache" if v else "no-cache",
     "loss": lambda v: str(v),
+    "trainer": lambda v: f"{v}-trainer",
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
     "alloc_conf": lambda v: str(v),

@@ -27,6 +27,7 @@ KNOBS = {
     "grad_accum": dict(grad_accum=2),
     "keep_grads": dict(keep_grads=True),
     "eval": dict(mode="eval"),
+    "eval_no_loss": dict(mode="eval", loss="none"),
     "use_cache": dict(use_cache=True),
 }
 
@@ -114,6 +115,25 @@ def test_eval_with_cache_adds_the_whole_cache(gpt2):
     assert grown == kv_cache_bytes(gpt2, Setup(**kw, use_cache=True), SEQ)
 
 
+def test_a_scoring_forward_without_labels_keeps_the_logits_only(gpt2):
+    # --loss none: model(ids) without labels: the (b, s, V) logits in the compute dtype, no fp32
+    # copy, no log-softmax (measured against the sim and real CPU steps below)
+    setup = Setup(mode="eval", precision="bf16", batch=2, seq=SEQ, loss="none")
+    est, scored = estimate(gpt2, setup), estimate(gpt2, setup.replace(loss="causal-lm"))
+    logits = setup.batch * setup.seq * gpt2.vocab_size * 2
+    assert est.phases[Phase.FORWARD][Category.LOGITS] == logits
+    assert scored.phases[Phase.FORWARD][Category.LOGITS] == 5 * logits  # + fp32 copy + fp32 log-softmax
+    assert Setup.from_dict(setup.to_dict()) == setup and setup.to_dict()["loss"] == "none"
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_loss_none_is_refused_in_training(mode, cli):
+    with pytest.raises(ValueError, match="--loss none computes no loss"):
+        Setup(mode=mode, loss="none")
+    out = cli("estimate", "gpt2", "--mode", mode, "--loss", "none")
+    assert out.code == 2 and out.err.count("\n") == 1 and "--mode eval" in out.err, out.err
+
+
 def test_flags_parse_the_same_everywhere(cli):
     out = cli("estimate", "gpt2", "--loop", "manual", "--grad-accum", "2", "--keep-grads", "--use-cache", "--json")
     assert out.code == 0, out.err
@@ -131,7 +151,7 @@ def test_flags_parse_the_same_everywhere(cli):
 CPU_SEQ = 256
 CPU_CASES = [
     ("gpt2", "manual"), ("opt-125m", "grad_accum"), ("smollm2-135m", "keep_grads"),
-    ("smollm2-135m", "eval"), ("gpt2", "use_cache"),
+    ("smollm2-135m", "eval"), ("gpt2", "use_cache"), ("gpt2", "eval_no_loss"),
 ]
 
 

@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 
 from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
-from estimator.setup import Device, Loop, Mode, Optimizer, OptimizerImpl, Precision, Setup
+from estimator.setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Setup, Trainer
 from estimator.units import GiB
 from profiler.measure.run import device_info, prediction
 from profiler.measure.steps import Meter, classify_failure, summarise
@@ -380,8 +380,26 @@ def setup_from_trainer(model: Any, args: Any, seq: int, backend: str) -> Setup:
     attn = {"flash_attention_2": "flash"}.get(getattr(config, "_attn_implementation", "sdpa"),
                                               getattr(config, "_attn_implementation", "sdpa"))
     ckpt = bool(args.gradient_checkpointing)
+    kw.update(_sft_fields(args))
     return Setup(precision=precision, optimizer=optimizer, optimizer_impl=impl,
                  batch=int(args.per_device_train_batch_size), seq=seq, grad_ckpt=ckpt, attn=attn,
                  device=Device.CUDA if backend == "cuda" else Device.CPU,
                  grad_accum=int(args.gradient_accumulation_steps), loop=Loop.TRAINER,
                  use_cache=bool(getattr(config, "use_cache", False)) and not ckpt, **kw)
+
+
+def _sft_fields(args: Any) -> dict:
+    """A TRL ``SFTConfig``'s trainer and loss path (``{}`` for plain ``TrainingArguments``, or
+    without trl): trl >= 1.7 computes every ``"nll"`` / ``"dft"`` loss with its fused LM head
+    (trl 1.16.0 sft_trainer.py:1611; ``estimator/trainers.py``), earlier releases only with
+    ``loss_type="chunked_nll"``. A ``compute_loss_func`` or label smoothing (the full logits
+    again, sft_trainer.py:1592-1609) is not visible here and not modelled."""
+    try:
+        from trl import SFTConfig
+    except ImportError:
+        return {}
+    if not isinstance(args, SFTConfig):
+        return {}
+    from estimator.versions import semantics_for
+    chunked = semantics_for(()).sft_loss_chunked or getattr(args, "loss_type", "") == "chunked_nll"
+    return dict(trainer=Trainer.SFT, loss=Loss.CHUNKED_NLL if chunked else Loss.CAUSAL_LM)

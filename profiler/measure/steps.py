@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from estimator.categories import Category, Phase
-from estimator.setup import Device, Loop, Loss, Mode, Setup
+from estimator.setup import Device, Loop, Loss, Mode, Setup, Trainer
 from profiler.measure.build import SetupUnavailable, autocast_context, build_optimizer, synthetic_batch
 from profiler.measure.compat import keep_last_logits
 from profiler.measure.nvml import NvmlSampler
@@ -197,8 +197,11 @@ def train_step(model, opt, ids, setup: Setup, device: str, measure, held: dict |
 
 def _loss_inputs(ids, setup: Setup) -> dict:
     """The forward's inputs: labels for transformers' causal-LM loss; none for
-    ``loss = logits.sum()`` (the model then computes no loss)."""
-    return {"input_ids": ids} if setup.loss is Loss.LOGITS_SUM else {"input_ids": ids, "labels": ids}
+    ``loss = logits.sum()`` and for a scoring forward (--loss none): the model then computes
+    no loss."""
+    if setup.loss in (Loss.LOGITS_SUM, Loss.NONE):
+        return {"input_ids": ids}
+    return {"input_ids": ids, "labels": ids}
 
 
 def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTracker, meter: Meter,
@@ -206,7 +209,10 @@ def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTrac
     """The first step (optimizer state, cuBLAS handles, DDP's buckets are made in it),
     measured on ``first``, then ``steps`` steady-state steps on ``meter``; training, an
     evaluation forward or generation by the setup's mode."""
-    if setup.training:
+    if setup.trainer is Trainer.SFT:  # the real trl.SFTTrainer drives the steps
+        from profiler.measure.trl_steps import sft_train_steps
+        sft_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
+    elif setup.training:
         _train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.mode is Mode.EVAL:
         _eval_steps(built, spec, setup, steps, tracker, meter, timings, first)
@@ -254,7 +260,8 @@ def _train_steps(built: Model, spec, setup, steps, tracker, meter, timings, firs
 
 
 def _eval_steps(built: Model, spec, setup, steps, tracker, meter, timings, first) -> None:
-    """``model(input_ids, labels=input_ids)`` under no_grad: full logits and the loss."""
+    """``model(input_ids, labels=input_ids)`` under no_grad: full logits and the loss; without
+    labels (--loss none, a scoring forward) the logits only."""
     model, device = built.forward, built.device
     hooks = _tag_head(built.inner.get_output_embeddings(), tracker)
     ids = synthetic_batch(spec, setup, device)

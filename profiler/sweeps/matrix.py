@@ -17,6 +17,7 @@ from pathlib import Path
 
 from estimator.files import read_document
 from estimator.setup import Setup
+from estimator.trainers import trainer_defaults
 
 #: The most cases a matrix may expand to unless told otherwise (``--max-cases``): the
 #: largest committed matrix holds 80 (benchmarks/gpu-standard.toml), and a sweep pays
@@ -76,6 +77,10 @@ def load_matrix(path: str | Path, max_cases: int = MAX_CASES) -> list[tuple[str,
             model = str(case.pop("model"))
             steps = int(case.pop("steps", 2))
             try:
+                # a trainer's defaults for what the case leaves out (--trainer sft: loss, checkpointing;
+                # estimator/trainers.py), as the command line takes them
+                versions = Setup(versions=case.get("versions", ())).versions
+                case = {**trainer_defaults(case.get("trainer", "hf"), versions), **case}
                 setup = Setup(**case)
             except (ValueError, TypeError) as exc:
                 raise MatrixError(f"matrix {path}, case table {i} ({model}, {case}): {exc}") from None

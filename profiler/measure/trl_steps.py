@@ -1,0 +1,166 @@
+"""The real TRL ``SFTTrainer`` driving the measured steps (``--trainer sft``).
+
+The model the harness built (random weights, LoRA applied by peft, checkpointing on) goes
+to ``trl.SFTTrainer`` with a tiny in-memory ``datasets.Dataset`` of the setup's synthetic
+token ids (already tokenized: nothing downloaded, no chat template) and a tokenizer built in
+code that knows only its pad and eos tokens. ``trainer.train()`` runs ``1 + steps`` optimizer
+steps; the phases are cut where the Trainer's own loop passes
+(transformers 5.24 trainer.py:1902-1957, ``training_step`` :2051-2126):
+
+- forward: ``SFTTrainer.compute_loss`` (its fused LM head, trl 1.16.0 sft_trainer.py:1560);
+- backward: ``accelerator.backward(loss)``;
+- optimizer: ``on_pre_optimizer_step`` .. ``on_optimizer_step`` (``optimizer.step()``);
+- zero_grad: ``on_optimizer_step`` .. ``on_step_end`` (the scheduler and ``model.zero_grad()``).
+
+Gradient clipping (``max_grad_norm=1.0``, between backward and ``on_pre_optimizer_step``)
+falls between two phases and is in neither. The optimizer is the harness's own
+(``optimizers=(opt, None)``), so its implementation is the setup's.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+
+from estimator.categories import Category, Phase
+from estimator.setup import Loss, Precision, Setup
+from estimator.versions import installed_versions, parse_version
+from profiler.measure.build import SetupUnavailable, build_optimizer, synthetic_batch
+
+
+def _require_trl(setup: Setup):
+    try:
+        import datasets  # noqa: F401
+        import trl
+    except ImportError:
+        raise SetupUnavailable("--trainer sft runs TRL's SFTTrainer, and trl is not installed: "
+                               "pip install -e '.[trl]' (every other setup still runs)") from None
+    have = installed_versions().get("trl", trl.__version__)
+    if setup.loss is Loss.CAUSAL_LM and parse_version(have) >= (1, 7, 0):
+        # trl >= 1.7 runs the fused LM head for every "nll" loss (sft_trainer.py:1611)
+        raise SetupUnavailable(f"--trainer sft --loss causal-lm is trl < 1.7's loss; the installed trl {have} "
+                               f"computes SFT's loss with its fused LM head (--loss chunked-nll)")
+    return trl
+
+
+#: The SFTConfig flags that give each precision recipe on a model already built in its dtype
+#: (setup.Precision.comes_from): pure recipes run without autocast, amp-* with it over fp32 weights
+_PRECISION_FLAGS = {Precision.FP32: dict(bf16=False, fp16=False), Precision.BF16: dict(bf16=False, fp16=False),
+                    Precision.FP16: dict(bf16=False, fp16=False), Precision.AMP_BF16: dict(bf16=True, fp16=False)}
+
+
+def _tokenizer():
+    """A tokenizer that knows only <pad> and <eos>: the dataset is tokenized already, and the
+    collator only reads the pad token's id."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(WordLevel({"<pad>": 0, "<eos>": 1}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@contextlib.contextmanager
+def _tag_fused_head(tracker):
+    """What TRL's fused LM head allocates is logits, in forward and in backward (its
+    ``ChunkedLogProbFunction``, trl 1.16.0 trl/kernels/chunked_logprob.py:299); after its
+    backward returns, backward's allocations are temporaries. Patched on the class and
+    restored on exit."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction as F
+    forward, backward = F.__dict__["forward"], F.__dict__["backward"]
+
+    def tagged_forward(ctx, *args, **kwargs):
+        previous, tracker.default_category = tracker.default_category, Category.LOGITS
+        try:
+            return forward.__func__(ctx, *args, **kwargs)
+        finally:
+            tracker.default_category = previous
+
+    def tagged_backward(ctx, *args):
+        tracker.default_category = Category.LOGITS
+        try:
+            return backward.__func__(ctx, *args)
+        finally:
+            tracker.default_category = Category.TEMPORARIES
+
+    F.forward, F.backward = staticmethod(tagged_forward), staticmethod(tagged_backward)
+    try:
+        yield
+    finally:
+        F.forward, F.backward = forward, backward
+
+
+def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
+    """``1 + steps`` optimizer steps of the real ``SFTTrainer``: the first on ``first``, the rest on
+    ``meter``, cut into the harness's phases (module docstring)."""
+    from profiler.measure.steps import recomputation_as_activations
+    trl = _require_trl(setup)
+    import datasets
+    from transformers import TrainerCallback
+
+    if setup.precision not in _PRECISION_FLAGS:
+        raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
+    inner, device = built.inner, built.device
+    if device.split(":")[0] not in ("cpu", "cuda") or getattr(built, "contexts", None):
+        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends (the sim does not drive a "
+                               "Trainer under fake tensors yet)")
+    opt = build_optimizer(inner, setup)
+    if opt is None:
+        raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
+    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
+    tracker.watch_optimizer(opt)
+    ids = synthetic_batch(spec, setup, device).cpu()
+    rows = ids.tolist() * (setup.grad_accum * (steps + 1))
+    data = datasets.Dataset.from_dict({"input_ids": rows})
+    state = {"step": 0, "t0": 0.0}
+
+    def current():
+        return meter if state["step"] else first
+
+    class Phases(TrainerCallback):
+        def on_step_begin(self, args, st, control, **kwargs):
+            state["step"] = st.global_step
+            if built.before_step is not None:
+                built.before_step(st.global_step)
+            if st.global_step:
+                tracker.mark("empty_cache")
+            state["t0"] = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, st, control, **kwargs):
+            current().begin(Phase.OPTIMIZER, Category.TEMPORARIES)
+
+        def on_optimizer_step(self, args, st, control, **kwargs):
+            current().end()
+            current().begin(Phase.ZERO_GRAD, Category.TEMPORARIES)
+
+        def on_step_end(self, args, st, control, **kwargs):
+            current().end()
+            seconds = round(time.perf_counter() - state["t0"], 6)
+            (timings.step_s if state["step"] else timings.warmup_s).append(seconds)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.SFTConfig(
+            output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
+            gradient_accumulation_steps=setup.grad_accum, gradient_checkpointing=setup.grad_ckpt,
+            max_length=setup.seq, packing=False, use_cpu=device == "cpu", report_to=[], save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+            **_PRECISION_FLAGS[setup.precision])
+        trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
+                                 processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[Phases()])
+        compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
+
+        def measured_loss(*args, **kwargs):
+            with current()(Phase.FORWARD, Category.ACTIVATIONS):
+                return compute_loss(*args, **kwargs)
+
+        def measured_backward(*args, **kwargs):
+            recompute = recomputation_as_activations(tracker) if setup.grad_ckpt else contextlib.nullcontext()
+            with current()(Phase.BACKWARD, Category.LOGITS), recompute:
+                return backward(*args, **kwargs)
+
+        trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
+        try:
+            with _tag_fused_head(tracker):
+                trainer.train()
+        finally:
+            tracker.remove_hooks()
+            del trainer
