@@ -8,6 +8,7 @@ from .setup import (
     DEFAULT_LORA_TARGETS,
     Attention,
     Device,
+    KbitPrep,
     Loop,
     Loss,
     Mode,
@@ -60,6 +61,11 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16: pure bf16; each "
                                                        f"recipe below, under 'precision recipes')")
     g.add_argument("--quant", default="none", help=f"{choices(Quant)} (inference, qlora)")
+    g.add_argument("--kbit-prep", default="auto", help=f"{choices(KbitPrep)}: qlora's preparation; peft is "
+                                                       f"peft's prepare_model_for_kbit_training (unquantized "
+                                                       f"parameters, the stream and the logits fp32), none keeps "
+                                                       f"the loaded dtypes (default auto: peft on one device, "
+                                                       f"none under FSDP and ZeRO-3, as TRL)")
     g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; none: forward and "
                                                       f"backward only, gradients freed before the next; training only)")
     g.add_argument("--optimizer-impl", default=None,
@@ -116,7 +122,8 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
         versions=parse_overrides(getattr(args, "versions", "") or ""),
-        allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)))
+        allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
+        kbit_prep=getattr(args, "kbit_prep", "auto") or "auto")
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored
         setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)

@@ -348,7 +348,8 @@ _OPTIMIZERS = {"adamw_torch_fused": (Optimizer.ADAMW, OptimizerImpl.FUSED),
                "sgd": (Optimizer.SGD, OptimizerImpl.AUTO),
                "adafactor": (Optimizer.ADAFACTOR, OptimizerImpl.AUTO),
                "adamw_bnb_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO),
-               "adamw_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO)}
+               "adamw_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO),
+               "paged_adamw_8bit": (Optimizer.PAGED_ADAMW_8BIT, OptimizerImpl.AUTO)}
 
 
 def setup_from_trainer(model: Any, args: Any, seq: int, backend: str) -> Setup:
