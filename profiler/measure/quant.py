@@ -228,17 +228,22 @@ VISIBLE_KERNELS = {
 CUDA_FUSED_MAX_ROWS = 4
 
 
+def uses_bitsandbytes(setup: Setup) -> bool:
+    """Whether a setup runs bitsandbytes: quantized weights or an 8-bit optimizer."""
+    return setup.quant is not Quant.NONE or (setup.training and setup.optimizer.bitsandbytes)
+
+
 @contextlib.contextmanager
-def visible_kernels(device: str) -> Iterator[None]:
+def visible_kernels(setup: Setup, device: str) -> Iterator[None]:
     """While measuring a step with ``device``'s semantics (``"cpu"`` or ``"cuda"``), run the
     bitsandbytes kernels of :data:`VISIBLE_KERNELS` as the Python functions they are, so the
-    tracker sees what they allocate; nothing without bitsandbytes. Restored on exit."""
+    tracker sees what they allocate; nothing for a setup that runs no bitsandbytes (which is
+    then not imported). Restored on exit."""
     import importlib
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    if not uses_bitsandbytes(setup):
         yield
         return
+    require_bitsandbytes(f"{setup.quant if setup.quant is not Quant.NONE else setup.optimizer}")
     patched = []
     for (op, dev), (module, name) in VISIBLE_KERNELS.items():
         if dev != device:
