@@ -30,7 +30,7 @@ from .params import (
     quant_state_bytes,
     quantized_params,
 )
-from .setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from .setup import Device, KbitPrep, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
@@ -178,6 +178,9 @@ def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
     q_elems, q_rows, q_bias = quantized_params(spec, key.semantics.moe_experts_fused)
     rest = n - q_elems - q_bias
     packed = q_elems if key.quant is Quant.INT8 else q_elems // 2  # int8, or two 4-bit values a byte
+    if key.quant is not Quant.INT8 and key.shards_params and key.resolved_kbit_prep is KbitPrep.PEFT \
+            and key.semantics.kbit_prep_casts_packed_storage and key.precision.compute_bytes == HALF:
+        packed *= 2  # peft < 0.10 casts the 16-bit storage of the packed weights to fp32 (versions.py)
     qbytes = packed + quant_state_bytes(spec, key.quant, key.semantics.moe_experts_fused)
     # the other modules in the loaded dtype, fp32 after peft's preparation (Setup.stream_precision);
     # a 4-bit linear casts its bias to its compute dtype in its first forward (bitsandbytes 0.50.2

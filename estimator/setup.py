@@ -168,7 +168,10 @@ class KbitPrep(_Choice):
     skip the preparation), TRL 1.x's SFTTrainer (1.13.0 trainer/sft_trainer.py:1150-1156
     calls no preparation; it casts the adapters to bf16, which is not modelled here) and
     trainers with their own. AUTO (the default): PEFT for QLoRA on one device or under
-    DDP, ZeRO-1/2; NONE under FSDP and ZeRO-3, as TRL decides."""
+    DDP, ZeRO-1/2; NONE under FSDP and ZeRO-3, as TRL decides. peft's own default also
+    turns on gradient checkpointing (``use_gradient_checkpointing=True`` since peft 0.3); TRL
+    passes ``args.gradient_checkpointing``, here ``--grad-ckpt``. What peft releases cast
+    differently is a version row (estimator/versions.py ``kbit_prep_casts_packed_storage``)."""
 
     AUTO = "auto"
     PEFT = "peft"
@@ -449,8 +452,14 @@ class Setup:
             return KbitPrep.NONE
         if self.kbit_prep is not KbitPrep.AUTO:
             return self.kbit_prep
-        sharded = self.sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
-        return KbitPrep.NONE if sharded else KbitPrep.PEFT
+        return KbitPrep.NONE if self.shards_params else KbitPrep.PEFT
+
+    @property
+    def shards_params(self) -> bool:
+        """Whether the parameters themselves are sharded (ZeRO-3, FSDP1, FSDP2): bitsandbytes'
+        packed 4-bit weights are then stored in the compute dtype (``bnb_4bit_quant_storage``,
+        which FSDP needs to flatten them: bitsandbytes PR #970)."""
+        return self.sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
 
     @property
     def stream_precision(self) -> Precision:

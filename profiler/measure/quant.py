@@ -57,7 +57,7 @@ def bnb_config(setup: Setup):
     compute = getattr(torch, setup.precision.compute_dtype_name)
     if setup.quant is Quant.INT8:
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    storage = compute if setup.sharding.value in ("zero3", "fsdp", "fsdp1", "fsdp1-shard-grad-op") else torch.uint8
+    storage = compute if setup.shards_params else torch.uint8
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="fp4" if setup.quant is Quant.FP4 else "nf4",
         bnb_4bit_use_double_quant=setup.quant is Quant.NF4_DQ, bnb_4bit_compute_dtype=compute,
