@@ -187,7 +187,9 @@ class VramCallback(TrainerCallback):
         self._device = device_info(self.backend)
         tracker = StorageTracker()
         if self.backend == "cpu":
+            from profiler.measure.quant import quant_state_tensors
             tracker.track(model, Category.WEIGHTS)
+            tracker.track(quant_state_tensors(model), Category.WEIGHTS)  # bitsandbytes' state: no parameters
             tracker.watch_grads(model)
             self._tracker = tracker
             self._watch(optimizer)
