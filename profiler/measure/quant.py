@@ -244,22 +244,35 @@ def visible_kernels(setup: Setup, device: str) -> Iterator[None]:
         yield
         return
     require_bitsandbytes(f"{setup.quant if setup.quant is not Quant.NONE else setup.optimizer}")
+    namespace = torch.ops.bitsandbytes
     patched = []
     for (op, dev), (module, name) in VISIBLE_KERNELS.items():
         if dev != device:
             continue
-        packet = getattr(torch.ops.bitsandbytes, op)
-        original = packet.default
+        packet = getattr(namespace, op)
         impl = getattr(importlib.import_module(module), name)
         if op == "gemm_4bit" and device == "cuda":
-            impl = _cuda_gemm_4bit(original, impl)
-        packet.default = impl
-        patched.append((packet, original))
+            impl = _cuda_gemm_4bit(packet.default, impl)
+        # the op's name in bitsandbytes' namespace answers with the kernel itself, called as
+        # ``torch.ops.bitsandbytes.op(...)`` or ``.default(...)``: no dispatch, so the tracker
+        # sees the ops the kernel runs (the dispatcher's own entry for the op is untouched)
+        setattr(namespace, op, _Direct(impl))
+        patched.append((op, packet))
     try:
         yield
     finally:
-        for packet, original in patched:
-            packet.default = original
+        for op, packet in patched:
+            setattr(namespace, op, packet)
+
+
+class _Direct:
+    """An op name that calls a Python kernel directly (``op(...)`` and ``op.default(...)``)."""
+
+    def __init__(self, kernel):
+        self.default = kernel
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
 
 
 def _cuda_gemm_4bit(fused, fallback):
