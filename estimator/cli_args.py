@@ -89,6 +89,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-cache", action="store_true", help="training/eval forward builds a KV cache")
     g.add_argument("--loss", default="causal-lm", help=f"{choices(Loss)}: logits-sum is loss = logits.sum() "
                                                        f"(no fp32 upcast, no log-softmax; default causal-lm)")
+    g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
+                   help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
+                        "(default: the config's rope scaling)")
     g.add_argument("--allow-llama-fallback", action="store_true",
                    help="estimate a model type outside the registry with the Llama-style terms (refused "
                         "otherwise; measure it with `vramlab profile MODEL --backend sim` instead)")
@@ -104,6 +107,16 @@ def _int(name: str, text) -> int:
         return int(str(text).strip())
     except ValueError:
         raise ValueError(f"--{name} must be an integer, got {text!r}") from None
+
+
+def _factor(name: str, text) -> float:
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--{name} must be a number, got {text!r}") from None
+    return value
 
 
 def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setup:
@@ -123,7 +136,8 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         use_cache=bool(args.use_cache), loss=getattr(args, "loss", "causal-lm"),
         versions=parse_overrides(getattr(args, "versions", "") or ""),
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
-        kbit_prep=getattr(args, "kbit_prep", "auto") or "auto")
+        kbit_prep=getattr(args, "kbit_prep", "auto") or "auto",
+        rope_scaling=_factor("rope-scaling", getattr(args, "rope_scaling", None)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored
         setup = setup.replace(grad_ckpt=False, optimizer=Optimizer.ADAMW, optimizer_impl=OptimizerImpl.AUTO)

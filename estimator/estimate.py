@@ -7,6 +7,7 @@ Each phase's resident set is computed separately and the largest is the peak.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
@@ -57,9 +58,20 @@ class Estimate:
     notes: tuple = ()
     overheads_source: str = DEFAULT.source
     calibration_key: str = ""
-    #: the first optimizer step's phases, where they differ from the steady state (optimizer
-    #: state is made in the first ``step()``; kept gradients exist from the first backward)
-    first_step_phases: dict[Phase, dict[Category, int]] | None = None
+    #: builds the first optimizer step's phases (optimizer state is made in the first
+    #: ``step()``; kept gradients exist from the first backward) when asked: most callers
+    #: (fit's scans, the tables) never read them (:attr:`first_step_phases`)
+    first_step: Callable[[], _PhaseMap] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def first_step_phases(self) -> _PhaseMap | None:
+        """The first step's phases where they differ from the steady state, else None."""
+        if "_first" not in self.__dict__:
+            first = self.first_step() if self.first_step is not None else None
+            if first is not None:
+                _check_non_negative(self.model, first)
+            object.__setattr__(self, "_first", None if first == self.phases else first)
+        return self.__dict__["_first"]
 
     @property
     def components(self) -> dict[Category, int]:
@@ -230,9 +242,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
         ('backward', 34.3)
     """
-    if spec.max_positions and setup.seq + setup.new_tokens > spec.max_positions:
-        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s "
-                         f"{spec.max_positions} positions (max_position_embeddings)")
+    limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
+    if limit and setup.seq + setup.new_tokens > limit:
+        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
@@ -258,13 +270,13 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
         phases = _inference_phases(spec, setup, st, k, overheads.constant_bytes, phase)
-    _check_non_negative(spec, phases, first)
+    _check_non_negative(spec.name, phases)
     peak = max(phases, key=lambda ph: sum(phases[ph].values()))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
-                    calibration_key=group, first_step_phases=first)
+                    calibration_key=group, first_step=first)
 
 
 class NoFormula(ValueError):
@@ -278,14 +290,13 @@ class NoFormula(ValueError):
             f"for the Llama-style terms, {FALLBACK_ERROR_RANGE}")
 
 
-def _check_non_negative(spec: ModelSpec, *phase_sets) -> None:
+def _check_non_negative(model: str, phases) -> None:
     """A negative byte count is a bug in a term, never a result: an internal error (exit 1)."""
-    for phases in phase_sets:
-        for ph, comp in (phases or {}).items():
-            for cat, value in comp.items():
-                if value < 0:
-                    raise RuntimeError(f"internal error: the estimate of {spec.name} has {value} bytes of "
-                                       f"{cat.value} in {ph.value}; please report it with the command line")
+    for ph, comp in phases.items():
+        for cat, value in comp.items():
+            if value < 0:
+                raise RuntimeError(f"internal error: the estimate of {model} has {value} bytes of "
+                                   f"{cat.value} in {ph.value}; please report it with the command line")
 
 
 def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:
@@ -321,7 +332,7 @@ def _resident_gradients(setup: Setup, st: _Static, first_step: bool) -> int:
 
 
 def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                     phase: _Phases) -> tuple[_PhaseMap, _PhaseMap | None]:
+                     phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
     """Forward, backward and optimizer step of a training step, each at its peak moment: of
     the steady state, and of the first step where it differs (optimizer state, which
     torch.optim makes in the first ``step()``, does not exist before it; mixed-bf16's master
@@ -375,6 +386,15 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_layer(saved, int(act.layer_bytes * k), recomputed),
                 weights=W, optimizer_state=O_fwd, gradients=R, temporaries=fb_temps)))
+        if setup.grad_ckpt:
+            # inside a checkpointed layer's forward: it saves nothing for backward, but its
+            # working set is there as in a no-grad forward (prefill_transient: at long sequences
+            # eager attention's scores and softmax), beside every earlier layer's input
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
+                activations=saved - int(act.outside.get("final_norm", 0) * k)
+                - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup)),
+                kv_cache=cache + prev_kv, temporaries=fb_temps)))
         if merged_experts:
             # a checkpointed layer's forward still parametrizes its LoRA expert stacks (one layer's
             # worth, freed when its experts module returns: activations.lora_expert_weights)
@@ -443,6 +463,16 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + layer_working_set(spec, setup))))
+        if recomputed and not ranked.gathers:
+            # the last layer's recomputation, first in backward: every layer's input still saved,
+            # the layer's backward working set beside its recomputed activations, the LM head's
+            # gradient made (full training)
+            head_grad = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * \
+                (st.states.gradients // max(st.states.trainable, 1)) if setup.mode is Mode.FULL else 0
+            candidates.append(phase(big + n_states + n_act, **with_extra(
+                ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head_grad,
+                activations=saved + recomputed, logits=held_logits, kv_cache=held_kv,
+                temporaries=recompute_temps + layer_working_set(spec, setup))))
         if recomputed and not ranked.gathers and spec.num_layers > 1:
             # the first layer's recomputation, last in backward: every gradient but the first
             # layer's and the input embedding's exists by then (a layer's are made in its own
@@ -474,8 +504,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     steady = build(False)
     same_first = st.master_weights == O and _resident_gradients(setup, st, True) == _resident_gradients(
         setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
-    first = None if same_first else build(True)
-    return steady, (None if first == steady else first)
+    return steady, None if same_first else (lambda: build(True))
 
 
 def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
@@ -708,11 +737,15 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         # that copy put back in token order ``weighted_out[inv_perm]`` (S, h each)
         mlp = p * spec.experts_per_token * T * max(h + 4 * f, 4 * h)
     a, s = spec.num_heads, setup.seq
-    # eager: the scores and the softmax's output (fp32 where it upcasts; its cast copy replaces
-    # the scores) at once, beside q and the output
-    softmax = p + kernels.eager_softmax_bytes(spec, setup)
+    # eager: while the softmax runs, its input (the masked scores), the input converted to the
+    # softmax's dtype where that is fp32 and the input is not (``softmax(x, dtype=float32)``
+    # converts first: aten/src/ATen/native/SoftMax.cpp ``host_softmax`` on ``input.to(dtype)``)
+    # and its output, beside q and the output (measured on the sim: 10 bytes a score in fp16)
+    softmax = p + kernels.eager_softmax_transient(spec, setup)
     if setup.attn.value == "eager":
-        attn = softmax * a * s * T + 2 * p * spec.q_dim * T
+        # and the (b, 1, s, s) mask transformers builds for eager attention in the compute dtype
+        # (masking_utils.py: eager masks are additive, min_dtype where masked)
+        attn = softmax * a * s * T + 2 * p * spec.q_dim * T + p * s * T
     elif kernels.cuda_sdpa_backend(spec, setup) == "math":
         attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
     else:

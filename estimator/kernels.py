@@ -31,6 +31,13 @@ def eager_softmax_bytes(spec: ModelSpec, setup: Setup) -> int:
     return setup.precision.compute_bytes
 
 
+def eager_softmax_transient(spec: ModelSpec, setup: Setup) -> int:
+    """Bytes per score element the softmax itself holds while it runs: its output and, where
+    that is fp32 and its input is not, the input converted to fp32 first."""
+    out, p = eager_softmax_bytes(spec, setup), setup.precision.compute_bytes
+    return out + (FP32 if out == FP32 and p != FP32 else 0)
+
+
 def eager_softmax_saved(spec: ModelSpec, setup: Setup) -> int:
     """Bytes per score element that eager attention saves from its softmax: the output, and
     where the model upcasts, the cast copy the value matmul saves (none in fp32)."""

@@ -240,6 +240,10 @@ _ALIASES = {"Sharding": {"fsdp2": "fsdp", "fsdp1-full-shard": "fsdp1", "fsdp1-gr
 #: found by the fields a normalised setup keeps.
 _INTERNED: dict = {}
 
+#: The largest rope scaling factor taken: Llama 4 Scout stretches 8192 to 10,485,760 positions
+#: (its config's max_position_embeddings), 1280x; 4096 is 3.2x that.
+MAX_ROPE_SCALING = 4096.0
+
 #: peft's LoRA defaults for Llama-style models
 #: (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj).
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
@@ -306,6 +310,9 @@ class Setup:
     allow_llama_fallback: bool = False
     # --mode qlora: the preparation for k-bit training (KbitPrep; auto: as TRL decides)
     kbit_prep: KbitPrep = KbitPrep.AUTO
+    # a rope scaling factor over the config's (linear / dynamic / yarn stretch the positions
+    # by it): sequences past max_position_embeddings up to factor x it; 0 keeps the config's
+    rope_scaling: float = 0.0
 
     def __post_init__(self) -> None:
         # accept strings for the enums so callers and JSON records can pass plain values
@@ -331,6 +338,11 @@ class Setup:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.rope_scaling, bool) or not isinstance(self.rope_scaling, int | float) \
+                or not 0 <= self.rope_scaling <= MAX_ROPE_SCALING or self.rope_scaling != self.rope_scaling:
+            raise ValueError(f"rope scaling must be a factor between 1 and {MAX_ROPE_SCALING:g} (0: the config's), "
+                             f"got {self.rope_scaling!r}")
+        object.__setattr__(self, "rope_scaling", float(self.rope_scaling))
         if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 0:
             raise ValueError(f"new_tokens must be a non-negative integer, got {self.new_tokens!r}")
         if self.mode in (Mode.LORA, Mode.QLORA):
@@ -496,6 +508,8 @@ class Setup:
             del out["allow_llama_fallback"]  # the default: records keep their case keys
         if self.kbit_prep is KbitPrep.AUTO:
             del out["kbit_prep"]  # the default: records keep their case keys
+        if not self.rope_scaling:
+            del out["rope_scaling"]  # the default: records keep their case keys
         return out
 
     @classmethod

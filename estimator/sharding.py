@@ -93,7 +93,7 @@ from functools import lru_cache
 
 from .activations import training_activations
 from .archs import inventory_of
-from .kernels import eager_softmax_bytes
+from .kernels import eager_softmax_bytes, eager_softmax_saved
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets, quant_state_bytes
 from .setup import Attention, Mode, Quant, Setup, Sharding
@@ -595,7 +595,11 @@ def _working_terms(spec: ModelSpec, key: Setup):
     mlp_saved = training_activations(spec, key).per_layer.get("mlp", 0)
     if key.attn is Attention.EAGER:
         probs = eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
-        return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, 2 * probs * spec.num_heads
+        # the softmax's cast copy, saved for the value matmul, is released once that matmul's
+        # backward has run, before the softmax's gradients exist (measured on the sim: SmolLM2-360M
+        # eager fp16 and bf16 at s4096, a recomputed layer's backward)
+        cast = p if eager_softmax_saved(spec, key) > probs else 0
+        return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, (2 * probs - cast) * spec.num_heads
     return down, mlp_grads, 2 * f * p * experts, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
 
 

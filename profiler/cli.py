@@ -37,6 +37,11 @@ def _setup(args, device: str | None = None):
     once the command has succeeded (a failing command prints its one error line only)."""
     setup = setup_from_args(args, device)
     args.warnings = flag_warnings(args)
+    gpu = _gpu(args) if getattr(args, "gpu", None) is not None else None
+    if gpu is not None and not setup.compute_capability:
+        # the card decides the sdpa kernel (flash needs sm80+: kernels.has_flash), not only the
+        # workspaces: --gpu t4 runs 16-bit sdpa on the memory-efficient kernel
+        setup = setup.replace(compute_capability=gpu.compute_capability)
     return setup
 
 
@@ -283,9 +288,11 @@ def cmd_calibrate(args) -> int:
 
     from estimator.report import print_table, print_text
     from profiler.analysis.calibrate import calibrate, write_calibration
+    from profiler.analysis.validate import with_estimates
     from profiler.show import summary_table
     out = Path(args.out)
-    result = calibrate(_read_all(args.records), [Path(p) for p in args.records], args.name or out.stem)
+    records, _, _ = with_estimates(_read_all(args.records), args.estimate)
+    result = calibrate(records, [Path(p) for p in args.records], args.name or out.stem)
     written = write_calibration(out, result)
     print_table(summary_table(result["fit"]["summary"], f"calibration {result['name']}: "
                               f"{result['cases_used']} cases, factors {result['overheads']['activation_factors']}, "
@@ -404,6 +411,12 @@ def _matrix_parser(sub, name: str, help: str, backend: str, out: str, case_timeo
     return p
 
 
+def _add_estimate(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--estimate", default="current", choices=("current", "recorded"),
+                   help=f"the prediction to {what}: current (default), today's estimator under each record's "
+                        f"library versions; recorded, the estimate frozen in each record when it ran")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramlab", description="Estimate, measure and validate GPU memory of LLM training.",
                      epilog=EXIT_CODES)
@@ -465,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("records", nargs="+")
     p.add_argument("--out", required=True, help="calibration JSON, e.g. results/calibration/NAME.json")
     p.add_argument("--name", help="name stored in the file (default: the file's stem)")
+    _add_estimate(p, "fit to")
     _add_wide(p)
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("validate", help="predicted beside measured, with error summaries and a report")
@@ -475,9 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration JSON to apply beside the uncalibrated estimate")
     p.add_argument("--report", help="folder for PNG plots, report.html and summary.md")
     p.add_argument("--title", help="report title")
-    p.add_argument("--estimate", default="current", choices=("current", "recorded"),
-                   help="current (default): today's estimator under each record's library versions; "
-                        "recorded: the estimate frozen in each record when it ran")
+    _add_estimate(p, "validate")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_wide(p, "every predictor and category per case, as markdown tables (up to ~370 columns)")
     p.set_defaults(func=cmd_validate)

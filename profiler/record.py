@@ -115,6 +115,9 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "loss": lambda v: str(v),
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
+    "rope_scaling": lambda v: f"rope-x{v}",
+    "allow_llama_fallback": lambda v: "llama-fallback" if v else "no-llama-fallback",
+    "kbit_prep": lambda v: f"kbit-prep-{v}",
 }
 
 

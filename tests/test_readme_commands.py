@@ -101,7 +101,7 @@ def test_a_campaign_stopped_by_its_budget_says_how_to_go_on(tmp_path):
         def run(self):
             return {"started": "", "wall_s": 330.0, "backend": "sim", "workers": 2, "cases_planned": 80,
                     "cases_already_done": 0, "counts": {"ok": 16}, "not_run": 64, "stopped_by_budget": True,
-                    "cases": []}
+                    "interrupted": False, "cases": []}
 
     import profiler.sweeps.campaign as campaign
     original = campaign.Campaign

@@ -333,6 +333,21 @@ class Arch:
         types = spec.config.get("layer_types")
         return list(types) if isinstance(types, list) else ["full_attention"] * spec.num_layers
 
+    def position_limit(self, spec, rope_factor: float) -> tuple[int, str]:
+        """The longest sequence the model takes, and why. Learned position tables stop at their
+        rows; rotary positions are computed for any position, and a config's ``rope_scaling``
+        (or ``rope_parameters``) ``factor`` -- or ``--rope-scaling FACTOR`` -- stretches the
+        trained ``max_position_embeddings`` by it (transformers modeling_rope_utils.py: linear,
+        dynamic, yarn and llama3 all scale by ``factor``)."""
+        if not spec.max_positions:
+            return 0, ""
+        if spec.learned_positions:
+            return spec.max_positions, "its learned position table"
+        factor = rope_factor or _config_rope_factor(spec.config)
+        if factor and factor > 1:
+            return int(spec.max_positions * factor), f"max_position_embeddings x rope scaling {factor:g}"
+        return spec.max_positions, "max_position_embeddings (no rope scaling; pass --rope-scaling FACTOR)"
+
     def sliding_window(self, spec) -> int:
         """The sliding window of the sliding_attention layers (0: none)."""
         window = spec.config.get("sliding_window")
@@ -439,6 +454,21 @@ def read_common_llama(f: Fields) -> dict[str, Any]:
         embd_dropout=f.fraction("embd_pdrop", 0.0), logit_softcap=bool(softcap))
     check_layer_types(f, out["num_layers"])
     return out
+
+
+def _config_rope_factor(config: Mapping) -> float:
+    """The ``factor`` of a config's rope scaling (transformers 4.x ``rope_scaling``, 5.x
+    ``rope_parameters``), 0 without one. The llama3 type's factor stretches the original
+    length that max_position_embeddings already includes (Llama 3.1: 8192 x 16 = 131072), so
+    only scalings whose max_position_embeddings is the original length count."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if isinstance(rope, Mapping) and isinstance(rope.get("factor"), int | float) \
+                and not isinstance(rope.get("factor"), bool):
+            if rope.get("rope_type", rope.get("type")) == "llama3" or "original_max_position_embeddings" in rope:
+                return 0.0  # max_position_embeddings is already the stretched length
+            return float(rope["factor"])
+    return 0.0
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
