@@ -193,7 +193,12 @@ def build_optimizer(model: torch.nn.Module, setup: Setup):
         # bitsandbytes 0.50.2 optim/adamw.py: AdamW8bit and PagedAdamW8bit (optim_bits=8,
         # min_8bit_size=4096, is_paged); paging is off on CPU (optim/optimizer.py:375-382)
         make_bnb = bnb.optim.PagedAdamW8bit if opt is Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
-        return make_bnb(ps, lr=1e-5)
+        # its __init__ builds the quantization maps from Python lists (functional.py:327
+        # create_dynamic_map: ``.tolist()``), which a FakeTensorMode cannot answer: under the sim
+        # they are built as real tensors (256 values each, seen by the tracker as on a cpu step)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            return make_bnb(ps, lr=1e-5)
 
     if setup.precision is Precision.MIXED_BF16 and setup.mode is Mode.FULL:
         return MixedPrecisionOptimizer(params, make)
