@@ -31,7 +31,7 @@ from .kernels import (
 )
 from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
-from .setup import Attention, Device, Mode, Setup
+from .setup import Attention, Device, Mode, Quant, Setup
 from .units import FP32, HALF
 
 
@@ -179,7 +179,9 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
         extra = setup.precision.compute_bytes * 2 * spec.kv_dim * setup.seq
         return Activations(per_layer={**one.per_layer, "attn_cache": extra}, layers=one.layers, outside=one.outside)
     fused_views = qkv_views(spec, setup) and not dynamic_cache(spec, setup)  # a cache hands attention copies
-    if not (math_on_cpu and fused_views):
+    # (16-bit inputs: the math kernel's fp32 upcast of v is the copy its matmul saves, no view;
+    # measured on a bf16 GPT-2 QLoRA cpu step, where counting the view was +2.9 %)
+    if not (math_on_cpu and fused_views and setup.precision.compute_bytes == FP32):
         return one
     extra = FP32 * 2 * spec.q_dim * setup.seq
     return Activations(per_layer={**one.per_layer, "attn_v_view": extra}, layers=one.layers, outside=one.outside)
@@ -255,6 +257,8 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         terms["resid_dropout"] = 2 * dropout_mask_bytes(setup, p) * h
     if setup.mode in (Mode.LORA, Mode.QLORA):
         terms.update(_lora_terms(spec, setup))
+    if setup.mode is Mode.QLORA and setup.quant is Quant.INT8:
+        terms["int8_inputs"] = _int8_inputs(spec, setup)
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
@@ -273,6 +277,8 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
     elif frozen_input and tr.pre_norm:
         outside["first_layer_frozen"] = -per_norm * T
+        if "int8_inputs" in terms:  # nor do the first block's 8-bit linears, their input frozen
+            outside["first_layer_frozen"] -= _int8_inputs(spec, setup, first_block=True) * T
         targets = {lin.name for lin in lora_targets(spec, setup.lora_targets)}
         if "k_proj" in {lin.name for lin in layer_linears(spec)} and "k_proj" not in targets \
                 and sdpa_kernel(spec, setup) in ("eager", "math"):
@@ -367,6 +373,34 @@ def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
                 inputs[(lin.group, lin.name)] = lin.in_features
         return {"lora_adapters": FP32 * (sum(inputs.values()) + r * len(targets))}
     return {"lora_adapters": sum(FP32 * (lin.in_features + r) for lin in targets)}
+
+
+def _int8_inputs(spec: ModelSpec, setup: Setup, first_block: bool = False) -> int:
+    """Per token, the inputs bitsandbytes' 8-bit linears save beyond what the model saves
+    anyway: each keeps its input for the input's gradient once that needs one (bitsandbytes
+    0.50.2 autograd/_functions.py:187-189 ``ctx.tensors = (CAt, subA, A)``, MatMul8bitLt on
+    CUDA; :269 ``ctx.A = A``, MatMul8bitFp on CPU), unlike a frozen nn.Linear, which keeps only
+    its weight. A block's input projections read one tensor (saved once); an fp32 adapter reads
+    the same tensor (no copy, :func:`_lora_terms` counts it), a 16-bit one an fp32 copy of it.
+    ``first_block``: the first block's input projections only (their input needs no gradient
+    in the first layer without checkpointing: nothing saved there)."""
+    p = setup.precision.compute_bytes
+    targets = {id(lin) for lin in lora_targets(spec, setup.lora_targets)}
+    adapters_share = p == FP32  # an fp32 adapter saves the very input tensor
+    linears = layer_linears(spec)
+    out = 0
+    for group in dict.fromkeys(lin.group for lin in linears):
+        members = [lin for lin in linears if lin.group == group and not lin.fused_experts and not lin.router]
+        if not members:
+            continue
+        inputs, output = members[:-1], members[-1]
+        if inputs and not (adapters_share and any(id(lin) in targets for lin in inputs)):
+            out += p * inputs[0].in_features
+        if first_block:
+            return out
+        if not _input_already_saved(spec, setup, output) and not (adapters_share and id(output) in targets):
+            out += p * output.in_features
+    return out
 
 
 def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:

@@ -9,6 +9,7 @@ from .setup import (
     DEFAULT_LORA_TARGETS,
     Attention,
     Device,
+    KbitPrep,
     Load,
     Loop,
     Loss,
@@ -64,6 +65,11 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="bf16", help=f"{choices(Precision)} (default bf16: pure bf16; each "
                                                        f"recipe below, under 'precision recipes')")
     g.add_argument("--quant", default="none", help=f"{choices(Quant)} (inference, qlora)")
+    g.add_argument("--kbit-prep", default="auto", help=f"{choices(KbitPrep)}: qlora's preparation; peft is "
+                                                       f"peft's prepare_model_for_kbit_training (unquantized "
+                                                       f"parameters, the stream and the logits fp32), none keeps "
+                                                       f"the loaded dtypes (default auto: peft on one device, "
+                                                       f"none under FSDP and ZeRO-3, as TRL)")
     g.add_argument("--optimizer", default=None, help=f"{choices(Optimizer)} (default adamw; none: forward and "
                                                       f"backward only, gradients freed before the next; training only)")
     g.add_argument("--optimizer-impl", default=None,
@@ -160,6 +166,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         alloc_conf=getattr(args, "alloc_conf", "") or "",
         empty_cache_steps=_int("empty-cache-steps", getattr(args, "empty_cache_steps", 0) or 0),
         load=getattr(args, "load", "pretrained") or "pretrained",
+        kbit_prep=getattr(args, "kbit_prep", "auto") or "auto",
         rope_scaling=_factor("rope-scaling", getattr(args, "rope_scaling", None)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored

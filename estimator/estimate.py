@@ -21,7 +21,7 @@ from .gpus import GPU
 from .logits import logits_bytes
 from .modelspec import ModelSpec
 from .nontensor import non_tensor
-from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries
+from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries, paged_state_bytes
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (
     FALLBACK_ERROR_RANGE,
@@ -33,7 +33,7 @@ from .params import (
     quant_state_bytes,
     quantized_params,
 )
-from .setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from .setup import Device, KbitPrep, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
 from .units import FP32, HALF, MiB
 
@@ -280,8 +280,16 @@ def _weight_bytes(spec: ModelSpec, key: Setup, n: int) -> int:
     q_elems, q_rows, q_bias = quantized_params(spec, key.semantics.moe_experts_fused)
     rest = n - q_elems - q_bias
     packed = q_elems if key.quant is Quant.INT8 else q_elems // 2  # int8, or two 4-bit values a byte
+    if key.quant is not Quant.INT8 and key.shards_params and key.resolved_kbit_prep is KbitPrep.PEFT \
+            and key.semantics.kbit_prep_casts_packed_storage and key.precision.compute_bytes == HALF:
+        packed *= 2  # peft < 0.10 casts the 16-bit storage of the packed weights to fp32 (versions.py)
     qbytes = packed + quant_state_bytes(spec, key.quant, key.semantics.moe_experts_fused)
-    return qbytes + HALF * (rest + q_bias)  # bitsandbytes keeps the other modules and biases in 16 bit
+    # the other modules in the loaded dtype, fp32 after peft's preparation (Setup.stream_precision);
+    # a 4-bit linear casts its bias to its compute dtype in its first forward (bitsandbytes 0.50.2
+    # nn/modules.py:630-635 ``bias.data = bias.data.to(x.dtype)``), an 8-bit one to its input's
+    # (Linear8bitLt.forward)
+    bias = key.precision.compute_bytes if key.quant is not Quant.INT8 else key.stream_precision.param_bytes
+    return qbytes + key.stream_precision.param_bytes * rest + bias * q_bias
 
 
 class _Phases:
@@ -344,7 +352,10 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     k = overheads.factor_for(group)
     first = None
     if setup.training:
-        phases, first = _training_phases(spec, setup, st, k, overheads.constant_bytes, phase)
+        # what the forward and backward hold follows the unquantized parameters' dtype: fp32 after
+        # peft's k-bit preparation (Setup.stream_precision); the model states follow the setup
+        flow = setup if setup.stream_precision is setup.precision else setup.replace(precision=setup.stream_precision)
+        phases, first = _training_phases(spec, flow, st, k, overheads.constant_bytes, phase)
     elif setup.mode is Mode.EVAL:
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
@@ -787,6 +798,9 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
             # FSDP1's optimizer steps views of the flat shards: the for-loop's temporaries
             # follow the largest piece of one parameter on this rank
             opt_temps = optimizer_temporaries(key, states.optimizer_state, states.trainable, ranked.largest_view)
+    # a paged 8-bit optimizer's state buffers sit in unified memory: device memory beside the
+    # allocator's (estimator/optimizer.py paged_state_bytes)
+    context += paged_state_bytes(key, _trainable_tensor_sizes(spec, key)) if key.training else 0
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,

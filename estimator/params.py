@@ -127,43 +127,74 @@ def quantized_params(spec: ModelSpec, experts_fused: bool = True) -> tuple[int, 
     """
     if not spec.has_formula:
         return meta_linears(spec)
-    weights = rows = biases = 0
+    tensors = quantized_tensors(spec, experts_fused)
+    L = spec.num_layers
+    biases = sum(lin.copies * lin.out_features for lin in layer_linears(spec)
+                 if lin.bias and not ((lin.fused_experts or lin.router) and experts_fused))
+    return sum(n * k for n, _, k in tensors), sum(r * k for _, r, k in tensors), L * biases
+
+
+@lru_cache(maxsize=256)
+def quantized_tensors(spec: ModelSpec, experts_fused: bool = True) -> tuple[tuple[int, int, int], ...]:
+    """(elements, output rows, how many) of the weight tensors bitsandbytes quantizes, one row
+    per distinct shape and role (a layer's linears times the layers, OPT's projections);
+    each tensor carries its own quantization state (:func:`quant_state_bytes`)."""
+    rows: list[tuple[int, int, int]] = []
     for lin in layer_linears(spec):
         if (lin.fused_experts or lin.router) and experts_fused:
             continue
-        weights += lin.copies * lin.in_features * lin.out_features
-        rows += lin.copies * lin.out_features
-        biases += lin.copies * lin.out_features if lin.bias else 0
-    L = spec.num_layers
+        rows.append((lin.in_features * lin.out_features, lin.out_features, lin.copies * spec.num_layers))
     h, e = spec.hidden_size, spec.embed_dim or spec.hidden_size
-    # OPT's project_in (e -> h) and project_out (h -> e) are nn.Linear modules of the decoder
-    # (models/opt/modeling_opt.py OPTDecoder), replaced like the layers' linears
-    extra = (2 * h * e, h + e) if e != h else (0, 0)
-    return L * weights + extra[0], L * rows + extra[1], L * biases
+    if e != h:
+        # OPT's project_in (e -> h) and project_out (h -> e) are nn.Linear modules of the decoder
+        # (models/opt/modeling_opt.py OPTDecoder), replaced like the layers' linears
+        rows += [(h * e, h, 1), (h * e, e, 1)]
+    return tuple(rows)
 
 
 #: QLoRA NF4 (Dettmers et al. 2023, Sec. 3): 4-bit values, one fp32 absmax per 64-value
 #: block (0.5 bit/param); double quantization stores absmax in 8 bits with one fp32
-#: constant per 256 absmax (0.127 bit/param).
+#: constant per 256 absmax (0.127 bit/param). bitsandbytes 0.50.2 functional.py
+#: ``quantize_4bit`` (blocksize 64, nested blocksize 256) keeps per tensor: the 16-value
+#: fp32 code of its type (``get_4bit_type``), and nested the mean it subtracted (``offset``,
+#: one fp32) and the 256-value fp32 code of the absmax quantization (``create_dynamic_map``),
+#: each tensor's own copies (measured: one storage per linear).
 NF4_BLOCK = 64
 DQ_BLOCK = 256
+NF4_CODE_VALUES = 16
+DQ_CODE_VALUES = 256
 
 
 def quant_state_bytes(spec: ModelSpec, quant, moe_fused: bool) -> int:
-    """Bytes of bitsandbytes' quantization state beside the packed weights: NF4's fp32
-    absmax per 64-value block (8-bit under double quantization, plus one fp32 constant per
-    256 of them); LLM.int8's fp32 scale per output row (SCB; Dettmers et al. 2022). This
-    state is no parameter -- ``Params4bit.quant_state`` / ``Int8Params.SCB`` are attributes
-    (bitsandbytes/nn/modules.py) -- so FSDP, which shards parameters, leaves it whole on
-    every rank (estimator/sharding.py): bitsandbytes PR #970 added ``quant_storage`` so FSDP
-    can flatten and shard the packed 4-bit data at all (FSDP shards floating-point
-    parameters only); AnswerDotAI/fsdp_qlora PR #4: "Linear4bit layers store the
-    quantization information in the quant_state dictionary", kept on every rank's layers."""
+    """Bytes of bitsandbytes' quantization state beside the packed weights, per quantized
+    tensor of n values: NF4 / FP4 keep an fp32 absmax per 64-value block and their 16-value
+    fp32 code; double quantization keeps the absmax in 8 bits, an fp32 absmax per 256 of
+    them, the fp32 offset and the 256-value code; LLM.int8 an fp32 scale per output row
+    (SCB; Dettmers et al. 2022). This state is no parameter -- ``Params4bit.quant_state`` /
+    ``Int8Params.SCB`` are attributes (bitsandbytes/nn/modules.py) -- so FSDP, which shards
+    parameters, leaves it whole on every rank (estimator/sharding.py): bitsandbytes PR #970
+    added ``quant_storage`` so FSDP can flatten and shard the packed 4-bit data at all (FSDP
+    shards floating-point parameters only); AnswerDotAI/fsdp_qlora PR #4: "Linear4bit layers
+    store the quantization information in the quant_state dictionary", kept on every rank's layers."""
     quant = Quant.parse(quant)
     if quant is Quant.NONE:
         return 0
-    q_elems, q_rows, _ = quantized_params(spec, moe_fused)
-    if quant is Quant.INT8:
-        return FP32_BYTES * q_rows
-    absmax = q_elems // NF4_BLOCK
-    return absmax + FP32_BYTES * (absmax // DQ_BLOCK) if quant is Quant.NF4_DQ else FP32_BYTES * absmax
+    if not spec.has_formula:  # no per-tensor shapes: the totals' state, without the codes
+        q_elems, q_rows, _ = quantized_params(spec, moe_fused)
+        if quant is Quant.INT8:
+            return FP32_BYTES * q_rows
+        absmax = -(-q_elems // NF4_BLOCK)
+        return absmax + FP32_BYTES * -(-absmax // DQ_BLOCK) if quant is Quant.NF4_DQ else FP32_BYTES * absmax
+    total = 0
+    for elems, rows, count in quantized_tensors(spec, moe_fused):
+        if quant is Quant.INT8:
+            per = FP32_BYTES * rows
+        else:
+            blocks = -(-elems // NF4_BLOCK)
+            per = FP32_BYTES * NF4_CODE_VALUES
+            if quant is Quant.NF4_DQ:
+                per += blocks + FP32_BYTES * (-(-blocks // DQ_BLOCK) + 1 + DQ_CODE_VALUES)
+            else:
+                per += FP32_BYTES * blocks
+        total += per * count
+    return total

@@ -9,7 +9,7 @@ from .categories import TENSOR_CATEGORIES, Category, Phase
 from .estimate import Estimate
 from .fit import FitResult
 from .rules import RuleRow
-from .setup import Precision
+from .setup import Mode, Precision, Quant
 from .units import BILLION, GB, GiB
 
 #: A ``--wide`` view is drawn up to this many columns: every table at its natural width.
@@ -25,6 +25,8 @@ def estimate_table(est: Estimate) -> Table:
     title = (f"{est.model}: {s.mode} {s.precision}{f', {s.optimizer}' if s.training else ''}, "
              f"batch {s.batch} x seq {s.seq}{f' + {s.new_tokens} new tokens' if s.new_tokens else ''}"
              f"{', grad-ckpt' if s.grad_ckpt else ''}, {s.attn}, {s.device}"
+             f"{f', {s.quant}' if s.quant is not Quant.NONE else ''}"
+             f"{f', kbit-prep {s.resolved_kbit_prep}' if s.mode is Mode.QLORA else ''}"
              f"{f', {s.sharding} x{s.world_size} (per rank)' if s.world_size > 1 else ''}"
              f"{f', {s.alloc_conf}' if s.alloc_conf else ''}")
     columns = dict(est.phases)

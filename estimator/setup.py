@@ -171,17 +171,52 @@ class Quant(_Choice):
     INT8 = "int8"  # LLM.int8 (bitsandbytes Linear8bitLt)
     NF4 = "nf4"  # QLoRA 4-bit NormalFloat
     NF4_DQ = "nf4-dq"  # NF4 with double quantization of the absmax constants
+    FP4 = "fp4"  # bitsandbytes' 4-bit float (bnb_4bit_quant_type="fp4"): NF4's bytes, another code
+
+
+class KbitPrep(_Choice):
+    """How a k-bit quantized model is prepared for training (``--mode qlora``).
+
+    PEFT: peft's ``prepare_model_for_kbit_training`` (peft 0.21 utils/other.py:204-209: every
+    fp16/bf16 parameter that is not ``Params4bit`` cast to fp32 -- the embeddings, norms,
+    LM head and the quantized linears' biases -- so the residual stream, attention and the
+    logits run in fp32 wherever autocast does not cast them; :attr:`Setup.stream_precision`).
+    What PEFT's QLoRA recipe and TRL's SFTTrainer (0.19.1 trainer/sft_trainer.py:568-584)
+    run on one device. NONE: no preparation (the loaded dtypes stay): TRL under FSDP or
+    ZeRO-3 (``is_sharded_qlora``, sft_trainer.py:571-576: packed weights on cpu or meta
+    skip the preparation), TRL 1.x's SFTTrainer (1.13.0 trainer/sft_trainer.py:1150-1156
+    calls no preparation; it casts the adapters to bf16, which is not modelled here) and
+    trainers with their own. AUTO (the default): PEFT for QLoRA on one device or under
+    DDP, ZeRO-1/2; NONE under FSDP and ZeRO-3, as TRL decides. peft's own default also
+    turns on gradient checkpointing (``use_gradient_checkpointing=True`` since peft 0.3); TRL
+    passes ``args.gradient_checkpointing``, here ``--grad-ckpt``. What peft releases cast
+    differently is a version row (estimator/versions.py ``kbit_prep_casts_packed_storage``)."""
+
+    AUTO = "auto"
+    PEFT = "peft"
+    NONE = "none"
 
 
 class Optimizer(_Choice):
     ADAMW = "adamw"
     ADAMW_8BIT = "adamw-8bit"
+    # bitsandbytes PagedAdamW8bit: AdamW8bit's state, the buffers of tensors of at least 1e5
+    # values in CUDA unified memory (bitsandbytes 0.50.2 optim/optimizer.py:374-390
+    # get_state_buffer, functional.py:91-99 get_paged: cudaMallocManaged), which the caching
+    # allocator does not count and the driver may page out to host memory; on CPU it is
+    # AdamW8bit ("Paged optimizers are not supported on CPU", :375-382)
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"
     # no optimizer step: forward and backward only; the gradients are freed
     # (zero_grad(set_to_none=True)) before the next forward (fxmarty's SDPA training benchmark)
     NONE = "none"
+
+    @property
+    def bitsandbytes(self) -> bool:
+        """bitsandbytes' 8-bit optimizers (blockwise-quantized state, Dettmers et al. 2022)."""
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
 
 
 class OptimizerImpl(_Choice):
@@ -317,6 +352,8 @@ class Setup:
     # 0: never
     empty_cache_steps: int = 0
     load: Load = Load.PRETRAINED
+    # --mode qlora: the preparation for k-bit training (KbitPrep; auto: as TRL decides)
+    kbit_prep: KbitPrep = KbitPrep.AUTO
     # a rope scaling factor over the config's (linear / dynamic / yarn stretch the positions
     # by it): sequences past max_position_embeddings up to factor x it; 0 keeps the config's
     rope_scaling: float = 0.0
@@ -326,7 +363,7 @@ class Setup:
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
                            ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
-                           ("loss", Loss), ("load", Load), ("trainer", Trainer)):
+                           ("loss", Loss), ("load", Load), ("trainer", Trainer), ("kbit_prep", KbitPrep)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
@@ -369,6 +406,9 @@ class Setup:
             raise ValueError(
                 f"quantization {self.quant} applies to inference and qlora only; "
                 f"use --mode qlora to train adapters on a quantized model")
+        if self.kbit_prep is not KbitPrep.AUTO and self.mode is not Mode.QLORA:
+            raise ValueError(f"--kbit-prep {self.kbit_prep} prepares a quantized model for training: it applies "
+                             f"to --mode qlora, not {self.mode}")
         if self.world_size > 1 and self.sharding is Sharding.NONE:
             raise ValueError(
                 f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3, fsdp, fsdp1 or "
@@ -396,8 +436,9 @@ class Setup:
                                  f"the tiles) is not modelled yet; use --sharding ddp, zero1 or zero2")
         if self.optimizer is Optimizer.NONE and self.optimizer_impl is not OptimizerImpl.AUTO:
             raise ValueError("--optimizer none runs no optimizer: leave --optimizer-impl auto")
-        if self.optimizer is Optimizer.ADAMW_8BIT and self.optimizer_impl is OptimizerImpl.FUSED:
-            raise ValueError("adamw-8bit (bitsandbytes) has no fused/foreach choice; leave --optimizer-impl auto")
+        if self.optimizer.bitsandbytes and self.optimizer_impl is OptimizerImpl.FUSED:
+            raise ValueError(f"{self.optimizer} (bitsandbytes) has no fused/foreach choice; "
+                             f"leave --optimizer-impl auto")
 
     def __hash__(self) -> int:  # cached: setups key the estimator's caches
         cached = self.__dict__.get("_hash")
@@ -449,10 +490,11 @@ class Setup:
     def _neutral(self, seq: int) -> dict:
         """The fields a normalised key sets to neutral values: batch 1, no generated tokens,
         the given sequence length, LoRA alpha (no memory term reads it) and, outside LoRA
-        modes, the LoRA rank and targets at their defaults."""
+        modes, the LoRA rank and targets at their defaults; the k-bit preparation as it resolves."""
         lora = self.mode in (Mode.LORA, Mode.QLORA)
         rank, targets = (self.lora_rank, self.lora_targets) if lora else (16, DEFAULT_LORA_TARGETS)
-        return dict(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank, lora_targets=targets)
+        return dict(batch=1, seq=seq, new_tokens=0, lora_alpha=None, lora_rank=rank, lora_targets=targets,
+                    kbit_prep=self.resolved_kbit_prep if self.mode is Mode.QLORA else KbitPrep.AUTO)
 
     @property
     def semantics(self) -> Semantics:
@@ -486,6 +528,36 @@ class Setup:
         cuda_foreach = self.device is Device.CUDA and self.semantics.optimizer_foreach_default
         return OptimizerImpl.FOREACH if cuda_foreach else OptimizerImpl.FORLOOP
 
+    @property
+    def resolved_kbit_prep(self) -> KbitPrep:
+        """The preparation a QLoRA step runs (KbitPrep.AUTO resolved as TRL resolves it: none
+        where the packed weights are sharded, FSDP and ZeRO-3; peft's otherwise); NONE outside QLoRA."""
+        if self.mode is not Mode.QLORA:
+            return KbitPrep.NONE
+        if self.kbit_prep is not KbitPrep.AUTO:
+            return self.kbit_prep
+        return KbitPrep.NONE if self.shards_params else KbitPrep.PEFT
+
+    @property
+    def shards_params(self) -> bool:
+        """Whether the parameters themselves are sharded (ZeRO-3, FSDP1, FSDP2): bitsandbytes'
+        packed 4-bit weights are then stored in the compute dtype (``bnb_4bit_quant_storage``,
+        which FSDP needs to flatten them: bitsandbytes PR #970)."""
+        return self.sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
+
+    @property
+    def stream_precision(self) -> Precision:
+        """The recipe the forward's unquantized tensors follow. peft's preparation casts every
+        16-bit parameter but the packed weights to fp32 (KbitPrep.PEFT), and each bitsandbytes
+        linear returns its input's dtype (bitsandbytes 0.50.2 nn/modules.py:626-637
+        ``Linear4bit.forward``: ``.to(inp_dtype)``), so without autocast the embedding output,
+        the residual stream, attention, the adapters and the logits are fp32 (the fp32 recipe's
+        activations); under autocast (amp-*) the model is fp32-loaded anyway and autocast casts
+        as before. Otherwise the recipe itself."""
+        if self.resolved_kbit_prep is KbitPrep.PEFT and not self.precision.is_autocast:
+            return Precision.FP32
+        return self.precision
+
     def replace(self, **changes) -> Setup:
         return replace(self, **changes)
 
@@ -511,6 +583,8 @@ class Setup:
                 del out[name]  # the defaults: records keep their case keys
         if self.load is Load.PRETRAINED:
             del out["load"]  # the default: records keep their case keys
+        if self.kbit_prep is KbitPrep.AUTO:
+            del out["kbit_prep"]  # the default: records keep their case keys
         if not self.rope_scaling:
             del out["rope_scaling"]  # the default: records keep their case keys
         if self.trainer is Trainer.HF:

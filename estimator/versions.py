@@ -133,9 +133,21 @@ class Semantics:
         models/mixtral/modeling_mixtral.py:63-72 ``MixtralExperts.gate_up_proj``, ``down_proj``),
         which bitsandbytes leaves unquantized: it replaces nn.Linear modules
         (integrations/bitsandbytes.py ``replace_with_bnb_linear``). transformers 4.x built
-        every expert from nn.Linear (4.57.0 modeling_mixtral.py:63), all quantized. Cited,
-        not measured here (no bitsandbytes on this machine)."""
+        every expert from nn.Linear (4.57.0 modeling_mixtral.py:63), all quantized. Seen with
+        bitsandbytes 0.50.2 under 5.24 (transformers' own swap, profiler/measure/quant.py): a
+        one-layer Mixtral's experts stay bf16 Parameters, its attention linears become
+        Params4bit, as many values as quantized_params counts; 4.x not run here."""
         return self.at_least("transformers", "5.0")
+
+    @cached_property
+    def kbit_prep_casts_packed_storage(self) -> bool:
+        """peft < 0.10's ``prepare_model_for_kbit_training`` casts every fp16/bf16 parameter to
+        fp32 (0.9.0 peft/utils/other.py:104-107), the packed 4-bit weights too where they are
+        stored in a 16-bit ``bnb_4bit_quant_storage`` (sharded QLoRA: Setup.shards_params),
+        doubling their bytes; 0.10 skips ``Params4bit`` (0.10.0 utils/other.py:104-109; 0.21
+        :204-209). Otherwise the list is the same from 0.3 (``prepare_model_for_int8_training``,
+        0.3.0 utils/other.py:51-54) to 0.21: every fp16/bf16 parameter (KbitPrep.PEFT)."""
+        return not self.at_least("peft", "0.10")
 
     @cached_property
     def optimizer_foreach_default(self) -> bool:
@@ -171,6 +183,7 @@ class Semantics:
                 "sdpa_inputs_contiguous": self.sdpa_inputs_contiguous,
                 "moe_experts_fused": self.moe_experts_fused,
                 "optimizer_foreach_default": self.optimizer_foreach_default,
+                "kbit_prep_casts_packed_storage": self.kbit_prep_casts_packed_storage,
                 "sft_loss_chunked": self.sft_loss_chunked,
                 "sft_grad_ckpt_default": self.sft_grad_ckpt_default}
         # what the versions change in one architecture is a trait of its family

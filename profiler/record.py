@@ -121,6 +121,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "load": lambda v: f"load-{v}",
     "rope_scaling": lambda v: f"rope-x{v}",
     "allow_llama_fallback": lambda v: "llama-fallback" if v else "no-llama-fallback",
+    "kbit_prep": lambda v: f"kbit-prep-{v}",
 }
 
 

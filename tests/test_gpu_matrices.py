@@ -30,7 +30,7 @@ def test_every_case_has_a_formula_and_fits_the_h200(matrix):
     card = get_gpu("h200").memory_bytes
     cases = load_matrix(matrix)
     assert cases
-    for model, setup, steps in cases:
+    for model, setup, _ in cases:
         est = estimate(load_model(model), setup)
         assert 0 < est.total_bytes < CARD_SHARE * card, (model, setup.to_dict(), est.total_bytes)
         assert not any("llama" in note.lower() and "fallback" in note.lower() for note in est.notes), est.notes

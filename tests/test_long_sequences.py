@@ -97,7 +97,8 @@ def test_contexts_past_the_config_need_a_rope_scaling_that_covers_them():
     llama = load_model("llama-2-7b")  # max_position_embeddings 4096, no rope scaling
     with pytest.raises(ValueError, match=r"beyond llama-2-7b's 4096 positions .*--rope-scaling"):
         estimate(llama, Setup(seq=8192))
-    assert estimate(llama, Setup(seq=8192, rope_scaling=2)).allocated_bytes > estimate(llama, Setup(seq=4096)).allocated_bytes
+    longer = estimate(llama, Setup(seq=8192, rope_scaling=2))
+    assert longer.allocated_bytes > estimate(llama, Setup(seq=4096)).allocated_bytes
     with pytest.raises(ValueError, match="beyond llama-2-7b's 8192 positions"):
         estimate(llama, Setup(seq=8193, rope_scaling=2))
     # a config's own linear scaling stretches it; learned positions never stretch

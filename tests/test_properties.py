@@ -20,6 +20,7 @@ from estimator.params import layer_linears
 from estimator.setup import (
     Attention,
     Device,
+    KbitPrep,
     Loop,
     Loss,
     Mode,
@@ -75,13 +76,13 @@ def model_and_setup(draw, sharded=None):
     spec = SPECS[name]
     mode = draw(st.sampled_from([Mode.FULL, Mode.LORA, Mode.QLORA] if sharded else list(Mode)))
     if mode is Mode.QLORA:
-        quant = draw(st.sampled_from([Quant.INT8, Quant.NF4, Quant.NF4_DQ]))
+        quant = draw(st.sampled_from([Quant.INT8, Quant.NF4, Quant.NF4_DQ, Quant.FP4]))
     elif mode is Mode.INFERENCE:
         quant = draw(st.sampled_from(list(Quant)))
     else:
         quant = Quant.NONE
     optimizer = draw(st.sampled_from(list(Optimizer)))
-    impls = [i for i in OptimizerImpl if not (optimizer is Optimizer.ADAMW_8BIT and i is OptimizerImpl.FUSED)
+    impls = [i for i in OptimizerImpl if not (optimizer.bitsandbytes and i is OptimizerImpl.FUSED)
              and not (optimizer is Optimizer.NONE and i is not OptimizerImpl.AUTO)]  # none: nothing to implement
     new_tokens = draw(st.integers(0, 256)) if mode is Mode.INFERENCE else 0
     top = min(MAX_SEQ, spec.max_positions - new_tokens) if spec.max_positions else MAX_SEQ
@@ -112,7 +113,8 @@ def model_and_setup(draw, sharded=None):
         world_size=world, sharding=sharding, new_tokens=new_tokens,
         loop=loop, grad_accum=draw(st.integers(1, 8)), trainer=Trainer.SFT if sft else Trainer.HF,
         keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()), loss=draw(st.sampled_from(losses)),
-        versions=draw(st.sampled_from(["", "transformers=4.46.0", "transformers=4.48.3,torch=2.4"])))
+        versions=draw(st.sampled_from(["", "transformers=4.46.0", "transformers=4.48.3,torch=2.4"])),
+        kbit_prep=draw(st.sampled_from(list(KbitPrep))) if mode is Mode.QLORA else KbitPrep.AUTO)
     return spec, setup
 
 

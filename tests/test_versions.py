@@ -111,15 +111,22 @@ def test_a_real_step_under_the_installed_old_transformers_agrees():
 def test_mixtral_qlora_experts_are_quantized_before_transformers_5_and_not_after():
     # the example: fused 3-D experts stay bf16 under bitsandbytes in transformers >= 5
     spec = load_model("mixtral-8x7b")
-    setup = Setup(mode="qlora", quant="nf4", precision="bf16", batch=1, seq=512)
+    # without peft's preparation the unquantized experts stay bf16 (with it, fp32: KbitPrep)
+    setup = Setup(mode="qlora", quant="nf4", precision="bf16", batch=1, seq=512, kbit_prep="none")
     old = estimate(spec, setup.replace(versions={"transformers": "4.48"})).components
     new = estimate(spec, setup.replace(versions={"transformers": "5.0"})).components
     from estimator.categories import Category
     # layers x experts x (w1, w2, w3) x hidden x ffn (Mixtral config), and the router (nn.Linear
     # in 4.x, MixtralTopKRouter in 5.x: 5.24 models/mixtral/modeling_mixtral.py:96)
-    experts = 32 * 8 * 3 * 4096 * 14336 + 32 * 8 * 4096
-    # bf16 (2 bytes) vs nf4 (0.5 byte + one fp32 absmax per 64-element block: 1/16 byte)
-    assert new[Category.WEIGHTS] - old[Category.WEIGHTS] == experts * 2 - (experts // 2 + 4 * (experts // 64))
+    tensors = [(4096 * 14336, 32 * 8 * 3), (4096 * 8, 32)]
+    experts = sum(n * k for n, k in tensors)
+    # bf16 (2 bytes) vs nf4 (0.5 byte + one fp32 absmax per 64-element block: 1/16 byte, and
+    # each tensor's 16-value fp32 code: estimator/params.py quant_state_bytes)
+    nf4 = experts // 2 + sum(k * (4 * (n // 64) + 64) for n, k in tensors)
+    # the inventory holds 4.x's w1 and w3 as one gate_up stack per expert (estimator/archs/mixtral.py),
+    # so it counts 256 of those 64-byte codes fewer than 4.x's separate linears have
+    codes = 32 * 8 * 64
+    assert new[Category.WEIGHTS] - old[Category.WEIGHTS] == experts * 2 - nf4 + codes
 
 
 @pytest.mark.parametrize("transformers, opt, gpt2", [

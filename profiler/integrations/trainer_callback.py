@@ -187,7 +187,9 @@ class VramCallback(TrainerCallback):
         self._device = device_info(self.backend)
         tracker = StorageTracker()
         if self.backend == "cpu":
+            from profiler.measure.quant import quant_state_tensors
             tracker.track(model, Category.WEIGHTS)
+            tracker.track(quant_state_tensors(model), Category.WEIGHTS)  # bitsandbytes' state: no parameters
             tracker.watch_grads(model)
             self._tracker = tracker
             self._watch(optimizer)
@@ -348,7 +350,8 @@ _OPTIMIZERS = {"adamw_torch_fused": (Optimizer.ADAMW, OptimizerImpl.FUSED),
                "sgd": (Optimizer.SGD, OptimizerImpl.AUTO),
                "adafactor": (Optimizer.ADAFACTOR, OptimizerImpl.AUTO),
                "adamw_bnb_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO),
-               "adamw_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO)}
+               "adamw_8bit": (Optimizer.ADAMW_8BIT, OptimizerImpl.AUTO),
+               "paged_adamw_8bit": (Optimizer.PAGED_ADAMW_8BIT, OptimizerImpl.AUTO)}
 
 
 def setup_from_trainer(model: Any, args: Any, seq: int, backend: str) -> Setup:

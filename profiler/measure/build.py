@@ -33,13 +33,17 @@ def hf_config(spec: ModelSpec):
         raise ValueError(f"transformers cannot read {spec.name}'s config: {exc}") from None
 
 
-def build_model(spec: ModelSpec, setup: Setup, device: str) -> torch.nn.Module:
-    """The model on ``device`` (``"cuda"``, ``"cpu"``; under FakeTensorMode for sim)."""
+def build_model(spec: ModelSpec, setup: Setup, device: str, route: str = "load") -> torch.nn.Module:
+    """The model on ``device`` (``"cuda"``, ``"cpu"``; ``"meta"`` for the sim, which makes
+    fake tensors of it). A quantized setup goes through bitsandbytes as transformers 5 loads
+    it (profiler/measure/quant.py): ``route`` ``"load"`` (save and ``from_pretrained``, what a
+    user runs) or ``"swap"`` (the same replacement and quantization on the built model; meta
+    always swaps)."""
     import transformers
     cfg = hf_config(spec)
     dtype = getattr(torch, setup.precision.torch_dtype_name)
     if setup.quant is not Quant.NONE:
-        return _build_quantized(cfg, setup, device)
+        return _build_quantized(cfg, setup, device, route)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(
             cfg, attn_implementation=ATTN_IMPL[setup.attn], trust_remote_code=False, **dtype_kwargs(dtype))
@@ -55,39 +59,47 @@ def build_model(spec: ModelSpec, setup: Setup, device: str) -> torch.nn.Module:
     return model
 
 
-def _build_quantized(cfg, setup: Setup, device: str):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise SetupUnavailable(f"quantization {setup.quant} needs bitsandbytes, which is not installed; "
-                               f"the other modes still run") from None
-    if device != "cuda":
-        raise SetupUnavailable(f"quantization {setup.quant} runs on CUDA only (bitsandbytes)")
+ROUTES = ("load", "swap")
+
+
+def _build_quantized(cfg, setup: Setup, device: str, route: str):
+    """A bitsandbytes model (profiler/measure/quant.py), its unquantized modules in the recipe's
+    parameter dtype (bf16 for bf16, fp32 for the fp32-loaded amp recipes), then for QLoRA the
+    k-bit preparation (``Setup.kbit_prep``) and the adapters."""
     import transformers
-    if setup.quant is Quant.INT8:
-        qc = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        qc = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=setup.quant is Quant.NF4_DQ,
-            bnb_4bit_compute_dtype=getattr(torch, setup.precision.compute_dtype_name))
-    model = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation=ATTN_IMPL[setup.attn], quantization_config=qc,
-        **dtype_kwargs(getattr(torch, setup.precision.compute_dtype_name)))
-    model.to(device)
-    if setup.mode is Mode.QLORA:
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.grad_ckpt)
-        model.config.use_cache = False
-        model = apply_lora(model, setup)
-    return model
+
+    from profiler.measure import quant
+    if route not in ROUTES:
+        raise ValueError(f"unknown quantized build route {route!r}; choose one of: {', '.join(ROUTES)}")
+    try:
+        quant.require_bitsandbytes(f"quantization {setup.quant}")
+        attn = ATTN_IMPL[setup.attn]
+        dtype = getattr(torch, setup.precision.torch_dtype_name)
+        if route == "load" and device != "meta":
+            model = quant.load_quantized(cfg, setup, device, attn, dtype)
+        else:
+            with torch.device(device):
+                model = transformers.AutoModelForCausalLM.from_config(
+                    cfg, attn_implementation=attn, trust_remote_code=False, **dtype_kwargs(dtype))
+            model = quant.swap_quantized(model, setup, device)
+    except quant.QuantUnavailable as exc:
+        raise SetupUnavailable(str(exc)) from None
+    if not setup.training:
+        return model.eval()
+    model.train()
+    model.config.use_cache = False
+    model = quant.prepare_for_kbit_training(model, setup)
+    return apply_lora(model, setup)
 
 
 def materialize_fake(model: torch.nn.Module, fake_mode) -> torch.nn.Module:
     """Replace a meta-device model's parameters and buffers with fake CPU tensors of the same
     shape and dtype (tied parameters stay tied). Building on meta first lets peft attach
     adapters without moving fake parameters (``Module._apply`` cannot swap FakeTensors)."""
-    memo = {}
+    memo: dict = {}
+    if any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules()):
+        from profiler.measure.quant import materialize_quant_state
+        materialize_quant_state(model, fake_mode, memo)
     with fake_mode:
         for module in model.modules():
             for name, p in list(module._parameters.items()):
@@ -176,9 +188,17 @@ def build_optimizer(model: torch.nn.Module, setup: Setup):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SetupUnavailable("adamw-8bit needs bitsandbytes, which is not installed; "
-                                   "the other optimizers still run") from None
-        return bnb.optim.AdamW8bit(ps, lr=1e-5)
+            raise SetupUnavailable(f"{opt} needs bitsandbytes, which is not installed (pip install "
+                                   f"'vramlab[quant]'); the other optimizers still run") from None
+        # bitsandbytes 0.50.2 optim/adamw.py: AdamW8bit and PagedAdamW8bit (optim_bits=8,
+        # min_8bit_size=4096, is_paged); paging is off on CPU (optim/optimizer.py:375-382)
+        make_bnb = bnb.optim.PagedAdamW8bit if opt is Optimizer.PAGED_ADAMW_8BIT else bnb.optim.AdamW8bit
+        # its __init__ builds the quantization maps from Python lists (functional.py:327
+        # create_dynamic_map: ``.tolist()``), which a FakeTensorMode cannot answer: under the sim
+        # they are built as real tensors (256 values each, seen by the tracker as on a cpu step)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            return make_bnb(ps, lr=1e-5)
 
     if setup.precision is Precision.MIXED_BF16 and setup.mode is Mode.FULL:
         return MixedPrecisionOptimizer(params, make)

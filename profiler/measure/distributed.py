@@ -40,6 +40,7 @@ from estimator.setup import Mode, Setup, Sharding
 from profiler.measure.build import build_model, build_optimizer, materialize_fake
 from profiler.measure.launcher import RECORDS_NAME
 from profiler.measure.procs import STOP_GRACE_S, python_command, signals_held, signals_raise, start_group, stop_group
+from profiler.measure.quant import quant_state_tensors
 from profiler.measure.run import backend_setup, device_info, make_case, prediction, sim_contexts
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
@@ -376,6 +377,7 @@ def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, w
         model_obj = build_model(spec, setup, device)
         if setup.sharding is Sharding.DDP:
             tracker.track(model_obj, Category.WEIGHTS)
+            tracker.track(quant_state_tensors(model_obj), Category.WEIGHTS)
             with tracker:  # the Reducer allocates its gradient buckets in DDP's constructor
                 tracker.default_category = Category.GRADIENTS
                 wrapped = wrap(model_obj, spec, setup, device, world)
@@ -383,6 +385,7 @@ def rank_record(model: str, setup: Setup, backend: str, steps: int, rank: int, w
         wrapped = wrap(model_obj, spec, setup, device, world)
         gc.collect()  # the unsharded parameters fully_shard replaced
         tracker.track(wrapped, Category.WEIGHTS)  # this rank's local shards
+        tracker.track(quant_state_tensors(wrapped), Category.WEIGHTS)  # bitsandbytes' state: whole on every rank
         hooks = fsdp1_storage_hooks if setup.sharding in FSDP1 else fsdp_storage_hooks
         return Model(wrapped, _inner(wrapped), device, contexts=[hooks(tracker)])
 

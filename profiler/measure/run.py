@@ -20,6 +20,7 @@ from estimator.setup import Device, Setup
 from profiler.measure.build import build_model, materialize_fake
 from profiler.measure.harness import harness_setup
 from profiler.measure.nvml import NvmlSampler
+from profiler.measure.quant import quant_state_tensors, visible_kernels
 from profiler.measure.sim import CUDA_BLOCK_BYTES, analytic_bytes, cuda_semantics, never_packed
 from profiler.measure.steps import Model, measure_run
 from profiler.measure.tracker import StorageTracker
@@ -41,9 +42,9 @@ def sim_contexts(setup: Setup, tracker: StorageTracker) -> tuple[list, dict[str,
     semantics need only the packed-sequence fix; CUDA semantics the emulation too, and
     the tracker counts 512-byte blocks."""
     if setup.device is not Device.CUDA:
-        return [never_packed()], {}
+        return [never_packed(), visible_kernels(setup, "cpu")], {}
     tracker.round_bytes = CUDA_BLOCK_BYTES
-    return [never_packed(), cuda_semantics(setup)], analytic_bytes(setup)
+    return [never_packed(), cuda_semantics(setup), visible_kernels(setup, "cuda")], analytic_bytes(setup)
 
 
 def make_case(spec: ModelSpec, setup: Setup, backend: str, steps: int, nproc: int | None = None,
@@ -153,8 +154,9 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
             contexts.insert(0, fake)
         else:
             model_obj = build_model(spec, setup, "cuda" if cuda else "cpu")
-            contexts = []
+            contexts = [] if cuda else [visible_kernels(setup, "cpu")]  # bitsandbytes' kernels as torch ops
         tracker.track(model_obj, Category.WEIGHTS)
+        tracker.track(quant_state_tensors(model_obj), Category.WEIGHTS)  # no parameters (quant.py)
         return Model(forward=model_obj, inner=model_obj, device="cuda" if cuda else "cpu", contexts=contexts,
                      analytic=analytic)
 
