@@ -20,7 +20,7 @@ from .categories import TENSOR_CATEGORIES, Category, Phase
 from .gpus import GPU
 from .logits import logits_bytes
 from .modelspec import ModelSpec
-from .nontensor import non_tensor
+from .nontensor import NonTensor, Source, non_tensor
 from .optimizer import STATE_TENSORS, optimizer_state_bytes, optimizer_temporaries, paged_state_bytes
 from .overheads import DEFAULT, Overheads, calibration_key, workspace_for
 from .params import (
@@ -382,6 +382,13 @@ def _reserved(spec: ModelSpec, setup: Setup, st: _Static, k: float, gpu: GPU | N
     step's replayed peaks are kept for its phases, built when asked."""
     replay = replay_estimate(spec, setup, st, k)
     outside = non_tensor(setup, gpu, overheads)
+    paged = paged_state_bytes(setup, _trainable_tensor_sizes(spec, setup)) if setup.training else 0
+    if paged:
+        # a paged 8-bit optimizer's state buffers sit in unified memory: device memory beside
+        # the allocator's, outside reserved (estimator/optimizer.py paged_state_bytes)
+        label = ("PagedAdamW8bit state buffers in CUDA unified memory (cudaMallocManaged; "
+                 "estimator/optimizer.py paged_state_bytes)")
+        outside = NonTensor(outside.sources + (Source("paged_optimizer_state", paged, label),))
     context = outside.total
     load = _ZERO.copy()
     load[Category.WEIGHTS] = st.weights
@@ -798,9 +805,6 @@ def _static(spec: ModelSpec, key: Setup, workspace: int, context: int, per_tenso
             # FSDP1's optimizer steps views of the flat shards: the for-loop's temporaries
             # follow the largest piece of one parameter on this rank
             opt_temps = optimizer_temporaries(key, states.optimizer_state, states.trainable, ranked.largest_view)
-    # a paged 8-bit optimizer's state buffers sit in unified memory: device memory beside the
-    # allocator's (estimator/optimizer.py paged_state_bytes)
-    context += paged_state_bytes(key, _trainable_tensor_sizes(spec, key)) if key.training else 0
     return _Static(states, ranked.weights, ranked.gradients, ranked.optimizer_state,
                    ranked, workspace, context, per_tensor, big,
                    big * STATE_TENSORS[key.optimizer] if full else 0, big if full else 0,
