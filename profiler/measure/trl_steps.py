@@ -100,9 +100,11 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
     if setup.precision not in _PRECISION_FLAGS:
         raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
     inner, device = built.inner, built.device
-    if device.split(":")[0] not in ("cpu", "cuda") or getattr(built, "contexts", None):
-        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends (the sim does not drive a "
-                               "Trainer under fake tensors yet)")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)  # other contexts: bitsandbytes' kernels
+    if device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not inner:
+        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends on one device (the sim does not "
+                               "drive a Trainer under fake tensors yet, nor does it run on distributed ranks)")
     opt = build_optimizer(inner, setup)
     if opt is None:
         raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
