@@ -24,11 +24,7 @@ class Qwen2(LlamaStyle):
 
     def layer_types(self, spec):
         # the layers from max_window_layers on slide (configuration_qwen2.py:87-92)
-        types = spec.config.get("layer_types")
-        if isinstance(types, list):
-            return list(types)
-        first = spec.config.get("max_window_layers", 28)
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(spec.num_layers)]
+        return max_window_layer_types(spec)
 
     def read(self, f, model_type):
         out = super().read(f, model_type)
@@ -36,3 +32,14 @@ class Qwen2(LlamaStyle):
 
 
 ARCHS = (Qwen2(),)
+
+
+def max_window_layer_types(spec) -> list[str]:
+    """The config's ``layer_types`` where it lists them, else the Qwen configurations' rule:
+    the layers from ``max_window_layers`` (default 28) on slide (Qwen2Config and Qwen3Config
+    alike: configuration_qwen2.py:87-92, configuration_qwen3.py:90-93)."""
+    types = spec.config.get("layer_types")
+    if isinstance(types, list):
+        return list(types)
+    first = spec.config.get("max_window_layers", 28)
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(spec.num_layers)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..configcheck import MAX_HEAD_DIM, MAX_LAYERS
 from .base import QKNorm, Tensor
 from .llama import LlamaStyle
+from .qwen2 import max_window_layer_types
 
 
 class Qwen3(LlamaStyle):
@@ -32,11 +33,7 @@ class Qwen3(LlamaStyle):
 
     def layer_types(self, spec):
         # the layers from max_window_layers on slide (configuration_qwen3.py:90-93)
-        types = spec.config.get("layer_types")
-        if isinstance(types, list):
-            return list(types)
-        first = spec.config.get("max_window_layers", 28)
-        return ["sliding_attention" if i >= first else "full_attention" for i in range(spec.num_layers)]
+        return max_window_layer_types(spec)
 
     def layer_norms(self, spec):
         # q_norm, k_norm (head_dim,) after the layer's two norms (named_parameters order aside)
