@@ -70,11 +70,23 @@ class Trace:
     """A sequence of allocations and frees: ``("a", key, bytes, stream)``, ``("f", key)``,
     marks ``("m", label)``."""
 
-    __slots__ = ("events", "_next")
+    __slots__ = ("events", "_next", "pending", "workspaces")
 
     def __init__(self) -> None:
         self.events: list[tuple] = []
         self._next = 0
+        self.pending: tuple[int, ...] = ()  # cuBLAS workspaces due at the next matmul
+        self.workspaces: list[int] = []
+
+    def matmul(self) -> None:
+        """A cuBLAS call: a handle's workspace is allocated through the caching allocator at
+        the first one on its thread and stream, and kept (aten/src/ATen/cuda/CublasHandlePool.cpp
+        ``getCUDABlasLtWorkspace``: looked up per handle and stream, ``getNewWorkspace`` ->
+        ``CUDACachingAllocator::get()->allocate``) -- so it is carved from whatever the
+        cache holds at that moment, not before the step."""
+        if self.pending:
+            self.workspaces += self.many(self.pending)
+            self.pending = ()
 
     def a(self, nbytes: int, stream: int = DEFAULT_STREAM) -> int:
         """Allocate ``nbytes`` (nothing for <= 0); returns the key (-1 for nothing)."""
@@ -334,6 +346,7 @@ class StepTerms:
     logits_fwd: tuple[int, ...]  # alive at the loss: logits, fp32 copy, log-softmax (saved last)
     logits_saved: int  # what the loss saves for backward (the log-softmax)
     logits_bwd: tuple[int, ...]  # the loss backward's gradients
+    logits_grad: int  # the gradient cast back to the logits' dtype, what the LM head's backward reads
     head_input_grad: int
     casts_head: int  # autocast's copy of the LM head weight
     workspaces: tuple[int, ...]
@@ -366,15 +379,14 @@ def training_trace(t: StepTerms, layers: int | None = None, steps: int = STEPS) 
     grads: list[int] = []
     states: list[int] = []
     held = -1
-    workspaces: list[int] = []
     for step in range(steps):
         if step and t.empty_cache_steps and step % t.empty_cache_steps == 0:
             tr.empty_cache()
         for _micro in range(t.grad_accum):
             accumulate = bool(grads)  # .grad exists: new gradients are added into it
             tr.begin(step, "forward")
-            if not workspaces:  # cuBLAS makes a handle's workspace at its first matmul
-                workspaces = many(t.workspaces[:1])
+            if not step and not _micro:  # the main thread's handle: its first matmul is in this forward
+                tr.pending = t.workspaces[:1]
             kept, logits, lsm, outside, x, casts = _forward(tr, t)
             if held >= 0:
                 f(held)  # Loop.HELD: the previous step's outputs, dropped once this forward returns
@@ -383,8 +395,8 @@ def training_trace(t: StepTerms, layers: int | None = None, steps: int = STEPS) 
                 f(logits)  # the Trainer drops the outputs before backward
             tr.end(step, "forward")
             tr.begin(step, "backward")
-            if len(workspaces) < len(t.workspaces):  # autograd's device thread has its own handle
-                workspaces += many(t.workspaces[1:])
+            if not step and not _micro:  # autograd's device thread has a handle of its own
+                tr.pending = t.workspaces[1:]
             new = _backward(tr, t, kept, lsm, outside, x, casts, accumulate)
             grads += new
             if t.manual:
@@ -455,6 +467,7 @@ def _forward(tr: Trace, t: StepTerms):
     a = tr.a
     gather = [a(t.gather_root, ALL_GATHER_STREAM)]
     x = a(t.embed_out)
+    tr.matmul()  # the rotary embedding's inv_freq @ positions, or the first layer's first projection
     resid = a(t.blocks[0].fwd[3])
     kept: list[list[int]] = []
     blocks = t.blocks
@@ -492,6 +505,12 @@ def _backward(tr: Trace, t: StepTerms, kept, lsm: int, outside, x: int, casts, a
 
     g = many(t.logits_bwd)
     f(lsm)
+    if t.logits_grad:  # ToCopyBackward (the loss's logits.float()): the fp32 gradient cast back,
+        free_all(g[:-1])  # once log_softmax's backward has released its incoming gradient
+        cast = a(t.logits_grad)
+        free_all(g[-1:])
+        g = [cast]
+    tr.matmul()  # the LM head's input gradient: the backward's first matmul
     gin = a(t.head_input_grad)
     free_all(g)
     head = a(t.head_grad) if t.tied and not accumulate else -1  # a tied one waits in InputBuffer
@@ -643,6 +662,11 @@ def step_terms(spec, setup, st, k: float) -> StepTerms:
         rest = pieces(max(lg["forward"] - p * TV - saved, 0), (FP32 * TV, p * TV))
         logits_fwd = [p * TV] + rest + [saved]
         logits_bwd = pieces(max(lg["backward"] - saved, 0), (FP32 * TV, p * TV))
+    # transformers' ForCausalLMLoss upcasts with logits.float() (loss/loss_utils.py): in
+    # backward the fp32 gradient log_softmax's backward returns is cast back to the logits'
+    # dtype (ToCopyBackward0), and that tensor is what the LM head's two matmuls read
+    upcast = setup.loss is Loss.CAUSAL_LM and not setup.semantics.loss_copies_shifted_logits and p < FP32
+    logits_grad = p * TV if upcast else 0
     ranked = st.ranked
     ws = st.workspace
     return StepTerms(
@@ -651,7 +675,7 @@ def step_terms(spec, setup, st, k: float) -> StepTerms:
         tied=bool(spec.tie_word_embeddings) and full, embed_grad=embed, embed_other=embed_other,
         states=states, masters=masters, master_grads=master_grads, temps=temps, temps_at_once=at_once,
         blocks=blk, recompute=recompute, outside=tuple(outside), embed_out=resid * spec.hidden_size * T,
-        logits_fwd=tuple(logits_fwd), logits_saved=saved, logits_bwd=tuple(logits_bwd),
+        logits_fwd=tuple(logits_fwd), logits_saved=saved, logits_bwd=tuple(logits_bwd), logits_grad=logits_grad,
         head_input_grad=p * e * T, casts_head=head_cast,
         workspaces=(ws // 2, ws - ws // 2) if ws else (),
         buckets=ranked.buckets, gather=ranked.layer_params if ranked.gathers else 0,
@@ -737,16 +761,16 @@ def forward_trace(t: ForwardTerms, steps: int = STEPS) -> Trace:
     L = t.layers
     load(tr, t.weights, t.staging, L, t.dropped)
     tr.end(0, LOAD)
-    workspaces: list[int] = []
     phase = "prefill" if t.decode else "forward"
     for step in range(steps):
         if step and t.empty_cache_steps and step % t.empty_cache_steps == 0:
             tr.empty_cache()
         tr.begin(step, phase)
-        if not workspaces:
-            workspaces = many(t.workspaces)
+        if not step:  # the handle's workspace, at the first matmul (Trace.matmul)
+            tr.pending = t.workspaces
         cache: list[int] = []
         x = a(t.w.resid * t.w.h * t.T)
+        tr.matmul()
         resid = a(t.w.resid * t.w.h * t.T)
         for _ in range(L):
             resid = _layer_nograd(tr, t.w, t.T, t.square, resid, cache, t.cache)

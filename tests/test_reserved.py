@@ -23,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "results/cuda/h200/cuda-standard.jsonl"
 
 #: issue 23's targets are median 1 % / max 3 % for both figures. Reached on the 80 H200
-#: records: reserved median 0.30 %, max 6.73 % (one case, smollm2-360m bf16 b4 x s512 with
-#: checkpointing, whose first step the replay matches to the MiB and whose second it
-#: over-reserves after empty_cache); NVML median 0.20 %, max 1.41 % (29 cases alone).
+#: records: reserved median 0.28 %, max 2.72 %; NVML median 0.14 %, max 1.47 % (29 cases
+#: alone). Before the cuBLAS workspaces were made at the first matmul and the loss's
+#: gradient cast back to the logits' dtype was a tensor of the trace: reserved max 6.73 %
+#: (smollm2-360m bf16 b4 x s512 with checkpointing: the states of the first step landed
+#: in segments the empty_cache before the second could not return).
 RESERVED_MEDIAN_TOLERANCE = 0.01
-RESERVED_MAX_TOLERANCE = 0.07
+RESERVED_MAX_TOLERANCE = 0.03
 NVML_MEDIAN_TOLERANCE = 0.01
 NVML_MAX_TOLERANCE = 0.03
 #: one case's reserved bytes against its record, where the behaviour a test names is modelled
@@ -83,6 +85,32 @@ def test_the_harness_empties_the_cache_between_training_steps(h200):
     assert current_setup(r).empty_cache_steps == 1
     assert abs(_reserved_error(r)) <= CASE_TOLERANCE
     assert _reserved_error(r, empty_cache_steps=0) > 0.05  # the steady step keeps the first's cache
+
+
+def _first_step_error(r, phase: str) -> float:
+    est = estimate(load_model(r.case.model), current_setup(r), gpu_named(r.device["name"]))
+    ours = [c for ph, c in (est.first_step_phases or est.phases).items() if ph.value == phase][0]
+    predicted = sum(v for k, v in ours.items() if k.value != "context")
+    return predicted / r.measured.first_step[phase].peak_reserved_bytes - 1
+
+
+def test_a_cublas_workspace_is_carved_from_the_cache_at_the_first_matmul(h200):
+    """cuBLAS allocates a handle's workspace through the caching allocator at its first call
+    on a thread (the autograd thread's in backward, after the loss has freed the logits):
+    made before the step it took a segment of its own, and Qwen2.5-0.5B's first backward in
+    a hand-written loop reserved 13 % more than the H200 did."""
+    r = _record(h200, "qwen2.5-0.5b full bf16 b2x512 sdpa manual-loop")
+    assert abs(_first_step_error(r, "backward")) <= CASE_TOLERANCE
+
+
+def test_the_loss_gradient_cast_back_to_half_is_a_tensor_of_its_own(h200):
+    """ForCausalLMLoss's logits.float(): backward casts the fp32 gradient back to bf16
+    (ToCopyBackward0) and the LM head's matmuls read that copy. Without it the autograd
+    thread's workspace and the tied head's gradient took the freed bf16 logits' segment,
+    the first step's optimizer state was spread over segments empty_cache cannot return, and
+    SmolLM2-360M's steady step over-reserved by 6.7 %."""
+    r = _record(h200, "smollm2-360m full bf16 b4x512 sdpa ckpt")
+    assert abs(_reserved_error(r)) <= RESERVED_MAX_TOLERANCE
 
 
 def test_the_first_step_is_replayed_apart(h200):
