@@ -510,12 +510,15 @@ def _backward(tr: Trace, t: StepTerms, kept, lsm: int, outside, x: int, casts, a
         cast = a(t.logits_grad)
         free_all(g[-1:])
         g = [cast]
-    tr.matmul()  # the LM head's input gradient: the backward's first matmul
-    gin = a(t.head_input_grad)
-    free_all(g)
+    # the LM head's MmBackward0 reads that gradient twice: the weight's gradient first, the
+    # input's second (the order the sim's trace of the real backward shows); cuBLAS makes the
+    # autograd thread's workspace at the first of them, after its output
     head = a(t.head_grad) if t.tied and not accumulate else -1  # a tied one waits in InputBuffer
     if not t.tied:
         grad(t.head_grad)
+    tr.matmul()
+    gin = a(t.head_input_grad)
+    free_all(g)
     for size in t.root_grads:
         grad(size)
     free_all(casts)

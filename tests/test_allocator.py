@@ -60,12 +60,24 @@ def test_empty_cache_returns_only_wholly_free_segments():
 
 
 def test_replay_takes_the_measured_meters_phases_and_resets_peaks_per_phase():
-    events = [("m", ("begin", 1, "forward")), ("a", 1, 40 * MiB), ("f", 1), ("m", ("end", 1, "forward")),
-              ("m", "empty_cache"),
+    events = [("m", ("begin", 1, "forward")), ("a", 1, 40 * MiB), ("m", ("matmul", 0)), ("f", 1),
+              ("m", ("end", 1, "forward")), ("m", "empty_cache"),
               ("m", ("begin", 2, "forward")), ("a", 2, 20 * MiB), ("m", ("end", 2, "forward"))]
     out = replay(events, measured_meter=2, workspaces=[32 * MiB])
     assert out["forward"]["allocated_bytes.all.peak"] == 52 * MiB
     assert out["forward"]["reserved_bytes.all.peak"] == 52 * MiB  # the 40 MiB segment was released
+
+
+def test_a_workspace_is_carved_from_the_cache_at_its_threads_first_matmul():
+    """cuBLAS allocates a handle's workspace at the first call on its thread (the tracker's
+    ("matmul", thread) mark), from whatever the cache holds then: here the freed 40 MiB block,
+    which empty_cache can no longer return."""
+    events = [("m", ("begin", 1, "forward")), ("a", 1, 40 * MiB), ("f", 1), ("m", ("matmul", 0)),
+              ("m", ("matmul", 0)), ("m", ("end", 1, "forward")), ("m", "empty_cache"),
+              ("m", ("begin", 2, "forward")), ("a", 2, 20 * MiB), ("m", ("end", 2, "forward"))]
+    out = replay(events, measured_meter=2, workspaces=[32 * MiB, 32 * MiB])
+    assert out["forward"]["allocated_bytes.all.peak"] == 52 * MiB  # one workspace: thread 1 never ran
+    assert out["forward"]["reserved_bytes.all.peak"] == 60 * MiB  # 40 kept for the workspace, 20 new
 
 
 CUDA_CASES = ["smollm2-360m full bf16 b1x256 sdpa",    # 58 MiB of block slack at the optimizer peak

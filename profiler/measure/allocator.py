@@ -31,11 +31,12 @@ def replay(events: Iterable[tuple], measured_meter: int, workspaces: Sequence[in
     ``("begin", meter id, phase)`` / ``("end", meter id, phase)`` around each phase (peaks
     reset at a begin, as the CUDA meter's ``reset_peak_memory_stats``) and
     ``"empty_cache"`` where the CUDA harness empties the cache. ``workspaces``: sizes of
-    non-tensor allocations alive throughout (the cuBLAS workspaces). Returns, per phase of
-    the meter ``measured_meter``, the worst step's peaks (by allocated bytes)."""
+    the cuBLAS workspaces, one per thread (the main one, autograd's), each allocated at the
+    tracker's ``("matmul", thread)`` mark -- that thread's first cuBLAS call -- and kept.
+    Returns, per phase of the meter ``measured_meter``, the worst step's peaks (by allocated
+    bytes)."""
     model = CachingAllocator(conf)
-    for i, size in enumerate(workspaces):
-        model.malloc(("workspace", i), size)
+    made: set[int] = set()
     out: dict[str, dict[str, int]] = {}
     for event in events:
         kind = event[0]
@@ -45,6 +46,11 @@ def replay(events: Iterable[tuple], measured_meter: int, workspaces: Sequence[in
             model.free(event[1])
         elif event[1] == "empty_cache":
             model.empty_cache()
+        elif event[1][0] == "matmul":
+            thread = event[1][1]
+            if thread < len(workspaces) and thread not in made:
+                made.add(thread)
+                model.malloc(("workspace", thread), workspaces[thread])
         elif event[1][0] == "begin":
             model.reset_peaks()
         elif event[1][0] == "end" and event[1][1] == measured_meter:

@@ -67,6 +67,14 @@ try:  # FakeTensor is a plain (non-wrapper) subclass: its storage is a meta stor
 except Exception:  # pragma: no cover - very old torch
     pass
 
+_aten = torch.ops.aten
+#: ops that call cuBLAS on CUDA (aten/src/ATen/native/cuda/Blas.cpp: mm, addmm, bmm, baddbmm,
+#: addmv and their fused-epilogue forms). A handle's workspace is allocated through the
+#: caching allocator at the first such call on a thread (aten/src/ATen/cuda/CublasHandlePool.cpp
+#: ``getCUDABlasLtWorkspace``), after the op's output: the event log marks it there.
+_BLAS_OPS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.addmv, _aten.mv,
+                       _aten._addmm_activation})
+
 
 class _StorageRef(weakref.ref):
     """Weak reference to an ``UntypedStorage`` that is also its tracking record."""
@@ -192,6 +200,7 @@ class StorageTracker(TorchDispatchMode):
         # mark ("m", label) in order: the sim replays it through the CUDA caching
         # allocator (profiler/measure/allocator.py).
         self.events: list | None = None
+        self._blas_threads: set[int] = set()  # threads whose first cuBLAS call the log has marked
 
     def mark(self, label: Any) -> None:
         """A labelled point in the event log (nothing without one)."""
@@ -223,6 +232,12 @@ class StorageTracker(TorchDispatchMode):
             self._see_many(out)
         elif isinstance(out, _Tensor):
             self._see_tensor(out)
+        if self.events is not None and len(self._blas_threads) < 2 and func._overloadpacket in _BLAS_OPS:
+            # CUDA runs backward on autograd's device thread, with a cuBLAS handle of its own
+            thread = 1 if torch._C._current_graph_task_id() >= 0 else 0
+            if thread not in self._blas_threads:
+                self._blas_threads.add(thread)
+                self.events.append(("m", ("matmul", thread)))
         return out
 
     def _see_storage(self, st) -> None:
