@@ -21,8 +21,21 @@ FAMILY_TOLERANCE = 0.005
 CPU_TOLERANCE = 0.005
 _T = {c.value for c in TENSOR_CATEGORIES}
 
-FAMILIES = ["qwen3-0.6b", "olmo-2-1b", "olmo-3-7b", "gemma-3-1b", "llama-3.2-1b", "phi-4-mini", "smollm3-3b",
-            "granite-3.3-2b", "starcoderbase-1b", "ministral-8b"]
+FAMILIES = ["qwen3-0.6b", "olmo-2-1b", "olmo-3-7b", "gemma-3-1b", "gemma-3-27b", "llama-3.2-1b", "phi-4-mini",
+            "smollm3-3b", "granite-3.3-2b", "starcoderbase-1b", "ministral-8b"]
+
+#: Gemma 3's text models, parameters as keras-hub publishes them (keras_hub/src/models/gemma3/
+#: gemma3_presets.py ``gemma3_{4b,12b,27b}_text``: a 262,144-row vocabulary) plus the 64 rows
+#: transformers' 262,208-row embedding has more (configuration_gemma3.py:73)
+GEMMA3_TEXT_PARAMS = {"gemma-3-4b": 3_880_099_328, "gemma-3-12b": 11_765_788_416, "gemma-3-27b": 27_009_002_240}
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA3_TEXT_PARAMS))
+def test_gemma3_text_sizes_have_their_published_parameter_counts(name):
+    from estimator.params import count_params, meta_count
+    spec = load_model(name)
+    want = GEMMA3_TEXT_PARAMS[name] + 64 * spec.hidden_size
+    assert count_params(spec).total == meta_count(spec).total == want
 
 
 def _reduced(name: str, layers: int = 4):
