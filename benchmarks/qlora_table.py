@@ -71,6 +71,10 @@ def setup_name(s: dict) -> str:
         name += ", grad-ckpt"
     if s.get("optimizer", "adamw") != "adamw":
         name += f", {s['optimizer']}"
+    if s.get("attn", "sdpa") != "sdpa":  # benchmarks/long-cpu.toml's rows
+        name += f", {s['attn']}"
+    if s.get("seq", 512) != 512:
+        name += f", s{s['seq']}"
     return name
 
 

@@ -911,7 +911,7 @@ def prefill_transient(spec: ModelSpec, setup: Setup) -> int:
         # (masking_utils.py: eager masks are additive, min_dtype where masked)
         attn = softmax * a * s * T + 2 * p * spec.q_dim * T + p * s * T
     elif kernels.cuda_sdpa_backend(spec, setup) == "math":
-        attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T
+        attn = FP32 * (3 * spec.q_dim + 2 * a * s) * T + kernels.math_kernel_extra(spec, setup)
     else:
         attn = p * (2 * spec.q_dim + 2 * spec.kv_dim) * T
     masked = kernels.masked_layers(spec, setup)

@@ -61,6 +61,23 @@ def cuda_sdpa_backend(spec: ModelSpec, setup: Setup) -> str:
     return "math"
 
 
+def math_kernel_extra(spec: ModelSpec, setup: Setup) -> int:
+    """What sdpa's math kernel holds at its softmax beyond the scaled q, the repeated k and v
+    and two (b, heads, s, s) fp32 score matrices (attention.cpp ``_scaled_dot_product_attention_math``,
+    read as the ops it dispatches on torch 2.13): 16-bit inputs are upcast first and the fp32
+    copies stay referenced to the end -- q's (``query_acc``) and, where grouped heads are
+    repeated into new tensors, k's and v's; ``is_causal`` (transformers passes it with no
+    mask) builds the causal mask as a bool (s, s) ``tril`` converted to an additive fp32
+    (s, s) one, which the scores are added to. Measured with the storage tracker on the op
+    alone (fp16, 15 query and 5 key/value heads, s1024): two score matrices, the mask and
+    4 q + 2 kv fp32 per token, to the byte."""
+    T, s = setup.batch * setup.seq, setup.seq
+    grouped = spec.num_kv_heads < spec.num_heads and not kv_repeated(spec, setup)
+    upcast = FP32 * (spec.q_dim + (2 * spec.kv_dim if grouped else 0)) * T \
+        if setup.precision.compute_bytes != FP32 else 0
+    return upcast + FP32 * s * s
+
+
 def has_flash(setup: Setup) -> bool:
     """Flash attention runs on compute capability 8.0 and newer since torch 2.2 moved to
     FlashAttention-2 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp

@@ -93,10 +93,10 @@ from functools import lru_cache
 
 from .activations import training_activations
 from .archs import inventory_of
-from .kernels import eager_softmax_bytes, eager_softmax_saved
+from .kernels import cuda_sdpa_backend, eager_softmax_bytes, eager_softmax_saved
 from .modelspec import ModelSpec
 from .params import count_params, layer_linears, lora_targets, quant_state_bytes
-from .setup import Attention, Mode, Quant, Setup, Sharding
+from .setup import Attention, Device, Mode, Quant, Setup, Sharding
 from .units import FP32, HALF, MiB
 
 #: The largest world any search or estimate here considers.
@@ -600,6 +600,12 @@ def _working_terms(spec: ModelSpec, key: Setup):
         # eager fp16 and bf16 at s4096, a recomputed layer's backward)
         cast = p if eager_softmax_saved(spec, key) > probs else 0
         return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, (2 * probs - cast) * spec.num_heads
+    if key.attn is Attention.SDPA and key.device is Device.CUDA and cuda_sdpa_backend(spec, key) == "math":
+        # sdpa's math kernel (a CUDA step's for grouped heads without flash or cuDNN: sm75; fp32):
+        # the probabilities' gradient and the softmax backward's output, (b, heads, s, s) fp32
+        # each, beside the saved ones -- and nothing per token yet (measured with the storage
+        # tracker on the op's backward alone: exactly two score matrices over what it saved)
+        return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, 2 * FP32 * spec.num_heads
     return down, mlp_grads, 2 * f * p * experts, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
 
 

@@ -108,6 +108,7 @@ class CudaTarget:
 
     architecture: str = "hopper"
     cudnn_first: bool = True  # sdpa tries cuDNN first (runtime cuDNN > 9.15.0 on sm90/sm100)
+    flash: bool = True  # flash and cuDNN attention run here (compute capability >= 8.0: kernels.has_flash)
 
     @property
     def workspace_bytes(self) -> int:
@@ -121,6 +122,26 @@ def default_target(architecture: str = "hopper") -> CudaTarget:
     return CudaTarget(architecture, cudnn_first=architecture in ("hopper", "blackwell") and major_minor >= (2, 11))
 
 
+def target_for(setup: Setup) -> CudaTarget:
+    """The GPU a setup names (``Setup.compute_capability``, which ``--gpu`` presets carry):
+    Turing (7.5) has neither flash nor cuDNN attention on torch >= 2.2, so 16-bit sdpa runs
+    the memory-efficient kernel or math (``sdp_utils.cpp`` ``check_flash_attention_hardware_support``;
+    the estimator's ``kernels.has_flash``); Ampere and Ada (8.x) try flash first; Hopper and
+    Blackwell cuDNN first (:func:`default_target`). Without one: an H100 (the default)."""
+    from estimator.kernels import has_flash
+    cc = setup.compute_capability
+    if not cc:
+        return default_target()
+    major, minor = (int(x) for x in (cc.split(".") + ["0"])[:2])
+    if major >= 10:
+        return default_target("blackwell")
+    if major == 9:
+        return default_target("hopper")
+    if major == 8:
+        return CudaTarget("ada" if minor >= 9 else "ampere", cudnn_first=False)
+    return CudaTarget("turing", cudnn_first=False, flash=has_flash(setup))
+
+
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, dropout_p: float,
                  is_causal: bool, enable_gqa: bool, target: CudaTarget) -> str:
     """The backend torch's CUDA dispatcher picks (sdp_utils.cpp: select_sdp_backend)."""
@@ -128,10 +149,10 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask, d
     heads_match = q.shape[-3] == k.shape[-3] == v.shape[-3]
     gqa_ok = heads_match or (enable_gqa and q.shape[-3] % k.shape[-3] == 0 and k.shape[-3] == v.shape[-3])
     same_d = d == k.shape[-1] == v.shape[-1]
-    cudnn = (half and gqa_ok and same_d and d % 8 == 0 and d <= CUDNN_MAX_HEAD_DIM and k.shape[-2] != 1
+    cudnn = (target.flash and half and gqa_ok and same_d and d % 8 == 0 and d <= CUDNN_MAX_HEAD_DIM and k.shape[-2] != 1
              and float(dropout_p * 16).is_integer()
              and (attn_mask is None or not attn_mask.requires_grad))
-    flash = (half and gqa_ok and same_d and d <= FLASH_MAX_HEAD_DIM and attn_mask is None
+    flash = (target.flash and half and gqa_ok and same_d and d <= FLASH_MAX_HEAD_DIM and attn_mask is None
              and (not is_causal or q.shape[-2] == k.shape[-2]))
     efficient = heads_match and d % (8 if half else 4) == 0
     order = (("cudnn", cudnn), ("flash", flash)) if target.cudnn_first else (("flash", flash), ("cudnn", False))
@@ -274,7 +295,7 @@ def _cross_entropy_cuda(input, target, weight=None, size_average=None, ignore_in
 def cuda_semantics(setup: Setup, target: CudaTarget | None = None) -> Iterator[None]:
     """Emulate what a CUDA step allocates, on fake CPU tensors; see the module docstring.
     (The 512-byte rounding is the tracker's ``round_bytes``, set before anything is tracked.)"""
-    target = target or default_target()
+    target = target or target_for(setup)
     f = torch.nn.functional
     originals = (f.scaled_dot_product_attention, f.dropout)
     f.scaled_dot_product_attention = _cuda_sdpa(target)
@@ -295,6 +316,7 @@ def cuda_semantics(setup: Setup, target: CudaTarget | None = None) -> Iterator[N
 def analytic_bytes(setup: Setup, target: CudaTarget | None = None) -> dict[str, int]:
     """Non-tensor memory a CUDA step holds in ``max_memory_allocated`` at every measured
     phase (after the warm-up step): the cuBLAS workspaces of the forward's thread and,
-    when training, of autograd's device thread."""
+    when training, of autograd's device thread (the default target's size, as the estimate
+    takes without ``--gpu``: ``Setup.compute_capability`` chooses kernels, not this)."""
     target = target or default_target()
     return {"cublas_workspaces": (2 if setup.training else 1) * target.workspace_bytes}
