@@ -53,10 +53,13 @@ def chunked_nll_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
 
 
 def fused_head_bytes(rows: int, vocab: int, hidden: int, compute_bytes: int, head_trains: bool, triton: bool,
-                     copies_rows: bool, autocast: bool = False) -> dict[str, int]:
+                     copies_rows: bool, autocast: bool = False,
+                     forward_tile_bytes: int = TRL_FORWARD_TILE_BYTES) -> dict[str, int]:
     """:func:`chunked_nll_bytes` for N = ``rows`` labelled positions: the bytes
     ``ChunkedLogProbFunction`` holds at its worst moment in forward and in backward, beyond
-    its inputs (the hidden states and the head's weight)."""
+    its inputs (the hidden states and the head's weight). ``forward_tile_bytes``: the torch
+    fold's bytes per tile element for the outputs asked (SFT's and DPO's policy: 13; log_probs
+    alone: estimator/dpo.py)."""
     p, h, V, N = compute_bytes, hidden, vocab, rows
     n, w = min(N, TRL_TOKEN_CHUNK), min(V, TRL_VOCAB_CHUNK)
     buf = n * TRL_VOCAB_CHUNK * p
@@ -70,7 +73,7 @@ def fused_head_bytes(rows: int, vocab: int, hidden: int, compute_bytes: int, hea
         copy = p * N * h  # hidden_states[mask]: every labelled row (all of them here)
         return {"forward": buf + stats + copy, "backward": buf + grads + casts}
     copy = p * N * h if copies_rows else 0
-    return {"forward": buf + stats + copy + TRL_FORWARD_TILE_BYTES * n * w,
+    return {"forward": buf + stats + copy + forward_tile_bytes * n * w,
             "backward": buf + grads + max(TRL_BACKWARD_TILE_BYTES * n * w, casts)}
 
 

@@ -1,4 +1,4 @@
-"""What a trainer decides by default, per library version (TRL's SFTTrainer).
+"""What a trainer decides by default, per library version (TRL's SFTTrainer and DPOTrainer).
 
 A flag the user gives wins; what is left out takes the trainer's default under the assumed
 versions (``Setup.versions`` over the installed ones, estimator/versions.py):
@@ -9,6 +9,18 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
 - precision: SFTConfig sets ``bf16=True`` unless ``fp16`` (trl 1.16.0
   trl/trainer/base_config.py:108) and SFTTrainer loads a model id with ``dtype="auto"``:
   bf16 checkpoints train as the ``bf16`` recipe, the setup's default already (setup.Precision).
+
+DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
+
+- loss: the fused LM head for the policy and the reference (trl/trainer/dpo_trainer.py:954-962),
+  whatever DPOConfig's ``loss_type`` (``["sigmoid"]``, dpo_config.py:245-247: a few per-pair
+  scalars beside it);
+- gradient checkpointing: on, DPOConfig's base default as for SFT (trl/trainer/base_config.py:62);
+- reference: ``Setup.ref_model`` resolves TRL's own choice by the mode (setup.RefModel);
+- padding_free: DPOConfig's flag warns and falls back to padding (dpo_trainer.py:732-739), so
+  chosen and rejected are right-padded to the batch's longest (``DataCollatorForPreference``,
+  :185-202); ``max_length`` 1024 truncates each sequence (dpo_config.py:195, :153-165): the
+  setup's ``seq`` is that padded length.
 """
 from __future__ import annotations
 
@@ -20,6 +32,8 @@ def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ..
     """The setup fields ``trainer`` sets when the user leaves them out, under ``versions``
     (pairs over the installed ones): ``{}`` for the HF Trainer."""
     trainer = Trainer.parse(trainer)
+    if trainer is Trainer.DPO:
+        return {"loss": Loss.CHUNKED_NLL, "grad_ckpt": semantics_for(tuple(versions)).sft_grad_ckpt_default}
     if trainer is not Trainer.SFT:
         return {}
     sem = semantics_for(tuple(versions))
