@@ -1,5 +1,6 @@
 """TRL's trainers (issue 24): the optional extra, ``--trainer sft``'s defaults per trl version,
-the fused LM head's bytes (``--loss chunked-nll``) and the real ``SFTTrainer`` on CPU steps.
+the fused LM head's bytes (``--loss chunked-nll``) and the real ``SFTTrainer`` on CPU steps;
+``--trainer dpo`` (``--ref-model``) and the real ``DPOTrainer`` on CPU steps.
 
 The estimator's part runs without trl; what needs trl skips, saying why, without it."""
 from __future__ import annotations
@@ -58,7 +59,16 @@ def test_the_flags_take_the_sft_defaults_and_override_them(cli):
     (["--trainer", "sft", "--loss", "logits-sum"], "computes its own loss"),
     (["--trainer", "sft", "--loop", "manual"], "leave --loop trainer"),
     (["--trainer", "sft", "--sharding", "fsdp", "--world-size", "2"], "not modelled yet"),
-    (["--trainer", "dpo"], "unknown trainer 'dpo'"),
+    (["--trainer", "grpo"], "unknown trainer 'grpo'"),
+    (["--ref-model", "separate"], "--trainer hf has none"),
+    (["--trainer", "sft", "--ref-model", "separate"], "--trainer sft has none"),
+    (["--trainer", "dpo", "--ref-model", "adapter"], "--mode full trains none"),
+    (["--trainer", "dpo", "--ref-model", "frozen"], "unknown refmodel 'frozen'"),
+    (["--trainer", "dpo", "--mode", "eval"], "--trainer dpo trains"),
+    (["--trainer", "dpo", "--loss", "causal-lm"], "fused LM head"),
+    (["--trainer", "dpo", "--loop", "manual"], "leave --loop trainer"),
+    (["--trainer", "dpo", "--sharding", "zero3", "--world-size", "2"], "not modelled yet"),
+    (["--trainer", "dpo", "--versions", "trl=1.15"], "trl 1.15's was not read"),
 ])
 def test_bad_trainer_flags_are_one_sentence_and_exit_2(cli, argv, match):
     out = cli("estimate", "gpt2", *argv)
@@ -130,7 +140,7 @@ def _reduced(tmp_path, name: str, layers: int) -> str:
     """A shipped config at ``layers`` of its layers: real width and vocabulary, fewer layers."""
     from estimator.modelspec import MODELS_DIR
     raw = json.loads((MODELS_DIR / f"{name}.json").read_text())
-    raw["num_hidden_layers"] = layers
+    raw["n_layer" if "n_layer" in raw else "num_hidden_layers"] = layers  # GPT-2 names it n_layer
     path = tmp_path / f"{name}-{layers}l.json"
     path.write_text(json.dumps(raw))
     return str(path)
@@ -191,3 +201,115 @@ def test_the_trainer_callback_reads_an_sft_trainer_and_its_peaks_match(tmp_path)
         want = p.first_step["allocated_bytes"] if r.first_step and p.first_step else p.allocated_bytes
         got = r.measured.peak_allocated_bytes
         assert abs(want - got) <= SFT_TOLERANCE * got, (r.step, got, want)
+
+
+# --- --trainer dpo: TRL's DPOTrainer ---------------------------------------------------------
+
+def test_dpo_defaults_and_the_reference_trl_picks_by_mode():
+    from estimator.setup import RefModel
+    assert trainer_defaults("dpo", (("trl", "1.16"),)) == {"loss": Loss.CHUNKED_NLL, "grad_ckpt": True}
+    full = Setup(trainer="dpo", loss="chunked-nll", mode="full")
+    lora = Setup(trainer="dpo", loss="chunked-nll", mode="lora")
+    assert (full.ref_model, lora.ref_model) == (RefModel.SEPARATE, RefModel.ADAPTER)  # dpo_trainer.py:907-915
+    assert full.to_dict()["ref_model"] == "separate" and "ref_model" not in Setup().to_dict()
+
+
+def test_the_dpo_flags_take_the_defaults(cli):
+    out = cli("estimate", "smollm2-135m", "--trainer", "dpo", "--mode", "lora", "--json")
+    assert out.code == 0, out.err
+    setup = json.loads(out.out)["setup"]
+    assert (setup["trainer"], setup["loss"], setup["grad_ckpt"], setup["ref_model"]) == \
+        ("dpo", "chunked-nll", True, "adapter")
+
+
+def test_dpo_with_precomputed_log_probs_is_the_sft_step_at_twice_the_batch():
+    """No reference forward, no reference copy: chosen + rejected in one policy batch of 2b
+    (dpo_trainer.py:169, :1299), the fused head as SFT's; the same bytes, phase by phase."""
+    spec = load_model("smollm2-135m")
+    for mode, b in (("full", 1), ("lora", 3)):
+        dpo = Setup(trainer="dpo", loss="chunked-nll", ref_model="precomputed", mode=mode, batch=b, seq=512,
+                    grad_ckpt=True, device="cpu")
+        sft = Setup(trainer="sft", loss="chunked-nll", mode=mode, batch=2 * b, seq=512, grad_ckpt=True, device="cpu")
+        ed, es = estimate(spec, dpo), estimate(spec, sft)
+        assert Phase.REFERENCE not in ed.tensor_phases
+        assert ed.tensor_phases == es.tensor_phases
+
+
+def test_the_separate_reference_adds_a_frozen_copy_and_the_reference_forward():
+    spec = load_model("qwen3-0.6b")
+    base = dict(trainer="dpo", loss="chunked-nll", mode="lora", batch=2, seq=1024, grad_ckpt=True, device="cpu")
+    sep, ada, pre = (estimate(spec, Setup(ref_model=r, **base)) for r in ("separate", "adapter", "precomputed"))
+    copy = sep.phases[Phase.BACKWARD][Category.WEIGHTS] - ada.phases[Phase.BACKWARD][Category.WEIGHTS]
+    assert copy == count_params_total(spec) * 2  # the base model again, bf16
+    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER):
+        assert ada.tensor_phases[phase] == pre.tensor_phases[phase]
+    ref = ada.tensor_phases[Phase.REFERENCE]
+    fwd = ada.tensor_phases[Phase.FORWARD]
+    # after the policy's forward: everything it saved is alive beside the reference's working set
+    assert ref[Category.ACTIVATIONS] > fwd[Category.ACTIVATIONS] and ref[Category.WEIGHTS] == fwd[Category.WEIGHTS]
+
+
+def count_params_total(spec) -> int:
+    from estimator.params import count_params
+    return count_params(spec).total
+
+
+@pytest.mark.parametrize("rows,vocab,hidden", [(300, 20000, 64), (511, 49152, 32)])
+def test_the_reference_heads_log_probs_only_fold_is_12_bytes_a_tile_element(rows, vocab, hidden):
+    """The separate reference's fused head asks log_probs only (dpo_trainer.py:962, utils.py:1552):
+    under no_grad, ChunkedLogProbFunction's forward peak beyond its inputs is the buffer, the
+    statistics and 12 bytes per tile element (estimator/dpo.py), to the byte but the small vectors."""
+    _trl()
+    import torch
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from estimator.dpo import TRL_FORWARD_TILE_BYTES_LOGPROBS
+    from profiler.measure.tracker import StorageTracker
+    torch.manual_seed(0)
+    h, w = torch.randn(rows, hidden), torch.randn(vocab, hidden)
+    targets = torch.randint(0, vocab, (rows,))
+    tracker = StorageTracker()
+    with tracker:
+        tracker.track([h, w], Category.WEIGHTS)
+        with torch.no_grad(), tracker.phase("forward") as f:
+            ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ("log_probs",))
+    want = fused_head_bytes(rows, vocab, hidden, 4, head_trains=False, triton=False, copies_rows=False,
+                            forward_tile_bytes=TRL_FORWARD_TILE_BYTES_LOGPROBS)["forward"]
+    small = 64 * rows + 16 * min(vocab, TRL_VOCAB_CHUNK) + 2**16
+    got = f.peak_bytes - f.start_bytes
+    assert 0 <= got - want <= small, (got, want)
+
+
+def test_dpo_under_the_sim_is_refused_in_one_sentence(cli):
+    out = cli("profile", "gpt2", "--trainer", "dpo", "--backend", "sim", "--steps", "1")
+    assert out.code == 2 and "the sim cannot drive DPOTrainer" in out.err and out.err.count("\n") == 1, out.err
+
+
+#: Real DPOTrainer steps, fp32, seq 512, checkpointing (DPOConfig's default), one per reference:
+#: Qwen3-0.6B's width and 151,936 vocabulary at 4 of its 28 layers (216M parameters) with LoRA and
+#: the adapter disabled as reference; GPT-2 (124M) full with a separate copy at 2 of its 12 layers
+#: (the same width and vocabulary) and with precomputed log-probs
+DPO_CASES = [("qwen3-0.6b", "lora", "adapter", 4, "q_proj,v_proj"), ("gpt2", "full", "separate", 2, None),
+             ("gpt2", "full", "precomputed", 2, None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mode,ref,layers,targets", DPO_CASES, ids=lambda x: str(x))
+def test_the_real_dpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, ref, layers, targets):
+    _trl()
+    from profiler.measure.run import run_case
+    model = _reduced(tmp_path, name, layers) if layers else name
+    kw = dict(lora_targets=targets) if targets else {}
+    setup = Setup(trainer="dpo", loss="chunked-nll", ref_model=ref, mode=mode, precision="fp32", batch=1, seq=512,
+                  grad_ckpt=True, device="cpu", **kw)
+    record = run_case(model, setup, "cpu", steps=1)
+    assert record.ok, record.message
+    want_phases = {"forward", "backward", "optimizer", "zero_grad"} | ({"reference"} if ref != "precomputed" else set())
+    for measured, first in ((record.measured.phases, False), (record.measured.first_step, True)):
+        assert set(measured) == want_phases
+        for phase, m in measured.items():
+            if phase == Phase.ZERO_GRAD.value:
+                continue
+            want = _tensors(record.predicted.phases_of(first)[phase])
+            got = m.peak_allocated_bytes
+            assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
