@@ -422,8 +422,12 @@ def _with_replay(ph_map: _PhaseMap, peaks, context: int) -> _PhaseMap:
     for ph, comp in ph_map.items():
         comp = dict(comp)
         tensors = sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
-        if ph in peaks:
-            comp[_ALLOCATOR] = max(peaks[ph].reserved - tensors, 0)
+        # DPO's reference forward is not replayed (estimator/dpo.py): it follows the policy's
+        # forward within the step, and reserved memory never falls there (no empty_cache between),
+        # so the forward's replayed reserved is its floor
+        replayed = peaks.get(ph) or (peaks.get(Phase.FORWARD) if ph is Phase.REFERENCE else None)
+        if replayed is not None:
+            comp[_ALLOCATOR] = max(replayed.reserved - tensors, 0)
         comp[_CONTEXT] = context
         out[ph] = comp
     return out
