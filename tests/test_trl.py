@@ -313,3 +313,37 @@ def test_the_real_dpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name,
             want = _tensors(record.predicted.phases_of(first)[phase])
             got = m.peak_allocated_bytes
             assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
+
+
+@pytest.mark.slow
+def test_the_trainer_callback_reads_a_dpo_trainer_and_its_peaks_match(tmp_path):
+    """VramCallback on a real DPOTrainer with LoRA from a peft_config (a small Llama): the setup
+    says dpo / chunked-nll / the adapter as reference, every step within SFT_TOLERANCE."""
+    trl = _trl()
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from estimator.setup import RefModel
+    from profiler.integrations.trainer_callback import VramCallback
+    from profiler.measure.dpo_steps import _tokenizer, preference_rows
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1100, max_position_embeddings=128)
+    torch.manual_seed(0)
+    data = datasets.Dataset.from_dict(preference_rows(torch.randint(0, 1000, (8, 64)), 8))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False,
+                         max_length=64)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    with VramCallback(out=tmp_path / "steps.jsonl") as cb:
+        trl.DPOTrainer(model=LlamaForCausalLM(config), args=args, processing_class=_tokenizer(), train_dataset=data,
+                       peft_config=lora, callbacks=[cb]).train()
+    s = cb.setup
+    assert (s.trainer, s.loss, s.ref_model, s.grad_ckpt, s.batch, s.seq) == \
+        (Trainer.DPO, Loss.CHUNKED_NLL, RefModel.ADAPTER, True, 2, 64)
+    p = cb.predicted
+    for r in cb.records:
+        want = p.first_step["allocated_bytes"] if r.first_step and p.first_step else p.allocated_bytes
+        got = r.measured.peak_allocated_bytes
+        assert abs(want - got) <= SFT_TOLERANCE * got, (r.step, got, want)
