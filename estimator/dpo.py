@@ -26,6 +26,8 @@ whatever the labels, as measured.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .logits import TRL_FORWARD_TILE_BYTES, fused_head_bytes
 from .modelspec import ModelSpec
 from .setup import Device, RefModel, Setup
@@ -36,6 +38,16 @@ from .setup import Device, RefModel, Setup
 #: torch.exp(z - new_m)``: z, z - m and e in fp32 (no ``before_target`` bool without is_top1, no
 #: ``e * z`` without entropy). Measured under the tracker on real DPOTrainer steps (results/trl/).
 TRL_FORWARD_TILE_BYTES_LOGPROBS = 12
+
+
+def without_dropout(spec: ModelSpec) -> ModelSpec:
+    """The model as DPOTrainer trains it: DPOConfig's ``disable_dropout=True`` (dpo_config.py:185-188)
+    sets every ``nn.Dropout``'s p to 0 in the policy and the reference (dpo_trainer.py:931-935,
+    utils.py:194-197 ``disable_dropout_in_model``): no dropout masks, and sdpa on the cpu device
+    keeps its fused kernel (kernels.py: dropout sends it to the math kernel)."""
+    if not (spec.attn_dropout or spec.resid_dropout or spec.embd_dropout):
+        return spec
+    return replace(spec, attn_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
 
 
 def policy_setup(setup: Setup) -> Setup:

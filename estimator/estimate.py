@@ -48,6 +48,7 @@ from .setup import (
     Trainer,
 )
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
+from .trainers import input_leaf_bytes
 from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
@@ -345,6 +346,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
         ('backward', 34.3)
     """
+    if setup.trainer is Trainer.DPO:
+        spec = dpo.without_dropout(spec)  # DPOConfig's disable_dropout (estimator/dpo.py)
     limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
     if limit and setup.seq + setup.new_tokens > limit:
         raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
@@ -502,7 +505,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
-    A = int(act.total * k)
+    A = int(act.total * k) + int(k * input_leaf_bytes(spec, setup))  # TRL's peft input leaf (trainers.py)
     logits = {ph: int(v * k) for ph, v in logits_bytes(spec, setup).items()}
     fb_temps = st.workspace + st.cast_fwd + constant
     bwd_temps = st.workspace + st.cast_bwd + constant
@@ -679,7 +682,7 @@ def _dpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: 
     if dpo.has_reference_forward(setup):
         act = acts.checkpointed_activations(spec, policy) if policy.grad_ckpt else acts.training_activations(spec,
                                                                                                             policy)
-        saved = int(act.total * k) - act.outside.get("recomputed_layer", 0)
+        saved = int(act.total * k) + int(k * input_leaf_bytes(spec, policy)) - act.outside.get("recomputed_layer", 0)
         ref = dpo.reference_forward_bytes(spec, policy, int(act.outside.get("head_input", 0) * k),
                                           int(k * prefill_transient(spec, policy)))
         ref = {Category.ACTIVATIONS: saved + int(ref["activations"] * k), Category.LOGITS: int(ref["logits"] * k)}

@@ -24,7 +24,8 @@ DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
 """
 from __future__ import annotations
 
-from .setup import Loss, Trainer
+from .modelspec import ModelSpec
+from .setup import Loss, Mode, Setup, Trainer
 from .versions import semantics_for
 
 
@@ -39,3 +40,19 @@ def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ..
     sem = semantics_for(tuple(versions))
     return {"loss": Loss.CHUNKED_NLL if sem.sft_loss_chunked else Loss.CAUSAL_LM,
             "grad_ckpt": sem.sft_grad_ckpt_default}
+
+
+def input_leaf_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """What TRL's trainers keep for a peft model with checkpointing: they call
+    ``model.enable_input_require_grads()`` (trl 1.16.0 sft_trainer.py:897-900, dpo_trainer.py:715-718),
+    whose hook turns the embedding's output, a frozen lookup, into a leaf that requires grad
+    (transformers 5.24 modeling_utils.py:2153-2154 ``output.requires_grad_(True)``); its
+    AccumulateGrad node keeps it alive until backward reaches the embedding. Where that output is the
+    first layer's input, checkpointing saves it anyway; where learned positions are added to it
+    (GPT-2, OPT) it is one more (b, s, e) tensor, through forward and backward (measured on GPT-2 LoRA
+    DPOTrainer steps, results/trl/). Embeddings scaled before the first layer (Gemma) would keep one
+    too: not measured, not counted."""
+    if setup.trainer not in (Trainer.SFT, Trainer.DPO) or setup.mode not in (Mode.LORA, Mode.QLORA) \
+            or not setup.grad_ckpt or not spec.learned_positions:
+        return 0
+    return setup.precision.param_bytes * (spec.embed_dim or spec.hidden_size) * setup.batch * setup.seq

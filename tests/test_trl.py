@@ -347,3 +347,30 @@ def test_the_trainer_callback_reads_a_dpo_trainer_and_its_peaks_match(tmp_path):
         want = p.first_step["allocated_bytes"] if r.first_step and p.first_step else p.allocated_bytes
         got = r.measured.peak_allocated_bytes
         assert abs(want - got) <= SFT_TOLERANCE * got, (r.step, got, want)
+
+
+#: The committed real-step records (results/trl/, measured) beside today's estimate: the fused head's
+#: frozen input, TRL's peft input leaf and DPO's disabled dropout bring every phase within this
+RECORD_TOLERANCE = 0.001
+
+
+@pytest.mark.parametrize("name", ["sft-cpu.jsonl", "dpo-cpu.jsonl"])
+def test_the_committed_trl_records_equal_todays_estimate_per_phase(name):
+    from pathlib import Path
+
+    from profiler.record import read_records
+    root = Path(__file__).resolve().parents[1] / "results" / "trl"
+    records = read_records(root / name)
+    assert len(records) >= 5
+    for r in records:
+        model = r.case.model if not r.case.model.endswith(".json") else str(root / Path(r.case.model).name)
+        spec, setup = load_model(model), Setup.from_dict(r.case.setup)
+        est = estimate(spec, setup)
+        for first, measured in ((False, r.measured.phases), (True, r.measured.first_step)):
+            phases = (est.first_step_tensor_phases if first else None) or est.tensor_phases
+            for phase, m in measured.items():
+                if phase == Phase.ZERO_GRAD.value:
+                    continue
+                want = _tensors({c.value: v for c, v in phases[Phase(phase)].items()})
+                got = m.peak_allocated_bytes
+                assert abs(want - got) <= RECORD_TOLERANCE * got, (r.case.model, setup.mode, first, phase, want, got)
