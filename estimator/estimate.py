@@ -371,7 +371,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         # what the forward and backward hold follows the unquantized parameters' dtype: fp32 after
         # peft's k-bit preparation (Setup.stream_precision); the model states follow the setup
         flow = setup if setup.stream_precision is setup.precision else setup.replace(precision=setup.stream_precision)
-        build = _dpo_phases if setup.trainer is Trainer.DPO else _training_phases
+        build = partial(_dpo_phases, loaded=setup) if setup.trainer is Trainer.DPO else _training_phases
         phases, first = build(spec, flow, st, k, overheads.constant_bytes, phase)
     elif setup.mode is Mode.EVAL:
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
@@ -669,13 +669,14 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
 
 
 def _dpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
-                phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
+                phase: _Phases, loaded: Setup) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
     """A DPOTrainer step (estimator/dpo.py): the policy's forward, backward and optimizer step
-    at twice the batch, the separate reference's weights in every phase, and the reference
-    forward (``Phase.REFERENCE``) after the policy's, beside everything the policy saved."""
+    at twice the batch, the separate reference's weights in every phase (in the dtypes it is
+    ``loaded`` in: peft's k-bit preparation casts the policy's, not the reference's), and the
+    reference forward (``Phase.REFERENCE``) after the policy's, beside everything the policy saved."""
     policy = dpo.policy_setup(setup)
     steady, first = _training_phases(spec, policy, st, k, constant, phase)
-    key = setup.shape_free
+    key = loaded.shape_free
     ref_w = dpo.reference_weight_bytes(spec, setup, _weight_bytes(spec, key, count_params(spec).total)
                                        + _buffer_bytes(spec, key))
     ref = None

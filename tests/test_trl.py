@@ -81,6 +81,10 @@ def test_matrices_take_the_trainer_defaults(tmp_path):
     path.write_text('[[cases]]\nmodel = "gpt2"\ntrainer = "sft"\nversions = "trl=1.16"\n')
     (_, setup, _), = load_matrix(path)
     assert (setup.trainer, setup.loss, setup.grad_ckpt) == (Trainer.SFT, Loss.CHUNKED_NLL, True)
+    path.write_text('[[cases]]\nmodel = "gpt2"\ntrainer = "dpo"\nmode = "lora"\nlora_targets = "c_attn"\n')
+    (_, setup, _), = load_matrix(path)
+    assert (setup.trainer, setup.loss, setup.grad_ckpt, setup.ref_model.value) == \
+        (Trainer.DPO, Loss.CHUNKED_NLL, True, "adapter")
 
 
 # --- the fused LM head's bytes -------------------------------------------------------------
