@@ -1,11 +1,13 @@
-"""The real SFTTrainer's CPU steps beside two estimates, per phase (issue 24's table).
+"""The real SFTTrainer's and DPOTrainer's CPU steps beside two estimates, per phase (issue 24's table).
 
-before: the nearest setup vramlab had (the HF Trainer, the causal-LM loss, checkpointing);
-after: ``--trainer sft --loss chunked-nll`` (TRL's fused LM head). Reads the committed records
-(``results/trl/sft-cpu.jsonl``, real runs) and prints a markdown table; a model the records name
-by a path that is gone is looked up beside them (``results/trl/<file name>``).
+before: the nearest setup vramlab had (the HF Trainer, the causal-LM loss, checkpointing; for DPO
+at twice the batch, chosen and rejected, with no reference); after: ``--trainer sft --loss
+chunked-nll`` (TRL's fused LM head), or ``--trainer dpo --ref-model ...`` (the reference's copy
+and forward, estimator/dpo.py). Reads the committed records (``results/trl/sft-cpu.jsonl``,
+``results/trl/dpo-cpu.jsonl``, real runs) and prints a markdown table per file; a model the
+records name by a path that is gone is looked up beside them (``results/trl/<file name>``).
 
-    python benchmarks/trl_before_after.py [RECORDS.jsonl]
+    python benchmarks/trl_before_after.py [RECORDS.jsonl ...]
 """
 from __future__ import annotations
 
@@ -37,24 +39,32 @@ def rows(path: Path) -> list[dict]:
             model = str(path.parent / Path(model).name)
         spec = load_model(model)
         after = Setup.from_dict(r.case.setup)
-        before = after.replace(trainer="hf", loss="causal-lm")
+        dpo = after.ref_model is not None
+        before = after.replace(trainer="hf", loss="causal-lm", ref_model=None,
+                               batch=after.batch * (2 if dpo else 1))
         eb, ea = estimate(spec, before), estimate(spec, after)
-        for phase in ("forward", "backward", "optimizer"):
+        label = f"{after.mode.value}, ref {after.ref_model.value}" if dpo else after.mode.value
+        for phase in ("forward", "reference", "backward", "optimizer"):
+            if phase not in r.measured.phases:
+                continue
             got = r.measured.phases[phase].peak_allocated_bytes
-            b = _tensors({c.value: v for c, v in next(v for p, v in eb.phases.items() if p.value == phase).items()})
-            a = _tensors({c.value: v for c, v in next(v for p, v in ea.phases.items() if p.value == phase).items()})
-            out.append(dict(model=Path(model).stem, mode=after.mode.value, phase=phase, measured=got,
-                            before=b, after=a))
-        out.append(dict(model=Path(model).stem, mode=after.mode.value, phase="peak",
+            b = {p.value: _tensors({c.value: v for c, v in comp.items()}) for p, comp in eb.phases.items()}.get(phase)
+            a = {p.value: _tensors({c.value: v for c, v in comp.items()}) for p, comp in ea.phases.items()}[phase]
+            out.append(dict(model=Path(model).stem, mode=label, phase=phase, measured=got, before=b, after=a))
+        out.append(dict(model=Path(model).stem, mode=label, phase="peak",
                         measured=r.measured.peak_allocated_bytes, before=eb.allocated_bytes, after=ea.allocated_bytes))
     return out
 
 
-def table(data: list[dict]) -> str:
-    lines = ["| model | mode | phase | measured SFTTrainer (MiB) | before: HF Trainer + causal-lm + ckpt | "
-             "after: --trainer sft (chunked-nll) |", "|---|---|---|---|---|---|"]
-    def cell(x: int, got: int) -> str:
-        return f"{x / MiB:,.1f} ({100 * (x - got) / got:+.2f} %)"
+def table(data: list[dict], trainer: str = "sft") -> str:
+    """The markdown table of :func:`rows` for the records of ``trainer`` (sft or dpo)."""
+    head = {"sft": ("SFTTrainer", "HF Trainer + causal-lm + ckpt", "--trainer sft (chunked-nll)"),
+            "dpo": ("DPOTrainer", "HF Trainer + causal-lm + ckpt at 2 x batch", "--trainer dpo")}[trainer]
+    lines = [f"| model | mode | phase | measured {head[0]} (MiB) | before: {head[1]} | after: {head[2]} |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(x: int | None, got: int) -> str:
+        return "no such phase" if x is None else f"{x / MiB:,.1f} ({100 * (x - got) / got:+.2f} %)"
 
     for row in data:
         got = row["measured"]
@@ -64,4 +74,5 @@ def table(data: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    print(table(rows(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "results" / "trl" / "sft-cpu.jsonl")))
+    paths = [Path(p) for p in sys.argv[1:]] or [ROOT / "results" / "trl" / f"{t}-cpu.jsonl" for t in ("sft", "dpo")]
+    print("\n\n".join(table(rows(p), "dpo" if "dpo" in p.name else "sft") for p in paths if p.exists()))

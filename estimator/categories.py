@@ -50,6 +50,9 @@ class Phase(str, Enum):
     """Where in a step a peak falls."""
 
     FORWARD = "forward"
+    # DPO's reference forward under no_grad, after the policy's (--trainer dpo; trl 1.16.0
+    # trl/trainer/dpo_trainer.py:1327-1338): the policy's saved activations beside it
+    REFERENCE = "reference"
     BACKWARD = "backward"
     OPTIMIZER = "optimizer"
     ZERO_GRAD = "zero_grad"

@@ -18,6 +18,7 @@ from .setup import (
     OptimizerImpl,
     Precision,
     Quant,
+    RefModel,
     Setup,
     Sharding,
     Trainer,
@@ -100,8 +101,13 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                 f"(--trainer sft) (default causal-lm; --trainer sft: chunked-nll "
                                                 f"from trl 1.7)")
     g.add_argument("--trainer", default="hf", help=f"{choices(Trainer)}: sft is TRL's SFTTrainer with its "
-                                                   f"defaults (loss, checkpointing) for the assumed trl version "
+                                                   f"defaults (loss, checkpointing) for the assumed trl version; "
+                                                   f"dpo TRL's DPOTrainer (chosen + rejected, a reference) "
                                                    f"(default hf: transformers.Trainer or the --loop)")
+    g.add_argument("--ref-model", default=None, help=f"--trainer dpo: {choices(RefModel)}: a second frozen copy, "
+                                                     f"the LoRA policy with its adapter disabled, or reference "
+                                                     f"log-probs computed before training (default: adapter with "
+                                                     f"LoRA / QLoRA, separate otherwise, as TRL)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -161,6 +167,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), loss=loss or defaults.get("loss", "causal-lm"), trainer=trainer,
+        ref_model=getattr(args, "ref_model", None),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

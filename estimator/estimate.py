@@ -13,7 +13,7 @@ from functools import cached_property, lru_cache, partial
 from typing import NamedTuple
 
 from . import activations as acts
-from . import caches, kernels
+from . import caches, dpo, kernels
 from .allocations import replay_estimate
 from .archs import MLP, arch_of, inventory_of, registered_types, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
@@ -33,8 +33,22 @@ from .params import (
     quant_state_bytes,
     quantized_params,
 )
-from .setup import Device, KbitPrep, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Sharding
+from .setup import (
+    Device,
+    KbitPrep,
+    Loop,
+    Loss,
+    Mode,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+    Quant,
+    Setup,
+    Sharding,
+    Trainer,
+)
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
+from .trainers import input_leaf_bytes
 from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
@@ -332,6 +346,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         >>> est.peak_phase.value, round(est.allocated_bytes / 2**30, 1)
         ('backward', 34.3)
     """
+    if setup.trainer is Trainer.DPO:
+        spec = dpo.without_dropout(spec)  # DPOConfig's disable_dropout (estimator/dpo.py)
     limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
     if limit and setup.seq + setup.new_tokens > limit:
         raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
@@ -355,7 +371,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         # what the forward and backward hold follows the unquantized parameters' dtype: fp32 after
         # peft's k-bit preparation (Setup.stream_precision); the model states follow the setup
         flow = setup if setup.stream_precision is setup.precision else setup.replace(precision=setup.stream_precision)
-        phases, first = _training_phases(spec, flow, st, k, overheads.constant_bytes, phase)
+        build = partial(_dpo_phases, loaded=setup) if setup.trainer is Trainer.DPO else _training_phases
+        phases, first = build(spec, flow, st, k, overheads.constant_bytes, phase)
     elif setup.mode is Mode.EVAL:
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
     else:
@@ -366,7 +383,10 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     # choose it (a phase of many small tensors, the optimizer's, would win on its rounding)
     peak = max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
     notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
-    replay = partial(_reserved, spec, setup, st, k, gpu, overheads) if cuda else None
+    # DPO: the replay runs the policy's step at twice the batch; it does not know the reference's
+    # copy or forward, so its reserved figure is a floor under the phases' tensors (_with_replay)
+    replayed = dpo.policy_setup(setup) if setup.trainer is Trainer.DPO else setup
+    replay = partial(_reserved, spec, replayed, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
@@ -405,8 +425,12 @@ def _with_replay(ph_map: _PhaseMap, peaks, context: int) -> _PhaseMap:
     for ph, comp in ph_map.items():
         comp = dict(comp)
         tensors = sum(v for c, v in comp.items() if c in TENSOR_CATEGORIES)
-        if ph in peaks:
-            comp[_ALLOCATOR] = max(peaks[ph].reserved - tensors, 0)
+        # DPO's reference forward is not replayed (estimator/dpo.py): it follows the policy's
+        # forward within the step, and reserved memory never falls there (no empty_cache between),
+        # so the forward's replayed reserved is its floor
+        replayed = peaks.get(ph) or (peaks.get(Phase.FORWARD) if ph is Phase.REFERENCE else None)
+        if replayed is not None:
+            comp[_ALLOCATOR] = max(replayed.reserved - tensors, 0)
         comp[_CONTEXT] = context
         out[ph] = comp
     return out
@@ -481,7 +505,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     ranked = st.ranked  # per rank: ZeRO Table 1, DDP buckets, FSDP2 gathering (sharding.py)
     big, n_states, n_grads = st.big, st.n_states, st.n_grads
     act = acts.checkpointed_activations(spec, setup) if setup.grad_ckpt else acts.training_activations(spec, setup)
-    A = int(act.total * k)
+    A = int(act.total * k) + int(k * input_leaf_bytes(spec, setup))  # TRL's peft input leaf (trainers.py)
     logits = {ph: int(v * k) for ph, v in logits_bytes(spec, setup).items()}
     fb_temps = st.workspace + st.cast_fwd + constant
     bwd_temps = st.workspace + st.cast_bwd + constant
@@ -642,6 +666,37 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     same_first = st.master_weights == O and _resident_gradients(setup, st, True) == _resident_gradients(
         setup, st, False) and setup.loop is not Loop.HELD and not (ranked.flat and G)
     return steady, None if same_first else (lambda: build(True))
+
+
+def _dpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
+                phase: _Phases, loaded: Setup) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
+    """A DPOTrainer step (estimator/dpo.py): the policy's forward, backward and optimizer step
+    at twice the batch, the separate reference's weights in every phase (in the dtypes it is
+    ``loaded`` in: peft's k-bit preparation casts the policy's, not the reference's), and the
+    reference forward (``Phase.REFERENCE``) after the policy's, beside everything the policy saved."""
+    policy = dpo.policy_setup(setup)
+    steady, first = _training_phases(spec, policy, st, k, constant, phase)
+    key = loaded.shape_free
+    ref_w = dpo.reference_weight_bytes(spec, setup, _weight_bytes(spec, key, count_params(spec).total)
+                                       + _buffer_bytes(spec, key))
+    ref = None
+    if dpo.has_reference_forward(setup):
+        act = acts.checkpointed_activations(spec, policy) if policy.grad_ckpt else acts.training_activations(spec,
+                                                                                                            policy)
+        saved = int(act.total * k) + int(k * input_leaf_bytes(spec, policy)) - act.outside.get("recomputed_layer", 0)
+        ref = dpo.reference_forward_bytes(spec, policy, int(act.outside.get("head_input", 0) * k),
+                                          int(k * prefill_transient(spec, policy)))
+        ref = {Category.ACTIVATIONS: saved + int(ref["activations"] * k), Category.LOGITS: int(ref["logits"] * k)}
+
+    def with_reference(phases: _PhaseMap) -> _PhaseMap:
+        out: _PhaseMap = {}
+        for ph, comp in phases.items():
+            out[ph] = dict(comp, **{Category.WEIGHTS: comp[Category.WEIGHTS] + ref_w})
+            if ph is Phase.FORWARD and ref is not None:
+                out[Phase.REFERENCE] = dict(out[ph], **ref)
+        return out
+
+    return with_reference(steady), None if first is None else (lambda: with_reference(first()))
 
 
 def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:

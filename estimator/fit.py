@@ -310,7 +310,8 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None
     figure = est.total_bytes if limit is Limit.CARD else est.reserved_bytes
     fits = figure <= memory_bytes
     min_gpus = None
-    if setup.training and setup.sharding is Sharding.NONE and judgement.verdict is not Verdict.SAFE:
+    if setup.training and setup.sharding is Sharding.NONE and judgement.verdict is not Verdict.SAFE \
+            and _zero3_modelled(setup):
         n = smallest_world(spec, setup, memory_bytes, lambda sp, su: j.estimate(su), Sharding.ZERO3,
                            lower_bound=lambda sp, su: j.estimate(su).allocated_bytes + j.outside(su))
         if n is not None:
@@ -330,6 +331,15 @@ def fit(spec: ModelSpec, setup: Setup, memory_bytes: int, gpu: GPU | None = None
         recipes.append(strategy(str(precision), candidate))
     return FitResult(spec.name, memory_bytes, setup, est, fits, max_batch, max_seq, strategies, min_gpus, recipes,
                      judgement, margin, limit)
+
+
+def _zero3_modelled(setup: Setup) -> bool:
+    """Whether the setup has a ZeRO-3 estimate (--trainer dpo has none yet: Setup refuses it)."""
+    try:
+        setup.replace(world_size=2, sharding=Sharding.ZERO3)
+    except ValueError:
+        return False
+    return True
 
 
 def _ladder(setup: Setup, lora_targets: tuple[str, ...]):

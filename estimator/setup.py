@@ -80,6 +80,25 @@ class Trainer(_Choice):
     # TRL's SFTTrainer: a transformers.Trainer whose compute_loss runs its own loss
     # (trl 1.16.0 trl/trainer/sft_trainer.py:1560); defaults per trl version (trainers.py)
     SFT = "sft"
+    # TRL's DPOTrainer: chosen and rejected in one policy forward (2 x batch sequences, fused LM
+    # head) and a no-grad reference forward after it (trl 1.16.0 trl/trainer/dpo_trainer.py:1285
+    # _compute_loss; --ref-model, estimator/trainers.py)
+    DPO = "dpo"
+
+
+class RefModel(_Choice):
+    """Where DPO's reference log-probs come from (--trainer dpo; trl 1.16.0 dpo_trainer.py:907-930)."""
+
+    # a second, frozen copy of the model on the device: TRL's default without peft
+    # (dpo_trainer.py:915-927 builds one from the policy's config and dtype), or a ref_model passed in
+    SEPARATE = "separate"
+    # LoRA / QLoRA: the policy itself with its adapter disabled (use_adapter(model, None),
+    # dpo_trainer.py:1328-1336), no second copy: TRL's default with peft (:909-914)
+    ADAPTER = "adapter"
+    # precompute_ref_log_probs=True: the reference log-probs computed over the dataset before
+    # training (:1013-1018 _precompute_ref_logps) and read from the batch (:1318-1319): no
+    # reference forward in the step and, without a ref_model passed, no reference copy (:909)
+    PRECOMPUTED = "precomputed"
 
 
 class Precision(_Choice):
@@ -332,6 +351,9 @@ class Setup:
     use_cache: bool = False  # training/eval forward builds a KV cache (model.config.use_cache)
     loss: Loss = Loss.CAUSAL_LM
     trainer: Trainer = Trainer.HF
+    # --trainer dpo: where the reference log-probs come from (RefModel); None takes TRL's
+    # default for the mode (adapter with LoRA / QLoRA, separate otherwise; dpo_trainer.py:907-915)
+    ref_model: RefModel | None = None
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -365,6 +387,8 @@ class Setup:
                            ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
                            ("loss", Loss), ("load", Load), ("trainer", Trainer), ("kbit_prep", KbitPrep)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
+        if self.ref_model is not None:
+            object.__setattr__(self, "ref_model", RefModel.parse(self.ref_model))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
                                tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
@@ -418,8 +442,13 @@ class Setup:
         if self.loss is Loss.NONE and self.training:
             raise ValueError(f"--loss none computes no loss, so --mode {self.mode} has no backward to run; use it "
                              f"with --mode eval (a scoring forward, logits only)")
-        if self.loss is Loss.CHUNKED_NLL and self.trainer is not Trainer.SFT:
+        if self.loss is Loss.CHUNKED_NLL and self.trainer not in (Trainer.SFT, Trainer.DPO):
             raise ValueError("--loss chunked-nll is TRL's fused LM head, which SFTTrainer installs: pass --trainer sft")
+        if self.ref_model is not None and self.trainer is not Trainer.DPO:
+            raise ValueError(f"--ref-model is DPO's reference model; --trainer {self.trainer} has none (pass "
+                             f"--trainer dpo, or leave --ref-model out)")
+        if self.trainer is Trainer.DPO:
+            self._check_dpo()
         if self.trainer is Trainer.SFT:
             if not self.training:
                 raise ValueError(f"--trainer sft trains; --mode {self.mode} runs no SFTTrainer step (use --mode full, "
@@ -558,6 +587,32 @@ class Setup:
             return Precision.FP32
         return self.precision
 
+    def _check_dpo(self) -> None:
+        """--trainer dpo's own checks, and TRL's default reference for the mode."""
+        if not self.training:
+            raise ValueError(f"--trainer dpo trains; --mode {self.mode} runs no DPOTrainer step (use --mode full, "
+                             f"lora or qlora)")
+        adapters = self.mode in (Mode.LORA, Mode.QLORA)
+        if self.ref_model is None:
+            object.__setattr__(self, "ref_model", RefModel.ADAPTER if adapters else RefModel.SEPARATE)
+        if self.ref_model is RefModel.ADAPTER and not adapters:
+            raise ValueError(f"--ref-model adapter disables a LoRA adapter to get the reference, and --mode "
+                             f"{self.mode} trains none: use --mode lora or qlora, or --ref-model separate or "
+                             f"precomputed")
+        if not self.semantics.dpo_read:
+            have = dict(self.versions).get("trl", "?")
+            raise ValueError(f"--trainer dpo is modelled from trl 1.16's DPOTrainer; trl {have}'s was not read "
+                             f"here (assume --versions trl=1.16)")
+        if self.loss is not Loss.CHUNKED_NLL:
+            raise ValueError(f"--trainer dpo computes its log-probs with TRL's fused LM head (--loss chunked-nll, "
+                             f"trl 1.16.0 dpo_trainer.py:954-962), not --loss {self.loss}")
+        if self.loop is not Loop.TRAINER:
+            raise ValueError(f"--trainer dpo runs the Trainer's own loop; --loop {self.loop} is a hand-written "
+                             f"one (leave --loop trainer)")
+        if self.sharding not in (Sharding.NONE, Sharding.DDP):
+            raise ValueError(f"--trainer dpo under --sharding {self.sharding} (the reference model prepared by "
+                             f"DeepSpeed or FSDP) is not modelled yet; use --sharding ddp or one device")
+
     def replace(self, **changes) -> Setup:
         return replace(self, **changes)
 
@@ -589,6 +644,8 @@ class Setup:
             del out["rope_scaling"]  # the default: records keep their case keys
         if self.trainer is Trainer.HF:
             del out["trainer"]  # the default: records keep their case keys
+        if self.ref_model is None:
+            del out["ref_model"]  # no DPO: records keep their case keys
         return out
 
     @classmethod

@@ -1,4 +1,4 @@
-"""What a trainer decides by default, per library version (TRL's SFTTrainer).
+"""What a trainer decides by default, per library version (TRL's SFTTrainer and DPOTrainer).
 
 A flag the user gives wins; what is left out takes the trainer's default under the assumed
 versions (``Setup.versions`` over the installed ones, estimator/versions.py):
@@ -9,10 +9,23 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
 - precision: SFTConfig sets ``bf16=True`` unless ``fp16`` (trl 1.16.0
   trl/trainer/base_config.py:108) and SFTTrainer loads a model id with ``dtype="auto"``:
   bf16 checkpoints train as the ``bf16`` recipe, the setup's default already (setup.Precision).
+
+DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
+
+- loss: the fused LM head for the policy and the reference (trl/trainer/dpo_trainer.py:954-962),
+  whatever DPOConfig's ``loss_type`` (``["sigmoid"]``, dpo_config.py:245-247: a few per-pair
+  scalars beside it);
+- gradient checkpointing: on, DPOConfig's base default as for SFT (trl/trainer/base_config.py:62);
+- reference: ``Setup.ref_model`` resolves TRL's own choice by the mode (setup.RefModel);
+- padding_free: DPOConfig's flag warns and falls back to padding (dpo_trainer.py:732-739), so
+  chosen and rejected are right-padded to the batch's longest (``DataCollatorForPreference``,
+  :185-202); ``max_length`` 1024 truncates each sequence (dpo_config.py:195, :153-165): the
+  setup's ``seq`` is that padded length.
 """
 from __future__ import annotations
 
-from .setup import Loss, Trainer
+from .modelspec import ModelSpec
+from .setup import Loss, Mode, Setup, Trainer
 from .versions import semantics_for
 
 
@@ -20,8 +33,26 @@ def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ..
     """The setup fields ``trainer`` sets when the user leaves them out, under ``versions``
     (pairs over the installed ones): ``{}`` for the HF Trainer."""
     trainer = Trainer.parse(trainer)
+    if trainer is Trainer.DPO:
+        return {"loss": Loss.CHUNKED_NLL, "grad_ckpt": semantics_for(tuple(versions)).sft_grad_ckpt_default}
     if trainer is not Trainer.SFT:
         return {}
     sem = semantics_for(tuple(versions))
     return {"loss": Loss.CHUNKED_NLL if sem.sft_loss_chunked else Loss.CAUSAL_LM,
             "grad_ckpt": sem.sft_grad_ckpt_default}
+
+
+def input_leaf_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """What TRL's trainers keep for a peft model with checkpointing: they call
+    ``model.enable_input_require_grads()`` (trl 1.16.0 sft_trainer.py:897-900, dpo_trainer.py:715-718),
+    whose hook turns the embedding's output, a frozen lookup, into a leaf that requires grad
+    (transformers 5.24 modeling_utils.py:2153-2154 ``output.requires_grad_(True)``); its
+    AccumulateGrad node keeps it alive until backward reaches the embedding. Where that output is the
+    first layer's input, checkpointing saves it anyway; where learned positions are added to it
+    (GPT-2, OPT) it is one more (b, s, e) tensor, through forward and backward (measured on GPT-2 LoRA
+    DPOTrainer steps, results/trl/). Embeddings scaled before the first layer (Gemma) would keep one
+    too: not measured, not counted."""
+    if setup.trainer not in (Trainer.SFT, Trainer.DPO) or setup.mode not in (Mode.LORA, Mode.QLORA) \
+            or not setup.grad_ckpt or not spec.learned_positions:
+        return 0
+    return setup.precision.param_bytes * (spec.embed_dim or spec.hidden_size) * setup.batch * setup.seq

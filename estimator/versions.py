@@ -176,6 +176,15 @@ class Semantics:
         trainer); 0.21 kept TrainingArguments' False."""
         return self.at_least("trl", "0.22")
 
+    @cached_property
+    def dpo_read(self) -> bool:
+        """trl >= 1.16: the DPOTrainer modelled here, read from 1.16.0's source: the policy's
+        log-probs and the reference's from the fused LM head (trl/trainer/dpo_trainer.py:954-962
+        ``add_fused_lm_head``, :1299 and :1336-1338 ``fused_lm_head=True``). Earlier releases'
+        DPOTrainer was not read, so --trainer dpo refuses them. Absent trl: the installed-release
+        default."""
+        return self.at_least("trl", "1.16")
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
@@ -185,6 +194,7 @@ class Semantics:
                 "optimizer_foreach_default": self.optimizer_foreach_default,
                 "kbit_prep_casts_packed_storage": self.kbit_prep_casts_packed_storage,
                 "sft_loss_chunked": self.sft_loss_chunked,
-                "sft_grad_ckpt_default": self.sft_grad_ckpt_default}
+                "sft_grad_ckpt_default": self.sft_grad_ckpt_default,
+                "dpo_read": self.dpo_read}
         # what the versions change in one architecture is a trait of its family
         # (estimator/archs/<family>.py switches; archs.traits)

@@ -28,6 +28,7 @@ from estimator.setup import (
     OptimizerImpl,
     Precision,
     Quant,
+    RefModel,
     Setup,
     Sharding,
     Trainer,
@@ -98,8 +99,15 @@ def model_and_setup(draw, sharded=None):
     training = mode in (Mode.FULL, Mode.LORA, Mode.QLORA)
     gathered = sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
     # TRL's SFTTrainer trains in the Trainer's loop, with its own loss (the fused head unsharded)
-    sft = training and loop is Loop.TRAINER and draw(st.booleans())
-    if sft:
+    # and DPOTrainer with its fused head, one device or DDP, a reference its mode allows
+    trainers = [Trainer.HF, Trainer.SFT] + ([Trainer.DPO] if sharding in (Sharding.NONE, Sharding.DDP) else [])
+    trainer = draw(st.sampled_from(trainers)) if training and loop is Loop.TRAINER else Trainer.HF
+    sft = trainer is Trainer.SFT
+    refs = [RefModel.SEPARATE, RefModel.PRECOMPUTED] + ([RefModel.ADAPTER] if mode is not Mode.FULL else [])
+    ref_model = draw(st.sampled_from(refs)) if trainer is Trainer.DPO else None
+    if trainer is Trainer.DPO:
+        losses = [Loss.CHUNKED_NLL]
+    elif sft:
         losses = [Loss.CAUSAL_LM] + ([] if gathered else [Loss.CHUNKED_NLL])
     else:  # --loss none computes no loss: no backward to train from
         losses = [Loss.CAUSAL_LM, Loss.LOGITS_SUM] + ([] if training else [Loss.NONE])
@@ -111,7 +119,7 @@ def model_and_setup(draw, sharded=None):
         lora_alpha=draw(st.one_of(st.none(), st.integers(1, 512))),
         lora_targets=draw(_target_choices(spec)), device=draw(st.sampled_from(list(Device))),
         world_size=world, sharding=sharding, new_tokens=new_tokens,
-        loop=loop, grad_accum=draw(st.integers(1, 8)), trainer=Trainer.SFT if sft else Trainer.HF,
+        loop=loop, grad_accum=draw(st.integers(1, 8)), trainer=trainer, ref_model=ref_model,
         keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()), loss=draw(st.sampled_from(losses)),
         versions=draw(st.sampled_from(["", "transformers=4.46.0", "transformers=4.48.3,torch=2.4"])),
         kbit_prep=draw(st.sampled_from(list(KbitPrep))) if mode is Mode.QLORA else KbitPrep.AUTO)

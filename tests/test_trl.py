@@ -1,5 +1,6 @@
 """TRL's trainers (issue 24): the optional extra, ``--trainer sft``'s defaults per trl version,
-the fused LM head's bytes (``--loss chunked-nll``) and the real ``SFTTrainer`` on CPU steps.
+the fused LM head's bytes (``--loss chunked-nll``) and the real ``SFTTrainer`` on CPU steps;
+``--trainer dpo`` (``--ref-model``) and the real ``DPOTrainer`` on CPU steps.
 
 The estimator's part runs without trl; what needs trl skips, saying why, without it."""
 from __future__ import annotations
@@ -58,7 +59,16 @@ def test_the_flags_take_the_sft_defaults_and_override_them(cli):
     (["--trainer", "sft", "--loss", "logits-sum"], "computes its own loss"),
     (["--trainer", "sft", "--loop", "manual"], "leave --loop trainer"),
     (["--trainer", "sft", "--sharding", "fsdp", "--world-size", "2"], "not modelled yet"),
-    (["--trainer", "dpo"], "unknown trainer 'dpo'"),
+    (["--trainer", "grpo"], "unknown trainer 'grpo'"),
+    (["--ref-model", "separate"], "--trainer hf has none"),
+    (["--trainer", "sft", "--ref-model", "separate"], "--trainer sft has none"),
+    (["--trainer", "dpo", "--ref-model", "adapter"], "--mode full trains none"),
+    (["--trainer", "dpo", "--ref-model", "frozen"], "unknown refmodel 'frozen'"),
+    (["--trainer", "dpo", "--mode", "eval"], "--trainer dpo trains"),
+    (["--trainer", "dpo", "--loss", "causal-lm"], "fused LM head"),
+    (["--trainer", "dpo", "--loop", "manual"], "leave --loop trainer"),
+    (["--trainer", "dpo", "--sharding", "zero3", "--world-size", "2"], "not modelled yet"),
+    (["--trainer", "dpo", "--versions", "trl=1.15"], "trl 1.15's was not read"),
 ])
 def test_bad_trainer_flags_are_one_sentence_and_exit_2(cli, argv, match):
     out = cli("estimate", "gpt2", *argv)
@@ -71,6 +81,10 @@ def test_matrices_take_the_trainer_defaults(tmp_path):
     path.write_text('[[cases]]\nmodel = "gpt2"\ntrainer = "sft"\nversions = "trl=1.16"\n')
     (_, setup, _), = load_matrix(path)
     assert (setup.trainer, setup.loss, setup.grad_ckpt) == (Trainer.SFT, Loss.CHUNKED_NLL, True)
+    path.write_text('[[cases]]\nmodel = "gpt2"\ntrainer = "dpo"\nmode = "lora"\nlora_targets = "c_attn"\n')
+    (_, setup, _), = load_matrix(path)
+    assert (setup.trainer, setup.loss, setup.grad_ckpt, setup.ref_model.value) == \
+        (Trainer.DPO, Loss.CHUNKED_NLL, True, "adapter")
 
 
 # --- the fused LM head's bytes -------------------------------------------------------------
@@ -130,7 +144,7 @@ def _reduced(tmp_path, name: str, layers: int) -> str:
     """A shipped config at ``layers`` of its layers: real width and vocabulary, fewer layers."""
     from estimator.modelspec import MODELS_DIR
     raw = json.loads((MODELS_DIR / f"{name}.json").read_text())
-    raw["num_hidden_layers"] = layers
+    raw["n_layer" if "n_layer" in raw else "num_hidden_layers"] = layers  # GPT-2 names it n_layer
     path = tmp_path / f"{name}-{layers}l.json"
     path.write_text(json.dumps(raw))
     return str(path)
@@ -191,3 +205,176 @@ def test_the_trainer_callback_reads_an_sft_trainer_and_its_peaks_match(tmp_path)
         want = p.first_step["allocated_bytes"] if r.first_step and p.first_step else p.allocated_bytes
         got = r.measured.peak_allocated_bytes
         assert abs(want - got) <= SFT_TOLERANCE * got, (r.step, got, want)
+
+
+# --- --trainer dpo: TRL's DPOTrainer ---------------------------------------------------------
+
+def test_dpo_defaults_and_the_reference_trl_picks_by_mode():
+    from estimator.setup import RefModel
+    assert trainer_defaults("dpo", (("trl", "1.16"),)) == {"loss": Loss.CHUNKED_NLL, "grad_ckpt": True}
+    full = Setup(trainer="dpo", loss="chunked-nll", mode="full")
+    lora = Setup(trainer="dpo", loss="chunked-nll", mode="lora")
+    assert (full.ref_model, lora.ref_model) == (RefModel.SEPARATE, RefModel.ADAPTER)  # dpo_trainer.py:907-915
+    assert full.to_dict()["ref_model"] == "separate" and "ref_model" not in Setup().to_dict()
+
+
+def test_the_dpo_flags_take_the_defaults(cli):
+    out = cli("estimate", "smollm2-135m", "--trainer", "dpo", "--mode", "lora", "--json")
+    assert out.code == 0, out.err
+    setup = json.loads(out.out)["setup"]
+    assert (setup["trainer"], setup["loss"], setup["grad_ckpt"], setup["ref_model"]) == \
+        ("dpo", "chunked-nll", True, "adapter")
+
+
+def test_dpo_with_precomputed_log_probs_is_the_sft_step_at_twice_the_batch():
+    """No reference forward, no reference copy: chosen + rejected in one policy batch of 2b
+    (dpo_trainer.py:169, :1299), the fused head as SFT's; the same bytes, phase by phase."""
+    spec = load_model("smollm2-135m")
+    for mode, b in (("full", 1), ("lora", 3)):
+        dpo = Setup(trainer="dpo", loss="chunked-nll", ref_model="precomputed", mode=mode, batch=b, seq=512,
+                    grad_ckpt=True, device="cpu")
+        sft = Setup(trainer="sft", loss="chunked-nll", mode=mode, batch=2 * b, seq=512, grad_ckpt=True, device="cpu")
+        ed, es = estimate(spec, dpo), estimate(spec, sft)
+        assert Phase.REFERENCE not in ed.tensor_phases
+        assert ed.tensor_phases == es.tensor_phases
+
+
+def test_the_separate_reference_adds_a_frozen_copy_and_the_reference_forward():
+    spec = load_model("qwen3-0.6b")
+    base = dict(trainer="dpo", loss="chunked-nll", mode="lora", batch=2, seq=1024, grad_ckpt=True, device="cpu")
+    sep, ada, pre = (estimate(spec, Setup(ref_model=r, **base)) for r in ("separate", "adapter", "precomputed"))
+    copy = sep.phases[Phase.BACKWARD][Category.WEIGHTS] - ada.phases[Phase.BACKWARD][Category.WEIGHTS]
+    assert copy == count_params_total(spec) * 2  # the base model again, bf16
+    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER):
+        assert ada.tensor_phases[phase] == pre.tensor_phases[phase]
+    ref = ada.tensor_phases[Phase.REFERENCE]
+    fwd = ada.tensor_phases[Phase.FORWARD]
+    # after the policy's forward: everything it saved is alive beside the reference's working set
+    assert ref[Category.ACTIVATIONS] > fwd[Category.ACTIVATIONS] and ref[Category.WEIGHTS] == fwd[Category.WEIGHTS]
+
+
+def count_params_total(spec) -> int:
+    from estimator.params import count_params
+    return count_params(spec).total
+
+
+@pytest.mark.parametrize("rows,vocab,hidden", [(300, 20000, 64), (511, 49152, 32)])
+def test_the_reference_heads_log_probs_only_fold_is_12_bytes_a_tile_element(rows, vocab, hidden):
+    """The separate reference's fused head asks log_probs only (dpo_trainer.py:962, utils.py:1552):
+    under no_grad, ChunkedLogProbFunction's forward peak beyond its inputs is the buffer, the
+    statistics and 12 bytes per tile element (estimator/dpo.py), to the byte but the small vectors."""
+    _trl()
+    import torch
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from estimator.dpo import TRL_FORWARD_TILE_BYTES_LOGPROBS
+    from profiler.measure.tracker import StorageTracker
+    torch.manual_seed(0)
+    h, w = torch.randn(rows, hidden), torch.randn(vocab, hidden)
+    targets = torch.randint(0, vocab, (rows,))
+    tracker = StorageTracker()
+    with tracker:
+        tracker.track([h, w], Category.WEIGHTS)
+        with torch.no_grad(), tracker.phase("forward") as f:
+            ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ("log_probs",))
+    want = fused_head_bytes(rows, vocab, hidden, 4, head_trains=False, triton=False, copies_rows=False,
+                            forward_tile_bytes=TRL_FORWARD_TILE_BYTES_LOGPROBS)["forward"]
+    small = 64 * rows + 16 * min(vocab, TRL_VOCAB_CHUNK) + 2**16
+    got = f.peak_bytes - f.start_bytes
+    assert 0 <= got - want <= small, (got, want)
+
+
+def test_dpo_under_the_sim_is_refused_in_one_sentence(cli):
+    out = cli("profile", "gpt2", "--trainer", "dpo", "--backend", "sim", "--steps", "1")
+    assert out.code == 2 and "the sim cannot drive DPOTrainer" in out.err and out.err.count("\n") == 1, out.err
+
+
+#: Real DPOTrainer steps, fp32, seq 512, checkpointing (DPOConfig's default), one per reference, at
+#: a few layers of the real width and vocabulary (each under ~30 s on two shared cores; the full-size
+#: steps are results/trl/dpo-cpu.jsonl): SmolLM2-135M at 4 of its 30 layers with LoRA and the adapter
+#: disabled as reference; GPT-2 at 2 of its 12 full with a separate copy and with precomputed log-probs
+DPO_CASES = [("smollm2-135m", "lora", "adapter", 4, "q_proj,v_proj"), ("gpt2", "full", "separate", 2, None),
+             ("gpt2", "full", "precomputed", 2, None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mode,ref,layers,targets", DPO_CASES, ids=lambda x: str(x))
+def test_the_real_dpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, ref, layers, targets):
+    _trl()
+    from profiler.measure.run import run_case
+    model = _reduced(tmp_path, name, layers) if layers else name
+    kw = dict(lora_targets=targets) if targets else {}
+    setup = Setup(trainer="dpo", loss="chunked-nll", ref_model=ref, mode=mode, precision="fp32", batch=1, seq=512,
+                  grad_ckpt=True, device="cpu", **kw)
+    record = run_case(model, setup, "cpu", steps=1)
+    assert record.ok, record.message
+    want_phases = {"forward", "backward", "optimizer", "zero_grad"} | ({"reference"} if ref != "precomputed" else set())
+    for measured, first in ((record.measured.phases, False), (record.measured.first_step, True)):
+        assert set(measured) == want_phases
+        for phase, m in measured.items():
+            if phase == Phase.ZERO_GRAD.value:
+                continue
+            want = _tensors(record.predicted.phases_of(first)[phase])
+            got = m.peak_allocated_bytes
+            assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
+
+
+@pytest.mark.slow
+def test_the_trainer_callback_reads_a_dpo_trainer_and_its_peaks_match(tmp_path):
+    """VramCallback on a real DPOTrainer with LoRA from a peft_config (a small Llama): the setup
+    says dpo / chunked-nll / the adapter as reference, every step within SFT_TOLERANCE."""
+    trl = _trl()
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from estimator.setup import RefModel
+    from profiler.integrations.trainer_callback import VramCallback
+    from profiler.measure.dpo_steps import _tokenizer, preference_rows
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=1100, max_position_embeddings=128)
+    torch.manual_seed(0)
+    data = datasets.Dataset.from_dict(preference_rows(torch.randint(0, 1000, (8, 64)), 8))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=False,
+                         max_length=64)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    with VramCallback(out=tmp_path / "steps.jsonl") as cb:
+        trl.DPOTrainer(model=LlamaForCausalLM(config), args=args, processing_class=_tokenizer(), train_dataset=data,
+                       peft_config=lora, callbacks=[cb]).train()
+    s = cb.setup
+    assert (s.trainer, s.loss, s.ref_model, s.grad_ckpt, s.batch, s.seq) == \
+        (Trainer.DPO, Loss.CHUNKED_NLL, RefModel.ADAPTER, True, 2, 64)
+    p = cb.predicted
+    for r in cb.records:
+        want = p.first_step["allocated_bytes"] if r.first_step and p.first_step else p.allocated_bytes
+        got = r.measured.peak_allocated_bytes
+        assert abs(want - got) <= SFT_TOLERANCE * got, (r.step, got, want)
+
+
+#: The committed real-step records (results/trl/, measured) beside today's estimate: the fused head's
+#: frozen input, TRL's peft input leaf and DPO's disabled dropout bring every phase within this
+RECORD_TOLERANCE = 0.001
+
+
+@pytest.mark.parametrize("name", ["sft-cpu.jsonl", "dpo-cpu.jsonl"])
+def test_the_committed_trl_records_equal_todays_estimate_per_phase(name):
+    from pathlib import Path
+
+    from profiler.record import read_records
+    root = Path(__file__).resolve().parents[1] / "results" / "trl"
+    records = read_records(root / name)
+    assert len(records) >= 5
+    for r in records:
+        model = r.case.model if not r.case.model.endswith(".json") else str(root / Path(r.case.model).name)
+        spec, setup = load_model(model), Setup.from_dict(r.case.setup)
+        est = estimate(spec, setup)
+        for first, measured in ((False, r.measured.phases), (True, r.measured.first_step)):
+            phases = (est.first_step_tensor_phases if first else None) or est.tensor_phases
+            for phase, m in measured.items():
+                if phase == Phase.ZERO_GRAD.value:
+                    continue
+                want = _tensors({c.value: v for c, v in phases[Phase(phase)].items()})
+                got = m.peak_allocated_bytes
+                assert abs(want - got) <= RECORD_TOLERANCE * got, (r.case.model, setup.mode, first, phase, want, got)

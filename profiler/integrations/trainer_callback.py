@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 
 from estimator.categories import Category, Phase
 from estimator.modelspec import ModelSpec, spec_from_config
-from estimator.setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, Setup, Trainer
+from estimator.setup import Device, Loop, Loss, Mode, Optimizer, OptimizerImpl, Precision, RefModel, Setup, Trainer
 from estimator.units import GiB
 from profiler.measure.run import device_info, prediction
 from profiler.measure.steps import Meter, classify_failure, summarise
@@ -384,11 +384,33 @@ def setup_from_trainer(model: Any, args: Any, seq: int, backend: str) -> Setup:
                                               getattr(config, "_attn_implementation", "sdpa"))
     ckpt = bool(args.gradient_checkpointing)
     kw.update(_sft_fields(args))
+    kw.update(_dpo_fields(args, backend, bool(peft_config)))
     return Setup(precision=precision, optimizer=optimizer, optimizer_impl=impl,
                  batch=int(args.per_device_train_batch_size), seq=seq, grad_ckpt=ckpt, attn=attn,
                  device=Device.CUDA if backend == "cuda" else Device.CPU,
                  grad_accum=int(args.gradient_accumulation_steps), loop=Loop.TRAINER,
                  use_cache=bool(getattr(config, "use_cache", False)) and not ckpt, **kw)
+
+
+def _dpo_fields(args: Any, backend: str, adapters: bool) -> dict:
+    """A TRL ``DPOConfig``'s trainer (``{}`` otherwise, or without trl): the fused LM head
+    (trl 1.16.0 dpo_trainer.py:954-962), the reference precomputed where
+    ``precompute_ref_log_probs`` is set, else the one TRL makes by the mode (``Setup.ref_model``):
+    the adapter disabled with peft, a separate copy without (a ``ref_model`` passed to the trainer
+    is not visible here). On the cpu backend the callback tracks the tensors of the model the
+    Trainer gives it, so a separate reference is outside what it measures: it says so."""
+    try:
+        from trl import DPOConfig
+    except ImportError:
+        return {}
+    if not isinstance(args, DPOConfig):
+        return {}
+    ref = RefModel.PRECOMPUTED if args.precompute_ref_log_probs else None
+    if ref is None and not adapters and backend == "cpu":
+        warnings.warn("VramCallback: DPOTrainer's separate reference model is not the model the Trainer passes to "
+                      "callbacks, so on the cpu backend the records leave its weights out while the estimate counts "
+                      "them", RuntimeWarning, stacklevel=3)
+    return dict(trainer=Trainer.DPO, loss=Loss.CHUNKED_NLL, ref_model=ref)
 
 
 def _sft_fields(args: Any) -> dict:

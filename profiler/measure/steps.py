@@ -212,6 +212,9 @@ def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTrac
     if setup.trainer is Trainer.SFT:  # the real trl.SFTTrainer drives the steps
         from profiler.measure.trl_steps import sft_train_steps
         sft_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
+    elif setup.trainer is Trainer.DPO:  # the real trl.DPOTrainer drives the steps
+        from profiler.measure.dpo_steps import dpo_train_steps
+        dpo_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.training:
         _train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.mode is Mode.EVAL:

@@ -89,30 +89,11 @@ def _tag_fused_head(tracker):
         F.forward, F.backward = forward, backward
 
 
-def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
-    """``1 + steps`` optimizer steps of the real ``SFTTrainer``: the first on ``first``, the rest on
-    ``meter``, cut into the harness's phases (module docstring)."""
-    from profiler.measure.steps import recomputation_as_activations
-    trl = _require_trl(setup)
-    import datasets
-    from transformers import TrainerCallback
 
-    if setup.precision not in _PRECISION_FLAGS:
-        raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
-    inner, device = built.inner, built.device
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)  # other contexts: bitsandbytes' kernels
-    if device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not inner:
-        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends on one device (the sim does not "
-                               "drive a Trainer under fake tensors yet, nor does it run on distributed ranks)")
-    opt = build_optimizer(inner, setup)
-    if opt is None:
-        raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
-    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
-    tracker.watch_optimizer(opt)
-    ids = synthetic_batch(spec, setup, device).cpu()
-    rows = ids.tolist() * (setup.grad_accum * (steps + 1))
-    data = datasets.Dataset.from_dict({"input_ids": rows})
+def trainer_phases(built, tracker, meter, first, timings):
+    """The callback that cuts a TRL trainer's steps into the harness's phases (module
+    docstring), and ``current()``: the meter of the step running (``first`` in step 0)."""
+    from transformers import TrainerCallback
     state = {"step": 0, "t0": 0.0}
 
     def current():
@@ -139,6 +120,33 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             seconds = round(time.perf_counter() - state["t0"], 6)
             (timings.step_s if state["step"] else timings.warmup_s).append(seconds)
 
+    return current, Phases()
+
+def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
+    """``1 + steps`` optimizer steps of the real ``SFTTrainer``: the first on ``first``, the rest on
+    ``meter``, cut into the harness's phases (module docstring)."""
+    from profiler.measure.steps import recomputation_as_activations
+    trl = _require_trl(setup)
+    import datasets
+
+    if setup.precision not in _PRECISION_FLAGS:
+        raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
+    inner, device = built.inner, built.device
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)  # other contexts: bitsandbytes' kernels
+    if device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not inner:
+        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends on one device (the sim does not "
+                               "drive a Trainer under fake tensors yet, nor does it run on distributed ranks)")
+    opt = build_optimizer(inner, setup)
+    if opt is None:
+        raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
+    tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
+    tracker.watch_optimizer(opt)
+    ids = synthetic_batch(spec, setup, device).cpu()
+    rows = ids.tolist() * (setup.grad_accum * (steps + 1))
+    data = datasets.Dataset.from_dict({"input_ids": rows})
+    current, phases = trainer_phases(built, tracker, meter, first, timings)
+
     with tempfile.TemporaryDirectory() as out:
         config = trl.SFTConfig(
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
@@ -147,7 +155,7 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
             **_PRECISION_FLAGS[setup.precision])
         trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
-                                 processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[Phases()])
+                                 processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[phases])
         compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
 
         def measured_loss(*args, **kwargs):
