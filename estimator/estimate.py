@@ -630,18 +630,22 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 activations=saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
                 kv_cache=held_kv, temporaries=recompute_temps + layer_working_set(spec, setup))))
         if setup.mode is Mode.FULL and not recomputed and not ranked.gathers and not R:
+            # the first layer's backward, last: of autocast's half weight copies only this layer's
+            # are still saved (the head's and the later layers' were freed by their backward)
+            head_cast = HALF * spec.vocab_size * (spec.embed_dim or spec.hidden_size) if st.cast_bwd else 0
+            last_temps = st.workspace + constant + max(st.cast_bwd - head_cast, 0) // max(spec.num_layers, 1)
             expert = _first_layer_expert_backward(spec, setup, st, act, k, G, G_layer)
             if expert:  # fused MoE experts: the first layer's gate_up weight gradient in flight
                 candidates.append(phase(big + n_states + n_grads + 2, **with_extra(
                     ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=expert[0],
                     activations=expert[1], logits=held_logits, kv_cache=held_kv,
-                    temporaries=bwd_temps + expert[2])))
+                    temporaries=last_temps + expert[2])))
             sinks = _first_layer_sink_attention_backward(spec, setup, st, act, k, G)
             if sinks:  # eager attention with sinks: the first layer's score gradients
                 candidates.append(phase(big + n_states + n_grads + 3, **with_extra(
                     ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=sinks[0],
                     activations=sinks[1], logits=held_logits, kv_cache=held_kv,
-                    temporaries=bwd_temps + sinks[2])))
+                    temporaries=last_temps + sinks[2])))
         if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
             layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
             if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
