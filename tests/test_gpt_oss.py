@@ -29,7 +29,7 @@ from profiler.measure.run import run_case
 
 #: estimate vs the sim per phase: measured within 0.7 % on these cases (0.09 % without checkpointing)
 SIM_TOLERANCE = 0.01
-#: estimate vs a real CPU step per phase: measured within 0.6 %
+#: estimate vs a real CPU step per phase: measured within 0.6 % (QLoRA's backward +0.58 %)
 CPU_TOLERANCE = 0.01
 #: a category's difference, as a share of its phase's total (a small category cannot be held to 1 % of itself)
 CATEGORY_TOLERANCE = 0.01
@@ -98,13 +98,26 @@ def test_gpt_oss_with_checkpointing_against_the_cuda_sim(mode):
 
 # --- real CPU steps --------------------------------------------------------------------------
 
+CPU_CASES = {
+    "full": dict(mode="full"),
+    "full-fp32": dict(mode="full", precision="fp32"),
+    "lora-attention": dict(mode="lora", lora_targets=ATTENTION),
+    # peft's k-bit preparation makes everything unquantized fp32: the experts run fp32 grouped_mm,
+    # which real CPU kernels take and the sim's meta kernel refuses (torch 2.13: bf16 only)
+    "qlora-attention": dict(mode="qlora", quant="nf4", lora_targets=ATTENTION),
+    "inference": dict(mode="inference", new_tokens=2),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora", "inference"])
-def test_gpt_oss_against_a_real_cpu_step(mode):
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_gpt_oss_against_a_real_cpu_step(case):
     spec = _reduced(2, **_CPU_SHAPE)
-    kw = {"full": dict(mode="full"), "lora": dict(mode="lora", lora_targets=ATTENTION),
-          "inference": dict(mode="inference", new_tokens=2)}[mode]
-    _check(run_case(spec.name, _setup(device="cpu", **kw), "cpu", steps=1, spec=spec), CPU_TOLERANCE)
+    kw = CPU_CASES[case]
+    # LoRA's backward has two moments within 0.1 MiB of each other (the loss's, with the logits,
+    # and the last layer's sink-attention backward): the phase is checked, its split is a coin toss
+    _check(run_case(spec.name, _setup(device="cpu", **kw), "cpu", steps=1, spec=spec), CPU_TOLERANCE,
+           categories=case != "lora-attention")
 
 
 def _route(monkeypatch, counts: list, force: bool = False):
