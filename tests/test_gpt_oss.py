@@ -218,3 +218,19 @@ def test_gpt_oss_quantization_config_is_assumed_dequantized():
     setup = _setup(mode="lora", lora_targets=ATTENTION, seq=256)
     assert estimate(spec, setup).allocated_bytes == estimate(spec_from_config(plain), setup).allocated_bytes
     assert estimate(spec, setup).tensor_phases[Phase.FORWARD][Category.WEIGHTS] >= 2 * count_params(spec).total
+
+
+def test_gpt_oss_bad_input_is_one_sentence_and_exit_2(cli, tmp_path):
+    import json
+    out = cli("estimate", "gpt-oss-20b", "--attn", "eager", "--mode", "lora", "--lora-targets",
+              "gate_proj,up_proj,down_proj")
+    assert out.code == 2 and out.err.count("\n") == 1, out.err
+    assert "peft 0.21 can wrap" in out.err and "q_proj" in out.err
+    config = dict(load_model("gpt-oss-20b").config, output_router_logits=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = cli("estimate", str(path), "--attn", "eager")
+    assert out.code == 2 and out.err.count("\n") == 1 and "output_router_logits" in out.err, out.err
+    path.write_text(json.dumps(dict(config, output_router_logits=False, quantization_config="mxfp4")))
+    out = cli("estimate", str(path), "--attn", "eager")
+    assert out.code == 2 and out.err.count("\n") == 1 and "quantization_config must be an object" in out.err, out.err
