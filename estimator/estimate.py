@@ -7,7 +7,7 @@ Each phase's resident set is computed separately and the largest is the peak.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from typing import NamedTuple
@@ -368,7 +368,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     # allocator and context terms the phases carry until the replay replaces them must not
     # choose it (a phase of many small tensors, the optimizer's, would win on its rounding)
     peak = max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
-    notes = tuple(n for n in (count.note, _ignored_note(spec), _quantized_checkpoint_note(spec)) if n)
+    notes = tuple(n for n in (count.note, _ignored_note(spec), arch_of(spec).checkpoint_note(spec)) if n)
     replay = partial(_reserved, spec, setup, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
@@ -443,19 +443,6 @@ def assumed_versions(spec: ModelSpec, setup: Setup) -> dict:
     """What an estimate assumed of the libraries: the versions, their generic switches, and
     the traits of this model's family resolved for them (``--json``'s ``assumed_versions``)."""
     return dict(setup.semantics.to_dict(), traits=traits(spec, setup).to_dict())
-
-
-def _quantized_checkpoint_note(spec: ModelSpec) -> str:
-    """What the estimate assumes of a config's own ``quantization_config`` (gpt-oss's MXFP4
-    experts): nothing of it is modelled; every weight is counted in the setup's precision, as
-    training dequantizes an MXFP4 checkpoint to bf16 (transformers ``Mxfp4Config(dequantize=
-    True)``), and bitsandbytes quantization comes from --quant only."""
-    qc = spec.config.get("quantization_config")
-    if not isinstance(qc, Mapping):
-        return ""
-    method = qc.get("quant_method", "?")
-    return (f"the config's quantization_config ({method}) is not modelled: weights are counted in the setup's "
-            f"precision (an MXFP4 checkpoint trains dequantized to bf16); use --quant for bitsandbytes")
 
 
 def _ignored_note(spec: ModelSpec) -> str:

@@ -391,6 +391,19 @@ class Arch:
         defaults, what the config sets, then every switch for the assumed versions."""
         return _resolve(self, spec, semantics)
 
+    def checkpoint_note(self, spec) -> str:
+        """What the estimate assumes of a config's own ``quantization_config`` (gpt-oss's MXFP4
+        experts): nothing of it is modelled; every weight is counted in the setup's precision, as
+        training dequantizes an MXFP4 checkpoint to bf16 (transformers 5.24
+        quantizers/quantizer_mxfp4.py:208-213, ``Mxfp4Config(dequantize=True)``), and bitsandbytes
+        quantization comes from --quant only ("" without one)."""
+        qc = spec.config.get("quantization_config")
+        if not isinstance(qc, Mapping):
+            return ""
+        return (f"the config's quantization_config ({qc.get('quant_method', '?')}) is not modelled: weights are "
+                f"counted in the setup's precision (an MXFP4 checkpoint trains dequantized to bf16; MXFP4 inference "
+                f"kernels would hold less); use --quant for bitsandbytes")
+
     def refuse(self, spec, setup) -> str:
         """A sentence why this family cannot run ``setup`` as transformers builds it ("" when it can)."""
         return ""

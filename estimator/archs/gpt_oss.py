@@ -41,11 +41,14 @@ Sources (transformers 5.24, models/gpt_oss/):
   original positions; ``max_position_embeddings`` 131072 is the stretched length).
 
 MXFP4: the published checkpoints carry ``quantization_config`` ``{"quant_method": "mxfp4"}``
-for the experts. ``from_config`` builds no quantizer (the profiler builds bf16 experts), and
-training dequantizes MXFP4 to bf16 (transformers integrations/mxfp4.py, ``Mxfp4Config(
-dequantize=True)``), so the estimate counts every parameter in the setup's precision and never
-loads the MXFP4 kernels; the config key is reported as assumed (:meth:`GptOss.read` keeps it out
-of every term).
+for the experts. Training needs them dequantized (transformers quantizers/quantizer_mxfp4.py:
+208-213 ``is_trainable`` is False: "dequantizing the model first by passing
+quantization_config=Mxfp4Config(dequantize=True)"), and inference on CPU or without the hub
+kernels dequantizes to bf16 too (:172-184). So the estimate counts every parameter in the
+setup's precision, says so in a note (base.py ``Arch.checkpoint_note``), and never
+loads the MXFP4 kernels: ``from_config`` builds no quantizer and the profiler drops the key
+(profiler/measure/build.py ``hf_config``). MXFP4 inference with the kernels (experts at ~4.25
+bits) is not modelled: there the estimate over-counts the experts' weights.
 """
 from __future__ import annotations
 
