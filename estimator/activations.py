@@ -451,3 +451,21 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
                        outside={**{k: v for k, v in full.outside.items()
                                    if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")},
                                 "recomputed_layer": full.layer_bytes + masked})
+
+
+def sink_attention_left(spec: ModelSpec, act) -> int:
+    """Of a layer's saved bytes, what its eager sink attention's softmax backward still finds:
+    the input norm's, the normed input (or the adapters' copies of it), q and the repeated k,
+    and the max's indices (measured on the sim and on real CPU steps, gpt-oss)."""
+    per = act.per_layer
+    return per.get("norms", 0) // spec.norms_per_layer + per.get("linear_inputs", 0) // 2 \
+        + per.get("attn_qkv", 0) * 2 // 3 + per.get("attn_sink_max", 0) + per.get("lora_adapters", 0)
+
+
+def sink_attention_working(spec: ModelSpec, setup: Setup) -> int:
+    """The buffers of an eager sink attention's backward (modeling_gpt_oss.py:239-253): the value
+    matmul's gradient of the probabilities' view, the probabilities' (heads, s, s + 1) gradient
+    the slice's backward makes and the softmax's backward output, beside the residual stream's
+    and the attention output's gradients (T, h) and (T, heads x d)."""
+    T, p, a, s = setup.batch * setup.seq, setup.precision.compute_bytes, spec.num_heads, setup.seq
+    return 3 * p * a * (s + 1) * T + p * (spec.hidden_size + spec.q_dim) * T

@@ -745,25 +745,7 @@ def _first_layer_sink_attention_backward(spec: ModelSpec, setup: Setup, st: _Sta
     per_elem = st.states.gradients // st.states.trainable
     qkv = sum(lin.params for lin in layer_linears(spec) if lin.name in ("q_proj", "k_proj", "v_proj"))
     gradients = max(G - st.untied_embed_grad - st.embed_bwd // 2 - qkv * per_elem, 0)
-    return gradients, int(k * _sink_attention_left(spec, act)), int(k * _sink_attention_working(spec, setup))
-
-
-def _sink_attention_left(spec: ModelSpec, act) -> int:
-    """Of a layer's saved bytes, what its eager sink attention's softmax backward still finds:
-    the input norm's, the normed input (or the adapters' copies of it), q and the repeated k,
-    and the max's indices (measured on the sim and on real CPU steps, gpt-oss)."""
-    per = act.per_layer
-    return per.get("norms", 0) // spec.norms_per_layer + per.get("linear_inputs", 0) // 2 \
-        + per.get("attn_qkv", 0) * 2 // 3 + per.get("attn_sink_max", 0) + per.get("lora_adapters", 0)
-
-
-def _sink_attention_working(spec: ModelSpec, setup: Setup) -> int:
-    """The buffers of an eager sink attention's backward (modeling_gpt_oss.py:239-253): the value
-    matmul's gradient of the probabilities' view, the probabilities' (heads, s, s + 1) gradient
-    the slice's backward makes and the softmax's backward output, beside the residual stream's
-    and the attention output's gradients (T, h) and (T, heads x d)."""
-    T, p, a, s = setup.batch * setup.seq, setup.precision.compute_bytes, spec.num_heads, setup.seq
-    return 3 * p * a * (s + 1) * T + p * (spec.hidden_size + spec.q_dim) * T
+    return gradients, int(k * acts.sink_attention_left(spec, act)), int(k * acts.sink_attention_working(spec, setup))
 
 
 def _last_layer_sink_attention_backward(spec: ModelSpec, setup: Setup, act, k: float,
@@ -777,8 +759,8 @@ def _last_layer_sink_attention_backward(spec: ModelSpec, setup: Setup, act, k: f
     if setup.attn.value != "eager" or not traits(spec, setup).attn_sinks:
         return None
     head = act.outside.get("final_norm", 0) + act.outside.get("head_input", 0)
-    gone = act.layer_bytes - _sink_attention_left(spec, act) + head
-    return saved - int(k * gone), int(k * _sink_attention_working(spec, setup))
+    gone = act.layer_bytes - acts.sink_attention_left(spec, act) + head
+    return saved - int(k * gone), int(k * acts.sink_attention_working(spec, setup))
 
 
 def _last_layer_gradients(spec: ModelSpec, st: _Static) -> int:
