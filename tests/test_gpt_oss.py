@@ -189,6 +189,11 @@ def test_gpt_oss_refuses_attention_transformers_cannot_build(attn):
         estimate(load_model("gpt-oss-20b"), _setup(attn=attn))
 
 
+def test_gpt_oss_refuses_transformers_4():
+    with pytest.raises(ValueError, match=r"is modelled as transformers 5 runs it"):
+        estimate(load_model("gpt-oss-20b"), _setup(versions="transformers=4.57.0"))
+
+
 def test_gpt_oss_cli_refuses_sdpa_in_one_sentence(cli):
     out = cli("estimate", "gpt-oss-20b")  # --attn defaults to sdpa
     assert out.code == 2 and out.err.count("\n") == 1 and "pass --attn eager" in out.err

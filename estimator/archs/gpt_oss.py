@@ -148,6 +148,12 @@ class GptOss(LlamaStyle):
         return resid, mlp, attn
 
     def refuse(self, spec, setup):
+        if not setup.semantics.at_least("transformers", "5.0"):
+            # gpt_oss arrived in 4.55 with fused experts already (not nn.Linear, so no quantized
+            # experts under QLoRA as Semantics.moe_experts_fused says of 4.x) and another experts
+            # forward; only 5.x's is read here
+            return (f"{spec.name} (gpt_oss) is modelled as transformers 5 runs it; transformers 4.x's gpt_oss "
+                    f"(from 4.55, another experts forward) is not: drop --versions transformers=4.x")
         if setup.attn.value != "eager":
             return (f"{spec.name} (gpt_oss) runs eager attention only here: transformers 5.24 raises for sdpa "
                     f"(GptOssPreTrainedModel._supports_sdpa = False, modeling_gpt_oss.py:380) and swaps "
