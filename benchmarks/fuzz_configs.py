@@ -59,8 +59,8 @@ CODE_KEYS = {"attn_implementation": "kernels-community/flash-attn", "_attn_imple
              "experts_implementation": "kernels-community/moe"}
 MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3",  # formulas
                "gpt_neox", "qwen3", "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral",
-               "gpt_bigcode", "qwen3_moe",
-               "deepseek_v3", "gpt_oss", "bert", "t5", "falcon",  # transformers, no formula: refused
+               "gpt_bigcode", "qwen3_moe", "gpt_oss",
+               "deepseek_v3", "bert", "t5", "falcon",  # transformers, no formula: refused
                "nosuch", "", "LLAMA", "llama ")
 
 
@@ -75,7 +75,8 @@ def _weird_value(rng: random.Random):
 def _synthetic(rng: random.Random) -> dict:
     """A config of a family with a formula, sizes drawn wide (some inconsistent)."""
     family = rng.choice(("gpt2", "opt", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3",
-                         "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral", "qwen3_moe"))
+                         "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral", "qwen3_moe",
+                         "gpt_oss"))
     heads = rng.choice((1, 2, 3, 4, 7, 8, 12, 16, 32))
     hidden = heads * rng.choice((8, 16, 32, 64, 128)) if rng.random() < 0.8 else rng.randint(1, 8192)
     layers = rng.choice((1, 2, 4, 12, 32, 80, rng.randint(1, 2000)))
@@ -99,7 +100,13 @@ def _synthetic(rng: random.Random) -> dict:
     if family == "qwen3_moe":
         cfg.update(num_experts=rng.choice((1, 8, 128, 10**6)), num_experts_per_tok=rng.choice((0, 1, 8, 9)),
                    moe_intermediate_size=rng.choice((64, 768, 0)))
-    if family in ("gemma3_text", "olmo3", "ministral") and rng.random() < 0.5:
+    if family == "gpt_oss":
+        cfg.update(num_local_experts=rng.choice((1, 8, 32, 128, 10**6)), num_experts_per_tok=rng.choice((0, 1, 4, 9)))
+        if rng.random() < 0.3:
+            cfg["quantization_config"] = rng.choice(({"quant_method": "mxfp4"}, "mxfp4", None))
+        if rng.random() < 0.2:
+            cfg["output_router_logits"] = rng.choice((True, "yes"))
+    if family in ("gemma3_text", "olmo3", "ministral", "gpt_oss") and rng.random() < 0.5:
         cfg["sliding_window"] = rng.choice((1, 512, 4096, -5, None))
         if rng.random() < 0.5:
             cfg["layer_types"] = rng.choice((["sliding_attention"] * max(1, min(layers, 4)), "bad", [1, 2]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .archs import MLP, Norm, QKNorm, traits
+from .archs import MLP, Norm, QKNorm, Router, traits
 from .caches import cache_copies_saved, dynamic_cache
 from .kernels import (
     attention_output_copied,
@@ -33,6 +33,10 @@ from .modelspec import ModelSpec
 from .params import Linear, layer_linears, lora_targets
 from .setup import Attention, Device, Mode, Quant, Setup
 from .units import FP32, HALF
+
+#: bytes of an int64 index (torch.topk's indices, torch.sort's permutation, and what an
+#: advanced-indexing op saves for its backward)
+INT64 = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,15 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
         # output is saved, for the value matmul]
         out["attn_scores"] = (eager_softmax_bytes(spec, setup) if dropout else eager_softmax_saved(spec, setup)) * a * s
         tr = traits(spec, setup)
+        if tr.attn_sinks:
+            # gpt-oss (5.24 models/gpt_oss/modeling_gpt_oss.py:243-253): the sink logit is concatenated
+            # as an (s + 1)-th column, the row max is subtracted (``max(dim=-1)`` saves its int64
+            # argmax) and the softmax, in the scores' dtype, saves its (heads, s, s + 1) output; the
+            # value matmul reads the sink-free columns as a view of it (no copy), unless a cast to
+            # the value's dtype copies them (CUDA autocast runs softmax in fp32)
+            sm = eager_softmax_bytes(spec, setup)
+            out["attn_scores"] = sm * a * (s + 1) + (p * a * s if sm != p else 0)
+            out["attn_sink_max"] = INT64 * a
         if tr.attn_softcap:
             out["attn_softcap"] = p * a * s  # tanh output of attention logit soft-capping
         if tr.eager_clamps_scores:
@@ -217,7 +230,18 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     if trainable_base and attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
-    if tr.mlp in (MLP.GATED, MLP.GATED_FUSED):
+    if setup.mode in (Mode.LORA, Mode.QLORA):
+        experts_trainable = any(lin.copies > 1 for lin in lora_targets(spec, setup.lora_targets))
+    else:
+        experts_trainable = trainable_base
+    if tr.mlp is MLP.CLAMPED_SWIGLU:
+        # gpt-oss's _apply_gate (5.24 models/gpt_oss/modeling_gpt_oss.py:82-88) on the (S, 2f)
+        # gate_up output: both clamps save the output they view (2f), ``gate * sigmoid(gate *
+        # alpha)`` saves the clamped gate and the sigmoid's output, ``(up + 1) * glu`` saves up + 1
+        # and glu (f each); the down projection's grouped matmul saves the product only for its
+        # weights' gradient (frozen experts: none)
+        terms["mlp"] = mlp_tokens * p * f * (6 + (1 if experts_trainable else 0))
+    elif tr.mlp in (MLP.GATED, MLP.GATED_FUSED):
         # act(gate) saves gate; mul saves act(gate) and up; down_proj saves the product
         terms["mlp"] = mlp_tokens * p * f * (4 if trainable_base else 3)
     elif tr.mlp is MLP.NEW_GELU and setup.device is Device.CUDA and setup.precision.is_autocast:
@@ -243,11 +267,19 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # autograd saves an input of a matmul for the other operand's gradient alone, so frozen
         # experts (LoRA elsewhere) save none (measured on the sim: Qwen3-MoE LoRA on attention,
         # 64 MiB a layer at 2 x 1024 tokens, +2.4 % before on 4 layers)
-        if setup.mode in (Mode.LORA, Mode.QLORA):
-            experts_trainable = any(lin.copies > 1 for lin in lora_targets(spec, setup.lora_targets))
+        if tr.router is Router.TOPK_SOFTMAX:
+            # gpt-oss's router (modeling_gpt_oss.py:126-130): topk of the logits saves its int64
+            # indices, the softmax over the k values its output (the logits themselves are freed);
+            # the grouped_mm forward (integrations/moe.py:440-529) gathers by ``perm // k``, the
+            # weights by ``perm`` and puts the outputs back by ``inv_perm`` (an int64 index each,
+            # saved by the indexing), gathers the expert biases by ``expert_ids_g`` (saved while the
+            # biases train) and saves the gathered routing weights for the down output's gradient
+            bias_index = any(lin.fused_experts and lin.bias for lin in layer_linears(spec)) and trainable_base
+            terms["moe_routing"] = mlp_tokens * (INT64 * (4 + (1 if bias_index else 0)) + 2 * p) \
+                + (mlp_tokens * lin_in * h if experts_trainable else 0)
         else:
-            experts_trainable = trainable_base
-        terms["moe_routing"] = (p + FP32) * spec.num_experts + (mlp_tokens * lin_in * h if experts_trainable else 0)
+            terms["moe_routing"] = (p + FP32) * spec.num_experts \
+                + (mlp_tokens * lin_in * h if experts_trainable else 0)
         # transformers 5's grouped_mm experts (integrations/moe.py grouped_mm_experts_forward, the
         # default experts implementation: modeling_utils.py get_correct_experts_implementation):
         # the routing-weight product ``proj_out * sample_weights_g`` saves the (S, h) down-projection
@@ -419,3 +451,21 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
                        outside={**{k: v for k, v in full.outside.items()
                                    if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")},
                                 "recomputed_layer": full.layer_bytes + masked})
+
+
+def sink_attention_left(spec: ModelSpec, act) -> int:
+    """Of a layer's saved bytes, what its eager sink attention's softmax backward still finds:
+    the input norm's, the normed input (or the adapters' copies of it), q and the repeated k,
+    and the max's indices (measured on the sim and on real CPU steps, gpt-oss)."""
+    per = act.per_layer
+    return per.get("norms", 0) // spec.norms_per_layer + per.get("linear_inputs", 0) // 2 \
+        + per.get("attn_qkv", 0) * 2 // 3 + per.get("attn_sink_max", 0) + per.get("lora_adapters", 0)
+
+
+def sink_attention_working(spec: ModelSpec, setup: Setup) -> int:
+    """The buffers of an eager sink attention's backward (modeling_gpt_oss.py:239-253): the value
+    matmul's gradient of the probabilities' view, the probabilities' (heads, s, s + 1) gradient
+    the slice's backward makes and the softmax's backward output, beside the residual stream's
+    and the attention output's gradients (T, h) and (T, heads x d)."""
+    T, p, a, s = setup.batch * setup.seq, setup.precision.compute_bytes, spec.num_heads, setup.seq
+    return 3 * p * a * (s + 1) * T + p * (spec.hidden_size + spec.q_dim) * T

@@ -354,6 +354,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
+    refusal = arch_of(spec).refuse(spec, setup)  # a setup transformers cannot build for this family
+    if refusal:
+        raise ValueError(refusal)
     count = count_params(spec)
     group = _group(traits(spec, setup).family, setup.attn, setup.precision)
     cuda = setup.device is Device.CUDA
@@ -382,7 +385,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     # allocator and context terms the phases carry until the replay replaces them must not
     # choose it (a phase of many small tensors, the optimizer's, would win on its rounding)
     peak = max(phases, key=lambda ph: _tensor_bytes(phases[ph]))
-    notes = tuple(n for n in (count.note, _ignored_note(spec)) if n)
+    notes = tuple(n for n in (count.note, _ignored_note(spec), arch_of(spec).checkpoint_note(spec)) if n)
     # DPO: the replay runs the policy's step at twice the batch; it does not know the reference's
     # copy or forward, so its reserved figure is a floor under the phases' tensors (_with_replay)
     replayed = dpo.policy_setup(setup) if setup.trainer is Trainer.DPO else setup
@@ -556,6 +559,11 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 activations=saved - int(act.outside.get("final_norm", 0) * k)
                 - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup)),
                 kv_cache=cache + prev_kv, temporaries=fb_temps)))
+        scores = _last_layer_sink_scores(spec, setup, act, k, saved)
+        if scores:  # eager attention with sinks: the last layer's score matrices, before its MLP
+            forward.append(phase(big + n_states + n_act + 3, **with_extra(
+                ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=scores,
+                kv_cache=cache + prev_kv, temporaries=fb_temps)))
         if merged_experts:
             # a checkpointed layer's forward still parametrizes its LoRA expert stacks (one layer's
             # worth, freed when its experts module returns: activations.lora_expert_weights)
@@ -645,6 +653,31 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=done,
                 activations=saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
                 kv_cache=held_kv, temporaries=recompute_temps + layer_working_set(spec, setup))))
+        if not recomputed and not ranked.gathers:
+            sinks = _last_layer_sink_attention_backward(spec, setup, act, k, saved)
+            if sinks:  # eager attention with sinks: the last layer's score gradients, first in backward
+                # (full training: the head's, the final norm's and this layer's but q/k/v's gradients made)
+                made = _last_layer_gradients(spec, st) if setup.mode is Mode.FULL else 0
+                candidates.append(phase(big + n_states + n_act + 3, **with_extra(
+                    ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + made,
+                    activations=sinks[0], logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + sinks[1])))
+        if setup.mode is Mode.FULL and not recomputed and not ranked.gathers and not R:
+            # the first layer's backward, last: of autocast's half weight copies only this layer's
+            # are still saved (the head's and the later layers' were freed by their backward)
+            head_cast = HALF * spec.vocab_size * (spec.embed_dim or spec.hidden_size) if st.cast_bwd else 0
+            last_temps = st.workspace + constant + max(st.cast_bwd - head_cast, 0) // max(spec.num_layers, 1)
+            expert = _first_layer_expert_backward(spec, setup, st, act, k, G, G_layer)
+            if expert:  # fused MoE experts: the first layer's gate_up weight gradient in flight
+                candidates.append(phase(big + n_states + n_grads + 2, **with_extra(
+                    ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=expert[0],
+                    activations=expert[1], logits=held_logits, kv_cache=held_kv,
+                    temporaries=last_temps + expert[2])))
+            sinks = _first_layer_sink_attention_backward(spec, setup, st, act, k, G)
+            if sinks:  # eager attention with sinks: the first layer's score gradients
+                candidates.append(phase(big + n_states + n_grads + 3, **with_extra(
+                    ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=sinks[0],
+                    activations=sinks[1], logits=held_logits, kv_cache=held_kv,
+                    temporaries=last_temps + sinks[2])))
         if ranked.gathers:  # FSDP2 / ZeRO-3: the peak can sit inside a layer's backward
             layer = ranked.backward_layer(saved, int(act.layer_bytes * k), layer_working_set(spec, setup), recomputed)
             if R:  # without gradient sync no shard is made: the accumulated unsharded gradients instead
@@ -697,6 +730,103 @@ def _dpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: 
         return out
 
     return with_reference(steady), None if first is None else (lambda: with_reference(first()))
+
+
+def _first_layer_expert_backward(spec: ModelSpec, setup: Setup, st: _Static, act, k: float, G: int,
+                                 G_layer: int) -> tuple[int, int, int] | None:
+    """(gradients, activations, temporaries) inside the first decoder layer's expert backward, the
+    last layer backward reaches, where fused MoE experts make their largest gradient: every other
+    layer's gradients exist, and of this layer's the down projection's and the biases' (its
+    MLP runs backward first); the gate_up stack's weight gradient is being made (grouped_mm's
+    backward: transformers integrations/moe.py:490-492, the native op's derivative gives the
+    input's and the weight's gradients at once) beside the gradient of its output (S, 2f), the
+    input's gradient (S, h) and the residual stream's gradient (T, h); the layer's saved
+    activations but the MLP's, freed by then, are still there (measured on the sim: gpt-oss 4
+    layers of 32 experts, 16 heads, vocab 8000, b2 x s1024 bf16, -1.29 % without this moment).
+    ``None`` for a model without trainable fused experts."""
+    fused = [lin for lin in layer_linears(spec) if lin.fused_experts]
+    if not fused or not st.states.trainable:
+        return None
+    per_elem = st.states.gradients // st.states.trainable
+    gate_up = fused[0]
+    in_flight = gate_up.copies * gate_up.in_features * gate_up.out_features * per_elem
+    done_here = sum(lin.params for lin in fused) * per_elem - in_flight
+    gradients = max(G - G_layer - st.untied_embed_grad - st.embed_bwd // 2 + done_here, 0)
+    left = act.layer_bytes - act.per_layer.get("mlp", 0) - act.per_layer.get("moe_weighted", 0)
+    T, p = setup.batch * setup.seq, setup.precision.compute_bytes
+    S = T * spec.experts_per_token
+    working = p * (S * gate_up.out_features + S * spec.hidden_size + T * spec.hidden_size)
+    return gradients, int(k * left), in_flight + int(k * working)
+
+
+def _last_layer_sink_scores(spec: ModelSpec, setup: Setup, act, k: float, saved: int) -> int:
+    """Activations inside the last decoder layer's eager attention where the scores carry a
+    sink column (traits ``attn_sinks``; gpt-oss modeling_gpt_oss.py:239-250), without
+    checkpointing: every earlier layer's saved tensors and this layer's up to its scores, beside
+    the masked scores (s columns), the concatenated logits and their max-subtracted copy (or
+    that copy and the probabilities: s + 1 columns each) and the two additive masks (full and
+    sliding, (b, 1, s, s) each, alive through the model's forward: :467-470), the unrepeated
+    rotated key and the value (locals of the attention), the embedding output (the model's
+    ``inputs_embeds``, :451-452) and the layer's input (its ``residual``, :351), none of which
+    autograd saves. 0 where no sink,
+    not eager, or checkpointed (measured on a real CPU step: gpt-oss 2 layers b2 x s1024, -3.1 %
+    at the forward without it)."""
+    if setup.grad_ckpt or setup.attn.value != "eager" or not traits(spec, setup).attn_sinks:
+        return 0
+    T, p, a, s = setup.batch * setup.seq, setup.precision.compute_bytes, spec.num_heads, setup.seq
+    per = act.per_layer
+    after = sum(per.get(name, 0) for name in ("attn_scores", "mlp", "moe_routing", "moe_weighted", "o_proj_input")) \
+        + per.get("norms", 0) // spec.norms_per_layer + per.get("linear_inputs", 0) // 2
+    head = act.outside.get("final_norm", 0) + act.outside.get("head_input", 0)
+    # (in fp32 the layer input is the very tensor its norm saves, ``x.to(float32)`` copying nothing)
+    unsaved_inputs = 2 * spec.hidden_size if p != FP32 else 0
+    transient = p * a * (3 * s + 2) * T + 2 * p * s * T + p * (2 * spec.kv_dim + unsaved_inputs) * T
+    return saved - int(k * (after + head)) + int(k * transient)
+
+
+def _first_layer_sink_attention_backward(spec: ModelSpec, setup: Setup, st: _Static, act, k: float,
+                                         G: int) -> tuple[int, int, int] | None:
+    """(gradients, activations, temporaries) inside the first decoder layer's eager attention
+    backward where the scores carry a sink column (traits ``attn_sinks``; gpt-oss
+    modeling_gpt_oss.py:239-253): the value matmul's gradient of the probabilities' view, the
+    probabilities' (heads, s, s + 1) gradient the slice's backward makes and the softmax's
+    backward output, beside the residual stream's and the attention output's gradients (T, h)
+    and (T, heads x d); every gradient but the embedding's and the layer's q/k/v projections'
+    exists; of the layer's saved tensors the input norm's, the normed input, q and the repeated
+    k and the max's indices remain (measured on the sim: gpt-oss 4 layers, 64 heads, vocab 8000,
+    b2 x s1024 bf16, -1.07 % without this moment). ``None`` where no sink or not eager."""
+    if setup.attn.value != "eager" or not traits(spec, setup).attn_sinks or not st.states.trainable:
+        return None
+    per_elem = st.states.gradients // st.states.trainable
+    qkv = sum(lin.params for lin in layer_linears(spec) if lin.name in ("q_proj", "k_proj", "v_proj"))
+    gradients = max(G - st.untied_embed_grad - st.embed_bwd // 2 - qkv * per_elem, 0)
+    return gradients, int(k * acts.sink_attention_left(spec, act)), int(k * acts.sink_attention_working(spec, setup))
+
+
+def _last_layer_sink_attention_backward(spec: ModelSpec, setup: Setup, act, k: float,
+                                        saved: int) -> tuple[int, int] | None:
+    """(activations, temporaries) inside the last decoder layer's eager sink attention
+    backward, the first attention backward reaches (LoRA: no gradient worth counting is made
+    before it; full training: the head's and this layer's but q/k/v's): every earlier layer's
+    saved tensors, this layer's that the softmax backward
+    still finds, and the buffers of that backward (measured on a real CPU step: gpt-oss QLoRA
+    with peft's fp32 preparation, 2 layers b2 x s1024, -15 % without this moment; full fp32 -10.7 %)."""
+    if setup.attn.value != "eager" or not traits(spec, setup).attn_sinks:
+        return None
+    head = act.outside.get("final_norm", 0) + act.outside.get("head_input", 0)
+    gone = act.layer_bytes - acts.sink_attention_left(spec, act) + head
+    return saved - int(k * gone), int(k * acts.sink_attention_working(spec, setup))
+
+
+def _last_layer_gradients(spec: ModelSpec, st: _Static) -> int:
+    """Full training, inside the last layer's attention backward: the gradients made by then,
+    the LM head's (untied), the final norm's and the layer's own but its q/k/v projections'."""
+    if not st.states.trainable:
+        return 0
+    per_elem = st.states.gradients // st.states.trainable
+    inv = inventory_of(spec)
+    qkv = sum(lin.params for lin in layer_linears(spec) if lin.name in ("q_proj", "k_proj", "v_proj"))
+    return per_elem * (sum(t.elems for t in inv.final) + inv.layer_elems - qkv)
 
 
 def _layer_gradients(spec: ModelSpec, setup: Setup, st: _Static) -> int:
@@ -769,6 +899,7 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
         # one layer coexist -- half a layer's cache beside the rest
         growth = kv // max(2 * spec.num_layers, 1)
         L = setup.seq + setup.new_tokens
+        kv = _decode_cache(spec, setup, tr, kv, L)
         decode = [phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                         logits=logits, temporaries=st.workspace + constant)]
         if kernels.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
@@ -798,6 +929,23 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
                                 activations=int(k * (copies + scores)), temporaries=st.workspace + constant))
         phases[Phase.DECODE] = max(decode, key=lambda c: sum(c.values()))
     return phases
+
+
+def _decode_cache(spec: ModelSpec, setup: Setup, tr, kv: int, L: int) -> int:
+    """The cache at a decode step's peak where the cache keeps a sliding layer's window only
+    (traits ``cache_keeps_window``; cache_utils.py:242-249): the first decode step replaces the
+    prompt-long storage each sliding layer's view kept with the window, layer by layer, so its
+    peak, in its first layer, has that layer at the window when it slides and every other layer at
+    the whole length; a later step has every sliding layer at the window (measured on the sim:
+    gpt-oss 8 layers b2 x s1024, window 128). ``kv``: every layer at the whole length ``L``."""
+    window, sliding = tr.sliding_window, tr.sliding_layers
+    if not (tr.cache_keeps_window and sliding and window and L > window):
+        return kv
+    per_layer_token = kv // (spec.num_layers * L)
+    first_slides = arch_of(spec).layer_types(spec)[0] == "sliding_attention"
+    first = kv - (per_layer_token * (L - window) if first_slides else 0)
+    last = kv - sliding * per_layer_token * (L - window)
+    return max(first, last) if setup.new_tokens > 1 else first
 
 
 class _Static(NamedTuple):

@@ -98,11 +98,20 @@ def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
 
 def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     """The matrices of one layer that a list of peft ``target_modules`` names selects."""
+    maps = arch_of(spec).peft_maps_experts  # peft's transformers-4 names for fused experts (archs/base.py)
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
-        return layer_linears(spec)  # peft "all-linear": every linear but the output layer
-    linears = [lin for lin in layer_linears(spec) if not lin.fused_experts]  # named: nn.Linear only
+        # peft "all-linear": every nn.Linear but the output layer, and where peft maps them, the
+        # fused experts and the router; elsewhere those are not nn.Linear and stay frozen
+        return [lin for lin in layer_linears(spec) if maps or not (lin.fused_experts or lin.router)]
+    # named: nn.Linear only (a router of its own class is not one where peft maps nothing)
+    linears = [lin for lin in layer_linears(spec) if not lin.fused_experts and (maps or not lin.router)]
     names = {lin.name for lin in linears}
     unknown = [t for t in targets if t not in names]
+    if unknown and not maps and spec.num_experts:
+        raise ValueError(f"LoRA target {unknown[0]!r} is not a module peft 0.21 can wrap in {spec.name} "
+                         f"({spec.model_type}): its experts are 3-D parameters and its router a module of its own "
+                         f"class, which target_modules cannot select (peft: \"Target modules ... not found\"); "
+                         f"choose from: {', '.join(sorted(names))} or all-linear (which wraps those only)")
     if unknown and tuple(targets) == DEFAULT_LORA_TARGETS:
         raise ValueError(f"the default LoRA targets {','.join(targets)} are not modules of {spec.name} "
                          f"({spec.model_type}); pass --lora-targets with some of: {', '.join(sorted(names))} "

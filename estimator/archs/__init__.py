@@ -17,11 +17,11 @@ import importlib
 import pkgutil
 from functools import lru_cache
 
-from .base import MLP, QKV, Arch, Inventory, Linear, Norm, QKNorm, Softmax, Switch, Tensor, Traits, inventory
+from .base import MLP, QKV, Arch, Inventory, Linear, Norm, QKNorm, Router, Softmax, Switch, Tensor, Traits, inventory
 from .llama import Fallback
 
-__all__ = ["ARCHS", "FALLBACK", "MLP", "QKV", "Arch", "Inventory", "Linear", "Norm", "QKNorm", "Softmax", "Switch",
-           "Tensor", "Traits", "arch_for_type", "arch_of", "inventory_of", "registered_types", "traits"]
+__all__ = ["ARCHS", "FALLBACK", "MLP", "QKV", "Arch", "Inventory", "Linear", "Norm", "QKNorm", "Router", "Softmax",
+           "Switch", "Tensor", "Traits", "arch_for_type", "arch_of", "inventory_of", "registered_types", "traits"]
 
 
 def _discover() -> dict[str, Arch]:

@@ -63,6 +63,22 @@ class MLP(_Doc):
     GELU = "gelu"
     #: ReLU and activations taken like it: its output, which the output projection saves too
     RELU = "relu"
+    #: gpt-oss's experts (GptOssExperts._apply_gate): interleaved gate/up views of the gate_up
+    #: output, both clamped (each clamp saves the whole output it views), ``gate *
+    #: sigmoid(gate * alpha)`` and ``(up + 1) * glu``: the gate_up output (2f), the clamped gate,
+    #: the sigmoid, up + 1 and glu (f each); the down projection saves the product
+    CLAMPED_SWIGLU = "clamped-swiglu"
+
+
+class Router(_Doc):
+    """How an MoE router turns its logits into routing weights (what it saves per token)."""
+
+    #: ``softmax(logits, dtype=float32)`` over every expert, then top-k (Mixtral, Qwen3-MoE): the
+    #: fp32 probabilities (T, E) are saved
+    SOFTMAX_TOPK = "softmax-topk"
+    #: top-k of the logits, then a softmax over the k values in the logits' dtype (gpt-oss's
+    #: GptOssTopKRouter): the logits are freed, the (T, k) indices and weights are saved
+    TOPK_SOFTMAX = "topk-softmax"
 
 
 class Norm(_Doc):
@@ -246,6 +262,18 @@ class Traits:
     causal_mask_buffers: bool = False
     #: every attention layer keeps rotary cos/sin tables for all positions, in the build dtype
     rotary_tables_per_layer: bool = False
+    #: eager attention concatenates a learned per-head sink logit to the scores (gpt-oss):
+    #: (heads, s, s + 1) scores, the max subtracted first (its int64 argmax saved), a softmax in
+    #: the scores' dtype over s + 1 columns, the sink column dropped by a view
+    attn_sinks: bool = False
+    #: a decode step's cache keeps only a sliding layer's window (transformers 5.24
+    #: cache_utils.py:242-249 DynamicSlidingWindowLayer.update: the last window - 1 tokens, a view
+    #: of the concatenation; after the prefill the view keeps the whole prompt's storage until
+    #: the first decode step replaces it). Set by the families checked against the sim on it
+    #: (gpt_oss); the others still count every layer at the full length
+    cache_keeps_window: bool = False
+    #: how an MoE router makes its weights (MoE models only)
+    router: Router = Router.SOFTMAX_TOPK
     #: eager attention's value matmul saves a view of the fused projection for a batch of one
     #: (the reshape to (b * heads, s, d) is a view only then), keeping the projection whole
     eager_value_view_b1: bool = False
@@ -289,6 +317,11 @@ class Arch:
     switches: ClassVar[tuple[Switch, ...]] = ()
     #: whether the estimator has a formula for this family (the fallback has none)
     exact: ClassVar[bool] = True
+    #: peft (0.21) maps the transformers-4 names of fused MoE experts and the router onto the
+    #: transformers-5 parameters (``gate_proj``/``up_proj``/``down_proj``, ``all-linear``), for
+    #: model types transformers' conversion mapping lists (peft/utils/transformers_weight_conversion.py
+    #: ``_MOE_TARGET_MODULE_MAPPING``: mixtral, qwen2_moe and the types mapped onto them, e.g. qwen3_moe)
+    peft_maps_experts: ClassVar[bool] = True
 
     # --- reading the config ----------------------------------------------------------
 
@@ -357,6 +390,23 @@ class Arch:
         """The traits of ``spec`` under ``semantics`` (estimator/versions.py): the family's
         defaults, what the config sets, then every switch for the assumed versions."""
         return _resolve(self, spec, semantics)
+
+    def checkpoint_note(self, spec) -> str:
+        """What the estimate assumes of a config's own ``quantization_config`` (gpt-oss's MXFP4
+        experts): nothing of it is modelled; every weight is counted in the setup's precision, as
+        training dequantizes an MXFP4 checkpoint to bf16 (transformers 5.24
+        quantizers/quantizer_mxfp4.py:208-213, ``Mxfp4Config(dequantize=True)``), and bitsandbytes
+        quantization comes from --quant only ("" without one)."""
+        qc = spec.config.get("quantization_config")
+        if not isinstance(qc, Mapping):
+            return ""
+        return (f"the config's quantization_config ({qc.get('quant_method', '?')}) is not modelled: weights are "
+                f"counted in the setup's precision (an MXFP4 checkpoint trains dequantized to bf16; MXFP4 inference "
+                f"kernels would hold less); use --quant for bitsandbytes")
+
+    def refuse(self, spec, setup) -> str:
+        """A sentence why this family cannot run ``setup`` as transformers builds it ("" when it can)."""
+        return ""
 
     # --- quirk hooks ------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ memory used): what the estimator counts when its family is not in the registry."
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,9 +57,15 @@ def build_meta_model(spec):
         raise ValueError(f"model_type {spec.model_type!r} needs transformers to be counted ({exc})") from None
     check_known_type(spec.model_type, where, registered_types(), CONFIG_MAPPING_NAMES,
                      MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, transformers.__version__)
+    verbosity = transformers.logging.get_verbosity()
     try:
-        with time_limit(META_BUILD_TIMEOUT_S, f"building model_type {spec.model_type!r} of {where} on the meta "
-                                              f"device took over {META_BUILD_TIMEOUT_S:.0f} s"):
+        # a config of another family (a key this type's config class cannot set, a deprecated
+        # name) makes transformers log and warn: the error below is the one sentence said
+        transformers.logging.set_verbosity(transformers.logging.CRITICAL)
+        with warnings.catch_warnings(), time_limit(
+                META_BUILD_TIMEOUT_S, f"building model_type {spec.model_type!r} of {where} on the meta "
+                                      f"device took over {META_BUILD_TIMEOUT_S:.0f} s"):
+            warnings.simplefilter("ignore")
             cfg = transformers.AutoConfig.for_model(**config)
             with torch.device("meta"):
                 return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
@@ -70,6 +77,8 @@ def build_meta_model(spec):
             message = message[:117] + "..."
         raise ConfigError(f"transformers cannot build model_type {spec.model_type!r} from {where}: "
                           f"{type(exc).__name__}: {message}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 _LINEARS: dict = {}

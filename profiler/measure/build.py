@@ -27,6 +27,11 @@ def hf_config(spec: ModelSpec):
     (configcheck.CODE_LOADING_KEYS: the attention implementation comes from the setup)."""
     import transformers
     config, _ = strip_code_keys(spec.config)
+    # a checkpoint's own quantization (gpt-oss's {"quant_method": "mxfp4"}) is not the setup's:
+    # vramlab builds random-init weights in the setup's precision and quantizes only by --quant,
+    # and from_pretrained would take the config's method (mxfp4 fetches hub kernels:
+    # transformers integrations/mxfp4.py)
+    config.pop("quantization_config", None)
     try:
         return transformers.AutoConfig.for_model(**config)
     except (ValueError, KeyError) as exc:
