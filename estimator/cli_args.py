@@ -16,6 +16,7 @@ from .setup import (
     Mode,
     Optimizer,
     OptimizerImpl,
+    Packing,
     Precision,
     Quant,
     RefModel,
@@ -108,6 +109,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                      f"the LoRA policy with its adapter disabled, or reference "
                                                      f"log-probs computed before training (default: adapter with "
                                                      f"LoRA / QLoRA, separate otherwise, as TRL)")
+    g.add_argument("--packing", default=None, help=f"--trainer sft: {choices(Packing)}: rows padded to the "
+                                                   f"batch's longest (--seq), TRL's packing into --seq-token bins "
+                                                   f"flattened into one row, or the batch's examples (mean length "
+                                                   f"--seq) flattened into one row (default: rows of equal length)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -167,7 +172,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         world_size=_int("world-size", args.world_size), sharding=args.sharding, loop=args.loop,
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), loss=loss or defaults.get("loss", "causal-lm"), trainer=trainer,
-        ref_model=getattr(args, "ref_model", None),
+        ref_model=getattr(args, "ref_model", None), packing=getattr(args, "packing", None),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

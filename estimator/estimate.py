@@ -48,7 +48,7 @@ from .setup import (
     Trainer,
 )
 from .sharding import RankStates, layer_working_set, per_rank_states, with_extra
-from .trainers import input_leaf_bytes
+from .trainers import input_leaf_bytes, step_setup
 from .units import FP32, HALF, MiB
 
 _CATEGORY = {c.value: c for c in Category}
@@ -357,6 +357,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     refusal = arch_of(spec).refuse(spec, setup)  # a setup transformers cannot build for this family
     if refusal:
         raise ValueError(refusal)
+    # the shape the step sees: --packing packed / padding-free flatten the batch (trainers.step_setup)
+    given, setup = setup, step_setup(setup)
     count = count_params(spec)
     group = _group(traits(spec, setup).family, setup.attn, setup.precision)
     cuda = setup.device is Device.CUDA
@@ -390,7 +392,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     # copy or forward, so its reserved figure is a floor under the phases' tensors (_with_replay)
     replayed = dpo.policy_setup(setup) if setup.trainer is Trainer.DPO else setup
     replay = partial(_reserved, spec, replayed, st, k, gpu, overheads) if cuda else None
-    return Estimate(model=spec.name, setup=setup, params=count.total, trainable_params=st.states.trainable,
+    return Estimate(model=spec.name, setup=given, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
                     notes=notes, overheads_source=overheads.source,
                     calibration_key=group, first_step=first, replay=replay)

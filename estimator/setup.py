@@ -101,6 +101,35 @@ class RefModel(_Choice):
     PRECOMPUTED = "precomputed"
 
 
+class Packing(_Choice):
+    """How SFTTrainer lays variable-length examples out in a batch (--trainer sft; trl 1.16.0).
+
+    Left out (``Setup.packing`` None): rows of equal length, no padding -- the synthetic batch
+    every other setup runs."""
+
+    # packing=False, padding_free=False: DataCollatorForLanguageModeling right-pads each row to
+    # the batch's longest and returns the attention_mask (trl/trainer/sft_trainer.py:184-225), so
+    # the step is (batch, seq) with seq the longest; a shorter row's zeros keep transformers'
+    # sdpa mask (masking_utils.py:329 ``padding_mask.all()``): every sdpa layer gets a mask
+    PADDED = "padded"
+    # packing=True with the default packing_strategy "bfd" (sft_config.py:229-236): examples
+    # packed into bins of max_length tokens (trl/data_utils.py:730 _pack_bfd), which turns
+    # padding-free on (sft_trainer.py:916): the batch's bins flattened into one row of
+    # batch x max_length tokens with position_ids restarting per example (:187-212)
+    PACKED = "packed"
+    # padding_free=True without packing: the batch's examples flattened into one row of
+    # sum(lengths) tokens with position_ids (sft_trainer.py:187-212); TRL needs max_length=None
+    # then (:999-1004), so --seq is the examples' mean length (the row holds batch x seq tokens)
+    PADDING_FREE = "padding-free"
+
+    @property
+    def flattened(self) -> bool:
+        """One (1, batch x seq) row with position_ids: transformers finds the packed sequences
+        (masking_utils.py:735-764 find_packed_sequence_indices) and builds a block-diagonal
+        mask for sdpa and eager (:991-1002, ``allow_is_causal_skip = False``)."""
+        return self in (Packing.PACKED, Packing.PADDING_FREE)
+
+
 class Precision(_Choice):
     """Precision recipe: how weights, compute, gradients and optimizer state are typed.
 
@@ -354,6 +383,9 @@ class Setup:
     # --trainer dpo: where the reference log-probs come from (RefModel); None takes TRL's
     # default for the mode (adapter with LoRA / QLoRA, separate otherwise; dpo_trainer.py:907-915)
     ref_model: RefModel | None = None
+    # --trainer sft: how variable-length examples reach the step (Packing); None: rows of equal
+    # length, no padding (the synthetic batch of every other setup)
+    packing: Packing | None = None
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -389,6 +421,8 @@ class Setup:
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if self.ref_model is not None:
             object.__setattr__(self, "ref_model", RefModel.parse(self.ref_model))
+        if self.packing is not None:
+            object.__setattr__(self, "packing", Packing.parse(self.packing))
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets",
                                tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
@@ -447,6 +481,9 @@ class Setup:
         if self.ref_model is not None and self.trainer is not Trainer.DPO:
             raise ValueError(f"--ref-model is DPO's reference model; --trainer {self.trainer} has none (pass "
                              f"--trainer dpo, or leave --ref-model out)")
+        if self.packing is not None and self.trainer is not Trainer.SFT:
+            raise ValueError(f"--packing is SFTTrainer's collator choice; --trainer {self.trainer} has none "
+                             f"(pass --trainer sft, or leave --packing out)")
         if self.trainer is Trainer.DPO:
             self._check_dpo()
         if self.trainer is Trainer.SFT:
@@ -646,6 +683,8 @@ class Setup:
             del out["trainer"]  # the default: records keep their case keys
         if self.ref_model is None:
             del out["ref_model"]  # no DPO: records keep their case keys
+        if self.packing is None:
+            del out["packing"]  # equal rows: records keep their case keys
         return out
 
     @classmethod

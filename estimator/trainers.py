@@ -10,6 +10,8 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
   trl/trainer/base_config.py:108) and SFTTrainer loads a model id with ``dtype="auto"``:
   bf16 checkpoints train as the ``bf16`` recipe, the setup's default already (setup.Precision).
 
+SFTTrainer's ``--packing`` (setup.Packing) changes the shape the step sees (:func:`step_setup`).
+
 DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
 
 - loss: the fused LM head for the policy and the reference (trl/trainer/dpo_trainer.py:954-962),
@@ -25,7 +27,7 @@ DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
 from __future__ import annotations
 
 from .modelspec import ModelSpec
-from .setup import Loss, Mode, Setup, Trainer
+from .setup import Loss, Mode, Packing, Setup, Trainer
 from .versions import semantics_for
 
 
@@ -56,3 +58,19 @@ def input_leaf_bytes(spec: ModelSpec, setup: Setup) -> int:
             or not setup.grad_ckpt or not spec.learned_positions:
         return 0
     return setup.precision.param_bytes * (spec.embed_dim or spec.hidden_size) * setup.batch * setup.seq
+
+
+def step_setup(setup: Setup) -> Setup:
+    """The setup as the model's forward sees it under ``--packing`` (setup.Packing): packed and
+    padding-free flatten the batch into one row of batch x seq tokens (trl 1.16.0
+    sft_trainer.py:187-212), so batch 1 and seq batch x seq; the one example of a padding-free
+    batch of 1, and a padded batch of 1, have nothing to tell apart from a row of equal length
+    (no padding; position_ids of one sequence: transformers 5.24 masking_utils.py:761-762 finds
+    no packing), so they are that. What stays ``packing`` gets an sdpa mask in every layer
+    (kernels.masked_layers)."""
+    packing = setup.packing
+    if packing is None:
+        return setup
+    if packing is Packing.PACKED or (packing is Packing.PADDING_FREE and setup.batch > 1):
+        return setup.replace(batch=1, seq=setup.batch * setup.seq)
+    return setup if setup.batch > 1 else setup.replace(packing=None)

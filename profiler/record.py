@@ -115,6 +115,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "loss": lambda v: str(v),
     "trainer": lambda v: f"{v}-trainer",
     "ref_model": lambda v: f"ref-{v}",
+    "packing": lambda v: str(v),
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
     "alloc_conf": lambda v: str(v),

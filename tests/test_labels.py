@@ -34,7 +34,8 @@ OTHER = {"mode": "lora", "precision": "amp-bf16", "quant": "nf4", "optimizer": "
          "batch": 3, "seq": 77, "grad_ckpt": True, "attn": "eager", "lora_rank": 8, "lora_alpha": 4,
          "lora_targets": ["c_attn"], "device": "cpu", "world_size": 4, "sharding": "fsdp", "new_tokens": 5,
          "loop": "held", "grad_accum": 2, "keep_grads": True, "use_cache": True, "loss": "logits-sum",
-         "trainer": "sft", "ref_model": "separate", "versions": [["transformers", "4.48"]], "compute_capability": "7.5",
+         "trainer": "sft", "ref_model": "separate", "packing": "packed",
+         "versions": [["transformers", "4.48"]], "compute_capability": "7.5",
          "allow_llama_fallback": True,
          "alloc_conf": "expandable_segments:True", "empty_cache_steps": 1, "load": "config",
          "rope_scaling": 4.0, "kbit_prep": "none"}

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from estimator.categories import Category, Phase
-from estimator.setup import Loss, Precision, Setup
+from estimator.setup import Loss, Packing, Precision, Setup
 from estimator.versions import installed_versions, parse_version
 from profiler.measure.build import SetupUnavailable, build_optimizer, synthetic_batch
 
@@ -90,6 +90,49 @@ def _tag_fused_head(tracker):
 
 
 
+def example_lengths(setup: Setup) -> list[int]:
+    """One batch's example lengths under ``--packing`` (setup.Packing), each batch the same:
+
+    - padded: the longest at ``seq``, the others shorter, ``seq - i * seq // (2 * batch)``;
+    - packed: per bin ``seq // 2, seq // 4`` and the rest, which best-fit decreasing packs back
+      into full bins of ``seq`` (trl 1.16.0 trl/data_utils.py:730 _pack_bfd: the halves open the
+      bins, each quarter fills the smallest space it fits);
+    - padding-free: pairs ``seq + seq // 4, seq - seq // 4`` (an odd batch's last at ``seq``):
+      ``batch x seq`` tokens, the mean ``seq``.
+    """
+    b, s = setup.batch, setup.seq
+    if setup.packing is Packing.PADDED:
+        return [s - i * s // (2 * b) for i in range(b)]
+    if setup.packing is Packing.PACKED:
+        return [length for _ in range(b) for length in (s // 2, s // 4, s - s // 2 - s // 4)]
+    if setup.packing is Packing.PADDING_FREE:
+        return [s + (s // 4 if i % 2 == 0 else -(s // 4)) if i < b - b % 2 else s for i in range(b)]
+    return [s] * b
+
+
+def _dataset(spec, setup: Setup, steps: int, device):
+    """The in-memory dataset: ``grad_accum x (steps + 1)`` batches of :func:`example_lengths`
+    rows of synthetic token ids (cut from the setup's synthetic batch, which is wide enough)."""
+    import datasets
+    lengths = example_lengths(setup)
+    wide = synthetic_batch(spec, setup.replace(batch=1, seq=max(lengths), packing=None), device).cpu()[0].tolist()
+    rows = [wide[:n] for n in lengths] * (setup.grad_accum * (steps + 1))
+    return datasets.Dataset.from_dict({"input_ids": rows})
+
+
+def _packing_flags(setup: Setup) -> dict:
+    """SFTConfig's flags for ``--packing``: packing with the default "bfd" strategy at max_length
+    seq (padding-free turned on by it, sft_trainer.py:916); padding_free with max_length None,
+    which TRL requires without packing (:999-1004); batches read in order
+    (``train_sampling_strategy="sequential"``, transformers 5.24 training_args.py:638) so each
+    batch is the one :func:`example_lengths` names."""
+    if setup.packing is Packing.PACKED:
+        return dict(packing=True, packing_strategy="bfd", max_length=setup.seq, train_sampling_strategy="sequential")
+    if setup.packing is Packing.PADDING_FREE:
+        return dict(packing=False, padding_free=True, max_length=None, train_sampling_strategy="sequential")
+    return dict(packing=False, max_length=setup.seq, train_sampling_strategy="sequential")
+
+
 def trainer_phases(built, tracker, meter, first, timings):
     """The callback that cuts a TRL trainer's steps into the harness's phases (module
     docstring), and ``current()``: the meter of the step running (``first`` in step 0)."""
@@ -127,7 +170,6 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
     ``meter``, cut into the harness's phases (module docstring)."""
     from profiler.measure.steps import recomputation_as_activations
     trl = _require_trl(setup)
-    import datasets
 
     if setup.precision not in _PRECISION_FLAGS:
         raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
@@ -142,16 +184,14 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
         raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
     tracker.watch_grads([p for p in inner.parameters() if p.requires_grad])
     tracker.watch_optimizer(opt)
-    ids = synthetic_batch(spec, setup, device).cpu()
-    rows = ids.tolist() * (setup.grad_accum * (steps + 1))
-    data = datasets.Dataset.from_dict({"input_ids": rows})
+    data = _dataset(spec, setup, steps, device)
     current, phases = trainer_phases(built, tracker, meter, first, timings)
 
     with tempfile.TemporaryDirectory() as out:
         config = trl.SFTConfig(
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
             gradient_accumulation_steps=setup.grad_accum, gradient_checkpointing=setup.grad_ckpt,
-            max_length=setup.seq, packing=False, use_cpu=device == "cpu", report_to=[], save_strategy="no",
+            **_packing_flags(setup), use_cpu=device == "cpu", report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
             **_PRECISION_FLAGS[setup.precision])
         trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
