@@ -33,7 +33,7 @@ from estimator.categories import Category, Phase
 from estimator.setup import Mode, RefModel, Setup
 from estimator.versions import installed_versions, parse_version
 from profiler.measure.build import SetupUnavailable, build_model, build_optimizer, synthetic_batch
-from profiler.measure.trl_steps import _PRECISION_FLAGS, _tag_fused_head, trainer_phases
+from profiler.measure.trl_steps import _PRECISION_FLAGS, _tag_fused_head, measure_loss_and_backward, trainer_phases
 
 #: Words of the tokenizer built here besides <pad> (0) and <eos> (1); token ids never change memory
 _WORDS = 1024
@@ -130,7 +130,6 @@ def _reference_phase(trainer, setup: Setup, current):
 def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
     """``1 + steps`` optimizer steps of the real ``DPOTrainer``: the first on ``first``, the rest on
     ``meter``, cut into the harness's phases (module docstring)."""
-    from profiler.measure.steps import recomputation_as_activations
     trl = _require_trl()
     import datasets
 
@@ -175,18 +174,7 @@ def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
         trainer.optimizer = opt  # the harness's own, as SFT's optimizers=(opt, None)
         tracker.watch_grads([p for p in policy.parameters() if p.requires_grad])
         tracker.watch_optimizer(opt)
-        compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
-
-        def measured_loss(*args, **kwargs):
-            with current()(Phase.FORWARD, Category.ACTIVATIONS):
-                return compute_loss(*args, **kwargs)
-
-        def measured_backward(*args, **kwargs):
-            recompute = recomputation_as_activations(tracker) if setup.grad_ckpt else contextlib.nullcontext()
-            with current()(Phase.BACKWARD, Category.LOGITS), recompute:
-                return backward(*args, **kwargs)
-
-        trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
+        measure_loss_and_backward(trainer, setup, tracker, current)
         try:
             with _tag_fused_head(tracker), _reference_phase(trainer, setup, current):
                 trainer.train()

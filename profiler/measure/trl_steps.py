@@ -165,10 +165,28 @@ def trainer_phases(built, tracker, meter, first, timings):
 
     return current, Phases()
 
+def measure_loss_and_backward(trainer, setup: Setup, tracker, current) -> None:
+    """Wrap a TRL trainer's ``compute_loss`` (the forward phase) and its accelerator's
+    ``backward`` (the backward phase; a checkpointed layer's recomputation counted as
+    activations) in the meter's phases (``current``: the meter of the step running)."""
+    from profiler.measure.steps import recomputation_as_activations
+    compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
+
+    def measured_loss(*args, **kwargs):
+        with current()(Phase.FORWARD, Category.ACTIVATIONS):
+            return compute_loss(*args, **kwargs)
+
+    def measured_backward(*args, **kwargs):
+        recompute = recomputation_as_activations(tracker) if setup.grad_ckpt else contextlib.nullcontext()
+        with current()(Phase.BACKWARD, Category.LOGITS), recompute:
+            return backward(*args, **kwargs)
+
+    trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
+
+
 def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
     """``1 + steps`` optimizer steps of the real ``SFTTrainer``: the first on ``first``, the rest on
     ``meter``, cut into the harness's phases (module docstring)."""
-    from profiler.measure.steps import recomputation_as_activations
     trl = _require_trl(setup)
 
     if setup.precision not in _PRECISION_FLAGS:
@@ -196,18 +214,7 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             **_PRECISION_FLAGS[setup.precision])
         trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
                                  processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[phases])
-        compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
-
-        def measured_loss(*args, **kwargs):
-            with current()(Phase.FORWARD, Category.ACTIVATIONS):
-                return compute_loss(*args, **kwargs)
-
-        def measured_backward(*args, **kwargs):
-            recompute = recomputation_as_activations(tracker) if setup.grad_ckpt else contextlib.nullcontext()
-            with current()(Phase.BACKWARD, Category.LOGITS), recompute:
-                return backward(*args, **kwargs)
-
-        trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
+        measure_loss_and_backward(trainer, setup, tracker, current)
         try:
             with _tag_fused_head(tracker):
                 trainer.train()
