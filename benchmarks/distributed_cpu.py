@@ -15,6 +15,9 @@ from profiler.measure.distributed import run_distributed
 
 PHASES = ("forward", "backward", "optimizer")
 BASE = dict(precision="fp32", batch=2, seq=256)
+QWEN_L2, LLAMA_L2 = "benchmarks/configs/qwen2.5-0.5b-L2.json", "benchmarks/configs/llama-3.2-1b-L2.json"
+QLORA = dict(precision="bf16", batch=1, seq=512, mode="qlora", quant="nf4-dq", lora_targets="all-linear")
+LONG_LORA = dict(precision="bf16", batch=1, seq=2048, mode="lora", lora_targets="all-linear", grad_ckpt=True)
 #: (model, nproc, setup changes)
 CASES = [
     ("gpt2", 2, dict(sharding="fsdp1", seq=128)),
@@ -35,6 +38,17 @@ CASES = [
     ("gpt2", 2, dict(sharding="fsdp", seq=128, grad_accum=2)),
     ("gpt2", 2, dict(sharding="fsdp1", seq=128, grad_accum=2)),
     ("smollm2-135m", 2, dict(sharding="fsdp", keep_grads=True)),
+    # issue 25 item 4: QLoRA (bf16, nf4-dq, all-linear; no kbit preparation under FSDP, as TRL)
+    # and bf16 LoRA at long sequence with checkpointing, FSDP1 as accelerate runs it and FSDP2
+    *[(m, n, dict(QLORA, sharding=sh)) for m, n, sh in (
+        ("gpt2", 2, "fsdp1"), ("gpt2", 2, "fsdp"),
+        (QWEN_L2, 2, "fsdp1"), (QWEN_L2, 2, "fsdp"),
+        (LLAMA_L2, 2, "fsdp1"), (LLAMA_L2, 4, "fsdp"),
+        ("smollm2-135m", 4, "fsdp1"))],
+    (LLAMA_L2, 2, dict(QLORA, sharding="fsdp1", grad_ckpt=True, seq=2048)),
+    ("smollm2-135m", 2, dict(LONG_LORA, sharding="fsdp1")),
+    ("smollm2-135m", 2, dict(LONG_LORA, sharding="fsdp")),
+    (QWEN_L2, 2, dict(LONG_LORA, sharding="fsdp1")),
 ]
 
 
@@ -47,7 +61,8 @@ def main() -> None:
     rows = []
     for model, nproc, changes in CASES:
         setup = Setup(**{**BASE, **changes})
-        label = f"{model} x{nproc} {setup.sharding} {setup.mode} {setup.precision}" + \
+        label = f"{Path(model).stem} x{nproc} {setup.sharding} {setup.mode} {setup.precision}" + \
+            (f" {setup.quant} s{setup.seq}" if "quant" in changes else f" s{setup.seq}" if setup.seq >= 2048 else "") + \
             (" ckpt" if setup.grad_ckpt else "") + (f" accum{setup.grad_accum}" if setup.grad_accum > 1 else "") + \
             (" keep-grads" if setup.keep_grads else "")
         if args.only not in label:

@@ -88,6 +88,11 @@ def load_quantized(cfg, setup: Setup, device: str, attn: str, dtype):
     require_bitsandbytes(f"quantization {setup.quant}")
     with tempfile.TemporaryDirectory(prefix="vramlab-bnb-") as tmp, _quiet_loading():
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, **dtype_kwargs(dtype))
+        # every rank writes its own temporary checkpoint: under an initialized process group
+        # transformers 5.24 writes on rank 0 only (distributed/mixin.py:345-350
+        # ``should_save_on_this_rank``; modeling_utils.py:3417), which left the other ranks'
+        # folders empty ("Unrecognized model ... model_type") and QLoRA under FSDP unrunnable
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.save_pretrained(tmp)
         del model
         return transformers.AutoModelForCausalLM.from_pretrained(
@@ -160,13 +165,20 @@ def quant_state_tensors(model) -> list[torch.Tensor]:
     bitsandbytes' ``Params4bit.quant_state`` (absmax, code, offset and the nested state's
     absmax and code) and ``Int8Params.SCB`` (bitsandbytes nn/modules.py)."""
     out: list[torch.Tensor] = []
+    seen: set[int] = set()
     for module in model.modules():
         weight = getattr(module, "weight", None)
+        # the weight's state, or the module's copy of it: ``Params4bit`` hands its state to its
+        # module (bitsandbytes nn/modules.py:376-377, 392-393), and once FSDP2's ``fully_shard``
+        # has swapped the weight for a DTensor shard only the module's reference is left
+        # (``fix_4bit_weight_quant_state_from_module``, :487-501, restores it in forward)
         state = getattr(weight, "quant_state", None) if weight is not None else None
+        state = state if state is not None else getattr(module, "quant_state", None)
         for qs in (state, getattr(state, "state2", None)):
             for name in QUANT_STATE_TENSORS:
                 t = getattr(qs, name, None) if qs is not None else None
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
                     out.append(t)
         scb = getattr(weight, "SCB", None) if weight is not None else None
         if isinstance(scb, torch.Tensor):
