@@ -446,11 +446,27 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     masked = masked_layer_bytes(spec, setup) * T if "masked_layers" in full.outside else 0
     # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
     masked += lora_expert_weights(spec, setup)
+    outside = {k: v for k, v in full.outside.items()
+               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")}
+    if setup.attn is Attention.EAGER:
+        # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
+        # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask
+        # among them, in the stream's dtype (transformers 5.24 masking_utils.py ``eager_mask``:
+        # min_dtype where masked), alive from the forward to the first layer's backward; one per
+        # mask kind when full and sliding-window layers mix (``causal_mask_mapping``). Measured on
+        # the sim: SmolLM2-360M-L2 QLoRA (fp32 stream) eager at s4096, 64 MiB at the backward peak
+        outside["eager_mask"] = eager_masks(spec, setup) * resid * setup.seq * T
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
-                       outside={**{k: v for k, v in full.outside.items()
-                                   if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")},
-                                "recomputed_layer": full.layer_bytes + masked})
+                       outside={**outside, "recomputed_layer": full.layer_bytes + masked})
+
+
+def eager_masks(spec: ModelSpec, setup: Setup) -> int:
+    """How many (b, 1, s, s) additive masks an eager forward builds: one, or two where
+    sliding-window and full-attention layers mix (``create_causal_mask`` and
+    ``create_sliding_window_causal_mask``)."""
+    sliding = traits(spec, setup).sliding_layers
+    return 2 if 0 < sliding < spec.num_layers else 1
 
 
 def sink_attention_left(spec: ModelSpec, act) -> int:

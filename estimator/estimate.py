@@ -559,7 +559,8 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R,
                 activations=saved - int(act.outside.get("final_norm", 0) * k)
-                - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup)),
+                - int(act.outside.get("head_input", 0) * k) + int(k * prefill_transient(spec, setup))
+                - int(act.outside.get("eager_mask", 0) * k),  # the transient counts the mask it holds
                 kv_cache=cache + prev_kv, temporaries=fb_temps)))
         scores = _last_layer_sink_scores(spec, setup, act, k, saved)
         if scores:  # eager attention with sinks: the last layer's score matrices, before its MLP
@@ -634,6 +635,10 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 logits=held_logits, kv_cache=held_kv, temporaries=bwd_temps + layer_working_set(spec, setup))))
+        # what the final norm and the LM head saved is freed by their backward, before any layer's
+        # (measured on the sim: SmolLM2-360M-L2 LoRA and QLoRA eager with checkpointing, s4096,
+        # the softmax backward of the last layer's recomputation: no final-norm tensor alive)
+        head_saved = int((act.outside.get("final_norm", 0) + act.outside.get("head_input", 0)) * k)
         if recomputed and not ranked.gathers:
             # the last layer's recomputation, first in backward: every layer's input still saved,
             # the layer's backward working set beside its recomputed activations, the LM head's
@@ -642,7 +647,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
                 (st.states.gradients // max(st.states.trainable, 1)) if setup.mode is Mode.FULL else 0
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=R + head_grad,
-                activations=saved + recomputed, logits=held_logits, kv_cache=held_kv,
+                activations=saved - head_saved + recomputed, logits=held_logits, kv_cache=held_kv,
                 temporaries=recompute_temps + layer_working_set(spec, setup))))
         if recomputed and not ranked.gathers and spec.num_layers > 1:
             # the first layer's recomputation, last in backward: every gradient but the first
@@ -653,7 +658,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             done = max(R, G - G_layer - st.untied_embed_grad - st.embed_bwd // 2)
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=done,
-                activations=saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
+                activations=saved - head_saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
                 kv_cache=held_kv, temporaries=recompute_temps + layer_working_set(spec, setup))))
         if not recomputed and not ranked.gathers:
             sinks = _last_layer_sink_attention_backward(spec, setup, act, k, saved)

@@ -596,6 +596,7 @@ def _working_terms(spec: ModelSpec, key: Setup):
     """The batch- and sequence-free coefficients of :func:`layer_working_set` (``key``: a
     :attr:`Setup.shape_free` setup, one token)."""
     f, p = spec.intermediate_size, key.precision.compute_bytes
+    resid = FP32 if key.precision.is_autocast else p  # autocast's residual stream (activations._dtypes)
     experts = spec.experts_per_token if spec.num_experts else 1
     grad = key.precision.param_bytes if key.mode is Mode.FULL else 0
     mlp = [lin for lin in layer_linears(spec) if lin.group == "mlp"]
@@ -608,7 +609,16 @@ def _working_terms(spec: ModelSpec, key: Setup):
         # backward has run, before the softmax's gradients exist (measured on the sim: SmolLM2-360M
         # eager fp16 and bf16 at s4096, a recomputed layer's backward)
         cast = p if eager_softmax_saved(spec, key) > probs else 0
-        return down, mlp_grads, 2 * f * p * experts, mlp_saved, 0, (2 * probs - cast) * spec.num_heads
+        # by the softmax's backward, every saved tensor of the layer but what attention's backward
+        # still reads is freed (the MLP's, the post-attention norm's, the output projection's and
+        # its adapter's inputs, v), and the residual stream's and the attention output's gradients
+        # (T, h) and (T, heads x d) are there (the same moment as sink attention's,
+        # activations.sink_attention_left; measured on the sim, SmolLM2-360M-L2 QLoRA eager with
+        # checkpointing at s4096, where peft's fp32 stream doubles these: -1.11 % before)
+        act = training_activations(spec, key)
+        freed = act.layer_bytes - act.per_layer.get("attn_scores", 0) - sink_attention_left(spec, act)
+        grads = resid * spec.hidden_size + p * spec.q_dim
+        return down, mlp_grads, 2 * f * p * experts, freed, grads, (2 * probs - cast) * spec.num_heads
     if key.attn is Attention.SDPA and key.device is Device.CUDA and cuda_sdpa_backend(spec, key) == "math":
         # sdpa's math kernel (a CUDA step's for grouped heads without flash or cuDNN: sm75; fp32):
         # the probabilities' gradient and the softmax backward's output, (b, heads, s, s) fp32

@@ -3,12 +3,16 @@ output, the eager mask, a checkpointed layer's forward and its recomputation in 
 against the CUDA-semantics sim at 4096 tokens (where the (heads, s, s) terms dominate)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from estimator.categories import TENSOR_CATEGORIES, Phase
+from estimator.estimate import estimate
 from estimator.modelspec import load_model, spec_from_config
 from estimator.setup import Setup
 from profiler.measure.run import run_case
+from profiler.record import read_records
 
 #: estimate vs the sim per phase at s4096, eager: measured within 1.2 % (SmolLM2-360M, 32
 #: layers: -0.25 % prefill, -1.42 % eval, LoRA+ckpt fp16 -0.26 %, full bf16 ckpt -1.12 %)
@@ -170,3 +174,23 @@ def test_a_turing_target_runs_16_bit_sdpa_without_flash():
     ampere = target_for(Setup(compute_capability="8.6"))
     assert ampere.flash and not ampere.cudnn_first
     assert target_for(Setup()).architecture == "hopper"
+
+
+#: real CPU steps at 2k-8k tokens (results/cpu-long, 20 cases of four families: full, LoRA and
+#: QLoRA, eager and sdpa, with and without checkpointing) vs today's estimate, every phase: measured
+#: within 0.79 % (before the eager mask held by the checkpoint and the final norm freed before the
+#: layers' backward: QLoRA eager ckpt -1.64 %, Qwen3 QLoRA forward -1.53 %, OLMo-2 LoRA -1.03 %)
+LONG_CPU_RECORDS = Path(__file__).resolve().parents[1] / "results" / "cpu-long" / "long-cpu.jsonl"
+LONG_CPU_TOLERANCE = 0.01
+
+
+@pytest.mark.parametrize("record", read_records(LONG_CPU_RECORDS), ids=lambda r: r.label)
+def test_committed_long_cpu_steps_agree_with_the_estimate(record):
+    assert record.ok, record.message
+    est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
+    for phase, m in record.measured.phases.items():
+        if phase == Phase.ZERO_GRAD.value:
+            continue
+        pred = sum(v for k, v in est.phases[phase].items() if str(k) in _T)
+        got = m.peak_allocated_bytes
+        assert abs(pred - got) <= LONG_CPU_TOLERANCE * got, (phase, pred, got, (pred - got) / got)
