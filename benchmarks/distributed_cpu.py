@@ -61,8 +61,8 @@ def main() -> None:
     rows = []
     for model, nproc, changes in CASES:
         setup = Setup(**{**BASE, **changes})
-        label = f"{Path(model).stem} x{nproc} {setup.sharding} {setup.mode} {setup.precision}" + \
-            (f" {setup.quant} s{setup.seq}" if "quant" in changes else f" s{setup.seq}" if setup.seq >= 2048 else "") + \
+        sized = f" {setup.quant} s{setup.seq}" if "quant" in changes else f" s{setup.seq}" if setup.seq >= 2048 else ""
+        label = f"{Path(model).stem} x{nproc} {setup.sharding} {setup.mode} {setup.precision}{sized}" + \
             (" ckpt" if setup.grad_ckpt else "") + (f" accum{setup.grad_accum}" if setup.grad_accum > 1 else "") + \
             (" keep-grads" if setup.keep_grads else "")
         if args.only not in label:
