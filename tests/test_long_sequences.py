@@ -186,6 +186,10 @@ LONG_CPU_TOLERANCE = 0.01
 
 @pytest.mark.parametrize("record", read_records(LONG_CPU_RECORDS), ids=lambda r: r.label)
 def test_committed_long_cpu_steps_agree_with_the_estimate(record):
+    _agrees_per_phase(record, LONG_CPU_TOLERANCE)
+
+
+def _agrees_per_phase(record, tolerance):
     assert record.ok, record.message
     est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
     for phase, m in record.measured.phases.items():
@@ -193,4 +197,16 @@ def test_committed_long_cpu_steps_agree_with_the_estimate(record):
             continue
         pred = sum(v for k, v in est.phases[phase].items() if str(k) in _T)
         got = m.peak_allocated_bytes
-        assert abs(pred - got) <= LONG_CPU_TOLERANCE * got, (phase, pred, got, (pred - got) / got)
+        assert abs(pred - got) <= tolerance * got, (phase, pred, got, (pred - got) / got)
+
+
+#: the CUDA-semantics sim at 2k-8k tokens (results/sim/long-sim.jsonl: three families, eager full /
+#: LoRA / QLoRA with and without checkpointing, sdpa on sm75 / sm80 / sm90) vs today's estimate,
+#: every phase: measured within 0.42 % (before the checkpointed eager mask: Gemma 3 QLoRA -1.60 %)
+LONG_SIM_TOLERANCE = 0.01
+LONG_SIM_RECORDS = Path(__file__).resolve().parents[1] / "results" / "sim" / "long-sim.jsonl"
+
+
+@pytest.mark.parametrize("record", read_records(LONG_SIM_RECORDS), ids=lambda r: r.label)
+def test_committed_long_sim_steps_agree_with_the_estimate(record):
+    _agrees_per_phase(record, LONG_SIM_TOLERANCE)
