@@ -354,6 +354,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
+    gap = arch_of(spec).memory_gap(spec)  # a family in the registry whose memory terms are not all written
+    if gap:
+        raise NotModelled(gap)
     refusal = arch_of(spec).refuse(spec, setup)  # a setup transformers cannot build for this family
     if refusal:
         raise ValueError(refusal)
@@ -455,6 +458,12 @@ class NoFormula(ValueError):
             f"{', '.join(registered_types())}); measure it with `vramlab profile {spec.source or spec.name} "
             f"--backend sim` (any transformers causal LM, CUDA semantics, no GPU), or pass --allow-llama-fallback "
             f"for the Llama-style terms, {FALLBACK_ERROR_RANGE}")
+
+
+class NotModelled(ValueError):
+    """A family in the registry whose parameters are exact but whose memory terms are not all
+    written (Arch.memory_gap): refused in one sentence; the profiler measures it without an
+    estimate beside it, as it does a model type without a formula."""
 
 
 def _check_non_negative(model: str, phases) -> None:

@@ -59,6 +59,9 @@ class ModelSpec:
     learned_positions: int = 0  # rows of a learned position table (GPT-2, OPT); 0 = rotary
     embed_dim: int = 0  # OPT word_embed_proj_dim when it differs from hidden_size
     logit_softcap: bool = False  # Gemma 2: logits = tanh(logits / cap) * cap (final_logit_softcapping)
+    #: (name, value) pairs a family reads beyond these fields (DeepSeek-V3's latent ranks and
+    #: head sizes): part of the hash, so the caches keyed by a spec tell such configs apart
+    family_fields: tuple[tuple[str, Any], ...] = ()
     source: str = ""  # where the config came from
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     #: config keys that would load code or kernels, dropped before transformers sees the config

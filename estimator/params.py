@@ -83,11 +83,14 @@ def meta_count(spec: ModelSpec) -> ParamCount:
 # --- LoRA and quantization: which matrices they touch ----------------------------------
 
 def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
-    """Adapter parameters: r * (in + out) per targeted matrix (peft LoraLayer: lora_A in->r, lora_B r->out)."""
-    per_layer = 0
-    for lin in lora_targets(spec, targets):
-        per_layer += rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features)
-    return spec.num_layers * per_layer
+    """Adapter parameters: r * (in + out) per targeted matrix (peft LoraLayer: lora_A in->r, lora_B r->out),
+    over the layers of each kind (a family's first dense layers: Arch.dense_layers)."""
+    dense = min(arch_of(spec).dense_layers(spec), spec.num_layers)
+
+    def per_layer(linears: list[Linear]) -> int:
+        return sum(rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features) for lin in linears)
+    out = (spec.num_layers - dense) * per_layer(lora_targets(spec, targets))
+    return out + (dense * per_layer(lora_targets(spec, targets, dense=True)) if dense else 0)
 
 
 def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
@@ -96,8 +99,11 @@ def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
     return arch_of(spec).peft_targets
 
 
-def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
-    """The matrices of one layer that a list of peft ``target_modules`` names selects."""
+def lora_targets(spec: ModelSpec, targets: tuple[str, ...], dense: bool = False) -> list[Linear]:
+    """The matrices of one layer that a list of peft ``target_modules`` names selects (``dense``:
+    of a family's first dense layers, Arch.dense_layers)."""
+    if arch_of(spec).peft_moe_names:
+        return _converted_lora_targets(spec, targets, dense)
     maps = arch_of(spec).peft_maps_experts  # peft's transformers-4 names for fused experts (archs/base.py)
     if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
         # peft "all-linear": every nn.Linear but the output layer, and where peft maps them, the
@@ -122,6 +128,37 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...]) -> list[Linear]:
     return [lin for lin in linears if lin.name in targets]
 
 
+def _converted_lora_targets(spec: ModelSpec, targets: tuple[str, ...], dense: bool) -> list[Linear]:
+    """What peft 0.21 wraps where its MoE conversion renames targets (Arch.peft_moe_names;
+    peft/utils/transformers_weight_conversion.py): ``all-linear`` is resolved to the nn.Linear
+    names plus every mapped name (:370-374), then each target in the mapping is replaced by the
+    fused parameter it names and dropped from ``target_modules`` (:444-456), so nn.Linear modules
+    of a mapped name (dense and shared-expert MLPs) are never wrapped; a fused parameter needs all
+    its parts named (:460-467 raises otherwise). Checked on peft 0.21.2 (tests/test_deepseek_v3.py)."""
+    arch = arch_of(spec)
+    mapping = arch.peft_moe_names
+    linears = arch.dense_linears(spec) if dense else list(layer_linears(spec))
+    every = arch.linears(spec) + arch.dense_linears(spec)
+    plain = sorted({lin.name for lin in every if not (lin.fused_experts or lin.router)} - set(mapping))
+    if tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",)):
+        targets = tuple(plain) + tuple(mapping)
+    unknown = [t for t in targets if t not in plain and t not in mapping]
+    if unknown:
+        raise ValueError(f"LoRA target {unknown[0]!r} is not a module peft 0.21 wraps in {spec.name} "
+                         f"({spec.model_type}); choose from: {', '.join(sorted(plain + list(mapping)))} or all-linear")
+    for fused in sorted(set(mapping.values())):
+        parts = sorted(old for old, new in mapping.items() if new == fused)
+        named = [old for old in parts if old in targets]
+        if named and len(named) < len(parts):
+            raise ValueError(f"LoRA targets {', '.join(named)} need {', '.join(sorted(set(parts) - set(named)))} "
+                             f"too in {spec.name}: peft 0.21 fuses them into {fused} (\"Cannot convert PEFT "
+                             f"target(s)\")")
+    wanted = {mapping.get(t, t) for t in targets}
+    # a mapped name reaches the fused parameter or the router only, never an nn.Linear of that name
+    return [lin for lin in linears
+            if lin.name in wanted and (lin.fused_experts or lin.router or lin.name not in mapping)]
+
+
 def quantized_params(spec: ModelSpec, experts_fused: bool = True) -> tuple[int, int, int]:
     """(quantized weight elements, their output rows, biases) over all layers.
 
@@ -137,10 +174,18 @@ def quantized_params(spec: ModelSpec, experts_fused: bool = True) -> tuple[int, 
     if not spec.has_formula:
         return meta_linears(spec)
     tensors = quantized_tensors(spec, experts_fused)
-    L = spec.num_layers
-    biases = sum(lin.copies * lin.out_features for lin in layer_linears(spec)
+    biases = sum(lin.copies * lin.out_features * layers for lin, layers in _layer_kinds(spec)
                  if lin.bias and not ((lin.fused_experts or lin.router) and experts_fused))
-    return sum(n * k for n, _, k in tensors), sum(r * k for _, r, k in tensors), L * biases
+    return sum(n * k for n, _, k in tensors), sum(r * k for _, r, k in tensors), biases
+
+
+def _layer_kinds(spec: ModelSpec) -> list[tuple[Linear, int]]:
+    """Every matrix of a decoder layer with the number of layers holding it (a family's first
+    dense layers apart: Arch.dense_layers)."""
+    arch = arch_of(spec)
+    dense = min(arch.dense_layers(spec), spec.num_layers)
+    return [(lin, dense) for lin in (arch.dense_linears(spec) if dense else [])] \
+        + [(lin, spec.num_layers - dense) for lin in layer_linears(spec)]
 
 
 @lru_cache(maxsize=256)
@@ -149,10 +194,10 @@ def quantized_tensors(spec: ModelSpec, experts_fused: bool = True) -> tuple[tupl
     per distinct shape and role (a layer's linears times the layers, OPT's projections);
     each tensor carries its own quantization state (:func:`quant_state_bytes`)."""
     rows: list[tuple[int, int, int]] = []
-    for lin in layer_linears(spec):
+    for lin, layers in _layer_kinds(spec):
         if (lin.fused_experts or lin.router) and experts_fused:
             continue
-        rows.append((lin.in_features * lin.out_features, lin.out_features, lin.copies * spec.num_layers))
+        rows.append((lin.in_features * lin.out_features, lin.out_features, lin.copies * layers))
     h, e = spec.hidden_size, spec.embed_dim or spec.hidden_size
     if e != h:
         # OPT's project_in (e -> h) and project_out (h -> e) are nn.Linear modules of the decoder

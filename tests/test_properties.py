@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from estimator.archs import arch_of
 from estimator.categories import Category, Phase
-from estimator.estimate import NoFormula, estimate
+from estimator.estimate import NoFormula, NotModelled, estimate
 from estimator.modelspec import load_model, spec_from_config
 from estimator.params import layer_linears
 from estimator.setup import (
@@ -249,6 +249,10 @@ def test_todays_moe_types_are_estimated_or_refused_and_never_negative(config):
                   Setup(seq=64, mode="lora", lora_targets="all-linear")):
         if spec.has_formula and arch_of(spec).refuse(spec, setup):  # gpt_oss: eager attention only
             setup = setup.replace(attn="eager")
+        if spec.has_formula and arch_of(spec).memory_gap(spec):  # deepseek_v3: refused in one sentence
+            with pytest.raises(NotModelled, match="not modelled yet"):
+                estimate(spec, setup.replace(allow_llama_fallback=True))
+            continue
         est = estimate(spec, setup.replace(allow_llama_fallback=True))
         assert all(v >= 0 for c in est.phases.values() for v in c.values()), setup
 

@@ -181,6 +181,12 @@ class Inventory:
     layer: tuple[Tensor, ...]
     final: tuple[Tensor, ...]
     layers: int
+    #: the first ``dense_layers`` of the ``layers`` hold these tensors instead of ``layer``
+    #: (DeepSeek-V3's ``first_k_dense_replace`` dense-MLP layers before its MoE ones);
+    #: ``layer`` is then the repeated later layer, which ``layer_elems`` and ``dim0_shapes``
+    #: describe (the memory terms, which read those, refuse such models: Arch.refuse)
+    dense_layer: tuple[Tensor, ...] = ()
+    dense_layers: int = 0
 
     @property
     def root(self) -> tuple[Tensor, ...]:
@@ -193,20 +199,26 @@ class Inventory:
 
     @property
     def total(self) -> int:
-        return sum(t.elems for t in self.root) + self.layers * self.layer_elems
+        return sum(t.elems for t in self.root) + sum(n * t.elems for t, n in self._layer_tensors())
+
+    def _layer_tensors(self) -> list[tuple[Tensor, int]]:
+        """Every decoder-layer tensor with the number of layers holding it."""
+        return [(t, self.dense_layers) for t in self.dense_layer] \
+            + [(t, self.layers - self.dense_layers) for t in self.layer]
 
     def groups(self, names: tuple[str, ...]) -> dict[str, int]:
         out = dict.fromkeys(names, 0)
         for t in self.root:
             out[t.group] += t.elems
-        for t in self.layer:
-            out[t.group] += self.layers * t.elems
+        for t, n in self._layer_tensors():
+            out[t.group] += n * t.elems
         return out
 
     def sizes(self) -> tuple[int, ...]:
-        """Element count of every tensor, embeddings, layers, then the rest."""
-        layer = [t.elems for t in self.layer]
-        return tuple([t.elems for t in self.embeddings] + layer * self.layers + [t.elems for t in self.final])
+        """Element count of every tensor, embeddings, layers (in order), then the rest."""
+        dense, layer = [t.elems for t in self.dense_layer], [t.elems for t in self.layer]
+        return tuple([t.elems for t in self.embeddings] + dense * self.dense_layers
+                     + layer * (self.layers - self.dense_layers) + [t.elems for t in self.final])
 
     def dim0_shapes(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
         """(rows, columns) of the root's tensors and of one layer's."""
@@ -322,6 +334,16 @@ class Arch:
     #: model types transformers' conversion mapping lists (peft/utils/transformers_weight_conversion.py
     #: ``_MOE_TARGET_MODULE_MAPPING``: mixtral, qwen2_moe and the types mapped onto them, e.g. qwen3_moe)
     peft_maps_experts: ClassVar[bool] = True
+    #: the transformers-4 module names peft (0.21) turns into target parameters of fused experts
+    #: and the router (peft/utils/transformers_weight_conversion.py:332-345 ``_MOE_TARGET_MODULE_MAPPING``,
+    #: applied at :444-456), for the families whose layers also hold nn.Linear modules of those
+    #: names (dense or shared-expert MLPs): a name mapped here is dropped from ``target_modules``,
+    #: so those nn.Linear modules are never wrapped, under ``all-linear`` too (:370-374). Empty:
+    #: the older rule of :func:`estimator.params.lora_targets` (no such modules)
+    peft_moe_names: ClassVar[Mapping[str, str]] = {}
+    #: what :meth:`checkpoint_note` says of a published checkpoint's own quantization
+    checkpoint_detail: ClassVar[str] = ("an MXFP4 checkpoint trains dequantized to bf16; MXFP4 inference kernels "
+                                        "would hold less")
 
     # --- reading the config ----------------------------------------------------------
 
@@ -343,6 +365,14 @@ class Arch:
     def final_norms(self, spec) -> int:
         """Norms after the last layer."""
         return 1
+
+    def dense_layers(self, spec) -> int:
+        """How many of the first layers are built otherwise than :meth:`linears` says (0: none)."""
+        return 0
+
+    def dense_linears(self, spec) -> list[Linear]:
+        """The matrices of those first layers (their norms are :meth:`layer_norms`)."""
+        return []
 
     # --- traits -----------------------------------------------------------------------
 
@@ -401,11 +431,16 @@ class Arch:
         if not isinstance(qc, Mapping):
             return ""
         return (f"the config's quantization_config ({qc.get('quant_method', '?')}) is not modelled: weights are "
-                f"counted in the setup's precision (an MXFP4 checkpoint trains dequantized to bf16; MXFP4 inference "
-                f"kernels would hold less); use --quant for bitsandbytes")
+                f"counted in the setup's precision ({self.checkpoint_detail}); use --quant for bitsandbytes")
 
     def refuse(self, spec, setup) -> str:
         """A sentence why this family cannot run ``setup`` as transformers builds it ("" when it can)."""
+        return ""
+
+    def memory_gap(self, spec) -> str:
+        """A sentence naming the memory terms of this family the estimator does not have yet ("" when
+        it has them all): every estimate is refused with it (estimate.NotModelled), and the profiler
+        measures such a model without an estimate beside it."""
         return ""
 
     # --- quirk hooks ------------------------------------------------------------------
@@ -463,10 +498,13 @@ def inventory(arch: Arch, spec) -> Inventory:
         embeddings += [Tensor("project_out.weight", "embeddings", h, e),
                        Tensor("project_in.weight", "embeddings", e, h)]
     layer = [t for lin in arch.linears(spec) for t in lin.tensors()] + arch.layer_norms(spec)
+    dense_layers = min(arch.dense_layers(spec), spec.num_layers)
+    dense = [t for lin in arch.dense_linears(spec) for t in lin.tensors()] + arch.layer_norms(spec) \
+        if dense_layers else []
     final = _norm_tensors(spec) * arch.final_norms(spec)
     if not spec.tie_word_embeddings:
         final.append(Tensor("lm_head.weight", "lm_head", spec.vocab_size, e))
-    return Inventory(tuple(embeddings), tuple(layer), tuple(final), spec.num_layers)
+    return Inventory(tuple(embeddings), tuple(layer), tuple(final), spec.num_layers, tuple(dense), dense_layers)
 
 
 def read_common_llama(f: Fields) -> dict[str, Any]:

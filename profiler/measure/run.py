@@ -12,8 +12,9 @@ import platform
 
 import torch
 
+from estimator.archs import arch_of
 from estimator.categories import Category
-from estimator.estimate import NoFormula, estimate
+from estimator.estimate import NoFormula, NotModelled, estimate
 from estimator.gpus import gpu_named
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Device, Setup
@@ -63,12 +64,12 @@ def prediction(spec: ModelSpec, setup: Setup, device_name: str | None = None,
                harness: bool = True, backend: str = "cuda") -> Prediction | None:
     """The estimate put beside a measurement (of this harness's loop unless ``harness`` is
     off, on the GPU named ``device_name`` when it is a preset); ``None`` for a model type the
-    estimator has no formula for (it is measured all the same: that is how such a model is
-    sized)."""
+    estimator has no formula for, or whose memory terms are not all written (NotModelled): it is
+    measured all the same, which is how such a model is sized."""
     try:
         run = harness_setup(setup, backend) if harness else setup
         return Prediction(**estimate(spec, run, gpu_named(device_name)).to_dict())
-    except NoFormula:
+    except (NoFormula, NotModelled):
         return None
 
 
@@ -125,7 +126,9 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     record = new_record(make_case(spec, setup, backend, steps, model=model),
                         predicted=prediction(spec, setup, device, backend=backend))
     if record.predicted is None:
-        record.note(f"no estimate beside it: model_type {spec.model_type!r} has no formula (estimator/archs)")
+        gap = "" if not spec.has_formula else arch_of(spec).memory_gap(spec)
+        record.note(f"no estimate beside it: {gap}" if gap else
+                    f"no estimate beside it: model_type {spec.model_type!r} has no formula (estimator/archs)")
     cuda = backend == "cuda"
     sampler = None
     if cuda:

@@ -1,0 +1,193 @@
+"""DeepSeek-V3 (DeepseekV3ForCausalLM): multi-head latent attention (MLA) in every layer, a
+dense SwiGLU MLP in the first ``first_k_dense_replace`` layers and in the rest a sparse MoE
+block: a sigmoid router with grouped top-k and a score-correction bias, fused routed experts
+and an always-on shared-expert MLP.
+
+Sources (transformers 5.24, models/deepseek_v3/):
+
+- configuration_deepseek_v3.py:81-116 the fields and defaults (``n_routed_experts`` is read as
+  ``num_local_experts``: :76-79 attribute_map; ``q_lora_rank`` may be None; ``v_head_dim``,
+  ``qk_nope_head_dim``, ``qk_rope_head_dim``; ``tie_word_embeddings`` False; ``attention_bias``
+  False); :122-123 ``qk_head_dim = qk_nope_head_dim + qk_rope_head_dim``, ``head_dim =
+  qk_rope_head_dim`` (what the rotary tables span).
+- modeling_deepseek_v3.py:38-52 DeepseekV3RMSNorm (Llama's form: ``weight * x.to(dtype)``).
+- :104-117 DeepseekV3MLP: gate_proj, up_proj (h -> f), down_proj (f -> h), no bias; the dense
+  layers' f is ``intermediate_size``, the shared experts' ``moe_intermediate_size *
+  n_shared_experts`` (:211-213).
+- :120-158 DeepseekV3TopkRouter: a weight (E, h) of its own (not nn.Linear), kept in fp32
+  (:551 ``_keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]``), and the
+  ``e_score_correction_bias`` (E,) an fp32 buffer, no parameter (:131); the fp32 logits
+  ``F.linear(hidden.float(), weight.float())``, ``sigmoid``, the bias added for the choice only,
+  groups of E / n_group scored by their top-2 sum, ``topk_group`` groups kept, ``masked_fill``
+  -inf elsewhere, top-k indices, the weights gathered from the sigmoid scores, normalised
+  (``norm_topk_prob``) and scaled by ``routed_scaling_factor`` (the "noaux_tc" method).
+- :161-198 DeepseekV3Experts (``@use_experts_implementation``): ``gate_up_proj`` (E, 2f, h),
+  ``down_proj`` (E, h, f), f = ``moe_intermediate_size``; transformers 5 runs the grouped_mm
+  forward by default (modeling_utils.py ``get_correct_experts_implementation``; integrations/
+  moe.py ``grouped_mm_experts_forward``), as for gpt_oss and qwen3_moe.
+- :201-222 DeepseekV3MoE: ``experts(x, topk_indices, topk_weights) + shared_experts(x)``.
+- :349-405 DeepseekV3Attention: ``q_proj`` (h -> heads x qk_head_dim) when ``q_lora_rank`` is
+  None, else ``q_a_proj`` (h -> q_lora_rank, biased with ``attention_bias``), ``q_a_layernorm``
+  (q_lora_rank) and ``q_b_proj`` (q_lora_rank -> heads x qk_head_dim); ``kv_a_proj_with_mqa``
+  (h -> kv_lora_rank + qk_rope_head_dim, ``attention_bias``), ``kv_a_layernorm`` (kv_lora_rank),
+  ``kv_b_proj`` (kv_lora_rank -> heads x (qk_nope_head_dim + v_head_dim)); ``o_proj`` (heads x
+  v_head_dim -> h, ``attention_bias``).
+- :427-483 the forward: q split into nope/rope parts, the latent split into ``kv_nope``
+  (kv_lora_rank, normed) and the single-head ``k_rot``; rotary on q_rot and k_rot; the cache
+  updated with the two compressed latents (:459-460, see below); ``torch.cat((q_pass, q_rot))``
+  (:462); ``expand_kv`` (:407-425) runs kv_b_proj on the (cached) latent, splits k_nope / value and copies
+  k_nope and the broadcast k_rot into a new key tensor; attention gets q and k of qk_head_dim and
+  v of v_head_dim per head.
+- :493-496 a layer is MoE when ``layer_idx >= first_k_dense_replace`` (``moe_layer_freq`` of the
+  published config is not read by transformers 5.24).
+
+The KV cache: DynamicCache (:599) holds, per layer, the normed latent ``kv_nope`` (b, 1, s,
+kv_lora_rank) and the rotated ``k_rot`` (b, 1, s, qk_rope_head_dim) in the compute dtype
+(:444-460), not per-head keys and values: (kv_lora_rank + qk_rope_head_dim) per token and layer
+(576 for DeepSeek-V3, against 2 x 128 x 56 = 14,336 in the Llama fallback's formula), and every
+attention call re-expands the whole cached latent through kv_b_proj.
+
+The memory terms of MLA (q/k head size 192, v head size 128, the latent re-expansion, the
+concatenations), of the router's saved fp32 tensors and of mixed dense and MoE layers are not in
+the estimator yet: :meth:`DeepseekV3.memory_gap` says so for every estimate, and the profiler
+measures the family without one. What is exact here: the config's reading, the parameter
+inventory (counts, groups, per-tensor sizes; equal to the meta build) and what peft 0.21 wraps
+(``peft_moe_names``).
+"""
+from __future__ import annotations
+
+from ..configcheck import (
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    ConfigError,
+    Limit,
+    check_shapes,
+)
+from .base import Linear, Norm, Tensor, read_common_llama
+from .llama import LlamaStyle
+
+#: DeepseekV3Config's defaults (configuration_deepseek_v3.py:81-116)
+_DEFAULTS = dict(moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256, kv_lora_rank=512,
+                 q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+                 topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3)
+#: first_k_dense_replace may be 0 (every layer MoE: modeling_deepseek_v3.py:493)
+_DENSE_LAYERS = Limit(MAX_LAYERS.name, 0, MAX_LAYERS.hi, MAX_LAYERS.why)
+#: the (name, value) pairs kept in ModelSpec.family_fields
+_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+           "n_shared_experts", "first_k_dense_replace", "dense_intermediate_size", "n_group", "topk_group")
+
+
+class DeepseekV3(LlamaStyle):
+    model_types = ("deepseek_v3",)
+    family = "deepseek_v3"
+    norm = Norm.RMS
+    switches = ()  # only transformers 5.24's layout is read (the latent cache, fused experts)
+    # transformers conversion_mapping.py:56 maps deepseek_v3 onto qwen2_moe, whose names peft 0.21
+    # turns into target parameters (transformers_weight_conversion.py:339-344); peft has no default
+    # target_modules for deepseek_v3 (peft/utils/constants.py: absent; "No `target_modules` passed")
+    peft_targets = ()
+    # the published checkpoints' fp8 (e4m3, 128 x 128 blocks) quantization_config: from_config builds
+    # no quantizer (the profiler drops the key: profiler/measure/build.py hf_config) and the router's
+    # weight stays fp32 whatever the dtype (modeling_deepseek_v3.py:551)
+    checkpoint_detail = "an fp8 checkpoint is built unquantized from its config; the router's weight stays fp32"
+    peft_moe_names = {"gate": "gate", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                      "down_proj": "down_proj"}
+
+    def read(self, f, model_type):
+        out = read_common_llama(f)  # hidden, layers, heads, kv heads, intermediate_size (the dense MLP's), vocab
+        ints = {k: f.int(k, limit=MAX_HEAD_DIM, default=_DEFAULTS[k])
+                for k in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}
+        ints["kv_lora_rank"] = f.int("kv_lora_rank", limit=MAX_HIDDEN, default=_DEFAULTS["kv_lora_rank"])
+        # q_lora_rank null: one q_proj (modeling_deepseek_v3.py:370-374); absent: the default 1536
+        ints["q_lora_rank"] = 0 if "q_lora_rank" in f.config and f.config["q_lora_rank"] is None \
+            else f.int("q_lora_rank", limit=MAX_HIDDEN, default=_DEFAULTS["q_lora_rank"])
+        experts = f.int("n_routed_experts", "num_local_experts", limit=MAX_EXPERTS,
+                        default=_DEFAULTS["n_routed_experts"])
+        per_token = f.int("num_experts_per_tok", limit=MAX_EXPERTS, default=_DEFAULTS["num_experts_per_tok"])
+        check_shapes(f.where, out["hidden_size"], out["num_heads"], out["num_kv_heads"], head_dim_given=True,
+                     experts=experts, experts_per_token=per_token)
+        ints["n_shared_experts"] = f.int("n_shared_experts", limit=MAX_EXPERTS, default=_DEFAULTS["n_shared_experts"])
+        ints["first_k_dense_replace"] = f.int("first_k_dense_replace", limit=_DENSE_LAYERS,
+                                              default=_DEFAULTS["first_k_dense_replace"])
+        ints["n_group"] = f.int("n_group", limit=MAX_EXPERTS, default=_DEFAULTS["n_group"])
+        ints["topk_group"] = f.int("topk_group", limit=MAX_EXPERTS, default=_DEFAULTS["topk_group"])
+        moe_f = f.int("moe_intermediate_size", limit=MAX_INTERMEDIATE, default=_DEFAULTS["moe_intermediate_size"])
+        if not experts or not ints["n_shared_experts"]:
+            raise ConfigError(f"{f.where}: n_routed_experts and n_shared_experts must be at least 1 "
+                              f"(DeepseekV3MoE builds both, modeling_deepseek_v3.py:209-213)")
+        group, keep = ints["n_group"], ints["topk_group"]
+        # the router views the scores as (T, n_group, E / n_group) and takes each group's top 2
+        # (modeling_deepseek_v3.py:138-143), then the top topk_group groups
+        if not group or experts % group or experts // group < 2 or not 1 <= keep <= group:
+            raise ConfigError(f"{f.where}: n_group must divide n_routed_experts ({experts}) into groups of at least "
+                              f"2 and topk_group be between 1 and n_group (DeepseekV3TopkRouter, "
+                              f"modeling_deepseek_v3.py:138-143); got n_group {group}, topk_group {keep}")
+        if per_token > keep * (experts // group):
+            raise ConfigError(f"{f.where}: num_experts_per_tok ({per_token}) must be at most the experts of the "
+                              f"topk_group kept groups ({keep} x {experts // group})")
+        f.number("routed_scaling_factor")
+        f.bool("norm_topk_prob", True)
+        ints["dense_intermediate_size"] = out["intermediate_size"]
+        qk_head_dim = ints["qk_nope_head_dim"] + ints["qk_rope_head_dim"]
+        return dict(out, num_experts=experts, experts_per_token=per_token, intermediate_size=moe_f,
+                    head_dim=qk_head_dim, family_fields=tuple((k, ints[k]) for k in _FIELDS))
+
+    # --- the inventory ------------------------------------------------------------------
+
+    def _attention(self, spec) -> list[Linear]:
+        m = _fields(spec)
+        h, a, bias = spec.hidden_size, spec.num_heads, spec.qkv_bias
+        qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+        if m["q_lora_rank"]:
+            q = [Linear("q_a_proj", "attention", h, m["q_lora_rank"], bias),
+                 Linear("q_b_proj", "attention", m["q_lora_rank"], a * qk, False)]
+        else:
+            q = [Linear("q_proj", "attention", h, a * qk, False)]
+        return q + [Linear("kv_a_proj_with_mqa", "attention", h, m["kv_lora_rank"] + m["qk_rope_head_dim"], bias),
+                    Linear("kv_b_proj", "attention", m["kv_lora_rank"],
+                           a * (m["qk_nope_head_dim"] + m["v_head_dim"]), False),
+                    Linear("o_proj", "attention", a * m["v_head_dim"], h, spec.o_bias)]
+
+    def linears(self, spec):
+        """An MoE layer's matrices: MLA, the routed experts, the router, the shared experts."""
+        h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+        shared = f * _fields(spec)["n_shared_experts"]
+        return self._attention(spec) + [
+            Linear("gate_up_proj", "mlp", h, 2 * f, False, copies=e, fused_experts=True, parts=2),
+            Linear("down_proj", "mlp", f, h, False, copies=e, fused_experts=True),
+            Linear("gate", "mlp", h, e, False, router=True),
+            Linear("gate_proj", "mlp", h, shared, False), Linear("up_proj", "mlp", h, shared, False),
+            Linear("down_proj", "mlp", shared, h, False)]
+
+    def dense_layers(self, spec):
+        return _fields(spec)["first_k_dense_replace"]
+
+    def dense_linears(self, spec):
+        h, f = spec.hidden_size, _fields(spec)["dense_intermediate_size"]
+        return self._attention(spec) + [Linear("gate_proj", "mlp", h, f, False), Linear("up_proj", "mlp", h, f, False),
+                                        Linear("down_proj", "mlp", f, h, False)]
+
+    def layer_norms(self, spec):
+        """input_layernorm, post_attention_layernorm (h each), q_a_layernorm (where q has a
+        latent) and kv_a_layernorm (modeling_deepseek_v3.py:380, :392, :498-499)."""
+        m = _fields(spec)
+        latent = [Tensor("q_a_layernorm.weight", "norms", m["q_lora_rank"], 1)] if m["q_lora_rank"] else []
+        return super().layer_norms(spec) + latent + [Tensor("kv_a_layernorm.weight", "norms", m["kv_lora_rank"], 1)]
+
+    # --- what is not modelled -----------------------------------------------------------
+
+    def memory_gap(self, spec):
+        return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
+                f"latent attention (q/k head size {spec.head_dim}, v head size {_fields(spec)['v_head_dim']}), its "
+                f"router and its mixed dense/MoE layers is not modelled yet; measure it with "
+                f"`vramlab profile ... --backend sim`")
+
+
+def _fields(spec) -> dict:
+    return dict(spec.family_fields)
+
+
+ARCHS = (DeepseekV3(),)
