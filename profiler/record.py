@@ -116,6 +116,8 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "trainer": lambda v: f"{v}-trainer",
     "ref_model": lambda v: f"ref-{v}",
     "packing": lambda v: str(v),
+    "num_generations": lambda v: f"g{v}",
+    "max_completion": lambda v: f"+{v}completion",
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
     "alloc_conf": lambda v: str(v),
