@@ -57,6 +57,9 @@ class Phase(str, Enum):
     # 1.16.0 trl/trainer/grpo_trainer.py:1866-1875): the prefill and every decode step, the KV
     # cache growing to prompt + max_completion, beside the model states
     GENERATE = "generate"
+    # GRPO's no-grad log-prob pass over the generated batch (old_per_token_logps, --num-iterations
+    # above 1; grpo_trainer.py:2642-2655), micro-batch by micro-batch, after generation
+    LOGPROB = "logprob"
     BACKWARD = "backward"
     OPTIMIZER = "optimizer"
     ZERO_GRAD = "zero_grad"

@@ -121,6 +121,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-completion", default=None, help="--trainer grpo: tokens generated per completion "
                                                           "(GRPOConfig.max_completion_length, default 512; the "
                                                           "estimate takes every completion at this length)")
+    g.add_argument("--num-iterations", default=None, help="--trainer grpo: optimizer passes per generation batch "
+                                                          "(GRPOConfig.num_iterations, default 1); above 1 a no-grad "
+                                                          "log-prob pass follows generation (the logprob phase)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -187,6 +190,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         ref_model=getattr(args, "ref_model", None), packing=getattr(args, "packing", None),
         num_generations=_optional_int("num-generations", getattr(args, "num_generations", None)),
         max_completion=_optional_int("max-completion", getattr(args, "max_completion", None)),
+        num_iterations=_optional_int("num-iterations", getattr(args, "num_iterations", None)),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

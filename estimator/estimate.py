@@ -743,17 +743,27 @@ def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
                  phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
     """A GRPOTrainer step (estimator/grpo.py): ``model.generate`` of the generation batch
     (``Phase.GENERATE``: the inference setup's prefill and last decode step, the larger, beside
-    the optimizer's state as the previous step left it; none before the first step), then the
-    training step on prompt + completion."""
-    steady, first = _training_phases(spec, grpo.training_setup(setup), st, k, constant, phase)
+    the optimizer's state as the previous step left it; none before the first step), the no-grad
+    log-prob pass where TRL runs one (``Phase.LOGPROB``), then the training step on prompt +
+    completion."""
+    train = grpo.training_setup(setup)
+    steady, first = _training_phases(spec, train, st, k, constant, phase)
     inference = _inference_phases(spec, grpo.generation_setup(setup), st, k, constant, phase)
     generate = max(inference.values(), key=_tensor_bytes)
     # model.zero_grad() at the previous step's end set the gradients to None (transformers 5.24
     # trainer.py, set_to_none); with --keep-grads they stay allocated, zeroed
     held = steady[Phase.OPTIMIZER][Category.GRADIENTS] if setup.keep_grads else 0
+    logprob = None
+    if grpo.has_logprob_pass(setup):
+        # the no-grad pass's peak beside the model states as generation saw them (estimator/grpo.py)
+        extra = grpo.logprob_pass_bytes(spec, train, int(k * prefill_transient(spec, train)))
+        logprob = {Category.ACTIVATIONS: int(k * extra["activations"]), Category.LOGITS: int(k * extra["logits"]),
+                   Category.KV_CACHE: 0}
 
     def with_generation(phases: _PhaseMap, states: int) -> _PhaseMap:
         out = {Phase.GENERATE: dict(generate, **{Category.OPTIMIZER_STATE: states, Category.GRADIENTS: held})}
+        if logprob is not None:
+            out[Phase.LOGPROB] = dict(out[Phase.GENERATE], **logprob)
         out.update(phases)
         return out
 

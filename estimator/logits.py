@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .archs import traits
-from .grpo import scored_rows
 from .modelspec import ModelSpec
 from .setup import Device, Loss, Mode, Setup, Trainer
 from .units import FP32
@@ -53,7 +52,8 @@ def chunked_nll_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     h, p, N = spec.embed_dim or spec.hidden_size, setup.precision.compute_bytes, setup.batch * (setup.seq - 1)
     grpo = setup.trainer is Trainer.GRPO
     if grpo:
-        N = scored_rows(setup)  # the completion's rows on CUDA (estimator/grpo.py)
+        from .grpo import scored_rows  # estimator/grpo.py builds on this module
+        N = scored_rows(setup)  # the completion's rows on CUDA
     copies = setup.batch > 1 or setup.device is Device.CUDA
     out = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=p,
                            head_trains=setup.mode is Mode.FULL, triton=setup.device is Device.CUDA,

@@ -394,6 +394,9 @@ class Setup:
     # length (max_completion_length); None takes GRPOConfig's default (trainers.trainer_defaults)
     num_generations: int | None = None
     max_completion: int | None = None
+    # --trainer grpo: optimizer passes over each generation batch (GRPOConfig.num_iterations, the
+    # paper's mu); above 1 TRL runs a no-grad log-prob pass after generation (estimator/grpo.py)
+    num_iterations: int | None = None
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -494,7 +497,8 @@ class Setup:
                              f"(pass --trainer sft, or leave --packing out)")
         if self.trainer is Trainer.DPO:
             self._check_dpo()
-        for name, flag in (("num_generations", "--num-generations"), ("max_completion", "--max-completion")):
+        for name, flag in (("num_generations", "--num-generations"), ("max_completion", "--max-completion"),
+                           ("num_iterations", "--num-iterations")):
             value = getattr(self, name)
             if value is not None and self.trainer is not Trainer.GRPO:
                 raise ValueError(f"{flag} is a GRPO knob; --trainer {self.trainer} generates nothing (pass "
@@ -735,7 +739,7 @@ class Setup:
             del out["rope_scaling"]  # the default: records keep their case keys
         if self.trainer is Trainer.HF:
             del out["trainer"]  # the default: records keep their case keys
-        for name in ("num_generations", "max_completion"):
+        for name in ("num_generations", "max_completion", "num_iterations"):
             if out.get(name) is None:
                 out.pop(name, None)  # no GRPO: records keep their case keys
         if self.ref_model is None:

@@ -12,9 +12,9 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
 
 GRPOTrainer (trl 1.16.0, ``Semantics.grpo_read``; estimator/grpo.py): the fused LM head with
 log-probs and entropy (grpo_trainer.py:1068-1073), checkpointing on (base_config.py:62), and
-GRPOConfig's ``num_generations`` 8 and ``max_completion_length`` 512 (grpo_config.py:480-497,
-:GRPO_DEFAULTS); ``beta`` 0.0 (:681-688: no reference model) and ``num_iterations`` 1 (:689-692)
-are assumed, so no no-grad log-prob pass runs (grpo_trainer.py:2642-2657, :2710).
+GRPOConfig's ``num_generations`` 8, ``max_completion_length`` 512 and ``num_iterations`` 1
+(grpo_config.py:480-497, :689-692; :GRPO_DEFAULTS); ``beta`` 0.0 (:681-688: no reference model) is
+assumed. A no-grad log-prob pass runs only with ``num_iterations`` > 1 (grpo_trainer.py:2642-2657).
 
 SFTTrainer's ``--packing`` (setup.Packing) changes the shape the step sees (:func:`step_setup`).
 
@@ -36,8 +36,8 @@ from .modelspec import ModelSpec
 from .setup import Loss, Mode, Packing, Setup, Trainer
 from .versions import semantics_for
 
-#: GRPOConfig's defaults for the knobs left out (trl 1.16.0 grpo_config.py:480-497)
-GRPO_DEFAULTS = {"num_generations": 8, "max_completion": 512}
+#: GRPOConfig's defaults for the knobs left out (trl 1.16.0 grpo_config.py:480-497, :689-692)
+GRPO_DEFAULTS = {"num_generations": 8, "max_completion": 512, "num_iterations": 1}
 
 
 def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ...] = ()) -> dict:

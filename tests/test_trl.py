@@ -411,8 +411,9 @@ def test_grpo_takes_grpo_configs_defaults_and_its_knobs(cli):
     data = json.loads(out.out)
     setup = data["setup"]
     assert (setup["trainer"], setup["loss"], setup["grad_ckpt"]) == ("grpo", "chunked-nll", True)
-    assert (setup["num_generations"], setup["max_completion"]) == (8, 512)  # grpo_config.py:480-497
-    assert list(data["phases"])[0] == "generate"
+    # grpo_config.py:480-497, :689-692
+    assert (setup["num_generations"], setup["max_completion"], setup["num_iterations"]) == (8, 512, 1)
+    assert list(data["phases"])[:2] == ["generate", "forward"]  # num_iterations 1: no log-prob pass
     assert "num_generations" not in Setup().to_dict()  # records keep their case keys
 
 
@@ -426,6 +427,8 @@ def test_grpo_takes_grpo_configs_defaults_and_its_knobs(cli):
     (["--trainer", "grpo", "--batch", "8", "--loss", "causal-lm"], "fused LM head"),
     (["--trainer", "grpo", "--batch", "8", "--versions", "trl=1.15"], "trl 1.15's was not read"),
     (["--trainer", "grpo", "--batch", "8", "--max-completion", "x"], "must be an integer"),
+    (["--num-iterations", "2"], "--trainer hf generates nothing"),
+    (["--trainer", "grpo", "--batch", "8", "--num-iterations", "0"], "must be a positive integer"),
 ])
 def test_bad_grpo_flags_are_one_sentence_and_exit_2(cli, argv, match):
     out = cli("estimate", "smollm2-135m", *argv)
@@ -463,19 +466,41 @@ def test_grpo_is_generation_then_the_sft_step_at_prompt_plus_completion():
     assert steady[Category.GRADIENTS] == 0
 
 
-#: SmolLM2-135M's widths (49,152 vocabulary, tied) at 4 of its 30 layers with LoRA on q and v:
-#: 2 completions of one prompt, 256 prompt + 256 completion tokens, fp32, checkpointing on
-GRPO_CASES = [("smollm2-135m", "lora", 4, "q_proj,v_proj")]
+def test_more_than_one_iteration_adds_the_no_grad_log_prob_pass():
+    spec = load_model("smollm2-135m")
+    kw = dict(trainer="grpo", loss="chunked-nll", mode="lora", batch=2, seq=256, grad_ckpt=True, device="cpu",
+              precision="fp32", num_generations=2, max_completion=256)
+    one, two = estimate(spec, Setup(**kw)), estimate(spec, Setup(num_iterations=2, **kw))
+    assert Phase.LOGPROB not in one.tensor_phases
+    for phase in (Phase.GENERATE, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER):
+        assert two.tensor_phases[phase] == one.tensor_phases[phase]
+    gen, logprob = two.tensor_phases[Phase.GENERATE], two.tensor_phases[Phase.LOGPROB]
+    # beside the same model states, a no-grad forward at batch x (prompt + completion): its fused head
+    # (no gradient accumulators) is the whole of the logits, the forward's saved activations are not there
+    assert logprob[Category.WEIGHTS] == gen[Category.WEIGHTS] and logprob[Category.KV_CACHE] == 0
+    N, h = 2 * 511, spec.hidden_size
+    head = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=4, head_trains=False,
+                            triton=False, copies_rows=True, forward_tile_bytes=12)["forward"]
+    assert logprob[Category.LOGITS] == head and logprob[Category.ACTIVATIONS] == 4 * 2 * 512 * h
+
+
+#: SmolLM2-135M's widths (49,152 vocabulary, tied) at 4 of its 30 layers, LoRA on q and v and full:
+#: 2 completions of one prompt, 256 prompt + 256 completion tokens, fp32, checkpointing on; with
+#: num_iterations 2 the log-prob pass runs, and generation every second step (3 steps: two of them)
+GRPO_CASES = [("smollm2-135m", "lora", 4, "q_proj,v_proj", 1), ("smollm2-135m", "full", 4, None, 1),
+              ("smollm2-135m", "lora", 4, "q_proj,v_proj", 2)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,mode,layers,targets", GRPO_CASES, ids=lambda x: str(x))
-def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, layers, targets):
+@pytest.mark.parametrize("name,mode,layers,targets,iterations", GRPO_CASES, ids=lambda x: str(x))
+def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, layers, targets, iterations):
     _trl()
     from profiler.measure.run import run_case
     model = _reduced(tmp_path, name, layers)
     kw = dict(lora_targets=targets) if targets else {}
     setup = Setup(trainer="grpo", loss="chunked-nll", mode=mode, precision="fp32", batch=2, seq=256,
-                  num_generations=2, max_completion=256, grad_ckpt=True, device="cpu", **kw)
-    record = run_case(model, setup, "cpu", steps=1)
-    _assert_every_phase_within(record, {"generate", "forward", "backward", "optimizer", "zero_grad"})
+                  num_generations=2, max_completion=256, num_iterations=iterations, grad_ckpt=True, device="cpu",
+                  **kw)
+    record = run_case(model, setup, "cpu", steps=iterations)
+    _assert_every_phase_within(record, {"generate", "forward", "backward", "optimizer", "zero_grad"}
+                               | ({"logprob"} if iterations > 1 else set()))

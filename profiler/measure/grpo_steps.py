@@ -13,11 +13,12 @@ right padding (:2446-2458) adds none either.
 GRPOConfig's defaults otherwise: ``steps_per_generation = gradient_accumulation_steps``
 (grpo_config.py:1098-1100), so one ``generate`` per optimizer step over ``batch x grad_accum``
 completions (``num_generations`` per prompt, RepeatSampler, :1280-1316); ``beta`` 0.0, no reference
-model (:983-986); ``num_iterations`` 1, so no no-grad log-prob pass (:2642-2657); LoRA goes in as
-``peft_config`` (TRL wraps the model, :433-476).
+model (:983-986); ``num_iterations`` as the setup says, above 1 a no-grad log-prob pass after
+generation (:2642-2657); LoRA goes in as ``peft_config`` (TRL wraps the model, :433-476).
 
 Phases: generate is ``_generate_single_turn`` (the padding, ``model.generate`` under no_grad with
-checkpointing off, the EOS mask; :1763-1891), then the Trainer's loop as for SFT (trl_steps.py):
+checkpointing off, the EOS mask; :1763-1891), logprob the no-grad ``_get_per_token_logps_and_entropies``
+(:2646-2655, with ``num_iterations`` > 1), then the Trainer's loop as for SFT (trl_steps.py):
 forward is ``compute_loss`` (the fused head's log-probs and entropy and the loss, :3020),
 backward, optimizer, zero_grad. The rewards and advantages between generate and forward
 (:2750-2905, per-completion scalars) fall between phases.
@@ -25,6 +26,8 @@ backward, optimizer, zero_grad. The rewards and advantages between generate and 
 from __future__ import annotations
 
 import tempfile
+
+import torch
 
 from estimator.categories import Category, Phase
 from estimator.setup import Setup
@@ -64,6 +67,7 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
             gradient_accumulation_steps=setup.grad_accum, gradient_checkpointing=setup.grad_ckpt,
             num_generations=setup.num_generations, max_completion_length=setup.max_completion,
+            num_iterations=setup.num_iterations,
             use_cpu=device == "cpu", report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, seed=0, **_PRECISION_FLAGS[setup.precision])
         trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length, args=config, train_dataset=data,
@@ -77,5 +81,14 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
                 return generate(*args, **kwargs)
 
         trainer._generate_single_turn = measured_generate
+        logps = trainer._get_per_token_logps_and_entropies
+
+        def measured_logps(*args, **kwargs):
+            if torch.is_grad_enabled():  # the training forward's, inside compute_loss
+                return logps(*args, **kwargs)
+            with current()(Phase.LOGPROB, Category.ACTIVATIONS):
+                return logps(*args, **kwargs)
+
+        trainer._get_per_token_logps_and_entropies = measured_logps
         train_measured(trainer, tracker)
         del trainer
