@@ -53,6 +53,13 @@ class Phase(str, Enum):
     # DPO's reference forward under no_grad, after the policy's (--trainer dpo; trl 1.16.0
     # trl/trainer/dpo_trainer.py:1327-1338): the policy's saved activations beside it
     REFERENCE = "reference"
+    # GRPO's model.generate of the step's completions before its forward (--trainer grpo; trl
+    # 1.16.0 trl/trainer/grpo_trainer.py:1866-1875): the prefill and every decode step, the KV
+    # cache growing to prompt + max_completion, beside the model states
+    GENERATE = "generate"
+    # GRPO's no-grad log-prob pass over the generated batch (old_per_token_logps, --num-iterations
+    # above 1; grpo_trainer.py:2642-2655), micro-batch by micro-batch, after generation
+    LOGPROB = "logprob"
     BACKWARD = "backward"
     OPTIMIZER = "optimizer"
     ZERO_GRAD = "zero_grad"

@@ -103,7 +103,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                 f"from trl 1.7)")
     g.add_argument("--trainer", default="hf", help=f"{choices(Trainer)}: sft is TRL's SFTTrainer with its "
                                                    f"defaults (loss, checkpointing) for the assumed trl version; "
-                                                   f"dpo TRL's DPOTrainer (chosen + rejected, a reference) "
+                                                   f"dpo TRL's DPOTrainer (chosen + rejected, a reference); "
+                                                   f"grpo TRL's GRPOTrainer (model.generate, then training on "
+                                                   f"prompt + completion; colocated vLLM not modelled) "
                                                    f"(default hf: transformers.Trainer or the --loop)")
     g.add_argument("--ref-model", default=None, help=f"--trainer dpo: {choices(RefModel)}: a second frozen copy, "
                                                      f"the LoRA policy with its adapter disabled, or reference "
@@ -113,6 +115,15 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                    f"batch's longest (--seq), TRL's packing into --seq-token bins "
                                                    f"flattened into one row, or the batch's examples (mean length "
                                                    f"--seq) flattened into one row (default: rows of equal length)")
+    g.add_argument("--num-generations", default=None, help="--trainer grpo: completions sampled per prompt "
+                                                           "(GRPOConfig.num_generations, default 8); --batch counts "
+                                                           "completions, --seq the prompt's tokens")
+    g.add_argument("--max-completion", default=None, help="--trainer grpo: tokens generated per completion "
+                                                          "(GRPOConfig.max_completion_length, default 512; the "
+                                                          "estimate takes every completion at this length)")
+    g.add_argument("--num-iterations", default=None, help="--trainer grpo: optimizer passes per generation batch "
+                                                          "(GRPOConfig.num_iterations, default 1); above 1 a no-grad "
+                                                          "log-prob pass follows generation (the logprob phase)")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -139,6 +150,10 @@ def _int(name: str, text) -> int:
         return int(str(text).strip())
     except ValueError:
         raise ValueError(f"--{name} must be an integer, got {text!r}") from None
+
+
+def _optional_int(name: str, text) -> int | None:
+    return None if text is None else _int(name, text)
 
 
 def _factor(name: str, text) -> float:
@@ -173,6 +188,9 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         grad_accum=_int("grad-accum", args.grad_accum), keep_grads=bool(args.keep_grads),
         use_cache=bool(args.use_cache), loss=loss or defaults.get("loss", "causal-lm"), trainer=trainer,
         ref_model=getattr(args, "ref_model", None), packing=getattr(args, "packing", None),
+        num_generations=_optional_int("num-generations", getattr(args, "num_generations", None)),
+        max_completion=_optional_int("max-completion", getattr(args, "max_completion", None)),
+        num_iterations=_optional_int("num-iterations", getattr(args, "num_iterations", None)),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

@@ -13,7 +13,7 @@ from functools import cached_property, lru_cache, partial
 from typing import NamedTuple
 
 from . import activations as acts
-from . import caches, dpo, kernels
+from . import caches, dpo, grpo, kernels
 from .allocations import replay_estimate
 from .archs import MLP, arch_of, inventory_of, registered_types, traits
 from .categories import TENSOR_CATEGORIES, Category, Phase
@@ -349,8 +349,9 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     if setup.trainer is Trainer.DPO:
         spec = dpo.without_dropout(spec)  # DPOConfig's disable_dropout (estimator/dpo.py)
     limit, why = arch_of(spec).position_limit(spec, setup.rope_scaling)
-    if limit and setup.seq + setup.new_tokens > limit:
-        raise ValueError(f"seq {setup.seq + setup.new_tokens} is beyond {spec.name}'s {limit} positions ({why})")
+    longest = setup.seq + setup.new_tokens + (setup.max_completion or 0)  # GRPO's prompt + completion
+    if limit and longest > limit:
+        raise ValueError(f"seq {longest} is beyond {spec.name}'s {limit} positions ({why})")
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
@@ -379,7 +380,8 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
         # what the forward and backward hold follows the unquantized parameters' dtype: fp32 after
         # peft's k-bit preparation (Setup.stream_precision); the model states follow the setup
         flow = setup if setup.stream_precision is setup.precision else setup.replace(precision=setup.stream_precision)
-        build = partial(_dpo_phases, loaded=setup) if setup.trainer is Trainer.DPO else _training_phases
+        build = {Trainer.DPO: partial(_dpo_phases, loaded=setup),
+                 Trainer.GRPO: _grpo_phases}.get(setup.trainer, _training_phases)
         phases, first = build(spec, flow, st, k, overheads.constant_bytes, phase)
     elif setup.mode is Mode.EVAL:
         phases = _eval_phases(spec, setup, st, k, overheads.constant_bytes, phase)
@@ -394,7 +396,10 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
                               _fsdp1_adapter_units_note(setup)) if n)
     # DPO: the replay runs the policy's step at twice the batch; it does not know the reference's
     # copy or forward, so its reserved figure is a floor under the phases' tensors (_with_replay)
-    replayed = dpo.policy_setup(setup) if setup.trainer is Trainer.DPO else setup
+    # GRPO: the replay runs the training step at prompt + completion; generation, before it, is not
+    # replayed (its phase keeps the analytic allocator term)
+    replayed = {Trainer.DPO: dpo.policy_setup, Trainer.GRPO: grpo.training_setup}.get(setup.trainer,
+                                                                                       lambda s: s)(setup)
     replay = partial(_reserved, spec, replayed, st, k, gpu, overheads) if cuda else None
     return Estimate(model=spec.name, setup=given, params=count.total, trainable_params=st.states.trainable,
                     peak_phase=peak, tensor_phases=phases, param_groups=dict(count.groups),
@@ -759,6 +764,38 @@ def _dpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: 
         return out
 
     return with_reference(steady), None if first is None else (lambda: with_reference(first()))
+
+
+def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
+                 phase: _Phases) -> tuple[_PhaseMap, Callable[[], _PhaseMap] | None]:
+    """A GRPOTrainer step (estimator/grpo.py): ``model.generate`` of the generation batch
+    (``Phase.GENERATE``: the inference setup's prefill and last decode step, the larger, beside
+    the optimizer's state as the previous step left it; none before the first step), the no-grad
+    log-prob pass where TRL runs one (``Phase.LOGPROB``), then the training step on prompt +
+    completion."""
+    train = grpo.training_setup(setup)
+    steady, first = _training_phases(spec, train, st, k, constant, phase)
+    inference = _inference_phases(spec, grpo.generation_setup(setup), st, k, constant, phase)
+    generate = max(inference.values(), key=_tensor_bytes)
+    # model.zero_grad() at the previous step's end set the gradients to None (transformers 5.24
+    # trainer.py, set_to_none); with --keep-grads they stay allocated, zeroed
+    held = steady[Phase.OPTIMIZER][Category.GRADIENTS] if setup.keep_grads else 0
+    logprob = None
+    if grpo.has_logprob_pass(setup):
+        # the no-grad pass's peak beside the model states as generation saw them (estimator/grpo.py)
+        extra = grpo.logprob_pass_bytes(spec, train, int(k * prefill_transient(spec, train)))
+        logprob = {Category.ACTIVATIONS: int(k * extra["activations"]), Category.LOGITS: int(k * extra["logits"]),
+                   Category.KV_CACHE: 0}
+
+    def with_generation(phases: _PhaseMap, states: int) -> _PhaseMap:
+        out = {Phase.GENERATE: dict(generate, **{Category.OPTIMIZER_STATE: states, Category.GRADIENTS: held})}
+        if logprob is not None:
+            out[Phase.LOGPROB] = dict(out[Phase.GENERATE], **logprob)
+        out.update(phases)
+        return out
+
+    states = steady[Phase.OPTIMIZER][Category.OPTIMIZER_STATE]
+    return with_generation(steady, states), lambda: with_generation(first() if first else steady, 0)
 
 
 def _first_layer_expert_backward(spec: ModelSpec, setup: Setup, st: _Static, act, k: float, G: int,

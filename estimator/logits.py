@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .archs import traits
 from .modelspec import ModelSpec
-from .setup import Device, Loss, Mode, Setup
+from .setup import Device, Loss, Mode, Setup, Trainer
 from .units import FP32
 
 #: trl 1.16.0 trl/kernels/chunked_logprob.py:30 TOKEN_CHUNK_SIZE: tokens per projection tile
@@ -23,6 +23,9 @@ TRL_STAT_VECTORS = 7
 #: fp32 temporaries at a time (is_target.float() and the difference, freed before the product
 #: is made beside the difference: 8). Both counted op by op under the tracker (trl 1.16.0, torch 2.13).
 TRL_FORWARD_TILE_BYTES = 13
+#: GRPO's policy head asks log_probs and entropy only (trl 1.16.0 grpo_trainer.py:1068-1073): no
+#: ``before_target`` bool without is_top1 (chunked_logprob.py:238-241), so z, e and ``e * z`` (fp32)
+TRL_FORWARD_TILE_BYTES_ENTROPY = 12
 TRL_BACKWARD_TILE_BYTES = 29
 
 
@@ -47,10 +50,15 @@ def chunked_nll_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     the cpu device (tests/test_trl.py); the Triton path is cited, not measured."""
     # the head's weight trains in full fine-tuning (trl refuses an adapter on lm_head: sft_trainer.py:1067-1072)
     h, p, N = spec.embed_dim or spec.hidden_size, setup.precision.compute_bytes, setup.batch * (setup.seq - 1)
+    grpo = setup.trainer is Trainer.GRPO
+    if grpo:
+        from .grpo import scored_rows  # estimator/grpo.py builds on this module
+        N = scored_rows(setup)  # the completion's rows on CUDA
     copies = setup.batch > 1 or setup.device is Device.CUDA
     out = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=p,
                            head_trains=setup.mode is Mode.FULL, triton=setup.device is Device.CUDA,
-                           copies_rows=setup.batch > 1, autocast=setup.precision.is_autocast)
+                           copies_rows=setup.batch > 1, autocast=setup.precision.is_autocast,
+                           forward_tile_bytes=TRL_FORWARD_TILE_BYTES_ENTROPY if grpo else TRL_FORWARD_TILE_BYTES)
     if setup.mode is not Mode.FULL:
         # The head's input: a trainable head's activations count it (activations.py head_input);
         # with LoRA nothing does, yet the final hidden states (b, s, h) stay alive through the

@@ -84,6 +84,10 @@ class Trainer(_Choice):
     # head) and a no-grad reference forward after it (trl 1.16.0 trl/trainer/dpo_trainer.py:1285
     # _compute_loss; --ref-model, estimator/trainers.py)
     DPO = "dpo"
+    # TRL's GRPOTrainer: model.generate of num_generations completions per prompt, then the
+    # policy's forward / backward on prompt + completion with the fused LM head (trl 1.16.0
+    # trl/trainer/grpo_trainer.py:1522 _prepare_inputs, :3020 _compute_loss; estimator/grpo.py)
+    GRPO = "grpo"
 
 
 class RefModel(_Choice):
@@ -386,6 +390,13 @@ class Setup:
     # --trainer sft: how variable-length examples reach the step (Packing); None: rows of equal
     # length, no padding (the synthetic batch of every other setup)
     packing: Packing | None = None
+    # --trainer grpo: completions sampled per prompt (GRPOConfig.num_generations) and their
+    # length (max_completion_length); None takes GRPOConfig's default (trainers.trainer_defaults)
+    num_generations: int | None = None
+    max_completion: int | None = None
+    # --trainer grpo: optimizer passes over each generation batch (GRPOConfig.num_iterations, the
+    # paper's mu); above 1 TRL runs a no-grad log-prob pass after generation (estimator/grpo.py)
+    num_iterations: int | None = None
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -476,7 +487,7 @@ class Setup:
         if self.loss is Loss.NONE and self.training:
             raise ValueError(f"--loss none computes no loss, so --mode {self.mode} has no backward to run; use it "
                              f"with --mode eval (a scoring forward, logits only)")
-        if self.loss is Loss.CHUNKED_NLL and self.trainer not in (Trainer.SFT, Trainer.DPO):
+        if self.loss is Loss.CHUNKED_NLL and self.trainer not in (Trainer.SFT, Trainer.DPO, Trainer.GRPO):
             raise ValueError("--loss chunked-nll is TRL's fused LM head, which SFTTrainer installs: pass --trainer sft")
         if self.ref_model is not None and self.trainer is not Trainer.DPO:
             raise ValueError(f"--ref-model is DPO's reference model; --trainer {self.trainer} has none (pass "
@@ -486,6 +497,16 @@ class Setup:
                              f"(pass --trainer sft, or leave --packing out)")
         if self.trainer is Trainer.DPO:
             self._check_dpo()
+        for name, flag in (("num_generations", "--num-generations"), ("max_completion", "--max-completion"),
+                           ("num_iterations", "--num-iterations")):
+            value = getattr(self, name)
+            if value is not None and self.trainer is not Trainer.GRPO:
+                raise ValueError(f"{flag} is a GRPO knob; --trainer {self.trainer} generates nothing (pass "
+                                 f"--trainer grpo, or leave {flag} out)")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.trainer is Trainer.GRPO:
+            self._check_grpo()
         if self.trainer is Trainer.SFT:
             if not self.training:
                 raise ValueError(f"--trainer sft trains; --mode {self.mode} runs no SFTTrainer step (use --mode full, "
@@ -640,15 +661,52 @@ class Setup:
             have = dict(self.versions).get("trl", "?")
             raise ValueError(f"--trainer dpo is modelled from trl 1.16's DPOTrainer; trl {have}'s was not read "
                              f"here (assume --versions trl=1.16)")
+        self._check_trl_loop("dpo_trainer.py:954-962", "the reference model prepared by DeepSpeed or FSDP")
+
+    def _check_trl_loop(self, head: str, sharded: str) -> None:
+        """What TRL's preference and RL trainers share: their log-probs from the fused LM head
+        (``head``: where the trainer installs it), the Trainer's own loop, one device or DDP
+        (``sharded``: what is not modelled under DeepSpeed or FSDP)."""
         if self.loss is not Loss.CHUNKED_NLL:
-            raise ValueError(f"--trainer dpo computes its log-probs with TRL's fused LM head (--loss chunked-nll, "
-                             f"trl 1.16.0 dpo_trainer.py:954-962), not --loss {self.loss}")
+            raise ValueError(f"--trainer {self.trainer} computes its log-probs with TRL's fused LM head (--loss "
+                             f"chunked-nll, trl 1.16.0 {head}), not --loss {self.loss}")
         if self.loop is not Loop.TRAINER:
-            raise ValueError(f"--trainer dpo runs the Trainer's own loop; --loop {self.loop} is a hand-written "
-                             f"one (leave --loop trainer)")
+            raise ValueError(f"--trainer {self.trainer} runs the Trainer's own loop; --loop {self.loop} is a "
+                             f"hand-written one (leave --loop trainer)")
         if self.sharding not in (Sharding.NONE, Sharding.DDP):
-            raise ValueError(f"--trainer dpo under --sharding {self.sharding} (the reference model prepared by "
-                             f"DeepSpeed or FSDP) is not modelled yet; use --sharding ddp or one device")
+            raise ValueError(f"--trainer {self.trainer} under --sharding {self.sharding} ({sharded}) is not "
+                             f"modelled yet; use --sharding ddp or one device")
+
+    def _check_grpo(self) -> None:
+        """--trainer grpo's own checks (GRPOConfig.__post_init__'s, trl 1.16.0 grpo_config.py:1096-1141),
+        and GRPOConfig's defaults for the knobs left out."""
+        from .trainers import GRPO_DEFAULTS
+        for name, value in GRPO_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not self.training:
+            raise ValueError(f"--trainer grpo trains; --mode {self.mode} runs no GRPOTrainer step (use --mode full "
+                             f"or lora)")
+        if self.mode is Mode.QLORA:
+            raise ValueError("--trainer grpo --mode qlora (generation through a quantized model) is not modelled yet; "
+                             "use --mode full or lora")
+        if not self.semantics.grpo_read:
+            have = dict(self.versions).get("trl", "?")
+            raise ValueError(f"--trainer grpo is modelled from trl 1.16's GRPOTrainer; trl {have}'s was not read "
+                             f"here (assume --versions trl=1.16)")
+        if self.num_generations < 2:
+            raise ValueError(f"--num-generations {self.num_generations}: GRPO needs at least 2 completions per "
+                             f"prompt for its advantages (grpo_config.py:1137)")
+        # steps_per_generation defaults to gradient_accumulation_steps, so one generation batch is
+        # batch x world_size x grad_accum completions, which must hold whole prompt groups (:1098-1135)
+        group = self.batch * self.world_size * self.grad_accum
+        if group % self.num_generations:
+            raise ValueError(f"the generation batch, --batch x --world-size x --grad-accum = {group} completions, "
+                             f"must be divisible by --num-generations {self.num_generations} (TRL's check, "
+                             f"grpo_config.py:1131)")
+        if self.new_tokens:
+            raise ValueError("--trainer grpo generates --max-completion tokens itself; leave --new-tokens out")
+        self._check_trl_loop("grpo_trainer.py:1068-1073", "generation under DeepSpeed or FSDP")
 
     def replace(self, **changes) -> Setup:
         return replace(self, **changes)
@@ -681,6 +739,9 @@ class Setup:
             del out["rope_scaling"]  # the default: records keep their case keys
         if self.trainer is Trainer.HF:
             del out["trainer"]  # the default: records keep their case keys
+        for name in ("num_generations", "max_completion", "num_iterations"):
+            if out.get(name) is None:
+                out.pop(name, None)  # no GRPO: records keep their case keys
         if self.ref_model is None:
             del out["ref_model"]  # no DPO: records keep their case keys
         if self.packing is None:

@@ -10,6 +10,12 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
   trl/trainer/base_config.py:108) and SFTTrainer loads a model id with ``dtype="auto"``:
   bf16 checkpoints train as the ``bf16`` recipe, the setup's default already (setup.Precision).
 
+GRPOTrainer (trl 1.16.0, ``Semantics.grpo_read``; estimator/grpo.py): the fused LM head with
+log-probs and entropy (grpo_trainer.py:1068-1073), checkpointing on (base_config.py:62), and
+GRPOConfig's ``num_generations`` 8, ``max_completion_length`` 512 and ``num_iterations`` 1
+(grpo_config.py:480-497, :689-692; :GRPO_DEFAULTS); ``beta`` 0.0 (:681-688: no reference model) is
+assumed. A no-grad log-prob pass runs only with ``num_iterations`` > 1 (grpo_trainer.py:2642-2657).
+
 SFTTrainer's ``--packing`` (setup.Packing) changes the shape the step sees (:func:`step_setup`).
 
 DPOTrainer (trl 1.16.0, the release read; ``Semantics.dpo_read``):
@@ -30,12 +36,15 @@ from .modelspec import ModelSpec
 from .setup import Loss, Mode, Packing, Setup, Trainer
 from .versions import semantics_for
 
+#: GRPOConfig's defaults for the knobs left out (trl 1.16.0 grpo_config.py:480-497, :689-692)
+GRPO_DEFAULTS = {"num_generations": 8, "max_completion": 512, "num_iterations": 1}
+
 
 def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ...] = ()) -> dict:
     """The setup fields ``trainer`` sets when the user leaves them out, under ``versions``
     (pairs over the installed ones): ``{}`` for the HF Trainer."""
     trainer = Trainer.parse(trainer)
-    if trainer is Trainer.DPO:
+    if trainer in (Trainer.DPO, Trainer.GRPO):
         return {"loss": Loss.CHUNKED_NLL, "grad_ckpt": semantics_for(tuple(versions)).sft_grad_ckpt_default}
     if trainer is not Trainer.SFT:
         return {}
@@ -46,7 +55,8 @@ def trainer_defaults(trainer: Trainer | str, versions: tuple[tuple[str, str], ..
 
 def input_leaf_bytes(spec: ModelSpec, setup: Setup) -> int:
     """What TRL's trainers keep for a peft model with checkpointing: they call
-    ``model.enable_input_require_grads()`` (trl 1.16.0 sft_trainer.py:897-900, dpo_trainer.py:715-718),
+    ``model.enable_input_require_grads()`` (trl 1.16.0 sft_trainer.py:897-900, dpo_trainer.py:715-718,
+    grpo_trainer.py:528-530),
     whose hook turns the embedding's output, a frozen lookup, into a leaf that requires grad
     (transformers 5.24 modeling_utils.py:2153-2154 ``output.requires_grad_(True)``); its
     AccumulateGrad node keeps it alive until backward reaches the embedding. Where that output is the
@@ -54,7 +64,7 @@ def input_leaf_bytes(spec: ModelSpec, setup: Setup) -> int:
     (GPT-2, OPT) it is one more (b, s, e) tensor, through forward and backward (measured on GPT-2 LoRA
     DPOTrainer steps, results/trl/). Embeddings scaled before the first layer (Gemma) would keep one
     too: not measured, not counted."""
-    if setup.trainer not in (Trainer.SFT, Trainer.DPO) or setup.mode not in (Mode.LORA, Mode.QLORA) \
+    if setup.trainer not in (Trainer.SFT, Trainer.DPO, Trainer.GRPO) or setup.mode not in (Mode.LORA, Mode.QLORA) \
             or not setup.grad_ckpt or not spec.learned_positions:
         return 0
     return setup.precision.param_bytes * (spec.embed_dim or spec.hidden_size) * setup.batch * setup.seq

@@ -185,6 +185,15 @@ class Semantics:
         default."""
         return self.at_least("trl", "1.16")
 
+    @cached_property
+    def grpo_read(self) -> bool:
+        """trl >= 1.16: the GRPOTrainer modelled here, read from 1.16.0's source: generation with
+        ``model.generate`` (trl/trainer/grpo_trainer.py:1873), the policy's log-probs and entropy
+        from the fused LM head (:1068-1073, :1498 ``fused_lm_head=True``). Earlier releases'
+        GRPOTrainer (the full logits and ``selective_log_softmax``) was not read, so --trainer grpo
+        refuses them. Absent trl: the installed-release default."""
+        return self.at_least("trl", "1.16")
+
     def to_dict(self) -> dict:
         return {"versions": dict(self.versions),
                 "loss_copies_shifted_logits": self.loss_copies_shifted_logits,
@@ -195,6 +204,6 @@ class Semantics:
                 "kbit_prep_casts_packed_storage": self.kbit_prep_casts_packed_storage,
                 "sft_loss_chunked": self.sft_loss_chunked,
                 "sft_grad_ckpt_default": self.sft_grad_ckpt_default,
-                "dpo_read": self.dpo_read}
+                "dpo_read": self.dpo_read, "grpo_read": self.grpo_read}
         # what the versions change in one architecture is a trait of its family
         # (estimator/archs/<family>.py switches; archs.traits)

@@ -101,12 +101,19 @@ def model_and_setup(draw, sharded=None):
     gathered = sharding in (Sharding.ZERO3, Sharding.FSDP, Sharding.FSDP1, Sharding.FSDP1_GRAD_OP)
     # TRL's SFTTrainer trains in the Trainer's loop, with its own loss (the fused head unsharded)
     # and DPOTrainer with its fused head, one device or DDP, a reference its mode allows
-    trainers = [Trainer.HF, Trainer.SFT] + ([Trainer.DPO] if sharding in (Sharding.NONE, Sharding.DDP) else [])
+    # and GRPOTrainer (full or LoRA) with whole prompt groups in its generation batch
+    one_device = sharding in (Sharding.NONE, Sharding.DDP)
+    trainers = [Trainer.HF, Trainer.SFT] + ([Trainer.DPO] if one_device else []) + (
+        [Trainer.GRPO] if one_device and mode in (Mode.FULL, Mode.LORA) else [])
     trainer = draw(st.sampled_from(trainers)) if training and loop is Loop.TRAINER else Trainer.HF
     sft = trainer is Trainer.SFT
     refs = [RefModel.SEPARATE, RefModel.PRECOMPUTED] + ([RefModel.ADAPTER] if mode is not Mode.FULL else [])
     ref_model = draw(st.sampled_from(refs)) if trainer is Trainer.DPO else None
-    if trainer is Trainer.DPO:
+    grpo = {}
+    if trainer is Trainer.GRPO:  # batch x world x grad_accum completions hold groups of 2
+        grpo = dict(num_generations=2, max_completion=draw(st.integers(1, 256)), num_iterations=draw(st.integers(1, 3)))
+        top = max(top - grpo["max_completion"], 1)
+    if trainer in (Trainer.DPO, Trainer.GRPO):
         losses = [Loss.CHUNKED_NLL]
     elif sft:
         losses = [Loss.CAUSAL_LM] + ([] if gathered else [Loss.CHUNKED_NLL])
@@ -114,7 +121,8 @@ def model_and_setup(draw, sharded=None):
         losses = [Loss.CAUSAL_LM, Loss.LOGITS_SUM] + ([] if training else [Loss.NONE])
     setup = Setup(
         mode=mode, precision=draw(st.sampled_from(list(Precision))), quant=quant, optimizer=optimizer,
-        optimizer_impl=draw(st.sampled_from(impls)), batch=draw(st.integers(1, 64)),
+        optimizer_impl=draw(st.sampled_from(impls)),
+        batch=draw(st.integers(1, 32)) * 2 if grpo else draw(st.integers(1, 64)),
         seq=draw(st.integers(1, top)), grad_ckpt=draw(st.booleans()),
         attn=draw(st.sampled_from(list(Attention))), lora_rank=draw(st.integers(1, 256)),
         lora_alpha=draw(st.one_of(st.none(), st.integers(1, 512))),
@@ -123,7 +131,7 @@ def model_and_setup(draw, sharded=None):
         loop=loop, grad_accum=draw(st.integers(1, 8)), trainer=trainer, ref_model=ref_model,
         keep_grads=draw(st.booleans()), use_cache=draw(st.booleans()), loss=draw(st.sampled_from(losses)),
         versions=draw(st.sampled_from(["", "transformers=4.46.0", "transformers=4.48.3,torch=2.4"])),
-        kbit_prep=draw(st.sampled_from(list(KbitPrep))) if mode is Mode.QLORA else KbitPrep.AUTO)
+        kbit_prep=draw(st.sampled_from(list(KbitPrep))) if mode is Mode.QLORA else KbitPrep.AUTO, **grpo)
     return spec, setup
 
 

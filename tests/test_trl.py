@@ -1,6 +1,7 @@
 """TRL's trainers (issue 24): the optional extra, ``--trainer sft``'s defaults per trl version,
 the fused LM head's bytes (``--loss chunked-nll``) and the real ``SFTTrainer`` on CPU steps;
-``--trainer dpo`` (``--ref-model``) and the real ``DPOTrainer`` on CPU steps.
+``--trainer dpo`` (``--ref-model``) and the real ``DPOTrainer`` on CPU steps; ``--trainer grpo``
+(``--num-generations``, ``--max-completion``) and the real ``GRPOTrainer`` on CPU steps.
 
 The estimator's part runs without trl; what needs trl skips, saying why, without it."""
 from __future__ import annotations
@@ -59,7 +60,7 @@ def test_the_flags_take_the_sft_defaults_and_override_them(cli):
     (["--trainer", "sft", "--loss", "logits-sum"], "computes its own loss"),
     (["--trainer", "sft", "--loop", "manual"], "leave --loop trainer"),
     (["--trainer", "sft", "--sharding", "fsdp", "--world-size", "2"], "not modelled yet"),
-    (["--trainer", "grpo"], "unknown trainer 'grpo'"),
+    (["--trainer", "ppo"], "unknown trainer 'ppo'"),
     (["--ref-model", "separate"], "--trainer hf has none"),
     (["--trainer", "sft", "--ref-model", "separate"], "--trainer sft has none"),
     (["--trainer", "dpo", "--ref-model", "adapter"], "--mode full trains none"),
@@ -140,6 +141,20 @@ def _tensors(phase: dict) -> int:
     return sum(v for k, v in phase.items() if Category(k) in TENSOR_CATEGORIES)
 
 
+def _assert_every_phase_within(record, phases: set[str]) -> None:
+    """Every phase of the steady step and of the first, but zero_grad, within the issue's bound
+    of the real trainer's CPU step."""
+    assert record.ok, record.message
+    for measured, first in ((record.measured.phases, False), (record.measured.first_step, True)):
+        assert set(measured) == phases
+        for phase, m in measured.items():
+            if phase == Phase.ZERO_GRAD.value:
+                continue
+            want = _tensors(record.predicted.phases_of(first)[phase])
+            got = m.peak_allocated_bytes
+            assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
+
+
 def _reduced(tmp_path, name: str, layers: int) -> str:
     """A shipped config at ``layers`` of its layers: real width and vocabulary, fewer layers."""
     from estimator.modelspec import MODELS_DIR
@@ -165,16 +180,8 @@ def test_the_real_sft_trainer_steps_equal_the_estimate_per_phase(tmp_path, name,
     setup = Setup(trainer="sft", loss="chunked-nll", mode=mode, precision="fp32", batch=1, seq=512, grad_ckpt=True,
                   device="cpu")
     record = run_case(model, setup, "cpu", steps=1)
-    assert record.ok, record.message
+    _assert_every_phase_within(record, {"forward", "backward", "optimizer", "zero_grad"})
     assert record.predicted.params >= 100_000_000
-    for measured, first in ((record.measured.phases, False), (record.measured.first_step, True)):
-        assert set(measured) == {"forward", "backward", "optimizer", "zero_grad"}
-        for phase, m in measured.items():
-            if phase == Phase.ZERO_GRAD.value:
-                continue
-            want = _tensors(record.predicted.phases_of(first)[phase])
-            got = m.peak_allocated_bytes
-            assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
 
 
 @pytest.mark.slow
@@ -307,16 +314,8 @@ def test_the_real_dpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name,
     setup = Setup(trainer="dpo", loss="chunked-nll", ref_model=ref, mode=mode, precision="fp32", batch=1, seq=512,
                   grad_ckpt=True, device="cpu", **kw)
     record = run_case(model, setup, "cpu", steps=1)
-    assert record.ok, record.message
-    want_phases = {"forward", "backward", "optimizer", "zero_grad"} | ({"reference"} if ref != "precomputed" else set())
-    for measured, first in ((record.measured.phases, False), (record.measured.first_step, True)):
-        assert set(measured) == want_phases
-        for phase, m in measured.items():
-            if phase == Phase.ZERO_GRAD.value:
-                continue
-            want = _tensors(record.predicted.phases_of(first)[phase])
-            got = m.peak_allocated_bytes
-            assert abs(want - got) <= SFT_TOLERANCE * got, (first, phase, want, got)
+    _assert_every_phase_within(record, {"forward", "backward", "optimizer", "zero_grad"}
+                               | ({"reference"} if ref != "precomputed" else set()))
 
 
 @pytest.mark.slow
@@ -402,3 +401,106 @@ def test_sft_packing_on_real_steps_equals_the_estimate_per_phase(tmp_path, packi
 def test_packing_is_an_sft_knob():
     with pytest.raises(ValueError, match="packing"):
         Setup(packing="packed")
+
+
+# --- GRPO -----------------------------------------------------------------------------------
+
+def test_grpo_takes_grpo_configs_defaults_and_its_knobs(cli):
+    out = cli("estimate", "smollm2-135m", "--trainer", "grpo", "--batch", "8", "--json")
+    assert out.code == 0, out.err
+    data = json.loads(out.out)
+    setup = data["setup"]
+    assert (setup["trainer"], setup["loss"], setup["grad_ckpt"]) == ("grpo", "chunked-nll", True)
+    # grpo_config.py:480-497, :689-692
+    assert (setup["num_generations"], setup["max_completion"], setup["num_iterations"]) == (8, 512, 1)
+    assert list(data["phases"])[:2] == ["generate", "forward"]  # num_iterations 1: no log-prob pass
+    assert "num_generations" not in Setup().to_dict()  # records keep their case keys
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--num-generations", "4"], "--trainer hf generates nothing"),
+    (["--trainer", "sft", "--max-completion", "64"], "--trainer sft generates nothing"),
+    (["--trainer", "grpo", "--batch", "4", "--num-generations", "3"], "must be divisible by --num-generations 3"),
+    (["--trainer", "grpo", "--batch", "2", "--num-generations", "1"], "at least 2 completions"),
+    (["--trainer", "grpo", "--batch", "8", "--mode", "inference"], "--trainer grpo trains"),
+    (["--trainer", "grpo", "--batch", "8", "--mode", "qlora", "--quant", "nf4"], "not modelled yet"),
+    (["--trainer", "grpo", "--batch", "8", "--loss", "causal-lm"], "fused LM head"),
+    (["--trainer", "grpo", "--batch", "8", "--versions", "trl=1.15"], "trl 1.15's was not read"),
+    (["--trainer", "grpo", "--batch", "8", "--max-completion", "x"], "must be an integer"),
+    (["--num-iterations", "2"], "--trainer hf generates nothing"),
+    (["--trainer", "grpo", "--batch", "8", "--num-iterations", "0"], "must be a positive integer"),
+])
+def test_bad_grpo_flags_are_one_sentence_and_exit_2(cli, argv, match):
+    out = cli("estimate", "smollm2-135m", *argv)
+    assert out.code == 2 and match in out.err and out.err.count("\n") == 1, out.err
+
+
+def test_the_generation_batch_counts_every_micro_batch_and_rank():
+    # steps_per_generation = gradient_accumulation_steps (grpo_config.py:1098-1100): one generation
+    # of batch x grad_accum completions per rank; 2 x 1 x 2 = 4 holds two groups of 2
+    Setup(trainer="grpo", loss="chunked-nll", batch=2, grad_accum=2, num_generations=4)
+    with pytest.raises(ValueError, match="= 2 completions"):
+        Setup(trainer="grpo", loss="chunked-nll", batch=2, num_generations=4)
+
+
+def test_grpo_is_generation_then_the_sft_step_at_prompt_plus_completion():
+    spec = load_model("smollm2-135m")
+    kw = dict(loss="chunked-nll", mode="lora", batch=4, grad_ckpt=True, device="cpu", precision="fp32")
+    grpo = estimate(spec, Setup(trainer="grpo", seq=128, num_generations=2, max_completion=384, grad_accum=2, **kw))
+    sft = estimate(spec, Setup(trainer="sft", seq=512, grad_accum=2, **kw))
+    for phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER):
+        # the one difference: GRPO's head asks no is_top1, one byte less a tile element (logits.py)
+        tile = min(4 * 511, TRL_TOKEN_CHUNK) * min(spec.vocab_size, TRL_VOCAB_CHUNK)
+        assert _tensors(sft.tensor_phases[phase]) - _tensors(grpo.tensor_phases[phase]) == \
+            (tile if phase is Phase.FORWARD else 0), phase
+    # generation: batch x grad_accum completions, prompt prefilled and max_completion decoded, beside
+    # the weights and, after the first step, the optimizer's state; no gradients (zero_grad freed them)
+    gen = estimate(spec, Setup(mode="inference", batch=8, seq=128, new_tokens=384, device="cpu", precision="fp32"))
+    worst = max(gen.tensor_phases.values(), key=_tensors)
+    steady, first = grpo.tensor_phases[Phase.GENERATE], grpo.first_step_tensor_phases[Phase.GENERATE]
+    states = grpo.tensor_phases[Phase.OPTIMIZER][Category.OPTIMIZER_STATE]
+    adapter = steady[Category.WEIGHTS] - worst[Category.WEIGHTS]
+    assert 0 < adapter < 0.01 * worst[Category.WEIGHTS]  # the LoRA weights
+    assert _tensors(steady) == _tensors(worst) + adapter + states and states > 0
+    assert _tensors(first) == _tensors(worst) + adapter
+    assert steady[Category.GRADIENTS] == 0
+
+
+def test_more_than_one_iteration_adds_the_no_grad_log_prob_pass():
+    spec = load_model("smollm2-135m")
+    kw = dict(trainer="grpo", loss="chunked-nll", mode="lora", batch=2, seq=256, grad_ckpt=True, device="cpu",
+              precision="fp32", num_generations=2, max_completion=256)
+    one, two = estimate(spec, Setup(**kw)), estimate(spec, Setup(num_iterations=2, **kw))
+    assert Phase.LOGPROB not in one.tensor_phases
+    for phase in (Phase.GENERATE, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER):
+        assert two.tensor_phases[phase] == one.tensor_phases[phase]
+    gen, logprob = two.tensor_phases[Phase.GENERATE], two.tensor_phases[Phase.LOGPROB]
+    # beside the same model states, a no-grad forward at batch x (prompt + completion): its fused head
+    # (no gradient accumulators) is the whole of the logits, the forward's saved activations are not there
+    assert logprob[Category.WEIGHTS] == gen[Category.WEIGHTS] and logprob[Category.KV_CACHE] == 0
+    N, h = 2 * 511, spec.hidden_size
+    head = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=4, head_trains=False,
+                            triton=False, copies_rows=True, forward_tile_bytes=12)["forward"]
+    assert logprob[Category.LOGITS] == head and logprob[Category.ACTIVATIONS] == 4 * 2 * 512 * h
+
+
+#: SmolLM2-135M's widths (49,152 vocabulary, tied) at 4 of its 30 layers, LoRA on q and v and full:
+#: 2 completions of one prompt, 256 prompt + 256 completion tokens, fp32, checkpointing on; with
+#: num_iterations 2 the log-prob pass runs, and generation every second step (3 steps: two of them)
+GRPO_CASES = [("smollm2-135m", "lora", 4, "q_proj,v_proj", 1), ("smollm2-135m", "full", 4, None, 1),
+              ("smollm2-135m", "lora", 4, "q_proj,v_proj", 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mode,layers,targets,iterations", GRPO_CASES, ids=lambda x: str(x))
+def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, layers, targets, iterations):
+    _trl()
+    from profiler.measure.run import run_case
+    model = _reduced(tmp_path, name, layers)
+    kw = dict(lora_targets=targets) if targets else {}
+    setup = Setup(trainer="grpo", loss="chunked-nll", mode=mode, precision="fp32", batch=2, seq=256,
+                  num_generations=2, max_completion=256, num_iterations=iterations, grad_ckpt=True, device="cpu",
+                  **kw)
+    record = run_case(model, setup, "cpu", steps=iterations)
+    _assert_every_phase_within(record, {"generate", "forward", "backward", "optimizer", "zero_grad"}
+                               | ({"logprob"} if iterations > 1 else set()))

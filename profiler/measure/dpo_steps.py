@@ -32,33 +32,35 @@ import tempfile
 from estimator.categories import Category, Phase
 from estimator.setup import Mode, RefModel, Setup
 from estimator.versions import installed_versions, parse_version
-from profiler.measure.build import SetupUnavailable, build_model, build_optimizer, synthetic_batch
-from profiler.measure.trl_steps import _PRECISION_FLAGS, _tag_fused_head, measure_loss_and_backward, trainer_phases
+from profiler.measure.build import SetupUnavailable, build_model, synthetic_batch
+from profiler.measure.trl_steps import _PRECISION_FLAGS, measure_trainer, train_measured, trainer_phases, trl_policy
 
 #: Words of the tokenizer built here besides <pad> (0) and <eos> (1); token ids never change memory
 _WORDS = 1024
 
 
-def _require_trl():
+def _require_trl(trainer: str = "dpo"):
+    name = {"dpo": "DPOTrainer", "grpo": "GRPOTrainer"}[trainer]
     try:
         import datasets  # noqa: F401
         import trl
     except ImportError:
-        raise SetupUnavailable("--trainer dpo runs TRL's DPOTrainer, and trl is not installed: "
+        raise SetupUnavailable(f"--trainer {trainer} runs TRL's {name}, and trl is not installed: "
                                "pip install -e '.[trl]' (every other setup still runs)") from None
     have = installed_versions().get("trl", trl.__version__)
     if parse_version(have) < (1, 16, 0):
-        raise SetupUnavailable(f"--trainer dpo drives trl 1.16's DPOTrainer; the installed trl {have}'s was not read")
+        raise SetupUnavailable(f"--trainer {trainer} drives trl 1.16's {name}; the installed trl {have}'s was not read")
     return trl
 
 
-def _tokenizer():
-    """A word-level tokenizer over whitespace-separated words ``t2`` .. and <pad>, <eos>."""
+def _tokenizer(eos: int = 1, words: int = _WORDS):
+    """A word-level tokenizer over whitespace-separated words ``t2`` .. and <pad> (0), <eos>
+    (``eos``; GRPO's harness puts it past the model's vocabulary, grpo_steps.py)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, 2 + _WORDS)}}
+    vocab = {"<pad>": 0, "<eos>": eos, **{f"t{i}": i for i in range(1, 2 + words) if i != eos}}
     tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
@@ -133,22 +135,9 @@ def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
     trl = _require_trl()
     import datasets
 
-    if setup.precision not in _PRECISION_FLAGS:
-        raise SetupUnavailable(f"--trainer dpo runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
-    if setup.mode is Mode.QLORA:
-        raise SetupUnavailable("--trainer dpo --mode qlora is estimated, not run by the harness yet (--mode full or "
-                               "lora)")
+    model, peft_config = trl_policy(built, setup, "dpo", "its loss logs metrics with .item(), which fake tensors "
+                                                   "refuse")
     device = built.device
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)
-    if device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not built.inner:
-        raise SetupUnavailable("--trainer dpo runs on the cpu and cuda backends on one device (the sim cannot drive "
-                               "DPOTrainer: its loss logs metrics with .item(), which fake tensors refuse; nor does "
-                               "it run on distributed ranks)")
-    model, peft_config = built.forward, None
-    if setup.mode is Mode.LORA:  # TRL applies the adapter itself (module docstring)
-        peft_config = model.peft_config["default"]
-        model = model.unload()
     ref = None
     if setup.ref_model is RefModel.SEPARATE:
         ref = build_model(spec, setup.replace(mode=Mode.FULL, grad_ckpt=False), device)
@@ -166,18 +155,6 @@ def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             dataloader_num_workers=0, seed=0, **_PRECISION_FLAGS[setup.precision])
         trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data,
                                  processing_class=_tokenizer(), peft_config=peft_config, callbacks=[phases])
-        policy = trainer.model
-        tracker.track(policy, Category.WEIGHTS)  # the adapter TRL made (adapter mode)
-        opt = build_optimizer(policy, setup)
-        if opt is None:
-            raise SetupUnavailable("--trainer dpo needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
-        trainer.optimizer = opt  # the harness's own, as SFT's optimizers=(opt, None)
-        tracker.watch_grads([p for p in policy.parameters() if p.requires_grad])
-        tracker.watch_optimizer(opt)
-        measure_loss_and_backward(trainer, setup, tracker, current)
-        try:
-            with _tag_fused_head(tracker), _reference_phase(trainer, setup, current):
-                trainer.train()
-        finally:
-            tracker.remove_hooks()
-            del trainer
+        measure_trainer(trainer, setup, tracker, current, "dpo")
+        train_measured(trainer, tracker, _reference_phase(trainer, setup, current))
+        del trainer

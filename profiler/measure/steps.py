@@ -215,6 +215,9 @@ def run_steps(built: Model, spec, setup: Setup, steps: int, tracker: StorageTrac
     elif setup.trainer is Trainer.DPO:  # the real trl.DPOTrainer drives the steps
         from profiler.measure.dpo_steps import dpo_train_steps
         dpo_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
+    elif setup.trainer is Trainer.GRPO:  # the real trl.GRPOTrainer drives the steps
+        from profiler.measure.grpo_steps import grpo_train_steps
+        grpo_train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.training:
         _train_steps(built, spec, setup, steps, tracker, meter, timings, first)
     elif setup.mode is Mode.EVAL:

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from estimator.categories import Category, Phase
-from estimator.setup import Loss, Packing, Precision, Setup
+from estimator.setup import Loss, Mode, Packing, Precision, Setup
 from estimator.versions import installed_versions, parse_version
 from profiler.measure.build import SetupUnavailable, build_optimizer, synthetic_batch
 
@@ -182,6 +182,54 @@ def measure_loss_and_backward(trainer, setup: Setup, tracker, current) -> None:
             return backward(*args, **kwargs)
 
     trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
+
+
+def trl_policy(built, setup: Setup, trainer: str, sim_reason: str):
+    """The model a TRL trainer gets from the harness's build, and the ``peft_config`` it applies
+    itself (LoRA: TRL wraps the base model, so the reference can be the adapter disabled); refused
+    in one sentence where the harness cannot drive ``trainer`` (``sim_reason``: why not the sim)."""
+    if setup.precision not in _PRECISION_FLAGS:
+        raise SetupUnavailable(f"--trainer {trainer} runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
+    if setup.mode is Mode.QLORA:
+        raise SetupUnavailable(f"--trainer {trainer} --mode qlora is estimated, not run by the harness yet (--mode "
+                               f"full or lora)")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)
+    if built.device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not built.inner:
+        raise SetupUnavailable(f"--trainer {trainer} runs on the cpu and cuda backends on one device (the sim cannot "
+                               f"drive it: {sim_reason}; nor does it run on distributed ranks)")
+    model, peft_config = built.forward, None
+    if setup.mode is Mode.LORA:
+        peft_config = model.peft_config["default"]
+        model = model.unload()
+    return model, peft_config
+
+
+def measure_trainer(trainer, setup: Setup, tracker, current, name: str) -> None:
+    """Give a TRL trainer that made its own policy (and adapter) the harness's optimizer and its
+    meters: the policy's weights tracked, its gradients and the optimizer's state watched, the
+    forward and backward phases wrapped (:func:`measure_loss_and_backward`)."""
+    policy = trainer.model
+    tracker.track(policy, Category.WEIGHTS)  # the adapter TRL made
+    opt = build_optimizer(policy, setup)
+    if opt is None:
+        raise SetupUnavailable(f"--trainer {name} needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
+    trainer.optimizer = opt  # the harness's own, as SFT's optimizers=(opt, None)
+    tracker.watch_grads([p for p in policy.parameters() if p.requires_grad])
+    tracker.watch_optimizer(opt)
+    measure_loss_and_backward(trainer, setup, tracker, current)
+
+
+def train_measured(trainer, tracker, *contexts) -> None:
+    """``trainer.train()`` with the fused head's allocations tagged and ``contexts`` entered; the
+    tracker's hooks removed after."""
+    try:
+        with _tag_fused_head(tracker), contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            trainer.train()
+    finally:
+        tracker.remove_hooks()
 
 
 def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timings, first) -> None:
