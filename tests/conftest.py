@@ -24,3 +24,26 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def agrees_per_phase():
+    """``agrees_per_phase(record, 0.01)``: today's estimate of a committed record's case is
+    within the tolerance of every phase it measured (zero_grad aside), tensors only."""
+    from estimator.categories import TENSOR_CATEGORIES, Phase
+    from estimator.estimate import estimate
+    from estimator.modelspec import load_model
+    from estimator.setup import Setup
+    tensors = {c.value for c in TENSOR_CATEGORIES}
+
+    def check(record, tolerance: float) -> None:
+        assert record.ok, record.message
+        est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
+        for phase, m in record.measured.phases.items():
+            if phase == Phase.ZERO_GRAD.value:
+                continue
+            pred = sum(v for k, v in est.phases[phase].items() if str(k) in tensors)
+            got = m.peak_allocated_bytes
+            assert abs(pred - got) <= tolerance * got, (phase, pred, got, (pred - got) / got)
+
+    return check

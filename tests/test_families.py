@@ -122,13 +122,5 @@ FAMILY_CPU_RECORDS = Path(__file__).resolve().parents[1] / "results" / "cpu-fami
 
 
 @pytest.mark.parametrize("record", read_records(FAMILY_CPU_RECORDS), ids=lambda r: r.label)
-def test_committed_family_cpu_steps_agree_with_the_estimate(record):
-    from estimator.estimate import estimate
-    assert record.ok, record.message
-    est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
-    for phase, m in record.measured.phases.items():
-        if phase == Phase.ZERO_GRAD.value:
-            continue
-        pred = sum(v for k, v in est.phases[phase].items() if str(k) in _T)
-        got = m.peak_allocated_bytes
-        assert abs(pred - got) <= CPU_TOLERANCE * got, (phase, pred, got, (pred - got) / got)
+def test_committed_family_cpu_steps_agree_with_the_estimate(record, agrees_per_phase):
+    agrees_per_phase(record, CPU_TOLERANCE)
