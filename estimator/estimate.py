@@ -779,7 +779,9 @@ def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     generate = max(inference.values(), key=_tensor_bytes)
     # model.zero_grad() at the previous step's end set the gradients to None (transformers 5.24
     # trainer.py, set_to_none); with --keep-grads they stay allocated, zeroed
-    held = steady[Phase.OPTIMIZER][Category.GRADIENTS] if setup.keep_grads else 0
+    # (--optimizer none has no optimizer phase: every gradient is there after backward)
+    after = steady.get(Phase.OPTIMIZER)
+    held = (after[Category.GRADIENTS] if after else st.gradients) if setup.keep_grads else 0
     logprob = None
     if grpo.has_logprob_pass(setup):
         # the no-grad pass's peak beside the model states as generation saw them (estimator/grpo.py)

@@ -166,7 +166,7 @@ def test_total_never_falls_as_batch_grows(case, more):
 @given(model_and_setup(), st.integers(1, MAX_SEQ))
 def test_total_never_falls_as_seq_grows(case, more):
     spec, setup = case
-    top = min(MAX_SEQ, spec.max_positions - setup.new_tokens)
+    top = min(MAX_SEQ, spec.max_positions - setup.new_tokens - (setup.max_completion or 0))
     longer = setup.replace(seq=min(setup.seq + more, top))
     _assert_grows(estimate(spec, longer), estimate(spec, setup))
 
