@@ -796,7 +796,7 @@ def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
         out.update(phases)
         return out
 
-    states = steady[Phase.OPTIMIZER][Category.OPTIMIZER_STATE]
+    states = after[Category.OPTIMIZER_STATE] if after else 0
     return with_generation(steady, states), lambda: with_generation(first() if first else steady, 0)
 
 
