@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .archs import MLP, Norm, QKNorm, Router, traits
+from .archs import MLP, Norm, QKNorm, Router, arch_of, traits
 from .caches import cache_copies_saved, dynamic_cache
 from .kernels import (
     attention_output_copied,
@@ -291,9 +291,13 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         terms.update(_lora_terms(spec, setup))
     if setup.mode is Mode.QLORA and setup.quant is Quant.INT8:
         terms["int8_inputs"] = _int8_inputs(spec, setup)
+    terms, dense_delta = arch_of(spec).saved_quirk(spec, setup, terms)
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
+    dense = min(arch_of(spec).dense_layers(spec), spec.num_layers)
+    if dense and dense_delta:  # the dense-MLP layers before the repeated (MoE) ones (Arch.saved_quirk)
+        outside["dense_layers"] = dense * dense_delta * T
     masked = masked_layers(spec, setup)
     if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
         outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T

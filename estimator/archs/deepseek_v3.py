@@ -47,12 +47,14 @@ kv_lora_rank) and the rotated ``k_rot`` (b, 1, s, qk_rope_head_dim) in the compu
 (576 for DeepSeek-V3, against 2 x 128 x 56 = 14,336 in the Llama fallback's formula), and every
 attention call re-expands the whole cached latent through kv_b_proj.
 
-The memory terms of MLA (q/k head size 192, v head size 128, the latent re-expansion, the
-concatenations), of the router's saved fp32 tensors and of mixed dense and MoE layers are not in
-the estimator yet: :meth:`DeepseekV3.memory_gap` says so for every estimate, and the profiler
-measures the family without one. What is exact here: the config's reading, the parameter
-inventory (counts, groups, per-tensor sizes; equal to the meta build) and what peft 0.21 wraps
-(``peft_moe_names``).
+The memory terms (:meth:`DeepseekV3.saved_quirk`): MLA's latent norms, q and k of qk_head_dim made
+by the concatenations, v a view of kv_b_proj's whole output, the mem-efficient kernel CUDA sdpa takes for
+unequal head sizes; the fp32 router, the grouped_mm experts, the shared expert; the dense layers apart
+(``activations.py`` ``dense_layers``). :meth:`DeepseekV3.memory_gap` lets through only the setups checked
+against the CUDA sim within 1 % (full training; LoRA on the MLA projections) and refuses the rest in one
+sentence; the profiler measures those without an estimate. Exact besides: the config's reading, the
+parameter inventory (counts, groups, per-tensor sizes; equal to the meta build) and what peft 0.21
+wraps (``peft_moe_names``).
 """
 from __future__ import annotations
 
@@ -66,8 +68,13 @@ from ..configcheck import (
     Limit,
     check_shapes,
 )
+from ..setup import Attention, Device, Mode
+from ..units import FP32
 from .base import Linear, Norm, Tensor, read_common_llama
 from .llama import LlamaStyle
+
+#: bytes of an int64 index (torch.topk's and torch.sort's indices, what advanced indexing saves)
+_INT64 = 8
 
 #: DeepseekV3Config's defaults (configuration_deepseek_v3.py:81-116)
 _DEFAULTS = dict(moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256, kv_lora_rank=512,
@@ -177,13 +184,90 @@ class DeepseekV3(LlamaStyle):
         latent = [Tensor("q_a_layernorm.weight", "norms", m["q_lora_rank"], 1)] if m["q_lora_rank"] else []
         return super().layer_norms(spec) + latent + [Tensor("kv_a_layernorm.weight", "norms", m["kv_lora_rank"], 1)]
 
+    # --- the memory terms ---------------------------------------------------------------
+
+    def saved_quirk(self, spec, setup, terms):
+        """What one layer saves per token in training, from modeling_deepseek_v3.py (5.24), on the
+        CUDA semantics with sdpa (what :meth:`memory_gap_for` lets through):
+
+        MLA (:427-483): the input norm and the normed input (one tensor read by q_a_proj and
+        kv_a_proj_with_mqa) are the generic ``norms`` / ``linear_inputs``; each latent norm
+        (q_a_layernorm on q_lora_rank, kv_a_layernorm on kv_lora_rank; DeepseekV3RMSNorm :47-52)
+        saves its fp32 upcast, an fp32 rsqrt and, with its weight trainable, ``x.to(dtype)``; q_b_proj
+        and kv_b_proj save their inputs (the latent norms' outputs) when trainable. The rotary
+        multiplications save only cos and sin (shared); ``torch.cat((q_pass, q_rot))`` (:462) and
+        ``expand_kv``'s ``new_empty`` + ``copy_`` (:418-423) make q and k of heads x qk_head_dim, new
+        tensors that sdpa saves; v is a ``torch.split`` view of kv_b_proj's output (:417), so sdpa
+        keeps that whole (heads x (qk_nope + v)) output. q/k 192 and v 128 differ, so CUDA sdpa
+        takes the mem-efficient kernel (sdp_utils.cpp: flash and cuDNN need equal head sizes;
+        profiler/measure/sim.py sdpa_backend), which saves q, k, v, its (b, s, heads, v) output (what
+        o_proj reads: no copy) and a logsumexp padded to 32 queries.
+
+        MoE (:120-158, :201-222; integrations/moe.py:424-537): the router's ``hidden.type(fp32)``
+        copy (saved by F.linear for its fp32 weight's gradient), the sigmoid's fp32 scores (E), the
+        group top-2's int64 indices (n_group x 2), the group top-k's (topk_group), the ``masked_fill``
+        bool mask (E), the top-k's indices (k, also gather's index), the normalising sum (1) and the
+        in-place division's operands (k fp32 twice); grouped_mm's ``perm // k``, ``perm`` and
+        ``inv_perm`` (int64, S = T x k), the gathered routing weights (fp32, S) and the down output
+        (S, h) the weighting saves, the gathered inputs (S, h) for trainable experts, the gate_up
+        output (2f: silu's input and up are views of it), silu's output and the product for
+        trainable experts; the shared-expert MLP (f x n_shared): its input when trainable (the
+        normed input again, one tensor), gate_up outputs, silu and the product. The dense layers'
+        DeepseekV3MLP (:104-117, intermediate_size) instead of all that."""
+        m = _fields(spec)
+        p, h, a = setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        full = setup.mode is Mode.FULL
+        qk, dv, rq, rk = spec.head_dim, m["v_head_dim"], m["q_lora_rank"], m["kv_lora_rank"]
+        out = {k: v for k, v in terms.items() if not k.startswith(("attn_", "mlp", "moe_", "o_proj"))}
+
+        def latent_norm(dim):  # DeepseekV3RMSNorm on a latent (:47-52), then the linear reading it
+            return FP32 * dim + FP32 + (2 * p * dim if full else 0)
+
+        out["attn_latents"] = (latent_norm(rq) if rq else 0) + latent_norm(rk)
+        s = setup.seq
+        lse = FP32 * a * -(-s // 32) * 32 // s  # mem-efficient pads its logsumexp to 32 queries
+        out["attn_qkv"] = p * a * (2 * qk + m["qk_nope_head_dim"] + dv)
+        out["attn_out"] = p * a * dv
+        out["attn_lse"] = lse
+        f, k, e = spec.intermediate_size, spec.experts_per_token, spec.num_experts
+        shared = f * m["n_shared_experts"]
+        gated = 4 if full else 3  # gate, act(gate), up (and the product for a trainable down_proj)
+        groups = m["n_group"]
+        out["moe_router"] = (FP32 * h if full else 0) + FP32 * e + e \
+            + _INT64 * (2 * groups + m["topk_group"] + k) + FP32 * (1 + 2 * k)
+        out["moe_routing"] = _INT64 * 3 * k + FP32 * k + (k * p * h if full else 0)
+        out["mlp"] = k * p * f * gated
+        out["moe_weighted"] = k * p * h
+        out["moe_shared"] = shared * p * gated
+        moe = sum(out[x] for x in ("moe_router", "moe_routing", "mlp", "moe_weighted", "moe_shared"))
+        dense = m["dense_intermediate_size"] * p * gated
+        return out, dense - moe
+
+    def kv_elems_per_token(self, spec):
+        """The latent cache (:444-460): the normed ``kv_nope`` (kv_lora_rank) and the rotated
+        ``k_rot`` (qk_rope_head_dim) per token and layer."""
+        m = _fields(spec)
+        return m["kv_lora_rank"] + m["qk_rope_head_dim"]
+
     # --- what is not modelled -----------------------------------------------------------
 
-    def memory_gap(self, spec):
+    def memory_gap(self, spec, setup):
+        """The setups whose every phase was checked against the CUDA sim within 1 % (4 layers, 1 dense
+        + 3 MoE, 16 experts top-4, 16 heads, b2 x s1024 bf16: tests/test_deepseek_v3.py): full
+        training and LoRA on the MLA projections, bf16, sdpa, one GPU, no checkpointing; the
+        rest is refused in one sentence."""
+        mla = {lin.name for lin in self._attention(spec)}
+        checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
+            and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
+            and not setup.use_cache and setup.loop.value == "trainer" and (
+                setup.mode is Mode.FULL or setup.mode is Mode.LORA and set(setup.lora_targets) <= mla)
+        if checked:
+            return ""
         return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
-                f"latent attention (q/k head size {spec.head_dim}, v head size {_fields(spec)['v_head_dim']}), its "
-                f"router and its mixed dense/MoE layers is not modelled yet; measure it with "
-                f"`vramlab profile ... --backend sim`")
+                f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
+                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training and "
+                f"LoRA on the MLA projections ({', '.join(sorted(mla))}) in bf16 with sdpa on one CUDA GPU without "
+                f"checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
 
 
 def _fields(spec) -> dict:
