@@ -931,6 +931,10 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
         kv = _decode_cache(spec, setup, tr, kv, L)
         decode = [phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                         logits=logits, temporaries=st.workspace + constant)]
+        working = arch_of(spec).decode_working(spec, setup, L)
+        if working:  # a family's own attention working set over the whole cache (Arch.decode_working)
+            decode.append(phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv, logits=logits,
+                                activations=int(k * working), temporaries=st.workspace + constant))
         if kernels.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
             # the math kernel (fp32 grouped heads on CUDA) over the whole cache after the update:
             # the keys and values repeated to every head (repeat_interleave for enable_gqa), the

@@ -462,6 +462,11 @@ class Arch:
         generic terms, keyed as activations.py names them."""
         return terms, 0
 
+    def decode_working(self, spec, setup, tokens: int) -> int:
+        """Bytes a decode step's attention holds beside the cache, over ``tokens`` cached positions,
+        where the family makes more than the generic terms say (0: none; estimate._inference_phases)."""
+        return 0
+
     def kv_elems_per_token(self, spec) -> int:
         """Elements one layer's DynamicCache holds per token: a key and a value of ``kv_dim``
         (cache_utils.py DynamicLayer.update), unless the family caches something else."""

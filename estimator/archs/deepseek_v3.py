@@ -243,6 +243,41 @@ class DeepseekV3(LlamaStyle):
         dense = m["dense_intermediate_size"] * p * gated
         return out, dense - moe
 
+    def prefill_quirk(self, spec, setup, tr, resid, mlp, attn, softmax, math):
+        """The no-grad prefill's layer working set (modeling_deepseek_v3.py, 5.24; CUDA sdpa).
+
+        Attention at the mem-efficient kernel (:427-483), beside the generic residual stream: the
+        locals ``q_states`` (q_b_proj's output, which ``q_pass`` views), the rotated ``q_rot``,
+        ``compressed_kv``, the normed ``kv_nope``, the rotated ``k_rot``, ``query_states`` (the
+        cat), kv_b_proj's output (``value_states`` views it), ``key_states`` and the kernel's output.
+
+        An MoE layer (:201-222, integrations/moe.py:424-537), at ``weighted_out[inv_perm]``: the
+        gathered inputs and the down output (S, h), the routing-weighted copy and its re-ordering,
+        fp32 (S, h) each, since the routing weights are fp32 (the router computes in fp32: :134,
+        :150-155, and ``proj_out * sample_weights_g`` promotes); the router's logits (kept in ``_``),
+        its weights and indices, the sorted ids, ``perm``, ``inv_perm`` and the gathered weights;
+        beside them the layer input (the model's loop variable), the residual sum and its norm."""
+        m = _fields(spec)
+        T, p, h, a = setup.batch * setup.seq, setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        qk, dr, dn, dv = spec.head_dim, m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"]
+        rk = m["kv_lora_rank"]
+        attn = p * (a * (2 * qk + dr + (dn + dv) + qk + dv) + (rk + dr) + rk + dr) * T
+        k, e = spec.experts_per_token, spec.num_experts
+        S = k * T
+        moe = (2 * p * h + 2 * FP32 * h) * S + (_INT64 * 4 + 2 * FP32) * S + FP32 * e * T
+        return resid, p * h * T + moe, attn
+
+    def decode_working(self, spec, setup, tokens):
+        """A decode step's last attention layer, after its cache update (:459-465): ``expand_kv`` runs
+        kv_b_proj on the whole cached latent, (b, tokens, heads x (qk_nope + v)), which the value
+        views, and copies the key into (b, heads, tokens, qk_head_dim); beside them the new token's
+        q_states, q_rot, query_states and the kernel's output."""
+        m = _fields(spec)
+        p, a, b = setup.precision.compute_bytes, spec.num_heads, setup.batch
+        qk, dv = spec.head_dim, m["v_head_dim"]
+        new = p * a * (2 * qk + m["qk_rope_head_dim"] + dv) * b
+        return p * a * (m["qk_nope_head_dim"] + dv + qk) * b * tokens + new
+
     def kv_elems_per_token(self, spec):
         """The latent cache (:444-460): the normed ``kv_nope`` (kv_lora_rank) and the rotated
         ``k_rot`` (qk_rope_head_dim) per token and layer."""
@@ -260,7 +295,8 @@ class DeepseekV3(LlamaStyle):
         checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
             and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
             and not setup.use_cache and setup.loop.value == "trainer" and (
-                setup.mode is Mode.FULL or setup.mode is Mode.LORA and set(setup.lora_targets) <= mla)
+                setup.mode is Mode.FULL or setup.mode is Mode.LORA and set(setup.lora_targets) <= mla
+                or setup.mode is Mode.INFERENCE)
         if checked:
             return ""
         return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
