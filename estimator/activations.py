@@ -161,9 +161,11 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
         per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
         outside={k: v * b for k, v in one.outside.items()})
     merged = lora_expert_weights(spec, setup)
+    # the layers that hold the fused experts (not a family's first dense layers, Arch.dense_layers)
+    moe_layers = spec.num_layers - min(arch_of(spec).dense_layers(spec), spec.num_layers)
     if merged:
         out = Activations(per_layer=out.per_layer, layers=out.layers,
-                          outside={**out.outside, "lora_expert_weights": spec.num_layers * merged})
+                          outside={**out.outside, "lora_expert_weights": moe_layers * merged})
     tr = traits(spec, setup)
     if tr.local_rotary and tr.sliding_layers:
         # the sliding layers' own rotary cos and sin, (1, s, head_dim) each in the compute dtype,
@@ -349,11 +351,18 @@ def lora_expert_weights(spec: ModelSpec, setup: Setup) -> int:
     (0.21) parametrizes each targeted stack with ``baddbmm(W, lhs, rhs)`` (tuners/lora/layer.py
     ``_LoraFactorsProxy``), a new weight-sized tensor in the parameter's dtype made once per
     forward (``parametrize.cached``), which the grouped matmul saves for its input's gradient
-    (measured on the sim: Mixtral's gate_up and down stacks, 2.8 GB a layer in bf16)."""
+    (measured on the sim: Mixtral's gate_up and down stacks, 2.8 GB a layer in bf16). The baddbmm
+    also saves its two factors, which ``get_delta_factors`` casts from the adapters' fp32 to the
+    stack's dtype (``lhs.to(param.dtype), rhs.to(param.dtype)``, layer.py:2525-2541): a copy of the
+    target's LoRA weights in that dtype where it is not fp32 (measured on the sim: DeepSeek-V3
+    reduced, 16 experts, r 16, 2.1 MiB a layer, -0.55 % of the all-linear backward without it)."""
     if setup.mode not in (Mode.LORA, Mode.QLORA):
         return 0
-    return sum(lin.copies * lin.in_features * lin.out_features for lin in lora_targets(spec, setup.lora_targets)
-               if lin.fused_experts) * setup.precision.param_bytes
+    pb = setup.precision.param_bytes
+    fused = [lin for lin in lora_targets(spec, setup.lora_targets) if lin.fused_experts]
+    factors = sum(setup.lora_rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features)
+                  for lin in fused) * pb if pb != FP32 else 0
+    return sum(lin.copies * lin.in_features * lin.out_features for lin in fused) * pb + factors
 
 
 def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:

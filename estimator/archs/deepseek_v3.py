@@ -214,11 +214,22 @@ class DeepseekV3(LlamaStyle):
         trainable experts; the shared-expert MLP (f x n_shared): its input when trainable (the
         normed input again, one tensor), gate_up outputs, silu and the product. The dense layers'
         DeepseekV3MLP (:104-117, intermediate_size) instead of all that."""
+        from ..params import lora_targets  # params reads the registry: imported at call time
         m = _fields(spec)
         p, h, a = setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
         full = setup.mode is Mode.FULL
+        targets = lora_targets(spec, setup.lora_targets) if setup.mode is Mode.LORA else []
+        # peft 0.21 wraps the fused experts and the router (its own class) as parameters (ParamWrapper:
+        # a merged weight per forward, activations.lora_expert_weights), never copying their input: of the
+        # generic adapters' terms only the nn.Linear ones' fp32 input copies (MLA's) are saved
+        experts = full or any(lin.fused_experts for lin in targets)
+        router = full or any(lin.router for lin in targets)
+        r = setup.lora_rank
+        adapters = sum(FP32 * (lin.in_features + r) for lin in targets if not (lin.fused_experts or lin.router))
         qk, dv, rq, rk = spec.head_dim, m["v_head_dim"], m["q_lora_rank"], m["kv_lora_rank"]
-        out = {k: v for k, v in terms.items() if not k.startswith(("attn_", "mlp", "moe_", "o_proj"))}
+        out = {k: v for k, v in terms.items() if not k.startswith(("attn_", "mlp", "moe_", "o_proj", "lora_"))}
+        if adapters:
+            out["lora_adapters"] = adapters
 
         def latent_norm(dim):  # DeepseekV3RMSNorm on a latent (:47-52), then the linear reading it
             return FP32 * dim + FP32 + (2 * p * dim if full else 0)
@@ -233,10 +244,10 @@ class DeepseekV3(LlamaStyle):
         shared = f * m["n_shared_experts"]
         gated = 4 if full else 3  # gate, act(gate), up (and the product for a trainable down_proj)
         groups = m["n_group"]
-        out["moe_router"] = (FP32 * h if full else 0) + FP32 * e + e \
+        out["moe_router"] = (FP32 * h if router else 0) + FP32 * e + e \
             + _INT64 * (2 * groups + m["topk_group"] + k) + FP32 * (1 + 2 * k)
-        out["moe_routing"] = _INT64 * 3 * k + FP32 * k + (k * p * h if full else 0)
-        out["mlp"] = k * p * f * gated
+        out["moe_routing"] = _INT64 * 3 * k + FP32 * k + (k * p * h if experts else 0)
+        out["mlp"] = k * p * f * (4 if experts else 3)
         out["moe_weighted"] = k * p * h
         out["moe_shared"] = shared * p * gated
         moe = sum(out[x] for x in ("moe_router", "moe_routing", "mlp", "moe_weighted", "moe_shared"))
@@ -289,21 +300,27 @@ class DeepseekV3(LlamaStyle):
     def memory_gap(self, spec, setup):
         """The setups whose every phase was checked against the CUDA sim within 1 % (4 layers, 1 dense
         + 3 MoE, 16 experts top-4, 16 heads, b2 x s1024 bf16: tests/test_deepseek_v3.py): full
-        training and LoRA on the MLA projections, bf16, sdpa, one GPU, no checkpointing; the
-        rest is refused in one sentence."""
+        training, LoRA on the MLA projections or all-linear, inference (prefill and decode); bf16,
+        sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
         mla = {lin.name for lin in self._attention(spec)}
         checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
             and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
             and not setup.use_cache and setup.loop.value == "trainer" and (
-                setup.mode is Mode.FULL or setup.mode is Mode.LORA and set(setup.lora_targets) <= mla
+                setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= mla
+                                                                        or _all_linear(setup.lora_targets))
                 or setup.mode is Mode.INFERENCE)
         if checked:
             return ""
         return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
                 f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
-                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training and "
-                f"LoRA on the MLA projections ({', '.join(sorted(mla))}) in bf16 with sdpa on one CUDA GPU without "
-                f"checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training, LoRA on "
+                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, and inference, in bf16 with sdpa on "
+                f"one CUDA GPU without checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+
+
+def _all_linear(targets) -> bool:
+    """peft's "all-linear" (peft/tuners/tuners_utils.py; both spellings params.lora_targets takes)."""
+    return tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",))
 
 
 def _fields(spec) -> dict:
