@@ -460,7 +460,7 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
     masked += lora_expert_weights(spec, setup)
     outside = {k: v for k, v in full.outside.items()
-               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")}
+               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers")}
     if setup.attn is Attention.EAGER:
         # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
         # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask

@@ -300,7 +300,8 @@ class DeepseekV3(LlamaStyle):
     def memory_gap(self, spec, setup):
         """The setups whose every phase was checked against the CUDA sim within 1 % (4 layers, 1 dense
         + 3 MoE, 16 experts top-4, 16 heads, b2 x s1024 bf16: tests/test_deepseek_v3.py): full
-        training, LoRA on the MLA projections or all-linear, inference (prefill and decode); bf16,
+        training, LoRA on the MLA projections or all-linear, inference (prefill and decode), an eval
+        forward without a cache; bf16,
         sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
         mla = {lin.name for lin in self._attention(spec)}
         checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
@@ -308,14 +309,15 @@ class DeepseekV3(LlamaStyle):
             and not setup.use_cache and setup.loop.value == "trainer" and (
                 setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= mla
                                                                         or _all_linear(setup.lora_targets))
-                or setup.mode is Mode.INFERENCE)
+                or setup.mode in (Mode.INFERENCE, Mode.EVAL))
         if checked:
             return ""
         return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
                 f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
                 f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training, LoRA on "
-                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, and inference, in bf16 with sdpa on "
-                f"one CUDA GPU without checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, inference and eval, in bf16 with "
+                f"sdpa on one CUDA GPU without checkpointing or sharding; measure it with "
+                f"`vramlab profile ... --backend sim`")
 
 
 def _all_linear(targets) -> bool:
