@@ -236,10 +236,21 @@ class DeepseekV3(LlamaStyle):
 
         out["attn_latents"] = (latent_norm(rq) if rq else 0) + latent_norm(rk)
         s = setup.seq
-        lse = FP32 * a * -(-s // 32) * 32 // s  # mem-efficient pads its logsumexp to 32 queries
-        out["attn_qkv"] = p * a * (2 * qk + m["qk_nope_head_dim"] + dv)
-        out["attn_out"] = p * a * dv
-        out["attn_lse"] = lse
+        if setup.device is Device.CPU:
+            # CPU sdpa takes the math kernel for unequal head sizes (tests/test_deepseek_v3.py; attention.cpp
+            # _scaled_dot_product_attention_math): it saves the fp32 scaled q and scaled k, the fp32 v
+            # (the upcasts copy, so kv_b_proj's output is not kept) and the fp32 probabilities; its
+            # (b, heads, s, v) output reaches o_proj through ``reshape(...).contiguous()``, a copy a
+            # trainable o_proj saves (kernels.attention_output_copied)
+            out["attn_qkv"] = FP32 * a * (2 * qk + dv)
+            out["attn_scores"] = FP32 * a * s
+            if full:
+                out["o_proj_input"] = p * a * dv
+        else:
+            lse = FP32 * a * -(-s // 32) * 32 // s  # mem-efficient pads its logsumexp to 32 queries
+            out["attn_qkv"] = p * a * (2 * qk + m["qk_nope_head_dim"] + dv)
+            out["attn_out"] = p * a * dv
+            out["attn_lse"] = lse
         f, k, e = spec.intermediate_size, spec.experts_per_token, spec.num_experts
         shared = f * m["n_shared_experts"]
         gated = 4 if full else 3  # gate, act(gate), up (and the product for a trainable down_proj)
@@ -273,6 +284,11 @@ class DeepseekV3(LlamaStyle):
         qk, dr, dn, dv = spec.head_dim, m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"]
         rk = m["kv_lora_rank"]
         attn = p * (a * (2 * qk + dr + (dn + dv) + qk + dv) + (rk + dr) + rk + dr) * T
+        if setup.device is Device.CPU:
+            # the math kernel at its softmax (kernels.math_kernel_extra): the fp32 upcast q, the scaled q
+            # and k, the fp32 v, the scores and the probabilities (b, heads, s, s) and the (s, s) causal
+            # mask; not checked (the real CPU prefill measured ~2 % below this: refused)
+            attn += FP32 * (a * (3 * qk + dv) + 2 * a * setup.seq) * T + FP32 * setup.seq * setup.seq
         k, e = spec.experts_per_token, spec.num_experts
         S = k * T
         moe = (2 * p * h + 2 * FP32 * h) * S + (_INT64 * 4 + 2 * FP32) * S + FP32 * e * T
@@ -287,7 +303,10 @@ class DeepseekV3(LlamaStyle):
         p, a, b = setup.precision.compute_bytes, spec.num_heads, setup.batch
         qk, dv = spec.head_dim, m["v_head_dim"]
         new = p * a * (2 * qk + m["qk_rope_head_dim"] + dv) * b
-        return p * a * (m["qk_nope_head_dim"] + dv + qk) * b * tokens + new
+        # CPU: the math kernel's fp32 copies of the key and the value and its scaled key (attention.cpp
+        # _scaled_dot_product_attention_math; measured on a real CPU decode step: 64.3 MiB here)
+        math = FP32 * a * (2 * qk + dv) * b * tokens if setup.device is Device.CPU else 0
+        return p * a * (m["qk_nope_head_dim"] + dv + qk) * b * tokens + new + math
 
     def kv_elems_per_token(self, spec):
         """The latent cache (:444-460): the normed ``kv_nope`` (kv_lora_rank) and the rotated
