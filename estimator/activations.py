@@ -293,13 +293,15 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         terms.update(_lora_terms(spec, setup))
     if setup.mode is Mode.QLORA and setup.quant is Quant.INT8:
         terms["int8_inputs"] = _int8_inputs(spec, setup)
-    terms, dense_delta = arch_of(spec).saved_quirk(spec, setup, terms)
+    terms, dense_delta, prefix = arch_of(spec).saved_quirk(spec, setup, terms)
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
     dense = min(arch_of(spec).dense_layers(spec), spec.num_layers)
     if dense and dense_delta:  # the dense-MLP layers before the repeated (MoE) ones (Arch.saved_quirk)
         outside["dense_layers"] = dense * dense_delta * T
+    if prefix:  # the layers before the first adapter (Arch.saved_quirk)
+        outside["frozen_prefix"] = prefix * T
     masked = masked_layers(spec, setup)
     if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
         outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T
@@ -460,7 +462,8 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
     masked += lora_expert_weights(spec, setup)
     outside = {k: v for k, v in full.outside.items()
-               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers")}
+               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers",
+                         "frozen_prefix")}
     if setup.attn is Attention.EAGER:
         # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
         # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask

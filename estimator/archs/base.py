@@ -455,12 +455,13 @@ class Arch:
             return spec.num_layers * 2 * spec.max_positions * spec.head_dim * param_bytes
         return 0
 
-    def saved_quirk(self, spec, setup, terms: dict[str, int]) -> tuple[dict[str, int], int]:
+    def saved_quirk(self, spec, setup, terms: dict[str, int]) -> tuple[dict[str, int], int, int]:
         """A family's own per-token saved terms of one training layer (activations.py
-        ``_training_activations_b1``), where no trait says them: the repeated layer's terms, and what a
-        dense layer (:meth:`dense_layers`) saves per token beyond it (negative: less). ``terms``: the
-        generic terms, keyed as activations.py names them."""
-        return terms, 0
+        ``_training_activations_b1``), where no trait says them: the repeated layer's terms, what a
+        dense layer (:meth:`dense_layers`) saves per token beyond it (negative: less), and a correction
+        once per model (the layers before the first adapter, which save less). ``terms``: the generic
+        terms, keyed as activations.py names them."""
+        return terms, 0, 0
 
     def decode_working(self, spec, setup, tokens: int) -> int:
         """Bytes a decode step's attention holds beside the cache, over ``tokens`` cached positions,
