@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .archs import MLP, Norm, QKNorm, Router, traits
+from .archs import MLP, Norm, QKNorm, Router, arch_of, traits
 from .caches import cache_copies_saved, dynamic_cache
 from .kernels import (
     attention_output_copied,
@@ -161,9 +161,11 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
         per_layer={k: v * b for k, v in one.per_layer.items()}, layers=one.layers,
         outside={k: v * b for k, v in one.outside.items()})
     merged = lora_expert_weights(spec, setup)
+    # the layers that hold the fused experts (not a family's first dense layers, Arch.dense_layers)
+    moe_layers = spec.num_layers - min(arch_of(spec).dense_layers(spec), spec.num_layers)
     if merged:
         out = Activations(per_layer=out.per_layer, layers=out.layers,
-                          outside={**out.outside, "lora_expert_weights": spec.num_layers * merged})
+                          outside={**out.outside, "lora_expert_weights": moe_layers * merged})
     tr = traits(spec, setup)
     if tr.local_rotary and tr.sliding_layers:
         # the sliding layers' own rotary cos and sin, (1, s, head_dim) each in the compute dtype,
@@ -291,9 +293,15 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         terms.update(_lora_terms(spec, setup))
     if setup.mode is Mode.QLORA and setup.quant is Quant.INT8:
         terms["int8_inputs"] = _int8_inputs(spec, setup)
+    terms, dense_delta, prefix = arch_of(spec).saved_quirk(spec, setup, terms)
     T = setup.batch * setup.seq
     per_layer = {k: v * T for k, v in terms.items() if v}
     outside = {}
+    dense = min(arch_of(spec).dense_layers(spec), spec.num_layers)
+    if dense and dense_delta:  # the dense-MLP layers before the repeated (MoE) ones (Arch.saved_quirk)
+        outside["dense_layers"] = dense * dense_delta * T
+    if prefix:  # the layers before the first adapter (Arch.saved_quirk)
+        outside["frozen_prefix"] = prefix * T
     masked = masked_layers(spec, setup)
     if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
         outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T
@@ -345,11 +353,18 @@ def lora_expert_weights(spec: ModelSpec, setup: Setup) -> int:
     (0.21) parametrizes each targeted stack with ``baddbmm(W, lhs, rhs)`` (tuners/lora/layer.py
     ``_LoraFactorsProxy``), a new weight-sized tensor in the parameter's dtype made once per
     forward (``parametrize.cached``), which the grouped matmul saves for its input's gradient
-    (measured on the sim: Mixtral's gate_up and down stacks, 2.8 GB a layer in bf16)."""
+    (measured on the sim: Mixtral's gate_up and down stacks, 2.8 GB a layer in bf16). The baddbmm
+    also saves its two factors, which ``get_delta_factors`` casts from the adapters' fp32 to the
+    stack's dtype (``lhs.to(param.dtype), rhs.to(param.dtype)``, layer.py:2525-2541): a copy of the
+    target's LoRA weights in that dtype where it is not fp32 (measured on the sim: DeepSeek-V3
+    reduced, 16 experts, r 16, 2.1 MiB a layer, -0.55 % of the all-linear backward without it)."""
     if setup.mode not in (Mode.LORA, Mode.QLORA):
         return 0
-    return sum(lin.copies * lin.in_features * lin.out_features for lin in lora_targets(spec, setup.lora_targets)
-               if lin.fused_experts) * setup.precision.param_bytes
+    pb = setup.precision.param_bytes
+    fused = [lin for lin in lora_targets(spec, setup.lora_targets) if lin.fused_experts]
+    factors = sum(setup.lora_rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features)
+                  for lin in fused) * pb if pb != FP32 else 0
+    return sum(lin.copies * lin.in_features * lin.out_features for lin in fused) * pb + factors
 
 
 def shares_block_input(spec: ModelSpec, lin: Linear) -> bool:
@@ -447,7 +462,8 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
     masked += lora_expert_weights(spec, setup)
     outside = {k: v for k, v in full.outside.items()
-               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights")}
+               if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers",
+                         "frozen_prefix")}
     if setup.attn is Attention.EAGER:
         # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
         # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask

@@ -355,7 +355,7 @@ def estimate(spec: ModelSpec, setup: Setup, gpu: GPU | None = None,
     if not spec.has_formula and not setup.allow_llama_fallback:
         count_params(spec)  # a type transformers cannot build is told so first (archs/meta.py)
         raise NoFormula(spec)
-    gap = arch_of(spec).memory_gap(spec)  # a family in the registry whose memory terms are not all written
+    gap = arch_of(spec).memory_gap(spec, setup)  # a family in the registry whose terms for it are not written
     if gap:
         raise NotModelled(gap)
     refusal = arch_of(spec).refuse(spec, setup)  # a setup transformers cannot build for this family
@@ -970,6 +970,10 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
         kv = _decode_cache(spec, setup, tr, kv, L)
         decode = [phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv + growth,
                         logits=logits, temporaries=st.workspace + constant)]
+        working = arch_of(spec).decode_working(spec, setup, L)
+        if working:  # a family's own attention working set over the whole cache (Arch.decode_working)
+            decode.append(phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv, logits=logits,
+                                activations=int(k * working), temporaries=st.workspace + constant))
         if kernels.cuda_sdpa_backend(spec, setup) == "math" and setup.attn.value != "eager":
             # the math kernel (fp32 grouped heads on CUDA) over the whole cache after the update:
             # the keys and values repeated to every head (repeat_interleave for enable_gqa), the
@@ -1144,8 +1148,10 @@ def _large_tensors(spec: ModelSpec, param_bytes: int) -> int:
 def kv_cache_bytes(spec: ModelSpec, setup: Setup, tokens: int) -> int:
     """2 (K and V) * layers * kv_heads * head_dim * batch * tokens * bytes: transformers'
     DynamicCache keeps a (batch, kv_heads, tokens, head_dim) key and value per layer
-    (src/transformers/cache_utils.py, DynamicLayer.update)."""
-    return 2 * spec.num_layers * spec.kv_dim * setup.batch * tokens * setup.precision.compute_bytes
+    (src/transformers/cache_utils.py, DynamicLayer.update); a family caching something else
+    says its elements per token and layer (Arch.kv_elems_per_token: DeepSeek-V3's latent)."""
+    return spec.num_layers * arch_of(spec).kv_elems_per_token(spec) * setup.batch * tokens \
+        * setup.precision.compute_bytes
 
 
 def prefill_transient(spec: ModelSpec, setup: Setup) -> int:

@@ -437,10 +437,10 @@ class Arch:
         """A sentence why this family cannot run ``setup`` as transformers builds it ("" when it can)."""
         return ""
 
-    def memory_gap(self, spec) -> str:
-        """A sentence naming the memory terms of this family the estimator does not have yet ("" when
-        it has them all): every estimate is refused with it (estimate.NotModelled), and the profiler
-        measures such a model without an estimate beside it."""
+    def memory_gap(self, spec, setup) -> str:
+        """A sentence naming the memory terms of this family the estimator does not have yet for
+        ``setup`` ("" when it has them all): such an estimate is refused with it
+        (estimate.NotModelled), and the profiler measures it without an estimate beside it."""
         return ""
 
     # --- quirk hooks ------------------------------------------------------------------
@@ -454,6 +454,24 @@ class Arch:
         if tr.rotary_tables_per_layer:
             return spec.num_layers * 2 * spec.max_positions * spec.head_dim * param_bytes
         return 0
+
+    def saved_quirk(self, spec, setup, terms: dict[str, int]) -> tuple[dict[str, int], int, int]:
+        """A family's own per-token saved terms of one training layer (activations.py
+        ``_training_activations_b1``), where no trait says them: the repeated layer's terms, what a
+        dense layer (:meth:`dense_layers`) saves per token beyond it (negative: less), and a correction
+        once per model (the layers before the first adapter, which save less). ``terms``: the generic
+        terms, keyed as activations.py names them."""
+        return terms, 0, 0
+
+    def decode_working(self, spec, setup, tokens: int) -> int:
+        """Bytes a decode step's attention holds beside the cache, over ``tokens`` cached positions,
+        where the family makes more than the generic terms say (0: none; estimate._inference_phases)."""
+        return 0
+
+    def kv_elems_per_token(self, spec) -> int:
+        """Elements one layer's DynamicCache holds per token: a key and a value of ``kv_dim``
+        (cache_utils.py DynamicLayer.update), unless the family caches something else."""
+        return 2 * spec.kv_dim
 
     def prefill_quirk(self, spec, setup, tr: Traits, resid: int, mlp: int, attn: int, softmax: int,
                       math: bool) -> tuple[int, int, int]:

@@ -47,12 +47,14 @@ kv_lora_rank) and the rotated ``k_rot`` (b, 1, s, qk_rope_head_dim) in the compu
 (576 for DeepSeek-V3, against 2 x 128 x 56 = 14,336 in the Llama fallback's formula), and every
 attention call re-expands the whole cached latent through kv_b_proj.
 
-The memory terms of MLA (q/k head size 192, v head size 128, the latent re-expansion, the
-concatenations), of the router's saved fp32 tensors and of mixed dense and MoE layers are not in
-the estimator yet: :meth:`DeepseekV3.memory_gap` says so for every estimate, and the profiler
-measures the family without one. What is exact here: the config's reading, the parameter
-inventory (counts, groups, per-tensor sizes; equal to the meta build) and what peft 0.21 wraps
-(``peft_moe_names``).
+The memory terms (:meth:`DeepseekV3.saved_quirk`): MLA's latent norms, q and k of qk_head_dim made
+by the concatenations, v a view of kv_b_proj's whole output, the mem-efficient kernel CUDA sdpa takes for
+unequal head sizes; the fp32 router, the grouped_mm experts, the shared expert; the dense layers apart
+(``activations.py`` ``dense_layers``). :meth:`DeepseekV3.memory_gap` lets through only the setups checked
+against the CUDA sim within 1 % (full training; LoRA on the MLA projections) and refuses the rest in one
+sentence; the profiler measures those without an estimate. Exact besides: the config's reading, the
+parameter inventory (counts, groups, per-tensor sizes; equal to the meta build) and what peft 0.21
+wraps (``peft_moe_names``).
 """
 from __future__ import annotations
 
@@ -66,8 +68,13 @@ from ..configcheck import (
     Limit,
     check_shapes,
 )
+from ..setup import Attention, Device, Mode
+from ..units import FP32
 from .base import Linear, Norm, Tensor, read_common_llama
 from .llama import LlamaStyle
+
+#: bytes of an int64 index (torch.topk's and torch.sort's indices, what advanced indexing saves)
+_INT64 = 8
 
 #: DeepseekV3Config's defaults (configuration_deepseek_v3.py:81-116)
 _DEFAULTS = dict(moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256, kv_lora_rank=512,
@@ -177,13 +184,178 @@ class DeepseekV3(LlamaStyle):
         latent = [Tensor("q_a_layernorm.weight", "norms", m["q_lora_rank"], 1)] if m["q_lora_rank"] else []
         return super().layer_norms(spec) + latent + [Tensor("kv_a_layernorm.weight", "norms", m["kv_lora_rank"], 1)]
 
+    # --- the memory terms ---------------------------------------------------------------
+
+    def saved_quirk(self, spec, setup, terms):
+        """What one layer saves per token in training, from modeling_deepseek_v3.py (5.24), on the
+        CUDA semantics with sdpa (what :meth:`memory_gap_for` lets through):
+
+        MLA (:427-483): the input norm and the normed input (one tensor read by q_a_proj and
+        kv_a_proj_with_mqa) are the generic ``norms`` / ``linear_inputs``; each latent norm
+        (q_a_layernorm on q_lora_rank, kv_a_layernorm on kv_lora_rank; DeepseekV3RMSNorm :47-52)
+        saves its fp32 upcast, an fp32 rsqrt and, with its weight trainable, ``x.to(dtype)``; q_b_proj
+        and kv_b_proj save their inputs (the latent norms' outputs) when trainable. The rotary
+        multiplications save only cos and sin (shared); ``torch.cat((q_pass, q_rot))`` (:462) and
+        ``expand_kv``'s ``new_empty`` + ``copy_`` (:418-423) make q and k of heads x qk_head_dim, new
+        tensors that sdpa saves; v is a ``torch.split`` view of kv_b_proj's output (:417), so sdpa
+        keeps that whole (heads x (qk_nope + v)) output. q/k 192 and v 128 differ, so CUDA sdpa
+        takes the mem-efficient kernel (sdp_utils.cpp: flash and cuDNN need equal head sizes;
+        profiler/measure/sim.py sdpa_backend), which saves q, k, v, its (b, s, heads, v) output (what
+        o_proj reads: no copy) and a logsumexp padded to 32 queries.
+
+        MoE (:120-158, :201-222; integrations/moe.py:424-537): the router's ``hidden.type(fp32)``
+        copy (saved by F.linear for its fp32 weight's gradient), the sigmoid's fp32 scores (E), the
+        group top-2's int64 indices (n_group x 2), the group top-k's (topk_group), the ``masked_fill``
+        bool mask (E), the top-k's indices (k, also gather's index), the normalising sum (1) and the
+        in-place division's operands (k fp32 twice); grouped_mm's ``perm // k``, ``perm`` and
+        ``inv_perm`` (int64, S = T x k), the gathered routing weights (fp32, S) and the down output
+        (S, h) the weighting saves, the gathered inputs (S, h) for trainable experts, the gate_up
+        output (2f: silu's input and up are views of it), silu's output and the product for
+        trainable experts; the shared-expert MLP (f x n_shared): its input when trainable (the
+        normed input again, one tensor), gate_up outputs, silu and the product. The dense layers'
+        DeepseekV3MLP (:104-117, intermediate_size) instead of all that."""
+        from ..params import lora_targets  # params reads the registry: imported at call time
+        m = _fields(spec)
+        p, h, a = setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        full = setup.mode is Mode.FULL
+        targets = lora_targets(spec, setup.lora_targets) if setup.mode is Mode.LORA else []
+        # peft 0.21 wraps the fused experts and the router (its own class) as parameters (ParamWrapper:
+        # a merged weight per forward, activations.lora_expert_weights), never copying their input: of the
+        # generic adapters' terms only the nn.Linear ones' fp32 input copies (MLA's) are saved
+        experts = full or any(lin.fused_experts for lin in targets)
+        router = full or any(lin.router for lin in targets)
+        r = setup.lora_rank
+        adapters = sum(FP32 * (lin.in_features + r) for lin in targets if not (lin.fused_experts or lin.router))
+        qk, dv, rq, rk = spec.head_dim, m["v_head_dim"], m["q_lora_rank"], m["kv_lora_rank"]
+        out = {k: v for k, v in terms.items() if not k.startswith(("attn_", "mlp", "moe_", "o_proj", "lora_"))}
+        if adapters:
+            out["lora_adapters"] = adapters
+
+        def latent_norm(dim):  # DeepseekV3RMSNorm on a latent (:47-52), then the linear reading it
+            return FP32 * dim + FP32 + (2 * p * dim if full else 0)
+
+        out["attn_latents"] = (latent_norm(rq) if rq else 0) + latent_norm(rk)
+        s = setup.seq
+        if setup.device is Device.CPU:
+            # CPU sdpa takes the math kernel for unequal head sizes (tests/test_deepseek_v3.py; attention.cpp
+            # _scaled_dot_product_attention_math): it saves the fp32 scaled q and scaled k, the fp32 v
+            # (the upcasts copy, so kv_b_proj's output is not kept) and the fp32 probabilities; its
+            # (b, heads, s, v) output reaches o_proj through ``reshape(...).contiguous()``, a copy a
+            # trainable o_proj saves (kernels.attention_output_copied)
+            out["attn_qkv"] = FP32 * a * (2 * qk + dv)
+            out["attn_scores"] = FP32 * a * s
+            if full:
+                out["o_proj_input"] = p * a * dv
+        else:
+            lse = FP32 * a * -(-s // 32) * 32 // s  # mem-efficient pads its logsumexp to 32 queries
+            out["attn_qkv"] = p * a * (2 * qk + m["qk_nope_head_dim"] + dv)
+            out["attn_out"] = p * a * dv
+            out["attn_lse"] = lse
+        f, k, e = spec.intermediate_size, spec.experts_per_token, spec.num_experts
+        shared = f * m["n_shared_experts"]
+        gated = 4 if full else 3  # gate, act(gate), up (and the product for a trainable down_proj)
+        groups = m["n_group"]
+        out["moe_router"] = (FP32 * h if router else 0) + FP32 * e + e \
+            + _INT64 * (2 * groups + m["topk_group"] + k) + FP32 * (1 + 2 * k)
+        out["moe_routing"] = _INT64 * 3 * k + FP32 * k + (k * p * h if experts else 0)
+        out["mlp"] = k * p * f * (4 if experts else 3)
+        out["moe_weighted"] = k * p * h
+        out["moe_shared"] = shared * p * gated
+        moe = sum(out[x] for x in ("moe_router", "moe_routing", "mlp", "moe_weighted", "moe_shared"))
+        dense = m["dense_intermediate_size"] * p * gated
+        prefix = 0
+        if targets and not any(lin.group == "attention" or lin.router for lin in targets):
+            # LoRA on the fused experts only (peft's gate_proj/up_proj/down_proj): nothing before the first
+            # MoE layer's experts needs a gradient, so the dense layers save nothing, and of the first MoE
+            # layer only its experts save: the gathered input and the down input for the stacks'
+            # gradients, the gate_up output and silu's output, the routing weights the weighting keeps for
+            # the down output's gradient and ``inv_perm`` (the input needs none: no ``perm`` indices);
+            # the generic first-layer term already took off that layer's input norm. Not checked: the sim
+            # (1 dense + 3 MoE, b2 x s1024) saves ~4 x k x f x p per token less than this in that first MoE
+            # layer (forward +1.59 %, backward +2.05 %; +24 % before this correction), so it stays refused
+            layer = sum(out.values())
+            first_experts = k * p * h + k * p * f * 4 + (FP32 + _INT64) * k
+            per_norm = FP32 * h + FP32
+            prefix = first_experts + per_norm - layer - self.dense_layers(spec) * (layer + dense - moe)
+        return out, dense - moe, prefix
+
+    def prefill_quirk(self, spec, setup, tr, resid, mlp, attn, softmax, math):
+        """The no-grad prefill's layer working set (modeling_deepseek_v3.py, 5.24; CUDA sdpa).
+
+        Attention at the mem-efficient kernel (:427-483), beside the generic residual stream: the
+        locals ``q_states`` (q_b_proj's output, which ``q_pass`` views), the rotated ``q_rot``,
+        ``compressed_kv``, the normed ``kv_nope``, the rotated ``k_rot``, ``query_states`` (the
+        cat), kv_b_proj's output (``value_states`` views it), ``key_states`` and the kernel's output.
+
+        An MoE layer (:201-222, integrations/moe.py:424-537), at ``weighted_out[inv_perm]``: the
+        gathered inputs and the down output (S, h), the routing-weighted copy and its re-ordering,
+        fp32 (S, h) each, since the routing weights are fp32 (the router computes in fp32: :134,
+        :150-155, and ``proj_out * sample_weights_g`` promotes); the router's logits (kept in ``_``),
+        its weights and indices, the sorted ids, ``perm``, ``inv_perm`` and the gathered weights;
+        beside them the layer input (the model's loop variable), the residual sum and its norm."""
+        m = _fields(spec)
+        T, p, h, a = setup.batch * setup.seq, setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        qk, dr, dn, dv = spec.head_dim, m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"]
+        rk = m["kv_lora_rank"]
+        attn = p * (a * (2 * qk + dr + (dn + dv) + qk + dv) + (rk + dr) + rk + dr) * T
+        if setup.device is Device.CPU:
+            # the math kernel at its softmax (kernels.math_kernel_extra): the fp32 upcast q, the scaled q
+            # and k, the fp32 v, the scores and the probabilities (b, heads, s, s) and the (s, s) causal
+            # mask; not checked (the real CPU prefill measured ~2 % below this: refused)
+            attn += FP32 * (a * (3 * qk + dv) + 2 * a * setup.seq) * T + FP32 * setup.seq * setup.seq
+        k, e = spec.experts_per_token, spec.num_experts
+        S = k * T
+        moe = (2 * p * h + 2 * FP32 * h) * S + (_INT64 * 4 + 2 * FP32) * S + FP32 * e * T
+        return resid, p * h * T + moe, attn
+
+    def decode_working(self, spec, setup, tokens):
+        """A decode step's last attention layer, after its cache update (:459-465): ``expand_kv`` runs
+        kv_b_proj on the whole cached latent, (b, tokens, heads x (qk_nope + v)), which the value
+        views, and copies the key into (b, heads, tokens, qk_head_dim); beside them the new token's
+        q_states, q_rot, query_states and the kernel's output."""
+        m = _fields(spec)
+        p, a, b = setup.precision.compute_bytes, spec.num_heads, setup.batch
+        qk, dv = spec.head_dim, m["v_head_dim"]
+        new = p * a * (2 * qk + m["qk_rope_head_dim"] + dv) * b
+        # CPU: the math kernel's fp32 copies of the key and the value and its scaled key (attention.cpp
+        # _scaled_dot_product_attention_math; measured on a real CPU decode step: 64.3 MiB here)
+        math = FP32 * a * (2 * qk + dv) * b * tokens if setup.device is Device.CPU else 0
+        return p * a * (m["qk_nope_head_dim"] + dv + qk) * b * tokens + new + math
+
+    def kv_elems_per_token(self, spec):
+        """The latent cache (:444-460): the normed ``kv_nope`` (kv_lora_rank) and the rotated
+        ``k_rot`` (qk_rope_head_dim) per token and layer."""
+        m = _fields(spec)
+        return m["kv_lora_rank"] + m["qk_rope_head_dim"]
+
     # --- what is not modelled -----------------------------------------------------------
 
-    def memory_gap(self, spec):
+    def memory_gap(self, spec, setup):
+        """The setups whose every phase was checked against the CUDA sim within 1 % (4 layers, 1 dense
+        + 3 MoE, 16 experts top-4, 16 heads, b2 x s1024 bf16: tests/test_deepseek_v3.py): full
+        training, LoRA on the MLA projections or all-linear, inference (prefill and decode), an eval
+        forward without a cache; bf16,
+        sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
+        mla = {lin.name for lin in self._attention(spec)}
+        checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
+            and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
+            and not setup.use_cache and setup.loop.value == "trainer" and (
+                setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= mla
+                                                                        or _all_linear(setup.lora_targets))
+                or setup.mode in (Mode.INFERENCE, Mode.EVAL))
+        if checked:
+            return ""
         return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
-                f"latent attention (q/k head size {spec.head_dim}, v head size {_fields(spec)['v_head_dim']}), its "
-                f"router and its mixed dense/MoE layers is not modelled yet; measure it with "
+                f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
+                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training, LoRA on "
+                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, inference and eval, in bf16 with "
+                f"sdpa on one CUDA GPU without checkpointing or sharding; measure it with "
                 f"`vramlab profile ... --backend sim`")
+
+
+def _all_linear(targets) -> bool:
+    """peft's "all-linear" (peft/tuners/tuners_utils.py; both spellings params.lora_targets takes)."""
+    return tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",))
 
 
 def _fields(spec) -> dict:

@@ -126,7 +126,7 @@ def run_case(model: str, setup: Setup, backend: str, steps: int = 2, timeline: b
     record = new_record(make_case(spec, setup, backend, steps, model=model),
                         predicted=prediction(spec, setup, device, backend=backend))
     if record.predicted is None:
-        gap = "" if not spec.has_formula else arch_of(spec).memory_gap(spec)
+        gap = "" if not spec.has_formula else arch_of(spec).memory_gap(spec, setup)
         record.note(f"no estimate beside it: {gap}" if gap else
                     f"no estimate beside it: model_type {spec.model_type!r} has no formula (estimator/archs)")
     cuda = backend == "cuda"
