@@ -56,6 +56,11 @@ class Activations:
         return self.layers * self.layer_bytes + sum(self.outside.values())
 
 
+def stream_bytes(setup: Setup) -> int:
+    """Bytes per element of the residual stream (fp32 under autocast, else the compute dtype)."""
+    return _dtypes(setup)[1]
+
+
 def _dtypes(setup: Setup):
     """(compute bytes p, residual-stream bytes, linear-input bytes)."""
     p = setup.precision.compute_bytes

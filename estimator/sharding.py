@@ -91,7 +91,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .activations import sink_attention_left, sink_attention_working, training_activations
+from .activations import sink_attention_left, sink_attention_working, stream_bytes, training_activations
 from .archs import inventory_of, traits
 from .kernels import cuda_sdpa_backend, eager_softmax_bytes, eager_softmax_saved
 from .modelspec import ModelSpec
@@ -596,13 +596,13 @@ def _working_terms(spec: ModelSpec, key: Setup):
     """The batch- and sequence-free coefficients of :func:`layer_working_set` (``key``: a
     :attr:`Setup.shape_free` setup, one token)."""
     f, p = spec.intermediate_size, key.precision.compute_bytes
-    resid = FP32 if key.precision.is_autocast else p  # autocast's residual stream (activations._dtypes)
     experts = spec.experts_per_token if spec.num_experts else 1
     grad = key.precision.param_bytes if key.mode is Mode.FULL else 0
     mlp = [lin for lin in layer_linears(spec) if lin.group == "mlp"]
     down = (mlp[-1].params // max(mlp[-1].copies, 1)) * experts * grad if mlp else 0
     mlp_grads = sum(lin.params for lin in mlp) * grad
-    mlp_saved = training_activations(spec, key).per_layer.get("mlp", 0)
+    act = training_activations(spec, key)
+    mlp_saved = act.per_layer.get("mlp", 0)
     if key.attn is Attention.EAGER:
         probs = eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
         # the softmax's cast copy, saved for the value matmul, is released once that matmul's
@@ -615,9 +615,8 @@ def _working_terms(spec: ModelSpec, key: Setup):
         # (T, h) and (T, heads x d) are there (the same moment as sink attention's,
         # activations.sink_attention_left; measured on the sim, SmolLM2-360M-L2 QLoRA eager with
         # checkpointing at s4096, where peft's fp32 stream doubles these: -1.11 % before)
-        act = training_activations(spec, key)
         freed = act.layer_bytes - act.per_layer.get("attn_scores", 0) - sink_attention_left(spec, act)
-        grads = resid * spec.hidden_size + p * spec.q_dim
+        grads = stream_bytes(key) * spec.hidden_size + p * spec.q_dim
         return down, mlp_grads, 2 * f * p * experts, freed, grads, (2 * probs - cast) * spec.num_heads
     if key.attn is Attention.SDPA and key.device is Device.CUDA and cuda_sdpa_backend(spec, key) == "math":
         # sdpa's math kernel (a CUDA step's for grouped heads without flash or cuDNN: sm75; fp32):
