@@ -17,6 +17,8 @@ PHASES = ("forward", "backward", "optimizer")
 BASE = dict(precision="fp32", batch=2, seq=256)
 QWEN_L2, LLAMA_L2 = "benchmarks/configs/qwen2.5-0.5b-L2.json", "benchmarks/configs/llama-3.2-1b-L2.json"
 QLORA = dict(precision="bf16", batch=1, seq=512, mode="qlora", quant="nf4-dq", lora_targets="all-linear")
+#: --fsdp-wrap layers at a long sequence with checkpointing, as accelerate's FSDP1 runs it
+LAYERS_LONG = dict(batch=1, seq=2048, lora_targets="all-linear", grad_ckpt=True)
 LONG_LORA = dict(precision="bf16", batch=1, seq=2048, mode="lora", lora_targets="all-linear", grad_ckpt=True)
 #: (model, nproc, setup changes)
 CASES = [
@@ -49,6 +51,15 @@ CASES = [
     ("smollm2-135m", 2, dict(LONG_LORA, sharding="fsdp1")),
     ("smollm2-135m", 2, dict(LONG_LORA, sharding="fsdp")),
     (QWEN_L2, 2, dict(LONG_LORA, sharding="fsdp1")),
+    # issue 25: FSDP1 LoRA with one unit per decoder layer only (--fsdp-wrap layers): the frozen weights
+    # share a flat parameter with the adapters (fp32 or fp32-loaded amp: one dtype per flat parameter)
+    *[(m, n, dict(changes, sharding=sh, mode="lora", fsdp_wrap="layers")) for m, n, sh, changes in (
+        ("smollm2-135m", 2, "fsdp1", {}),
+        ("smollm2-135m", 2, "fsdp1", dict(LAYERS_LONG, precision="amp-bf16")),
+        ("smollm2-135m", 2, "fsdp1", dict(precision="amp-bf16", seq=512, lora_targets="all-linear")),
+        ("gpt2", 2, "fsdp1-shard-grad-op", dict(seq=512, lora_targets=("c_attn",))),
+        (QWEN_L2, 2, "fsdp1", dict(seq=512, lora_targets="all-linear")),
+        (LLAMA_L2, 2, "fsdp1", dict(LAYERS_LONG, precision="amp-bf16")))],
 ]
 
 
@@ -64,7 +75,7 @@ def main() -> None:
         sized = f" {setup.quant} s{setup.seq}" if "quant" in changes else f" s{setup.seq}" if setup.seq >= 2048 else ""
         label = f"{Path(model).stem} x{nproc} {setup.sharding} {setup.mode} {setup.precision}{sized}" + \
             (" ckpt" if setup.grad_ckpt else "") + (f" accum{setup.grad_accum}" if setup.grad_accum > 1 else "") + \
-            (" keep-grads" if setup.keep_grads else "")
+            (" keep-grads" if setup.keep_grads else "") + (" layer-units" if setup.layer_units else "")
         if args.only not in label:
             continue
         for r in run_distributed(model, setup, "cpu", steps=2, nproc=nproc, out=args.out, timeout_s=900):

@@ -211,7 +211,11 @@ def _batch_one(spec: ModelSpec, setup: Setup, one: Activations) -> Activations:
 def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     p, resid, lin_in = _dtypes(setup)
     h, f = spec.hidden_size, spec.intermediate_size
-    trainable_base = setup.mode is Mode.FULL
+    # the layers' weights get gradients (full training; FSDP1 LoRA with layer units: setup.FsdpWrap),
+    # so their modules save what a weight's gradient reads; the root's (embedding, final norm, head)
+    # only in full training
+    trainable_base = setup.trains_layer_weights
+    head_trains = setup.mode is Mode.FULL
     terms: dict[str, int] = {}
     tr = traits(spec, setup)
     norms_before_linear = 2  # attention input and MLP input
@@ -222,9 +226,11 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         normed = (FP32 if tr.norm in (Norm.RMS_ONE_PLUS, Norm.RMS_WEIGHT_FP32) else resid) * h \
             if trainable_base else 0
         per_norm = FP32 * h + FP32 + normed
+        frozen_norm = FP32 * h + FP32  # a frozen weight's norm (the root's under layer units)
+        weight_only = normed  # a trainable weight's norm on an input needing no gradient
     else:
         # native_layer_norm saves its input plus fp32 mean and rstd per token
-        per_norm = resid * h + 2 * FP32
+        per_norm = frozen_norm = weight_only = resid * h + 2 * FP32
     terms["norms"] = per_layer_norms(spec, setup, per_norm)
     # inputs of the attention and MLP input projections: one tensor feeds q/k/v and one
     # gate/up, except under autocast, where every linear saves its own half cast
@@ -237,7 +243,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
     if trainable_base and attention_output_copied(spec, setup):
         terms["o_proj_input"] = lin_in * spec.q_dim
     mlp_tokens = spec.experts_per_token if spec.num_experts else 1
-    if setup.mode in (Mode.LORA, Mode.QLORA):
+    if setup.mode in (Mode.LORA, Mode.QLORA) and not trainable_base:
         experts_trainable = any(lin.copies > 1 for lin in lora_targets(spec, setup.lora_targets))
     else:
         experts_trainable = trainable_base
@@ -320,6 +326,9 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # GPT-NeoX's parallel residual: the first layer's MLP reads it too, and the adapters'
         # output joins only at the first attention
         outside["first_layer_frozen"] = -(per_layer_norms(spec, setup, per_norm) + terms["mlp"]) * T
+    elif frozen_input and tr.pre_norm and trainable_base:
+        # layer units: the first norm's weight gets a gradient, so what that reads is saved
+        outside["first_layer_frozen"] = -(per_norm - weight_only) * T
     elif frozen_input and tr.pre_norm:
         outside["first_layer_frozen"] = -per_norm * T
         if "int8_inputs" in terms:  # nor do the first block's 8-bit linears, their input frozen
@@ -336,8 +345,8 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         outside["embed_dropout"] = dropout_mask_bytes(setup, p) * h * T
     # after the last layer: the final norm saves what a layer's norm saves, and a trainable
     # LM head saves its input (the final norm's output; a half cast of it under autocast)
-    outside["final_norm"] = per_norm * T
-    if trainable_base:
+    outside["final_norm"] = (per_norm if head_trains else frozen_norm) * T
+    if head_trains:
         outside["head_input"] = lin_in * h * T
     return Activations(per_layer=per_layer, layers=spec.num_layers, outside=outside)
 
@@ -416,6 +425,9 @@ def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     targets = lora_targets(spec, setup.lora_targets)
     if setup.precision.is_autocast:
         return {"lora_adapters": sum(HALF * (lin.in_features + r) for lin in targets)}
+    if setup.precision.compute_bytes == FP32 and setup.trains_layer_weights:
+        # layer units: every base linear saves its input for its weight's gradient (the same tensor)
+        return {"lora_adapters": FP32 * r * len(targets)}
     if setup.precision.compute_bytes == FP32:
         inputs = {}
         for lin in targets:

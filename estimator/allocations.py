@@ -611,6 +611,11 @@ def step_terms(spec, setup, st, k: float) -> StepTerms:
         embed_other = tuple(int(x * gbytes) for x in emb[1:])
         head = int(V * e * gbytes)
         root = tuple(int(x * gbytes) for x in final if x != V * e)
+    elif setup.layer_units:
+        # FSDP1 layer units: the gradients are the layers' whole flat parameters (sharding.py
+        # _fsdp1_layer_unit_states), the root's none
+        grads_attn, grads_mlp = by_block(layer, st.gradients / max(L * layer_elems, 1))
+        embed, embed_other, head, root = 0, (), 0, ()
     else:
         grads_attn = tuple(int(x * gbytes) for x in ad_attn)
         grads_mlp = tuple(int(x * gbytes) for x in ad_mlp)

@@ -9,6 +9,7 @@ from .setup import (
     DEFAULT_LORA_TARGETS,
     Attention,
     Device,
+    FsdpWrap,
     KbitPrep,
     Load,
     Loop,
@@ -91,6 +92,11 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda", help=f"{choices(Device)} semantics (default cuda)")
     g.add_argument("--world-size", default="1", help="number of data-parallel ranks (default 1)")
     g.add_argument("--sharding", default="none", help=f"{choices(Sharding)} (default none)")
+    g.add_argument("--fsdp-wrap", default="peft", help=f"{choices(FsdpWrap)}: FSDP1's units for a LoRA model; "
+                                                       f"peft is peft's fsdp_auto_wrap_policy (each adapter a unit, "
+                                                       f"what the Trainer installs), layers one unit per decoder "
+                                                       f"layer only (gradients and saved inputs for the frozen "
+                                                       f"weights too; default peft)")
     g.add_argument("--loop", default="trainer", help=f"{choices(Loop)}: manual keeps the outputs through "
                                                      f"backward (default trainer)")
     g.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step (default 1)")
@@ -197,6 +203,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         empty_cache_steps=_int("empty-cache-steps", getattr(args, "empty_cache_steps", 0) or 0),
         load=getattr(args, "load", "pretrained") or "pretrained",
         kbit_prep=getattr(args, "kbit_prep", "auto") or "auto",
+        fsdp_wrap=getattr(args, "fsdp_wrap", "peft") or "peft",
         rope_scaling=_factor("rope-scaling", getattr(args, "rope_scaling", None)))
     check_flags(setup)
     if not setup.training:  # what flag_warnings says is ignored

@@ -249,6 +249,28 @@ class KbitPrep(_Choice):
     NONE = "none"
 
 
+class FsdpWrap(_Choice):
+    """How FSDP1 (``--sharding fsdp1``, ``fsdp1-shard-grad-op``) divides a LoRA model into units.
+
+    PEFT (the default): peft's ``fsdp_auto_wrap_policy`` (peft 0.21 utils/other.py:1271-1308:
+    every leaf module with a trainable weight -- each adapter's lora_A and lora_B -- a unit of
+    its own, or-ed with one unit per decoder layer), what the Trainer installs for a peft model
+    since transformers 4.40 (PR #29587 ``_fsdp_qlora_plugin_updates``; 5.24
+    distributed/fsdp.py:267-279 ``update_fsdp_plugin_peft``). LAYERS: one unit per decoder
+    layer only (accelerate's TRANSFORMER_BASED_WRAP in a loop of one's own, the Trainer before
+    4.40): a layer's flat parameter then holds its frozen weights and its adapters, and with
+    ``use_orig_params=True`` FSDP allocates gradient memory for the whole flat parameter --
+    "equivalent to not freezing those parameters" (torch 2.13
+    distributed/fsdp/fully_sharded_data_parallel.py, the ``use_orig_params`` docstring) --
+    and the unsharded views it hands the layer's modules require gradients, so every base
+    linear and norm saves what full training saves. The flat parameter needs one dtype
+    (``_flat_param.py`` ``_validate_tensors_to_flatten``: "Must flatten tensors with uniform
+    dtype"), so the weights must share the adapters' fp32 (fp32 or an fp32-loaded amp recipe)."""
+
+    PEFT = "peft"
+    LAYERS = "layers"
+
+
 class Optimizer(_Choice):
     ADAMW = "adamw"
     ADAMW_8BIT = "adamw-8bit"
@@ -419,6 +441,8 @@ class Setup:
     load: Load = Load.PRETRAINED
     # --mode qlora: the preparation for k-bit training (KbitPrep; auto: as TRL decides)
     kbit_prep: KbitPrep = KbitPrep.AUTO
+    # FSDP1 with adapters: peft's adapter units or decoder layers only (FsdpWrap)
+    fsdp_wrap: FsdpWrap = FsdpWrap.PEFT
     # a rope scaling factor over the config's (linear / dynamic / yarn stretch the positions
     # by it): sequences past max_position_embeddings up to factor x it; 0 keeps the config's
     rope_scaling: float = 0.0
@@ -428,7 +452,8 @@ class Setup:
         for name, enum in (("mode", Mode), ("precision", Precision), ("quant", Quant),
                            ("optimizer", Optimizer), ("optimizer_impl", OptimizerImpl),
                            ("attn", Attention), ("device", Device), ("sharding", Sharding), ("loop", Loop),
-                           ("loss", Loss), ("load", Load), ("trainer", Trainer), ("kbit_prep", KbitPrep)):
+                           ("loss", Loss), ("load", Load), ("trainer", Trainer), ("kbit_prep", KbitPrep),
+                           ("fsdp_wrap", FsdpWrap)):
             object.__setattr__(self, name, enum.parse(getattr(self, name)))
         if self.ref_model is not None:
             object.__setattr__(self, "ref_model", RefModel.parse(self.ref_model))
@@ -478,6 +503,8 @@ class Setup:
         if self.kbit_prep is not KbitPrep.AUTO and self.mode is not Mode.QLORA:
             raise ValueError(f"--kbit-prep {self.kbit_prep} prepares a quantized model for training: it applies "
                              f"to --mode qlora, not {self.mode}")
+        if self.fsdp_wrap is FsdpWrap.LAYERS:
+            self._check_layer_units()
         if self.world_size > 1 and self.sharding is Sharding.NONE:
             raise ValueError(
                 f"world size {self.world_size} needs a sharding: ddp, zero1, zero2, zero3, fsdp, fsdp1 or "
@@ -645,6 +672,30 @@ class Setup:
             return Precision.FP32
         return self.precision
 
+    @property
+    def layer_units(self) -> bool:
+        """FSDP1 LoRA with one unit per decoder layer (FsdpWrap.LAYERS): the layers' frozen
+        weights get gradients and their modules save as in full training."""
+        return self.fsdp_wrap is FsdpWrap.LAYERS
+
+    @property
+    def trains_layer_weights(self) -> bool:
+        """Whether the decoder layers' weights get gradients: full training, and FSDP1 LoRA with
+        layer units (the frozen weights' unsharded views are slices of a flat parameter that
+        requires a gradient, so autograd computes theirs and their modules save for it)."""
+        return self.mode is Mode.FULL or self.layer_units
+
+    def _check_layer_units(self) -> None:
+        """--fsdp-wrap layers: FSDP1, adapters, one dtype per flat parameter (FsdpWrap)."""
+        if self.sharding not in (Sharding.FSDP1, Sharding.FSDP1_GRAD_OP) or self.mode is not Mode.LORA:
+            raise ValueError(f"--fsdp-wrap layers is how FSDP1 wraps a LoRA model: it needs --mode lora and "
+                             f"--sharding fsdp1 or fsdp1-shard-grad-op, not --mode {self.mode} --sharding "
+                             f"{self.sharding}")
+        if self.precision.param_bytes != FP32:
+            raise ValueError(f"--fsdp-wrap layers puts a layer's {self.precision} weights and peft's fp32 adapters "
+                             f"in one flat parameter, which FSDP1 refuses (\"Must flatten tensors with uniform "
+                             f"dtype\"); use fp32 or an amp recipe, or --fsdp-wrap peft")
+
     def _check_dpo(self) -> None:
         """--trainer dpo's own checks, and TRL's default reference for the mode."""
         if not self.training:
@@ -735,6 +786,8 @@ class Setup:
             del out["load"]  # the default: records keep their case keys
         if self.kbit_prep is KbitPrep.AUTO:
             del out["kbit_prep"]  # the default: records keep their case keys
+        if self.fsdp_wrap is FsdpWrap.PEFT:
+            del out["fsdp_wrap"]  # the default: records keep their case keys
         if not self.rope_scaling:
             del out["rope_scaling"]  # the default: records keep their case keys
         if self.trainer is Trainer.HF:

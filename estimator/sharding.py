@@ -448,12 +448,14 @@ def _flat_numel(sizes, align: int, n: int) -> int:
     return total + (-total) % n
 
 
-def _rank0_pieces(sizes, align: int, n: int) -> list[int]:
-    """Elements of each parameter inside rank 0's chunk of their FSDP1 flat parameter (the
-    views ``use_orig_params`` gives the optimizer, _flat_param.py ``_get_shard_metadata``)."""
+def _rank0_pieces(sizes, align: int, n: int, rank: int = 0) -> list[int]:
+    """Elements of each parameter inside rank ``rank``'s chunk (rank 0's by default) of their
+    FSDP1 flat parameter (the views ``use_orig_params`` gives the optimizer, _flat_param.py
+    ``_get_shard_metadata``)."""
     chunk = _flat_numel(sizes, align, n) // n
+    lo, hi = rank * chunk, (rank + 1) * chunk
     starts, _ = _aligned_starts(sizes, align)
-    return [max(0, min(start + size, chunk) - start) for start, size in zip(starts, sizes)]
+    return [max(0, min(start + size, hi) - max(start, lo)) for start, size in zip(starts, sizes)]
 
 
 def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -> RankStates | None:
@@ -466,6 +468,8 @@ def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -
         return None
     n, L, pb = key.world_size, max(spec.num_layers, 1), key.precision.param_bytes
     root, layer = ([rows * cols for rows, cols in group] for group in shapes)
+    if key.layer_units:
+        return _fsdp1_layer_unit_states(spec, key, g, o, trainable, root, layer)
     root_flat = _flat_numel(root, FSDP1_ALIGNMENT_BYTES // pb, n)
     layer_flat = _flat_numel(layer, FSDP1_ALIGNMENT_BYTES // pb, n)
     full = key.mode is Mode.FULL
@@ -493,6 +497,48 @@ def _fsdp1_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int) -
         head_grads=_head_elems(spec, sum(root)) * grad_bytes if full else 0, layers=L,
         root_grad_shard=root_grads // n, root_view_grads=max(0, sum(root) * grad_bytes - caller_terms) if full else 0,
         head_weight_grad=head, largest_view=largest)
+
+
+def _fsdp1_layer_unit_states(spec: ModelSpec, key: Setup, g: int, o: int, trainable: int, root, layer) -> RankStates:
+    """FSDP1 LoRA with one unit per decoder layer (``--fsdp-wrap layers``, setup.FsdpWrap): a
+    layer's flat parameter holds its weights with peft's adapters in ``named_parameters()``
+    order (peft LoraLayer: ``base_layer``'s weight and bias, then ``lora_A`` (r, in) and
+    ``lora_B`` (out, r)), one dtype (fp32), each tensor aligned. The flat parameter requires a
+    gradient, so its gradient is the whole flat parameter's (torch 2.13
+    fully_sharded_data_parallel.py, the ``use_orig_params`` docstring: "equivalent to not
+    freezing those parameters"), unsharded in the layer's backward, then its shard, which the
+    frozen weights' gradient views keep after ``zero_grad`` until the next forward frees it
+    (measured: gradients 0 in the second step's forward). The root's flat parameter is all
+    frozen: no gradient. The optimizer holds state only for the adapters' pieces in a rank's
+    chunk of each layer (``_rank0_pieces``), which differ by rank: the busiest rank's is
+    taken (under q_proj,v_proj both adapters sit in the first half of a layer: rank 0 of 2
+    holds all of them, rank 1 none; measured)."""
+    n, L, pb = key.world_size, max(spec.num_layers, 1), key.precision.param_bytes
+    align = FSDP1_ALIGNMENT_BYTES // pb
+    inv = inventory_of(spec)
+    ends = {}  # a targeted linear's last tensor -> its adapters' sizes
+    for lin in lora_targets(spec, key.lora_targets):
+        r = key.lora_rank * lin.lora_rank_multiplier()
+        ends[f"{lin.name}.bias" if lin.bias else f"{lin.name}.weight"] = (r * lin.in_features, lin.out_features * r)
+    sizes, is_adapter = [], []
+    for t in inv.layer:
+        sizes.append(t.elems)
+        is_adapter.append(False)
+        for size in ends.get(t.name, ()):
+            sizes.append(size)
+            is_adapter.append(True)
+    root_flat, layer_flat = _flat_numel(root, FSDP1_ALIGNMENT_BYTES // pb, n), _flat_numel(sizes, align, n)
+    by_rank = [[piece for piece, adapter in zip(_rank0_pieces(sizes, align, n, rank), is_adapter) if adapter]
+               for rank in range(n)]
+    pieces = max(by_rank, key=sum)
+    adapter_shard = sum(pieces)
+    grad_bytes = g // max(trainable, 1)
+    layer_grads = layer_flat * grad_bytes
+    return RankStates(
+        key.sharding, n, (root_flat + L * layer_flat) // n * pb, L * layer_grads // n,
+        _ceil_div(o * L * adapter_shard, max(trainable, 1)), root_params=root_flat * pb,
+        layer_params=layer_flat * pb, layer_grads=layer_grads, layer_grad_shard=layer_grads // n, layers=L,
+        largest_view=max(pieces, default=0))
 
 
 def _shard_elems(shapes, n: int) -> int:
@@ -597,7 +643,7 @@ def _working_terms(spec: ModelSpec, key: Setup):
     :attr:`Setup.shape_free` setup, one token)."""
     f, p = spec.intermediate_size, key.precision.compute_bytes
     experts = spec.experts_per_token if spec.num_experts else 1
-    grad = key.precision.param_bytes if key.mode is Mode.FULL else 0
+    grad = key.precision.param_bytes if key.trains_layer_weights else 0
     mlp = [lin for lin in layer_linears(spec) if lin.group == "mlp"]
     down = (mlp[-1].params // max(mlp[-1].copies, 1)) * experts * grad if mlp else 0
     mlp_grads = sum(lin.params for lin in mlp) * grad

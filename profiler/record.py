@@ -127,6 +127,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "rope_scaling": lambda v: f"rope-x{v}",
     "allow_llama_fallback": lambda v: "llama-fallback" if v else "no-llama-fallback",
     "kbit_prep": lambda v: f"kbit-prep-{v}",
+    "fsdp_wrap": lambda v: f"fsdp-wrap-{v}",
 }
 
 

@@ -112,6 +112,50 @@ def test_qlora_runs_on_fsdp_ranks_with_the_quant_state_on_each(tiny, tmp_path, s
         assert abs(pred - got) <= QLORA_WEIGHTS_TOLERANCE * got, (r.rank, pred, got)
 
 
+#: an FSDP1 LoRA rank's gradients at its optimizer step against the estimate's (the whole layer
+#: flat parameters' shards under layer units, the adapters' under peft's): measured to the byte
+FSDP1_GRADIENTS_TOLERANCE = 0.01
+
+
+@pytest.mark.slow
+def test_fsdp1_layer_units_keep_gradients_for_the_frozen_weights(tiny, tmp_path):
+    """--fsdp-wrap layers: the harness wraps decoder layers only, so a layer's flat parameter mixes
+    its frozen weights with the adapters and FSDP1 (use_orig_params) keeps a gradient shard for the
+    whole of it; under peft's units the adapters' alone. Both as the estimate says, on each rank."""
+    from estimator.estimate import estimate
+    from estimator.modelspec import load_model
+    grads = {}
+    for wrap in ("peft", "layers"):
+        setup = Setup(precision="fp32", seq=64, sharding="fsdp1", mode="lora", fsdp_wrap=wrap)
+        records = run_distributed(tiny, setup, "cpu", steps=2, nproc=NPROC, out=tmp_path / f"{wrap}.jsonl",
+                                  timeout_s=300)
+        assert [r.status for r in records] == ["ok"] * NPROC, [r.message for r in records]
+        est = estimate(load_model(tiny), Setup.from_dict(records[0].case.setup))
+        for r in records:
+            got = r.measured.phases["optimizer"].categories["gradients"]
+            pred = est.phases["optimizer"]["gradients"]
+            assert abs(pred - got) <= FSDP1_GRADIENTS_TOLERANCE * got, (wrap, r.rank, pred, got)
+        grads[wrap] = est.phases["optimizer"]["gradients"]
+    assert grads["layers"] > 10 * grads["peft"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(precision="bf16"), "uniform dtype"),
+    (dict(precision="fp32", sharding="fsdp"), "needs --mode lora and --sharding fsdp1"),
+    (dict(precision="fp32", mode="full"), "needs --mode lora and --sharding fsdp1"),
+])
+def test_layer_units_outside_fsdp1_lora_in_one_dtype_are_refused(cli, kw, match):
+    """What FSDP1 itself refuses (mixed dtypes in a flat parameter) or what the knob does not
+    describe (FSDP2 keeps every parameter apart; full training has no frozen weights)."""
+    kw = {"mode": "lora", "sharding": "fsdp1", **kw}
+    with pytest.raises(ValueError, match=match):
+        Setup(world_size=2, fsdp_wrap="layers", **kw)
+    r = cli("estimate", "smollm2-135m", "--world-size", "2", "--fsdp-wrap", "layers",
+            *[x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", v)])
+    assert r.code == 2 and match in r.err and "Traceback" not in r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_a_crashed_rank_gives_error_records_not_a_hang(tiny):
     setup = Setup(precision="fp32", seq=32, sharding="fsdp")
@@ -186,12 +230,19 @@ def test_committed_fsdp_ranks_agree_with_the_estimate(record):
     from estimator.estimate import estimate
     from estimator.modelspec import load_model
     assert record.ok, record.message
-    est = estimate(load_model(record.case.model), Setup.from_dict(record.case.setup))
+    setup = Setup.from_dict(record.case.setup)
+    est = estimate(load_model(record.case.model), setup)
+    # layer units: the estimate's optimizer state is the busiest rank's (its adapter pieces,
+    # sharding._fsdp1_layer_unit_states); a rank holding fewer sits above by the difference
+    # (measured: SmolLM2-135M q,v on 2 ranks, rank 0 holds every adapter, rank 1 none)
+    spare = max(0, est.phases["optimizer"]["optimizer_state"]
+                - record.measured.phases["optimizer"].categories["optimizer_state"]) if setup.layer_units else 0
     for phase, measured in record.measured.phases.items():
         if phase not in PHASES:
             continue
         pred = sum(v for k, v in est.phases[phase].items() if str(k) not in ("allocator", "context"))
         got = measured.peak_allocated_bytes
-        assert abs(pred - got) <= FSDP1_PHASE_TOLERANCE * got, (phase, pred, got)
+        assert -FSDP1_PHASE_TOLERANCE * got <= pred - got <= FSDP1_PHASE_TOLERANCE * got + spare, (phase, pred, got)
     got = record.measured.peak_allocated_bytes  # the step's peak: backward on every rank here
-    assert abs(est.allocated_bytes - got) <= FSDP1_PEAK_TOLERANCE * got, (est.allocated_bytes, got)
+    assert -FSDP1_PEAK_TOLERANCE * got <= est.allocated_bytes - got <= FSDP1_PEAK_TOLERANCE * got + spare, \
+        (est.allocated_bytes, got)

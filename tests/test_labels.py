@@ -39,7 +39,7 @@ OTHER = {"mode": "lora", "precision": "amp-bf16", "quant": "nf4", "optimizer": "
          "versions": [["transformers", "4.48"]], "compute_capability": "7.5",
          "allow_llama_fallback": True,
          "alloc_conf": "expandable_segments:True", "empty_cache_steps": 1, "load": "config",
-         "rope_scaling": 4.0, "kbit_prep": "none"}
+         "rope_scaling": 4.0, "kbit_prep": "none", "fsdp_wrap": "layers"}
 
 
 def test_every_setup_field_has_a_different_value_above():

@@ -204,7 +204,9 @@ def wrap_fsdp1(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: st
     peft's ``fsdp_auto_wrap_policy`` as the Trainer gives it (transformers trainer.py
     ``_fsdp_qlora_plugin_updates``): every leaf module with a trainable weight -- each
     adapter's lora_A and lora_B -- is a unit of its own, so no flat parameter mixes frozen
-    and trainable parameters."""
+    and trainable parameters. ``--fsdp-wrap layers`` (``Setup.layer_units``) leaves that
+    policy out: one unit per decoder layer, its frozen weights and adapters in one flat
+    parameter (estimator/setup.py FsdpWrap)."""
     import functools
 
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
@@ -213,7 +215,7 @@ def wrap_fsdp1(model: torch.nn.Module, spec: ModelSpec, setup: Setup, device: st
 
     layer_cls = {type(decoder_layers(model, spec)[0])}
     policy = ModuleWrapPolicy(layer_cls)
-    if setup.mode is not Mode.FULL:
+    if setup.mode is not Mode.FULL and not setup.layer_units:
         def trainable_leaf(module: torch.nn.Module) -> bool:  # peft/utils/other.py lambda_policy_fn
             weight = getattr(module, "weight", None)
             return not list(module.children()) and weight is not None and weight.requires_grad
