@@ -259,13 +259,14 @@ class FsdpWrap(_Choice):
     distributed/fsdp.py:267-279 ``update_fsdp_plugin_peft``). LAYERS: one unit per decoder
     layer only (accelerate's TRANSFORMER_BASED_WRAP in a loop of one's own, the Trainer before
     4.40): a layer's flat parameter then holds its frozen weights and its adapters, and with
-    ``use_orig_params=True`` FSDP allocates gradient memory for the whole flat parameter --
-    "equivalent to not freezing those parameters" (torch 2.13
-    distributed/fsdp/fully_sharded_data_parallel.py, the ``use_orig_params`` docstring) --
-    and the unsharded views it hands the layer's modules require gradients, so every base
-    linear and norm saves what full training saves. The flat parameter needs one dtype
-    (``_flat_param.py`` ``_validate_tensors_to_flatten``: "Must flatten tensors with uniform
-    dtype"), so the weights must share the adapters' fp32 (fp32 or an fp32-loaded amp recipe)."""
+    ``use_orig_params=True`` FSDP allocates gradient memory for the whole flat parameter
+    (torch 2.13 distributed/fsdp/fully_sharded_data_parallel.py:208-213: mixing frozen and
+    non-frozen parameters in one instance gives "higher than expected gradient memory
+    usage") and the unsharded views it hands the layer's modules require gradients, so every
+    base linear and norm saves what full training saves (measured: results/distributed).
+    The flat parameter needs one dtype (_flat_param.py:814: "Must flatten tensors with
+    uniform dtype"), so the weights must share the adapters' fp32 (fp32 or an fp32-loaded
+    amp recipe)."""
 
     PEFT = "peft"
     LAYERS = "layers"

@@ -505,8 +505,8 @@ def _fsdp1_layer_unit_states(spec: ModelSpec, key: Setup, g: int, o: int, traina
     order (peft LoraLayer: ``base_layer``'s weight and bias, then ``lora_A`` (r, in) and
     ``lora_B`` (out, r)), one dtype (fp32), each tensor aligned. The flat parameter requires a
     gradient, so its gradient is the whole flat parameter's (torch 2.13
-    fully_sharded_data_parallel.py, the ``use_orig_params`` docstring: "equivalent to not
-    freezing those parameters"), unsharded in the layer's backward, then its shard, which the
+    fully_sharded_data_parallel.py:208-213: "higher than expected gradient memory usage";
+    measured), unsharded in the layer's backward, then its shard, which the
     frozen weights' gradient views keep after ``zero_grad`` until the next forward frees it
     (measured: gradients 0 in the second step's forward). The root's flat parameter is all
     frozen: no gradient. The optimizer holds state only for the adapters' pieces in a rank's
