@@ -62,7 +62,7 @@ from ..configcheck import MAX_HEAD_DIM, MAX_HIDDEN
 from ..setup import Device, Mode
 from ..units import FP32
 from .base import Linear, Norm, Tensor, read_common_llama
-from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim
+from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim, unchecked_sentence
 from .llama import LlamaStyle
 
 #: DeepseekV3Config's defaults (configuration_deepseek_v3.py:81-116)
@@ -247,15 +247,9 @@ class DeepseekV3(GroupedTopkMoE, LlamaStyle):
         forward without a cache; bf16,
         sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
         mla = {lin.name for lin in self._attention(spec)}
-        checked = checked_on_the_cuda_sim(setup, mla)
-        if checked:
+        if checked_on_the_cuda_sim(setup, mla):
             return ""
-        return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
-                f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
-                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training, LoRA on "
-                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, inference and eval, in bf16 with "
-                f"sdpa on one CUDA GPU without checkpointing or sharding; measure it with "
-                f"`vramlab profile ... --backend sim`")
+        return unchecked_sentence(spec, setup, "deepseek_v3", "multi-head latent attention and its MoE layers", mla)
 
 
 def _fields(spec) -> dict:

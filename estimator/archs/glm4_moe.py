@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from ..configcheck import ConfigError
 from .base import QKNorm, Tensor, read_common_llama
-from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim
+from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim, unchecked_sentence
 from .llama import LlamaStyle
 
 #: Glm4MoeConfig's defaults of the MoE fields (configuration_glm4_moe.py:105-113)
@@ -120,14 +120,9 @@ class Glm4Moe(GroupedTopkMoE, LlamaStyle):
         the attention projections or all-linear, inference (prefill and decode), an eval forward
         without a cache; bf16, sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
         attention = {lin.name for lin in self._attention(spec)}
-        checked = checked_on_the_cuda_sim(setup, attention)
-        if checked:
+        if checked_on_the_cuda_sim(setup, attention):
             return ""
-        return (f"{spec.name} (glm4_moe): its parameters are counted exactly, but the memory of its MoE layers is "
-                f"not modelled yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
-                f"{setup.device.value}), only for full training, LoRA on the attention projections "
-                f"({', '.join(sorted(attention))}) or all-linear, inference and eval, in bf16 with sdpa on one CUDA "
-                f"GPU without checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+        return unchecked_sentence(spec, setup, "glm4_moe", "its MoE layers", attention)
 
 
 def _fields(spec) -> dict:

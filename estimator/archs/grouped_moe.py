@@ -190,6 +190,15 @@ def checked_on_the_cuda_sim(setup, attention: set[str]) -> bool:
             or setup.mode in (Mode.INFERENCE, Mode.EVAL))
 
 
+def unchecked_sentence(spec, setup, family: str, what: str, attention: set[str]) -> str:
+    """The one sentence a setup :func:`checked_on_the_cuda_sim` does not take is refused with."""
+    return (f"{spec.name} ({family}): its parameters are counted exactly, but the memory of {what} is not modelled "
+            f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
+            f"{setup.device.value}), only for full training, LoRA on the attention projections "
+            f"({', '.join(sorted(attention))}) or all-linear, inference and eval, in bf16 with sdpa on one CUDA GPU "
+            f"without checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+
+
 def _all_linear(targets) -> bool:
     """peft's "all-linear" (peft/tuners/tuners_utils.py; both spellings params.lora_targets takes)."""
     return tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",))
