@@ -178,11 +178,12 @@ class GroupedTopkMoE:
         return p * h * T + moe
 
 
-def checked_on_the_cuda_sim(setup, attention: set[str]) -> bool:
-    """The setups the two families' memory terms were checked for against the CUDA sim: full
-    training, LoRA on ``attention`` (the attention projections' names) or all-linear, inference and
-    an eval forward without a cache; bf16, sdpa, one CUDA GPU, no checkpointing, the HF Trainer's loop."""
-    return setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
+def checked_on_the_cuda_sim(setup, attention: set[str], device: Device = Device.CUDA) -> bool:
+    """The setups the two families' memory terms were checked for against the CUDA sim (``device``
+    CPU: against real CPU steps): full training, LoRA on ``attention`` (the attention projections'
+    names) or all-linear, inference and an eval forward without a cache; bf16, sdpa, one device, no
+    checkpointing, the HF Trainer's loop."""
+    return setup.device is device and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
         and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
         and not setup.use_cache and setup.loop.value == "trainer" and (
             setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= attention
@@ -190,13 +191,14 @@ def checked_on_the_cuda_sim(setup, attention: set[str]) -> bool:
             or setup.mode in (Mode.INFERENCE, Mode.EVAL))
 
 
-def unchecked_sentence(spec, setup, family: str, what: str, attention: set[str]) -> str:
-    """The one sentence a setup :func:`checked_on_the_cuda_sim` does not take is refused with."""
+def unchecked_sentence(spec, setup, family: str, what: str, attention: set[str], also: str = "") -> str:
+    """The one sentence a setup :func:`checked_on_the_cuda_sim` does not take is refused with
+    (``also``: what else a family lets through)."""
     return (f"{spec.name} ({family}): its parameters are counted exactly, but the memory of {what} is not modelled "
             f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
             f"{setup.device.value}), only for full training, LoRA on the attention projections "
             f"({', '.join(sorted(attention))}) or all-linear, inference and eval, in bf16 with sdpa on one CUDA GPU "
-            f"without checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+            f"without checkpointing or sharding{also}; measure it with `vramlab profile ... --backend sim`")
 
 
 def _all_linear(targets) -> bool:
