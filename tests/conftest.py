@@ -67,3 +67,23 @@ def predicted_agrees_per_phase():
             assert abs(pred - got) <= tolerance * got, (phase, pred, got, (pred - got) / got)
 
     return check
+
+
+@pytest.fixture
+def bad_config_is_one_sentence(cli, tmp_path):
+    """``bad_config_is_one_sentence(config, message)``: reading ``config`` raises a ConfigError matching
+    ``message``, and ``vramlab estimate`` on it as a config.json exits 2 with one line on stderr."""
+    import json
+
+    from estimator.configcheck import ConfigError
+    from estimator.modelspec import spec_from_config
+
+    def check(config: dict, message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            spec_from_config(config, name="bad-config")
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        out = cli("estimate", str(path))
+        assert out.code == 2 and out.err.count("\n") == 1, out.err
+
+    return check

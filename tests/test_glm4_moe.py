@@ -5,11 +5,8 @@ within 1 % (grouped-query attention from the generic terms, the MoE from DeepSee
 estimator/archs/grouped_moe.py)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from estimator.configcheck import ConfigError
 from estimator.estimate import estimate
 from estimator.modelspec import load_model, spec_from_config
 from estimator.params import count_params, lora_params, lora_targets, meta_count, param_tensor_sizes
@@ -118,13 +115,8 @@ def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
     ({"partial_rotary_factor": 0.1}, r"even rotary width of head_dim 16"),
     ({"use_qk_norm": "yes"}, r"use_qk_norm"),
 ])
-def test_bad_configs_are_one_sentence(over, message, cli, tmp_path):
-    with pytest.raises(ConfigError, match=message):
-        _spec(**over)
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(dict(_TINY, **over)))
-    out = cli("estimate", str(path))
-    assert out.code == 2 and out.err.count("\n") == 1, out.err
+def test_bad_configs_are_one_sentence(over, message, bad_config_is_one_sentence):
+    bad_config_is_one_sentence(dict(_TINY, **over), message)
 
 
 # --- every phase against the CUDA sim ------------------------------------------------------------
