@@ -59,7 +59,7 @@ CODE_KEYS = {"attn_implementation": "kernels-community/flash-attn", "_attn_imple
              "experts_implementation": "kernels-community/moe"}
 MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3",  # formulas
                "gpt_neox", "qwen3", "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral",
-               "gpt_bigcode", "qwen3_moe", "gpt_oss",
+               "gpt_bigcode", "qwen3_moe", "gpt_oss", "glm4_moe",
                "deepseek_v3", "bert", "t5", "falcon",  # transformers, no formula: refused
                "nosuch", "", "LLAMA", "llama ")
 

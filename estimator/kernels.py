@@ -128,14 +128,15 @@ def attention_output_copied(spec: ModelSpec, setup: Setup) -> bool:
     it copies; mem-efficient attention always writes (b, s, heads, d) and it copies
     nothing; flash (CPU and CUDA) and cuDNN lay their output out like the query
     (``empty_like(query)`` in _meta_registrations.py), which is (b, s, heads, d) after a
-    projection's view and RoPE, but not when q is sliced out of a fused projection. On CPU,
-    sdpa with dropout runs math."""
+    projection's view and RoPE, but not when q is sliced out of a fused projection or the
+    rotary embedding concatenates it anew (traits ``rotary_concat``). On CPU, sdpa with dropout
+    runs math."""
     if setup.attn is Attention.EAGER:
         return True
     # transformers < 4.56 hands sdpa contiguous (b, heads, s, d) queries (Semantics.sdpa_inputs_contiguous)
     # (GPT-2's own attention classes before 4.48 pass c_attn's views as they are)
     contiguous = setup.semantics.sdpa_inputs_contiguous and not traits(spec, setup).sdpa_gets_views
-    like_query_copies = fused_qkv(spec, setup) or contiguous
+    like_query_copies = fused_qkv(spec, setup) or contiguous or traits(spec, setup).rotary_concat
     if setup.device is Device.CPU:
         return spec.attn_dropout > 0 or like_query_copies
     backend = cuda_sdpa_backend(spec, setup)

@@ -47,3 +47,43 @@ def agrees_per_phase():
             assert abs(pred - got) <= tolerance * got, (phase, pred, got, (pred - got) / got)
 
     return check
+
+
+@pytest.fixture
+def predicted_agrees_per_phase():
+    """``predicted_agrees_per_phase(record, 0.01)``: a fresh record's own prediction (run_case with a
+    ModelSpec of its own, which the registry cannot load again) is within the tolerance of every
+    phase it measured (zero_grad aside), tensors only."""
+    from estimator.categories import TENSOR_CATEGORIES, Phase
+    tensors = {c.value for c in TENSOR_CATEGORIES}
+
+    def check(record, tolerance: float) -> None:
+        assert record.ok and record.predicted is not None, record.message
+        for phase, m in record.measured.phases.items():
+            if phase == Phase.ZERO_GRAD.value:
+                continue
+            pred = sum(v for k, v in record.predicted.phases[phase].items() if k in tensors)
+            got = m.peak_allocated_bytes
+            assert abs(pred - got) <= tolerance * got, (phase, pred, got, (pred - got) / got)
+
+    return check
+
+
+@pytest.fixture
+def bad_config_is_one_sentence(cli, tmp_path):
+    """``bad_config_is_one_sentence(config, message)``: reading ``config`` raises a ConfigError matching
+    ``message``, and ``vramlab estimate`` on it as a config.json exits 2 with one line on stderr."""
+    import json
+
+    from estimator.configcheck import ConfigError
+    from estimator.modelspec import spec_from_config
+
+    def check(config: dict, message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            spec_from_config(config, name="bad-config")
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        out = cli("estimate", str(path))
+        assert out.code == 2 and out.err.count("\n") == 1, out.err
+
+    return check

@@ -263,6 +263,12 @@ class Traits:
     #: the model's own attention hands sdpa the projection's views as they are, whatever the
     #: shared sdpa integration does (GPT-2's own attention classes before 4.48)
     sdpa_gets_views: bool = False
+    #: the rotary embedding joins the rotated slice of q and k and the rest with ``torch.cat``
+    #: (a partial rotary: GLM-4.5, 5.24 models/glm4_moe/modeling_glm4_moe.py:159-170, which cats
+    #: even at ``partial_rotary_factor`` 1), so q reaches sdpa contiguous in (b, heads, s, d) rather
+    #: than as the projection's transposed view, and the output flash lays out like it is copied
+    #: back to (b, s, heads, d) before o_proj
+    rotary_concat: bool = False
     #: a no-grad prefill computes every position's logits (no ``logits_to_keep``) ...
     prefill_full_logits: bool = False
     #: ... and copies them to fp32 (``logits = logits.float()``)

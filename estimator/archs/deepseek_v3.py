@@ -58,36 +58,22 @@ wraps (``peft_moe_names``).
 """
 from __future__ import annotations
 
-from ..configcheck import (
-    MAX_EXPERTS,
-    MAX_HEAD_DIM,
-    MAX_HIDDEN,
-    MAX_INTERMEDIATE,
-    MAX_LAYERS,
-    ConfigError,
-    Limit,
-    check_shapes,
-)
-from ..setup import Attention, Device, Mode
+from ..configcheck import MAX_HEAD_DIM, MAX_HIDDEN
+from ..setup import Device, Mode
 from ..units import FP32
 from .base import Linear, Norm, Tensor, read_common_llama
+from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim, unchecked_sentence
 from .llama import LlamaStyle
-
-#: bytes of an int64 index (torch.topk's and torch.sort's indices, what advanced indexing saves)
-_INT64 = 8
 
 #: DeepseekV3Config's defaults (configuration_deepseek_v3.py:81-116)
 _DEFAULTS = dict(moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256, kv_lora_rank=512,
                  q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
                  topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3)
-#: first_k_dense_replace may be 0 (every layer MoE: modeling_deepseek_v3.py:493)
-_DENSE_LAYERS = Limit(MAX_LAYERS.name, 0, MAX_LAYERS.hi, MAX_LAYERS.why)
 #: the (name, value) pairs kept in ModelSpec.family_fields
-_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-           "n_shared_experts", "first_k_dense_replace", "dense_intermediate_size", "n_group", "topk_group")
+_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim") + MOE_FIELDS
 
 
-class DeepseekV3(LlamaStyle):
+class DeepseekV3(GroupedTopkMoE, LlamaStyle):
     model_types = ("deepseek_v3",)
     family = "deepseek_v3"
     norm = Norm.RMS
@@ -100,8 +86,8 @@ class DeepseekV3(LlamaStyle):
     # no quantizer (the profiler drops the key: profiler/measure/build.py hf_config) and the router's
     # weight stays fp32 whatever the dtype (modeling_deepseek_v3.py:551)
     checkpoint_detail = "an fp8 checkpoint is built unquantized from its config; the router's weight stays fp32"
-    peft_moe_names = {"gate": "gate", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
-                      "down_proj": "down_proj"}
+    # DeepseekV3MoE (:209-213), DeepseekV3TopkRouter (:138-143) as the config errors cite them
+    moe_source = ("modeling_deepseek_v3.py:138-143, :209-213", "DeepseekV3")
 
     def read(self, f, model_type):
         out = read_common_llama(f)  # hidden, layers, heads, kv heads, intermediate_size (the dense MLP's), vocab
@@ -111,36 +97,10 @@ class DeepseekV3(LlamaStyle):
         # q_lora_rank null: one q_proj (modeling_deepseek_v3.py:370-374); absent: the default 1536
         ints["q_lora_rank"] = 0 if "q_lora_rank" in f.config and f.config["q_lora_rank"] is None \
             else f.int("q_lora_rank", limit=MAX_HIDDEN, default=_DEFAULTS["q_lora_rank"])
-        experts = f.int("n_routed_experts", "num_local_experts", limit=MAX_EXPERTS,
-                        default=_DEFAULTS["n_routed_experts"])
-        per_token = f.int("num_experts_per_tok", limit=MAX_EXPERTS, default=_DEFAULTS["num_experts_per_tok"])
-        check_shapes(f.where, out["hidden_size"], out["num_heads"], out["num_kv_heads"], head_dim_given=True,
-                     experts=experts, experts_per_token=per_token)
-        ints["n_shared_experts"] = f.int("n_shared_experts", limit=MAX_EXPERTS, default=_DEFAULTS["n_shared_experts"])
-        ints["first_k_dense_replace"] = f.int("first_k_dense_replace", limit=_DENSE_LAYERS,
-                                              default=_DEFAULTS["first_k_dense_replace"])
-        ints["n_group"] = f.int("n_group", limit=MAX_EXPERTS, default=_DEFAULTS["n_group"])
-        ints["topk_group"] = f.int("topk_group", limit=MAX_EXPERTS, default=_DEFAULTS["topk_group"])
-        moe_f = f.int("moe_intermediate_size", limit=MAX_INTERMEDIATE, default=_DEFAULTS["moe_intermediate_size"])
-        if not experts or not ints["n_shared_experts"]:
-            raise ConfigError(f"{f.where}: n_routed_experts and n_shared_experts must be at least 1 "
-                              f"(DeepseekV3MoE builds both, modeling_deepseek_v3.py:209-213)")
-        group, keep = ints["n_group"], ints["topk_group"]
-        # the router views the scores as (T, n_group, E / n_group) and takes each group's top 2
-        # (modeling_deepseek_v3.py:138-143), then the top topk_group groups
-        if not group or experts % group or experts // group < 2 or not 1 <= keep <= group:
-            raise ConfigError(f"{f.where}: n_group must divide n_routed_experts ({experts}) into groups of at least "
-                              f"2 and topk_group be between 1 and n_group (DeepseekV3TopkRouter, "
-                              f"modeling_deepseek_v3.py:138-143); got n_group {group}, topk_group {keep}")
-        if per_token > keep * (experts // group):
-            raise ConfigError(f"{f.where}: num_experts_per_tok ({per_token}) must be at most the experts of the "
-                              f"topk_group kept groups ({keep} x {experts // group})")
-        f.number("routed_scaling_factor")
-        f.bool("norm_topk_prob", True)
-        ints["dense_intermediate_size"] = out["intermediate_size"]
+        moe, moe_ints = self.read_moe(f, out, _DEFAULTS)
+        ints.update(moe_ints)
         qk_head_dim = ints["qk_nope_head_dim"] + ints["qk_rope_head_dim"]
-        return dict(out, num_experts=experts, experts_per_token=per_token, intermediate_size=moe_f,
-                    head_dim=qk_head_dim, family_fields=tuple((k, ints[k]) for k in _FIELDS))
+        return dict(out, **moe, head_dim=qk_head_dim, family_fields=tuple((k, ints[k]) for k in _FIELDS))
 
     # --- the inventory ------------------------------------------------------------------
 
@@ -160,22 +120,10 @@ class DeepseekV3(LlamaStyle):
 
     def linears(self, spec):
         """An MoE layer's matrices: MLA, the routed experts, the router, the shared experts."""
-        h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-        shared = f * _fields(spec)["n_shared_experts"]
-        return self._attention(spec) + [
-            Linear("gate_up_proj", "mlp", h, 2 * f, False, copies=e, fused_experts=True, parts=2),
-            Linear("down_proj", "mlp", f, h, False, copies=e, fused_experts=True),
-            Linear("gate", "mlp", h, e, False, router=True),
-            Linear("gate_proj", "mlp", h, shared, False), Linear("up_proj", "mlp", h, shared, False),
-            Linear("down_proj", "mlp", shared, h, False)]
-
-    def dense_layers(self, spec):
-        return _fields(spec)["first_k_dense_replace"]
+        return self._attention(spec) + self.moe_linears(spec)
 
     def dense_linears(self, spec):
-        h, f = spec.hidden_size, _fields(spec)["dense_intermediate_size"]
-        return self._attention(spec) + [Linear("gate_proj", "mlp", h, f, False), Linear("up_proj", "mlp", h, f, False),
-                                        Linear("down_proj", "mlp", f, h, False)]
+        return self._attention(spec) + self.dense_mlp_linears(spec)
 
     def layer_norms(self, spec):
         """input_layernorm, post_attention_layernorm (h each), q_a_layernorm (where q has a
@@ -213,23 +161,13 @@ class DeepseekV3(LlamaStyle):
         output (2f: silu's input and up are views of it), silu's output and the product for
         trainable experts; the shared-expert MLP (f x n_shared): its input when trainable (the
         normed input again, one tensor), gate_up outputs, silu and the product. The dense layers'
-        DeepseekV3MLP (:104-117, intermediate_size) instead of all that."""
-        from ..params import lora_targets  # params reads the registry: imported at call time
+        DeepseekV3MLP (:104-117, intermediate_size) instead of all that (grouped_moe.py
+        :meth:`GroupedTopkMoE.moe_saved`, which GLM-4.5 shares)."""
         m = _fields(spec)
-        p, h, a = setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        p, a = setup.precision.compute_bytes, spec.num_heads
         full = setup.mode is Mode.FULL
-        targets = lora_targets(spec, setup.lora_targets) if setup.mode is Mode.LORA else []
-        # peft 0.21 wraps the fused experts and the router (its own class) as parameters (ParamWrapper:
-        # a merged weight per forward, activations.lora_expert_weights), never copying their input: of the
-        # generic adapters' terms only the nn.Linear ones' fp32 input copies (MLA's) are saved
-        experts = full or any(lin.fused_experts for lin in targets)
-        router = full or any(lin.router for lin in targets)
-        r = setup.lora_rank
-        adapters = sum(FP32 * (lin.in_features + r) for lin in targets if not (lin.fused_experts or lin.router))
         qk, dv, rq, rk = spec.head_dim, m["v_head_dim"], m["q_lora_rank"], m["kv_lora_rank"]
-        out = {k: v for k, v in terms.items() if not k.startswith(("attn_", "mlp", "moe_", "o_proj", "lora_"))}
-        if adapters:
-            out["lora_adapters"] = adapters
+        out = self.moe_base(spec, setup, terms, strip=("attn_", "o_proj"))
 
         def latent_norm(dim):  # DeepseekV3RMSNorm on a latent (:47-52), then the linear reading it
             return FP32 * dim + FP32 + (2 * p * dim if full else 0)
@@ -251,33 +189,7 @@ class DeepseekV3(LlamaStyle):
             out["attn_qkv"] = p * a * (2 * qk + m["qk_nope_head_dim"] + dv)
             out["attn_out"] = p * a * dv
             out["attn_lse"] = lse
-        f, k, e = spec.intermediate_size, spec.experts_per_token, spec.num_experts
-        shared = f * m["n_shared_experts"]
-        gated = 4 if full else 3  # gate, act(gate), up (and the product for a trainable down_proj)
-        groups = m["n_group"]
-        out["moe_router"] = (FP32 * h if router else 0) + FP32 * e + e \
-            + _INT64 * (2 * groups + m["topk_group"] + k) + FP32 * (1 + 2 * k)
-        out["moe_routing"] = _INT64 * 3 * k + FP32 * k + (k * p * h if experts else 0)
-        out["mlp"] = k * p * f * (4 if experts else 3)
-        out["moe_weighted"] = k * p * h
-        out["moe_shared"] = shared * p * gated
-        moe = sum(out[x] for x in ("moe_router", "moe_routing", "mlp", "moe_weighted", "moe_shared"))
-        dense = m["dense_intermediate_size"] * p * gated
-        prefix = 0
-        if targets and not any(lin.group == "attention" or lin.router for lin in targets):
-            # LoRA on the fused experts only (peft's gate_proj/up_proj/down_proj): nothing before the first
-            # MoE layer's experts needs a gradient, so the dense layers save nothing, and of the first MoE
-            # layer only its experts save: the gathered input and the down input for the stacks'
-            # gradients, the gate_up output and silu's output, the routing weights the weighting keeps for
-            # the down output's gradient and ``inv_perm`` (the input needs none: no ``perm`` indices);
-            # the generic first-layer term already took off that layer's input norm. Not checked: the sim
-            # (1 dense + 3 MoE, b2 x s1024) saves ~4 x k x f x p per token less than this in that first MoE
-            # layer (forward +1.59 %, backward +2.05 %; +24 % before this correction), so it stays refused
-            layer = sum(out.values())
-            first_experts = k * p * h + k * p * f * 4 + (FP32 + _INT64) * k
-            per_norm = FP32 * h + FP32
-            prefix = first_experts + per_norm - layer - self.dense_layers(spec) * (layer + dense - moe)
-        return out, dense - moe, prefix
+        return self.moe_saved(spec, setup, out)
 
     def prefill_quirk(self, spec, setup, tr, resid, mlp, attn, softmax, math):
         """The no-grad prefill's layer working set (modeling_deepseek_v3.py, 5.24; CUDA sdpa).
@@ -292,9 +204,10 @@ class DeepseekV3(LlamaStyle):
         fp32 (S, h) each, since the routing weights are fp32 (the router computes in fp32: :134,
         :150-155, and ``proj_out * sample_weights_g`` promotes); the router's logits (kept in ``_``),
         its weights and indices, the sorted ids, ``perm``, ``inv_perm`` and the gathered weights;
-        beside them the layer input (the model's loop variable), the residual sum and its norm."""
+        beside them the layer input (the model's loop variable), the residual sum and its norm
+        (:meth:`GroupedTopkMoE.moe_prefill`)."""
         m = _fields(spec)
-        T, p, h, a = setup.batch * setup.seq, setup.precision.compute_bytes, spec.hidden_size, spec.num_heads
+        T, p, a = setup.batch * setup.seq, setup.precision.compute_bytes, spec.num_heads
         qk, dr, dn, dv = spec.head_dim, m["qk_rope_head_dim"], m["qk_nope_head_dim"], m["v_head_dim"]
         rk = m["kv_lora_rank"]
         attn = p * (a * (2 * qk + dr + (dn + dv) + qk + dv) + (rk + dr) + rk + dr) * T
@@ -303,10 +216,7 @@ class DeepseekV3(LlamaStyle):
             # and k, the fp32 v, the scores and the probabilities (b, heads, s, s) and the (s, s) causal
             # mask; not checked (the real CPU prefill measured ~2 % below this: refused)
             attn += FP32 * (a * (3 * qk + dv) + 2 * a * setup.seq) * T + FP32 * setup.seq * setup.seq
-        k, e = spec.experts_per_token, spec.num_experts
-        S = k * T
-        moe = (2 * p * h + 2 * FP32 * h) * S + (_INT64 * 4 + 2 * FP32) * S + FP32 * e * T
-        return resid, p * h * T + moe, attn
+        return resid, self.moe_prefill(spec, setup), attn
 
     def decode_working(self, spec, setup, tokens):
         """A decode step's last attention layer, after its cache update (:459-465): ``expand_kv`` runs
@@ -337,25 +247,9 @@ class DeepseekV3(LlamaStyle):
         forward without a cache; bf16,
         sdpa, one GPU, no checkpointing; the rest is refused in one sentence."""
         mla = {lin.name for lin in self._attention(spec)}
-        checked = setup.device is Device.CUDA and setup.attn is Attention.SDPA and setup.precision.value == "bf16" \
-            and setup.sharding.value == "none" and not setup.grad_ckpt and setup.trainer.value == "hf" \
-            and not setup.use_cache and setup.loop.value == "trainer" and (
-                setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= mla
-                                                                        or _all_linear(setup.lora_targets))
-                or setup.mode in (Mode.INFERENCE, Mode.EVAL))
-        if checked:
+        if checked_on_the_cuda_sim(setup, mla):
             return ""
-        return (f"{spec.name} (deepseek_v3): its parameters are counted exactly, but the memory of multi-head "
-                f"latent attention and its MoE layers is not modelled yet for this setup ({setup.mode.value}, "
-                f"{setup.precision.value}, {setup.attn.value}, {setup.device.value}), only for full training, LoRA on "
-                f"the MLA projections ({', '.join(sorted(mla))}) or all-linear, inference and eval, in bf16 with "
-                f"sdpa on one CUDA GPU without checkpointing or sharding; measure it with "
-                f"`vramlab profile ... --backend sim`")
-
-
-def _all_linear(targets) -> bool:
-    """peft's "all-linear" (peft/tuners/tuners_utils.py; both spellings params.lora_targets takes)."""
-    return tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",))
+        return unchecked_sentence(spec, setup, "deepseek_v3", "multi-head latent attention and its MoE layers", mla)
 
 
 def _fields(spec) -> dict:
