@@ -35,10 +35,12 @@ def _model(spec):
 
 @pytest.mark.parametrize("name, total", [("glm-4.5-air", 106_852_245_504), ("glm-4.5", 352_797_814_784)])
 def test_shipped_glm4_moe_is_the_meta_build(name, total):
-    """The published config.json values (zai-org/GLM-4.5-Air and zai-org/GLM-4.5 on the hub; the same
+    """The shipped configs are not copies of the hub's config.json (zai-org/GLM-4.5-Air, zai-org/GLM-4.5:
+    no copy was reachable here): written from the published values and checked against the
     widths in the Megatron arguments of zyzshishui/slime scripts/models/glm4.5-355B-A32B.sh and
     zyzshishui/slime_ scripts/models/glm4.5-106B-A12B.sh: 46 / 92 layers, 1 / 3 dense, hidden 4096 /
-    5120, 128 / 160 experts of 1408 / 1536, top-8, qkv bias, q/k norm for GLM-4.5 only, rotary 0.5).
+    5120, 128 / 160 experts of 1408 / 1536, top-8, qkv bias, q/k norm for GLM-4.5 only, rotary 0.5);
+    the fields no memory term reads (token ids, rope_theta, rms_norm_eps) are unchecked.
     transformers 5.24 builds 106.9B / 352.8B on meta, against the published "106B total" / "355B total"
     (docs/source/en/model_doc/glm4_moe.md): the hub's totals add the multi-token-prediction layer
     (``num_nextn_predict_layers`` 1), which Glm4MoeForCausalLM does not build
