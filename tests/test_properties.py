@@ -158,7 +158,8 @@ def test_total_is_sum_of_components(case):
 @given(model_and_setup(), st.integers(1, 64))
 def test_total_never_falls_as_batch_grows(case, more):
     spec, setup = case
-    bigger = setup.replace(batch=setup.batch + more)
+    # GRPO: the generation batch stays divisible by --num-generations (TRL's check, grpo_config.py:1131)
+    bigger = setup.replace(batch=setup.batch + more * (setup.num_generations or 1))
     _assert_grows(estimate(spec, bigger), estimate(spec, setup))
 
 
