@@ -527,7 +527,7 @@ def _fsdp1_layer_unit_states(spec: ModelSpec, key: Setup, g: int, o: int, traina
         for size in ends.get(t.name, ()):
             sizes.append(size)
             is_adapter.append(True)
-    root_flat, layer_flat = _flat_numel(root, FSDP1_ALIGNMENT_BYTES // pb, n), _flat_numel(sizes, align, n)
+    root_flat, layer_flat = _flat_numel(root, align, n), _flat_numel(sizes, align, n)
     by_rank = [[piece for piece, adapter in zip(_rank0_pieces(sizes, align, n, rank), is_adapter) if adapter]
                for rank in range(n)]
     pieces = max(by_rank, key=sum)
