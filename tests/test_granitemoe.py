@@ -102,6 +102,10 @@ def test_expert_and_router_targets_are_refused(target):
 # --- refusals ----------------------------------------------------------------------------------
 
 def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
+    """With the refusal lifted by hand, against the CUDA sim (the reduced model below, b2 x s1024 bf16):
+    the checkpointed backward measured -1.50 % (full) and -11.0 % (LoRA on q/k/v/o), eager attention's
+    full backward -2.07 %; fp16 and fp32 do not run on the sim (torch's CPU grouped_mm takes bf16
+    only: "Expected inputs of BF16 type"), so nothing checks them."""
     spec = load_model("granite-3.1-3b-a800m")
     for setup in (Setup(mode="eval", use_cache=True), Setup(mode="qlora", quant="nf4"),
                   Setup(device="cpu", grad_ckpt=True), Setup(attn="eager"), Setup(grad_ckpt=True),
