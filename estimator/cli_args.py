@@ -121,6 +121,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                    f"batch's longest (--seq), TRL's packing into --seq-token bins "
                                                    f"flattened into one row, or the batch's examples (mean length "
                                                    f"--seq) flattened into one row (default: rows of equal length)")
+    g.add_argument("--completion-only", default=None, metavar="TOKENS",
+                   help="--trainer sft: the loss on the last TOKENS of each --seq-token sequence, the rest the "
+                        "prompt (SFTConfig.completion_only_loss on a prompt-completion dataset); on CUDA the fused "
+                        "head scores those rows only (default: every token labelled)")
     g.add_argument("--num-generations", default=None, help="--trainer grpo: completions sampled per prompt "
                                                            "(GRPOConfig.num_generations, default 8); --batch counts "
                                                            "completions, --seq the prompt's tokens")
@@ -210,6 +214,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         max_completion=_optional_int("max-completion", getattr(args, "max_completion", None)),
         num_iterations=_optional_int("num-iterations", getattr(args, "num_iterations", None)),
         beta=_optional_float("beta", getattr(args, "beta", None)),
+        completion_only=_optional_int("completion-only", getattr(args, "completion_only", None)),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

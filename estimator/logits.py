@@ -54,6 +54,11 @@ def chunked_nll_bytes(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     if grpo:
         from .grpo import scored_rows  # estimator/grpo.py builds on this module
         N = scored_rows(setup)  # the completion's rows on CUDA
+    elif setup.completion_only and setup.device is Device.CUDA:
+        # --completion-only: the shifted labels hold the completion's tokens (the prompt's are -100),
+        # and Triton's compact path scores those rows only (utils.py:1642-1645); the torch fold on
+        # the cpu device scores every position whatever the labels
+        N = setup.batch * setup.completion_only
     copies = setup.batch > 1 or setup.device is Device.CUDA
     out = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=p,
                            head_trains=setup.mode is Mode.FULL, triton=setup.device is Device.CUDA,

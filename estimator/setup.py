@@ -414,6 +414,10 @@ class Setup:
     # --trainer sft: how variable-length examples reach the step (Packing); None: rows of equal
     # length, no padding (the synthetic batch of every other setup)
     packing: Packing | None = None
+    # --trainer sft: SFT's loss on the last ``completion_only`` tokens of each sequence, the rest the
+    # prompt (a prompt-completion dataset, SFTConfig.completion_only_loss; trl 1.16.0
+    # sft_trainer.py:1408-1433 masks the prompt's labels to -100); None: every token is labelled
+    completion_only: int | None = None
     # --trainer grpo: completions sampled per prompt (GRPOConfig.num_generations) and their
     # length (max_completion_length); None takes GRPOConfig's default (trainers.trainer_defaults)
     num_generations: int | None = None
@@ -525,6 +529,17 @@ class Setup:
         if self.ref_model is not None and self.trainer is not Trainer.DPO:
             raise ValueError(f"--ref-model is DPO's reference model; --trainer {self.trainer} has none (pass "
                              f"--trainer dpo, or leave --ref-model out)")
+        if self.completion_only is not None:
+            if self.trainer is not Trainer.SFT:
+                raise ValueError(f"--completion-only is SFTTrainer's completion_only_loss; --trainer {self.trainer} "
+                                 f"has none (pass --trainer sft, or leave --completion-only out)")
+            if isinstance(self.completion_only, bool) or not isinstance(self.completion_only, int) \
+                    or not 1 <= self.completion_only < self.seq:
+                raise ValueError(f"--completion-only takes the completion's tokens, 1 to --seq - 1 = {self.seq - 1} "
+                                 f"(the rest of each sequence is the prompt), got {self.completion_only!r}")
+            if self.packing is not None:
+                raise ValueError(f"--completion-only with --packing {self.packing} is not modelled; give rows of "
+                                 f"equal length (leave --packing out)")
         if self.packing is not None and self.trainer is not Trainer.SFT:
             raise ValueError(f"--packing is SFTTrainer's collator choice; --trainer {self.trainer} has none "
                              f"(pass --trainer sft, or leave --packing out)")
@@ -815,6 +830,8 @@ class Setup:
             del out["ref_model"]  # no DPO: records keep their case keys
         if self.packing is None:
             del out["packing"]  # equal rows: records keep their case keys
+        if self.completion_only is None:
+            del out["completion_only"]  # every token labelled: records keep their case keys
         return out
 
     @classmethod

@@ -116,6 +116,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "trainer": lambda v: f"{v}-trainer",
     "ref_model": lambda v: f"ref-{v}",
     "packing": lambda v: str(v),
+    "completion_only": lambda v: f"completion-only{v}",
     "num_generations": lambda v: f"g{v}",
     "max_completion": lambda v: f"+{v}completion",
     "num_iterations": lambda v: f"mu{v}",

@@ -530,3 +530,55 @@ def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name
     record = run_case(model, setup, "cpu", steps=iterations)
     _assert_every_phase_within(record, {"generate", "forward", "backward", "optimizer", "zero_grad"}
                                | ({"logprob"} if iterations > 1 or beta else set()))
+
+
+# --- --completion-only: SFT's loss on the completion alone -----------------------------------
+
+def test_completion_only_shrinks_the_fused_head_on_cuda_only():
+    """Triton's compact path scores the labelled rows only (utils.py:1642-1645): batch x completion
+    rows on CUDA; the torch fold on the cpu device scores every position whatever the labels."""
+    spec = load_model("smollm2-135m")
+    kw = dict(trainer="sft", loss="chunked-nll", mode="lora", batch=4, seq=2048, grad_ckpt=True)
+    from estimator.logits import chunked_nll_bytes
+    for device in ("cuda", "cpu"):
+        every, some = (chunked_nll_bytes(spec, Setup(device=device, completion_only=c, **kw)) for c in (None, 256))
+        if device == "cpu":
+            assert some == every
+            continue
+        h, N, M, p = spec.hidden_size, 4 * 2047, 4 * 256, Setup(**kw).precision.compute_bytes
+        # the gathered rows' copy and the statistics scale with the rows scored,
+        # and the tile buffer holds min(rows, 4096) of them
+        tiles = (min(N, TRL_TOKEN_CHUNK) - min(M, TRL_TOKEN_CHUNK)) * TRL_VOCAB_CHUNK * p
+        assert every["forward"] - some["forward"] == (p * h + 7 * 4) * (N - M) + tiles
+        assert some["backward"] < every["backward"]
+    assert "completion_only" not in Setup(**kw).to_dict() and Setup(completion_only=5, **kw).to_dict()[
+        "completion_only"] == 5
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--completion-only", "16"], "--completion-only is SFTTrainer's completion_only_loss"),
+    (["--trainer", "sft", "--seq", "64", "--completion-only", "64"], "1 to --seq - 1 = 63"),
+    (["--trainer", "sft", "--completion-only", "0"], "1 to --seq - 1"),
+    (["--trainer", "sft", "--completion-only", "8", "--packing", "packed"], "with --packing packed is not modelled"),
+])
+def test_bad_completion_only_is_one_sentence_and_exit_2(cli, argv, match):
+    out = cli("estimate", "smollm2-135m", *argv)
+    assert out.code == 2 and match in out.err and len(out.err.strip().splitlines()) == 1, out.err
+
+
+@pytest.mark.slow
+def test_the_real_sft_trainer_with_completion_only_loss_equals_the_estimate(tmp_path):
+    """SFTConfig(completion_only_loss=True) on a prompt-completion dataset (the last 64 of 512 tokens
+    labelled), SmolLM2-135M at 4 layers, LoRA q/v, b2, fp32, checkpointing: every phase within
+    SFT_TOLERANCE, and on the cpu device the same bytes as every token labelled (the torch fold
+    scores every position)."""
+    _trl()
+    from profiler.measure.run import run_case
+    model = _reduced(tmp_path, "smollm2-135m", 4)
+    kw = dict(trainer="sft", loss="chunked-nll", mode="lora", lora_targets="q_proj,v_proj", precision="fp32",
+              batch=2, seq=512, grad_ckpt=True, device="cpu")
+    masked = run_case(model, Setup(completion_only=64, **kw), "cpu", steps=1)
+    _assert_every_phase_within(masked, {"forward", "backward", "optimizer", "zero_grad"})
+    every = run_case(model, Setup(**kw), "cpu", steps=1)
+    assert {k: m.peak_allocated_bytes for k, m in masked.measured.phases.items()} == \
+        {k: m.peak_allocated_bytes for k, m in every.measured.phases.items()}

@@ -112,12 +112,19 @@ def example_lengths(setup: Setup) -> list[int]:
 
 def _dataset(spec, setup: Setup, steps: int, device):
     """The in-memory dataset: ``grad_accum x (steps + 1)`` batches of :func:`example_lengths`
-    rows of synthetic token ids (cut from the setup's synthetic batch, which is wide enough)."""
+    rows of synthetic token ids (cut from the setup's synthetic batch, which is wide enough); with
+    ``--completion-only`` a ``completion_mask`` column marks each row's last tokens, from which
+    SFTTrainer builds the labels (trl 1.16.0 sft_trainer.py:1408-1433)."""
     import datasets
     lengths = example_lengths(setup)
-    wide = synthetic_batch(spec, setup.replace(batch=1, seq=max(lengths), packing=None), device).cpu()[0].tolist()
+    wide = synthetic_batch(spec, setup.replace(batch=1, seq=max(lengths), packing=None, completion_only=None),
+                           device).cpu()[0].tolist()
     rows = [wide[:n] for n in lengths] * (setup.grad_accum * (steps + 1))
-    return datasets.Dataset.from_dict({"input_ids": rows})
+    columns = {"input_ids": rows}
+    if setup.completion_only:
+        c = setup.completion_only
+        columns["completion_mask"] = [[0] * (len(r) - c) + [1] * c for r in rows]
+    return datasets.Dataset.from_dict(columns)
 
 
 def _packing_flags(setup: Setup) -> dict:
@@ -257,7 +264,8 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
         config = trl.SFTConfig(
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
             gradient_accumulation_steps=setup.grad_accum, gradient_checkpointing=setup.grad_ckpt,
-            **_packing_flags(setup), use_cpu=device == "cpu", report_to=[], save_strategy="no",
+            **_packing_flags(setup), completion_only_loss=bool(setup.completion_only), use_cpu=device == "cpu",
+            report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
             **_PRECISION_FLAGS[setup.precision])
         trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
