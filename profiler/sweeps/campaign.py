@@ -46,6 +46,7 @@ from pathlib import Path
 from estimator.estimate import estimate
 from estimator.setup import Setup
 from estimator.units import GiB
+from profiler.measure.build import missing_extra
 from profiler.measure.procs import CHILD_CWD, checkout_env, die_with_parent, python_command, signals_raise
 from profiler.measure.run import backend_setup
 from profiler.record import (
@@ -115,10 +116,16 @@ def _default_workers(backend: str) -> int:
 
 def plan_jobs(matrix: str | Path, backend: str, done: set[str], card_bytes: int | None = None,
               max_cases: int = MAX_CASES) -> list[Job]:
-    """The matrix's cases not yet done, largest predicted need first."""
+    """The matrix's cases not yet done, largest predicted need first; a case whose optional extra
+    is not installed (trl, bitsandbytes: build.missing_extra) is left out with a line on stderr,
+    as a sweep skips it, so a later campaign with the extra runs it."""
     jobs = []
     for index, planned in enumerate(plan(matrix, backend, max_cases=max_cases)):
         if planned.key in done:
+            continue
+        missing = missing_extra(backend_setup(planned.setup, backend))
+        if missing:
+            print(f"campaign: skipped {planned.case.label()}: {missing}", file=sys.stderr, flush=True)
             continue
         predicted = estimate(planned.spec, backend_setup(planned.setup, backend)).reserved_bytes
         need = predicted + max(ADMIT_MIN_BYTES, int(predicted * ADMIT_FRACTION))
