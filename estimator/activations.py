@@ -313,6 +313,9 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         outside["dense_layers"] = dense * dense_delta * T
     if prefix:  # the layers before the first adapter (Arch.saved_quirk)
         outside["frozen_prefix"] = prefix * T
+    other = arch_of(spec).other_layers_saved(spec, setup, terms)
+    if other:  # layers of further kinds beside the repeated one (Arch.other_layers)
+        outside["other_layers"] = other * T
     masked = masked_layers(spec, setup)
     if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
         outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T
@@ -480,7 +483,7 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     masked += lora_expert_weights(spec, setup)
     outside = {k: v for k, v in full.outside.items()
                if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers",
-                         "frozen_prefix")}
+                         "frozen_prefix", "other_layers")}
     if setup.attn is Attention.EAGER:
         # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
         # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask

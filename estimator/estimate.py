@@ -1156,7 +1156,7 @@ def kv_cache_bytes(spec: ModelSpec, setup: Setup, tokens: int) -> int:
     DynamicCache keeps a (batch, kv_heads, tokens, head_dim) key and value per layer
     (src/transformers/cache_utils.py, DynamicLayer.update); a family caching something else
     says its elements per token and layer (Arch.kv_elems_per_token: DeepSeek-V3's latent)."""
-    return spec.num_layers * arch_of(spec).kv_elems_per_token(spec) * setup.batch * tokens \
+    return arch_of(spec).kv_elems(spec) * setup.batch * tokens \
         * setup.precision.compute_bytes
 
 
