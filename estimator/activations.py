@@ -133,7 +133,8 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
-    out["attn_qkv"] = p * (q + 2 * (q if kv_repeated(spec, setup) else kvd))
+    # (one key/value head repeats as a view: repeat_kv's expand of a size-1 dim and reshape copy nothing)
+    out["attn_qkv"] = p * (q + 2 * (q if kv_repeated(spec, setup) and spec.num_kv_heads > 1 else kvd))
     if fused_qkv(spec, setup) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
@@ -177,6 +178,11 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
         # which their rotary multiplications save whatever the batch (measured on the sim)
         out = Activations(per_layer=out.per_layer, layers=out.layers, outside={
             **out.outside, "local_rotary": 2 * setup.seq * spec.head_dim * setup.precision.compute_bytes})
+    if tr.global_rotary_dim:
+        # the full layers' own cos and sin, (1, s, d) each, which their rotary multiplications save
+        # (measured on a real CPU step, Gemma 4)
+        out = Activations(per_layer=out.per_layer, layers=out.layers, outside={
+            **out.outside, "global_rotary": 2 * setup.seq * tr.global_rotary_dim * setup.precision.compute_bytes})
     return out
 
 

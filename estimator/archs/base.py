@@ -256,6 +256,9 @@ class Traits:
     sliding_window: int = 0
     #: the sliding layers rotate with tables of their own (Gemma 3's ``rope_local_base_freq``)
     local_rotary: bool = False
+    #: the full-attention layers rotate with tables of their own head size (Gemma 4's
+    #: ``global_head_dim``): their cos and sin, saved once whatever the batch (0: none)
+    global_rotary_dim: int = 0
     #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
     #: output is one more (heads, s, s) tensor saved in eager attention
     attn_softcap: bool = False

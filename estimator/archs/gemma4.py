@@ -65,7 +65,7 @@ _DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", sliding_wi
 _ZERO_OK = Limit(MAX_LAYERS.name, 0, MAX_INTERMEDIATE.hi, MAX_INTERMEDIATE.why)
 #: the (name, value) pairs kept in ModelSpec.family_fields
 _FIELDS = ("global_head_dim", "global_kv_heads", "k_eq_v", "kv_shared", "double_wide", "ple", "ple_vocab", "moe",
-           "moe_intermediate", "bidirectional", "only")
+           "moe_intermediate", "bidirectional", "full_layers", "only")
 
 
 def _fields(spec) -> dict:
@@ -120,12 +120,15 @@ class Gemma4Text(Gemma3Text):
         if bidirectional not in (None, "all", "vision"):
             raise ConfigError(f"{f.where}: use_bidirectional_attention must be null, \"all\" or \"vision\" "
                               f"(configuration_gemma4.py:168); got {bidirectional!r}")
-        ints = dict(global_head_dim=global_d, global_kv_heads=global_kv, k_eq_v=int(k_eq_v), kv_shared=shared,
-                    double_wide=int(f.bool("use_double_wide_mlp", False)), ple=ple, ple_vocab=ple_vocab,
-                    moe=int(moe), moe_intermediate=moe_f, bidirectional=int(bidirectional == "all"), only=0)
+        types = _layer_types(config, layers)
+        # the full layers' indices: part of the spec's hash, as the config (and its layer_types) is not
+        full_layers = tuple(i for i, t in enumerate(types) if t == "full_attention")
+        ints = dict(full_layers=full_layers, global_head_dim=global_d, global_kv_heads=global_kv, k_eq_v=int(k_eq_v),
+                    kv_shared=shared, double_wide=int(f.bool("use_double_wide_mlp", False)), ple=ple,
+                    ple_vocab=ple_vocab, moe=int(moe), moe_intermediate=moe_f,
+                    bidirectional=int(bidirectional == "all"), only=0)
         spec_fields = dict(out, num_experts=experts, experts_per_token=top_k, norms_per_layer=4,
                            o_bias=out["qkv_bias"], family_fields=tuple((k, ints[k]) for k in _FIELDS))
-        types = _layer_types(config, layers)
         if shared and shared < layers and set(types[:layers - shared]) != set(types):
             raise ConfigError(f"{f.where}: the layers before the last num_kv_shared_layers ({shared}) must hold every "
                               f"layer type the shared ones reuse (configuration_gemma4.py:238-242)")
@@ -143,7 +146,11 @@ class Gemma4Text(Gemma3Text):
         # no attention soft-capping in Gemma 4 (eager_attention_forward is called without softcap,
         # modeling_gemma4.py:1232-1242); the sliding layers' rotary tables are their own
         # (Gemma4TextRotaryEmbedding per layer type, :1070-1104)
-        return {"attn_softcap": False, "local_rotary": True}
+        # and the full layers' tables are of their own head size (global_head_dim)
+        m = _fields(spec)
+        full = bool(m["full_layers"]) and not m["only"]
+        return {"attn_softcap": False, "local_rotary": True,
+                "global_rotary_dim": m["global_head_dim"] if full and m["global_head_dim"] != spec.head_dim else 0}
 
     # --- the inventory ------------------------------------------------------------------
 
@@ -254,24 +261,16 @@ class Gemma4Text(Gemma3Text):
         return sum(n * (other - own) for _, n in self._kinds(spec)[1:])
 
     def prefill_quirk(self, spec, setup, tr, resid, mlp, attn, softmax, math):
-        """The no-grad prefill's largest layer: the full layers' attention at their own sizes (the
-        math kernel on CUDA where their head size passes 256) beside the sliding layers'."""
+        """The no-grad prefill's largest layer: beside the generic attention, q_norm's working set
+        (the q_proj output, its fp32 copy and the squares, then the fp32 normed and weighted
+        products: Gemma4RMSNorm, :204-214), and the full layers' at their own sizes (their keys and
+        values repeated to every head past head_dim 256, kernels.kv_repeated)."""
+        T = setup.batch * setup.seq
+        attn = max(attn, (setup.precision.compute_bytes + 2 * FP32) * spec.q_dim * T)
         if _fields(spec)["only"] or len(self._kinds(spec)) == 1:
             return resid, mlp, attn
         from ..estimate import prefill_transient  # estimate reads the registry
         return resid, mlp, max(attn, prefill_transient(_full_spec(spec), setup) - resid)
-
-    def decode_working(self, spec, setup, tokens):
-        """A decode step's full layer on CUDA where sdpa runs the math kernel (head size over 256,
-        grouped heads): the keys and values repeated to every head, the scaled keys and two
-        (b, heads, 1, L) fp32 score matrices (as estimate._inference_phases' math term)."""
-        if _fields(spec)["only"] or len(self._kinds(spec)) == 1:
-            return 0
-        from ..kernels import cuda_sdpa_backend
-        full = _full_spec(spec)
-        if setup.attn is not Attention.SDPA or cuda_sdpa_backend(full, setup) != "math":
-            return 0
-        return FP32 * (3 * full.q_dim + 2 * full.num_heads) * setup.batch * tokens
 
     # --- what is not modelled -----------------------------------------------------------
 
