@@ -9,7 +9,12 @@ no copy was reachable here): each is the ``text_config`` of the NVFP4 derivative
 and bg-digitalservices/Gemma-4-26B-A4B-it-NVFP4A16 as a public C++ test fixture transcribes them
 (``layer_types`` regenerated as 5 sliding + 1 full, the multimodal and quantization keys left out),
 with ``model_type`` gemma4_text and Gemma4ForCausalLM; the widths agree with the published "30.7B"
-(31B) and a 60-layer, hidden-5376, 32-head, 256 / 512 head-size model with 16 / 4 key/value heads."""
+(31B) and a 60-layer, hidden-5376, 32-head, 256 / 512 head-size model with 16 / 4 key/value heads. E2B
+and E4B are reconstructed too, from the text_config fields several public fixtures agree on (hidden
+1536 / 2560, 35 / 42 layers of (4 sliding + 1 full) / (5 + 1), one / two key/value heads, PLE 256,
+the last 20 / 18 layers kv-shared, double-wide MLPs for E2B, no k_eq_v); their text models count
+4.63B / 7.46B on meta, 1.88B / 3.97B without the embeddings, consistent with the published "5.1B / 8B
+with embeddings, 2.3B / 4.5B effective" once the vision and audio encoders are added."""
 from __future__ import annotations
 
 import pytest
@@ -41,7 +46,8 @@ def _spec(**over):
 
 # --- the inventory -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, total", [("gemma-4-31b", 30_697_345_280), ("gemma-4-26b-a4b", 25_233_141_760)])
+@pytest.mark.parametrize("name, total", [("gemma-4-31b", 30_697_345_280), ("gemma-4-26b-a4b", 25_233_141_760),
+                                         ("gemma-4-e2b", 4_628_569_344), ("gemma-4-e4b", 7_463_013_376)])
 def test_shipped_gemma4_is_the_meta_build(name, total):
     spec = load_model(name)
     count = count_params(spec)
@@ -108,7 +114,7 @@ def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
                        ({"use_bidirectional_attention": "all"}, "bidirectional attention")):
         with pytest.raises(ValueError, match=f"but the memory of {what} is not modelled yet"):
             estimate(_spec(**over), Setup())
-    for name, flag in (("gemma-4-31b", "--grad-ckpt"), ("gemma-4-26b-a4b", "--batch=1")):
+    for name, flag in (("gemma-4-31b", "--grad-ckpt"), ("gemma-4-26b-a4b", "--batch=1"), ("gemma-4-e2b", "--batch=1")):
         out = cli("estimate", name, flag)
         assert out.code == 2 and out.err.count("\n") == 1 and "--backend sim" in out.err, out.err
     for mode in ("full", "lora", "inference", "eval"):
