@@ -92,6 +92,7 @@ def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
     other = arch_of(spec).other_layers(spec)
     out = (spec.num_layers - dense - sum(n for _, _, n in other)) * per_layer(lora_targets(spec, targets))
     out += sum(n * per_layer(_targets_among(linears, targets)) for linears, _, n in other)
+    out += per_layer(_targets_among(arch_of(spec).root_linears(spec), targets))
     return out + (dense * per_layer(lora_targets(spec, targets, dense=True)) if dense else 0)
 
 
@@ -209,6 +210,7 @@ def quantized_tensors(spec: ModelSpec, experts_fused: bool = True) -> tuple[tupl
         if (lin.fused_experts or lin.router) and experts_fused:
             continue
         rows.append((lin.in_features * lin.out_features, lin.out_features, lin.copies * layers))
+    rows += [(lin.in_features * lin.out_features, lin.out_features, 1) for lin in arch_of(spec).root_linears(spec)]
     h, e = spec.hidden_size, spec.embed_dim or spec.hidden_size
     if e != h:
         # OPT's project_in (e -> h) and project_out (h -> e) are nn.Linear modules of the decoder

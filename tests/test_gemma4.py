@@ -1,8 +1,9 @@
 """Gemma 4 text (estimator/archs/gemma4.py): the parameter inventory against transformers 5.24's
 meta build for every variant (per-layer input embeddings, kv-shared layers with double-wide MLPs,
-keys as values, the MoE block), the LoRA targets against a real peft 0.21 model, the variants and
-setups not checked refused in one sentence, and every phase of the estimate of the dense variant
-the 31B uses against the CUDA-semantics sim and real CPU steps within 1 %.
+keys as values, the MoE block) and the nn.Linear modules bitsandbytes would replace, the LoRA
+targets against a real peft 0.21 model, the variants and setups not checked refused in one
+sentence, and every phase of the estimate of the dense variant the 31B uses against the
+CUDA-semantics sim and real CPU steps within 1 %.
 
 The shipped configs are not copies of the hub's config.json (google/gemma-4-31B, google/gemma-4-26B-A4B:
 no copy was reachable here): each is the ``text_config`` of the NVFP4 derivatives nvidia/Gemma-4-31B-IT-NVFP4
@@ -21,7 +22,7 @@ import pytest
 
 from estimator.estimate import estimate, kv_cache_bytes
 from estimator.modelspec import load_model, spec_from_config
-from estimator.params import count_params, lora_params, meta_count, param_tensor_sizes
+from estimator.params import count_params, lora_params, meta_count, param_tensor_sizes, quantized_params
 from estimator.setup import Setup
 
 S, F = "sliding_attention", "full_attention"
@@ -61,7 +62,7 @@ def test_shipped_gemma4_is_the_meta_build(name, total):
     {"hidden_size_per_layer_input": 32}, {"hidden_size_per_layer_input": None},
     {"num_kv_shared_layers": 2}, {"num_kv_shared_layers": 2, "use_double_wide_mlp": True},
     {"num_kv_shared_layers": 8}, _MOE, {"layer_types": None}, {"layer_types": [S] * 8},
-    {"hidden_size_per_layer_input": 32, "num_kv_shared_layers": 2, "use_double_wide_mlp": True, **_MOE},
+    dict(hidden_size_per_layer_input=32, num_kv_shared_layers=2, use_double_wide_mlp=True, **_MOE),
 ], ids=["31b-shape", "no-k-eq-v", "no-global-kv", "bias", "ple", "ple-default", "kv-shared", "double-wide",
         "all-shared", "moe", "default-types", "last-forced-full", "everything"])
 def test_inventory_is_the_meta_build(over):
@@ -69,10 +70,11 @@ def test_inventory_is_the_meta_build(over):
     on the full layers or not, per-layer input embeddings (256 wide by default), the last layers reusing
     keys and values (no k/v projections or norms; doubled MLPs), the MoE block, the default layer types
     and the last layer forced full (configuration_gemma4.py:185-197)."""
-    from estimator.archs.meta import build_meta_model
+    from estimator.archs.meta import build_meta_model, meta_linears
     spec = _spec(**over)
     assert count_params(spec).groups == meta_count(spec).groups
     assert sorted(param_tensor_sizes(spec)) == sorted(p.numel() for p in build_meta_model(spec).parameters())
+    assert quantized_params(spec) == meta_linears(spec)  # what bitsandbytes replaces (PLE's root projection too)
 
 
 def test_layer_types_tell_specs_apart():
@@ -84,14 +86,20 @@ def test_layer_types_tell_specs_apart():
 
 # --- what peft 0.21 wraps ----------------------------------------------------------------------
 
+_EVERYTHING = {"hidden_size_per_layer_input": 32, "num_kv_shared_layers": 2, "use_double_wide_mlp": True, **_MOE}
+
+
+@pytest.mark.parametrize("over", [{}, _EVERYTHING], ids=["31b-shape", "ple-kv-shared-moe"])
 @pytest.mark.parametrize("targets", [list(ATTENTION + MLP), ["q_proj", "v_proj"], "all-linear"],
                          ids=["attention-mlp", "q-v", "all-linear"])
-def test_lora_params_match_peft(targets):
-    """peft 0.21.2 on a real model: the full layers have no v_proj (attention_k_eq_v), which peft skips."""
+def test_lora_params_match_peft(targets, over):
+    """peft 0.21.2 on a real model: the full layers have no v_proj (attention_k_eq_v) and the kv-shared
+    ones no k_proj or v_proj, which peft skips; all-linear wraps PLE's root per_layer_model_projection and
+    the router's proj (nn.Linear modules) but not the fused experts (no peft mapping for gemma4_text)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
-    spec = _spec()
+    spec = _spec(**over)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**dict(spec.config)))
     names = (targets,) if isinstance(targets, str) else tuple(targets)

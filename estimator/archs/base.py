@@ -388,7 +388,12 @@ class Arch:
 
     def root_tensors(self, spec) -> list[Tensor]:
         """The root's own tensors beside the embeddings the spec describes (none here; Gemma 4's
-        per-layer input embeddings)."""
+        per-layer input embeddings), its :meth:`root_linears` among them."""
+        return []
+
+    def root_linears(self, spec) -> list[Linear]:
+        """The root's nn.Linear modules beside the layers' and the head (none here; Gemma 4's
+        ``per_layer_model_projection``): bitsandbytes quantizes them, peft's all-linear wraps them."""
         return []
 
     def dense_layers(self, spec) -> int:

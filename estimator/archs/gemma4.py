@@ -218,10 +218,15 @@ class Gemma4Text(Gemma3Text):
         if not m["ple"]:
             return []
         width = spec.num_layers * m["ple"]
-        # per_layer_model_projection is no norm and no embedding: the meta count's mlp group
         return [Tensor("embed_tokens_per_layer.weight", "embeddings", m["ple_vocab"], width),
-                Tensor("per_layer_model_projection.weight", "mlp", width, spec.hidden_size),
-                Tensor("per_layer_projection_norm.weight", "norms", m["ple"], 1)]
+                *self.root_linears(spec)[0].tensors(), Tensor("per_layer_projection_norm.weight", "norms", m["ple"], 1)]
+
+    def root_linears(self, spec):
+        # per_layer_model_projection (h -> L x p, modeling_gemma4.py:1573-1577): no norm and no
+        # embedding by name, so the meta count's mlp group
+        m = _fields(spec)
+        return [Linear("per_layer_model_projection", "mlp", spec.hidden_size, spec.num_layers * m["ple"], False)] \
+            if m["ple"] else []
 
     # --- the memory terms ---------------------------------------------------------------
 
