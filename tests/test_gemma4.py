@@ -69,7 +69,7 @@ def test_inventory_is_the_meta_build(over):
     """Counts per group and every tensor's size equal the meta build of the same config: keys as values
     on the full layers or not, per-layer input embeddings (256 wide by default), the last layers reusing
     keys and values (no k/v projections or norms; doubled MLPs), the MoE block, the default layer types
-    and the last layer forced full (configuration_gemma4.py:185-197)."""
+    and the last layer forced full (configuration_gemma4.py:188-199)."""
     from estimator.archs.meta import build_meta_model, meta_linears
     spec = _spec(**over)
     assert count_params(spec).groups == meta_count(spec).groups
@@ -144,7 +144,7 @@ def test_bad_configs_are_one_sentence(over, message, bad_config_is_one_sentence)
 
 def test_the_kv_cache_is_each_layer_types_own():
     """A key and a value per layer at its own key/value heads x head size (both cached on the full
-    layers with attention_k_eq_v: modeling_gemma4.py:1213-1220): 31B's sliding layers 2 x 16 x 256,
+    layers with attention_k_eq_v: modeling_gemma4.py:1218-1228): 31B's sliding layers 2 x 16 x 256,
     its full layers 2 x 4 x 512 values a token."""
     spec = load_model("gemma-4-31b")
     setup = Setup(mode="inference", precision="bf16", batch=2, seq=1024)

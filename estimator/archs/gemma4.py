@@ -7,13 +7,13 @@ per-layer input embeddings (PLE), layers reusing an earlier layer's keys and val
 
 Sources (transformers 5.24, models/gemma4/):
 
-- configuration_gemma4.py:133-178 the fields and defaults (vocab 262144, hidden 2304,
+- configuration_gemma4.py:150-181 the fields and defaults (vocab 262144, hidden 2304,
   intermediate 9216, 30 layers, 8 heads, 4 key/value heads, head_dim 256, ``gelu_pytorch_tanh``,
   ``tie_word_embeddings`` True, ``sliding_window`` 512, ``hidden_size_per_layer_input`` 256,
-  ``vocab_size_per_layer_input`` 262144); :180-183 ``use_bidirectional_attention == "all"``
-  (not causal); :185-197 layer_types default to every 6th layer full, the last forced full;
-  :205-221 ``global_head_dim`` (512) and ``num_global_key_value_heads`` (only with
-  ``attention_k_eq_v``) become the full layers' ``per_layer_config``; :225-255 kv_sharing_modes
+  ``vocab_size_per_layer_input`` 262144); :184-186 ``use_bidirectional_attention == "all"``
+  (not causal); :188-199 layer_types default to every 6th layer full, the last forced full;
+  :208-221 ``global_head_dim`` (512) and ``num_global_key_value_heads`` (only with
+  ``attention_k_eq_v``) become the full layers' ``per_layer_config``; :225-251 kv_sharing_modes
   (the last ``num_kv_shared_layers`` layers reuse ``"reuse"``).
 - modeling_gemma4.py:196-214 Gemma4RMSNorm: ``normed * weight.float()`` then ``type_as`` (the
   fp32 normed input saved for the weight's gradient, Norm.RMS_WEIGHT_FP32) and
@@ -22,7 +22,7 @@ Sources (transformers 5.24, models/gemma4/):
 - :1051-1067 Gemma4TextMLP (gate/up/down, doubled intermediate on kv-shared layers with
   ``use_double_wide_mlp``); :1141-1252 Gemma4TextAttention: q_proj, q_norm, and unless kv-shared
   k_norm, v_norm (no weight), k_proj, v_proj (none on full layers with ``attention_k_eq_v``: the
-  k_proj output is the value, :1213), o_proj, all biased with ``attention_bias``; scaling 1.0;
+  k_proj output is the value, :1218), o_proj, all biased with ``attention_bias``; scaling 1.0;
   q/k/v normed on the (b, s, heads, d) views, rotated, then transposed (:1200-1222), as Gemma 3.
 - :1255-1328 Gemma4TextExperts (fused (E, 2f, h) / (E, h, f)), Gemma4TextRouter (a weightless
   norm, ``proj`` an nn.Linear (h, E), ``scale`` (h) and ``per_expert_scale`` (E)); :1331-1418
@@ -58,7 +58,7 @@ from ..units import FP32
 from .base import LAYER_TYPES, Linear, Norm, QKNorm, Tensor
 from .gemma3 import Gemma3Text
 
-#: Gemma4TextConfig's defaults (configuration_gemma4.py:133-178)
+#: Gemma4TextConfig's defaults (configuration_gemma4.py:150-181)
 _DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", sliding_window=512, global_head_dim=512,
                  hidden_size_per_layer_input=256, vocab_size_per_layer_input=262_144)
 #: 0 is allowed for the sizes that switch a part off (PLE, kv sharing)
@@ -93,15 +93,15 @@ class Gemma4Text(Gemma3Text):
             out["hidden_act"] = _DEFAULTS["hidden_activation"]
         if "per_layer_config" in config:
             raise ConfigError(f"{f.where}: per_layer_config is not read here; give the full layers' sizes as "
-                              f"global_head_dim and num_global_key_value_heads (configuration_gemma4.py:205-221)")
+                              f"global_head_dim and num_global_key_value_heads (configuration_gemma4.py:208-221)")
         k_eq_v = f.bool("attention_k_eq_v", False)
         global_d = f.int("global_head_dim", limit=MAX_HEAD_DIM, default=_DEFAULTS["global_head_dim"])
         global_kv = f.int("num_global_key_value_heads", limit=MAX_HEADS, default=0)
-        # the override applies only with attention_k_eq_v (configuration_gemma4.py:212-216)
+        # the override applies only with attention_k_eq_v (configuration_gemma4.py:214)
         global_kv = global_kv if (k_eq_v and global_kv) else out["num_kv_heads"]
         if out["num_heads"] % global_kv:
             raise ConfigError(f"{f.where}: num_global_key_value_heads ({global_kv}) must divide "
-                              f"num_attention_heads ({out['num_heads']}) (modeling_gemma4.py:1156)")
+                              f"num_attention_heads ({out['num_heads']}) (modeling_gemma4.py:1155)")
         layers = out["num_layers"]
         shared = f.int("num_kv_shared_layers", limit=Limit(MAX_LAYERS.name, 0, layers, "the layers"), default=0)
         ple = f.int("hidden_size_per_layer_input", limit=_ZERO_OK, default=_DEFAULTS["hidden_size_per_layer_input"])
@@ -115,11 +115,11 @@ class Gemma4Text(Gemma3Text):
             moe_f = f.int("moe_intermediate_size", limit=MAX_INTERMEDIATE)
             if top_k > experts:
                 raise ConfigError(f"{f.where}: top_k_experts ({top_k}) must be at most num_experts ({experts}) "
-                                  f"(Gemma4TextRouter, modeling_gemma4.py:1312)")
+                                  f"(Gemma4TextRouter, modeling_gemma4.py:1316-1320)")
         bidirectional = config.get("use_bidirectional_attention")
         if bidirectional not in (None, "all", "vision"):
             raise ConfigError(f"{f.where}: use_bidirectional_attention must be null, \"all\" or \"vision\" "
-                              f"(configuration_gemma4.py:168); got {bidirectional!r}")
+                              f"(configuration_gemma4.py:172); got {bidirectional!r}")
         types = _layer_types(config, layers)
         # the full layers' indices: part of the spec's hash, as the config (and its layer_types) is not
         full_layers = tuple(i for i, t in enumerate(types) if t == "full_attention")
@@ -131,7 +131,7 @@ class Gemma4Text(Gemma3Text):
                            o_bias=out["qkv_bias"], family_fields=tuple((k, ints[k]) for k in _FIELDS))
         if shared and shared < layers and set(types[:layers - shared]) != set(types):
             raise ConfigError(f"{f.where}: the layers before the last num_kv_shared_layers ({shared}) must hold every "
-                              f"layer type the shared ones reuse (configuration_gemma4.py:238-242)")
+                              f"layer type the shared ones reuse (configuration_gemma4.py:237-241)")
         return spec_fields
 
     def layer_types(self, spec):
@@ -144,7 +144,7 @@ class Gemma4Text(Gemma3Text):
 
     def base_traits(self, spec):
         # no attention soft-capping in Gemma 4 (eager_attention_forward is called without softcap,
-        # modeling_gemma4.py:1232-1242); the sliding layers' rotary tables are their own
+        # modeling_gemma4.py:1237-1247); the sliding layers' rotary tables are their own
         # (Gemma4TextRotaryEmbedding per layer type, :1070-1104)
         # and the full layers' tables are of their own head size (global_head_dim)
         m = _fields(spec)
@@ -232,7 +232,7 @@ class Gemma4Text(Gemma3Text):
 
     def kv_elems(self, spec) -> int:
         """Every layer's DynamicCache per token: a key and a value at its own kv heads x head_dim
-        (the full layers' keys and values are both cached with attention_k_eq_v, :1217-1220)."""
+        (the full layers' keys and values are both cached with attention_k_eq_v, :1218-1228)."""
         return sum(n * 2 * kv_dim for (t, _), n, kv_dim in self._kv_dims(spec))
 
     def _kv_dims(self, spec):
@@ -310,7 +310,7 @@ class Gemma4Text(Gemma3Text):
 
 def _layer_types(config, layers: int) -> list[str]:
     """The config's layer_types, else every 6th layer full; the last layer is forced full
-    (configuration_gemma4.py:185-197)."""
+    (configuration_gemma4.py:188-199)."""
     types = config.get("layer_types")
     if isinstance(types, list) and len(types) == layers and all(t in LAYER_TYPES for t in types):
         types = list(types)
