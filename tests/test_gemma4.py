@@ -232,3 +232,11 @@ def test_cpu_steps_match_real_ones(mode, predicted_agrees_per_phase):
     record = run_case(spec.name, Setup(mode=mode, precision="bf16", batch=2, seq=1024, device="cpu", **kw), "cpu",
                       steps=1, spec=spec)
     predicted_agrees_per_phase(record, SIM_TOLERANCE)
+
+
+def test_gemma2_eval_frees_its_soft_capped_logits_too(predicted_agrees_per_phase):
+    """The same soft-capping code (5.24 models/gemma2/modeling_gemma2.py:520-523): Gemma 2's eval forward
+    (2 layers, eager: Gemma 2 takes no sdpa) measured -0.00 %, the shared eval term's fix."""
+    base = load_model("gemma-2-2b")
+    spec = spec_from_config(dict(base.config, num_hidden_layers=2), name="gemma2-2l", source=base.source)
+    _sim(spec, predicted_agrees_per_phase, mode="eval", attn="eager")
