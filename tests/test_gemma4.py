@@ -111,10 +111,10 @@ def test_lora_params_match_peft(targets, over):
 
 def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
     spec = load_model("gemma-4-31b")
-    for setup in (Setup(grad_ckpt=True), Setup(mode="qlora", quant="nf4"), Setup(precision="fp16"),
-                  Setup(precision="fp32"), Setup(attn="eager"), Setup(sharding="fsdp", world_size=2),
-                  Setup(mode="lora", lora_targets="all-linear"), Setup(mode="eval", use_cache=True),
-                  Setup(mode="inference", device="cpu")):
+    for setup in (Setup(mode="qlora", quant="nf4"), Setup(precision="fp32"), Setup(precision="amp-bf16"),
+                  Setup(sharding="fsdp", world_size=2), Setup(use_cache=True), Setup(mode="inference", device="cpu"),
+                  Setup(device="cpu", grad_ckpt=True), Setup(device="cpu", mode="lora", lora_targets="all-linear"),
+                  Setup(device="cpu", attn="eager")):
         with pytest.raises(ValueError, match=r"\(gemma4_text\): its parameters are counted exactly, but its memory"):
             estimate(spec, setup)
     for over, what in (({"hidden_size_per_layer_input": 32}, "per-layer input embeddings"),
@@ -122,7 +122,8 @@ def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
                        ({"use_bidirectional_attention": "all"}, "bidirectional attention")):
         with pytest.raises(ValueError, match=f"but the memory of {what} is not modelled yet"):
             estimate(_spec(**over), Setup())
-    for name, flag in (("gemma-4-31b", "--grad-ckpt"), ("gemma-4-26b-a4b", "--batch=1"), ("gemma-4-e2b", "--batch=1")):
+    for name, flag in (("gemma-4-31b", "--precision=fp32"), ("gemma-4-26b-a4b", "--batch=1"),
+                       ("gemma-4-e2b", "--batch=1")):
         out = cli("estimate", name, flag)
         assert out.code == 2 and out.err.count("\n") == 1 and "--backend sim" in out.err, out.err
     for mode in ("full", "lora", "inference", "eval"):
@@ -163,7 +164,8 @@ def _reduced(layers: int = 8, **over):
 
 def _sim(spec, predicted_agrees_per_phase, **setup):
     from profiler.measure.run import run_case
-    record = run_case(spec.name, Setup(precision="bf16", batch=2, seq=1024, **setup), "sim", steps=1, spec=spec)
+    record = run_case(spec.name, Setup(**{"precision": "bf16", "batch": 2, "seq": 1024, **setup}), "sim", steps=1,
+                      spec=spec)
     predicted_agrees_per_phase(record, SIM_TOLERANCE)
     return record
 
@@ -205,13 +207,32 @@ def test_an_eval_forward_matches_the_cuda_sim(predicted_agrees_per_phase):
     _sim(_reduced(), predicted_agrees_per_phase, mode="eval")
 
 
-def test_checkpointing_is_measured_without_an_estimate():
+def test_fp32_is_measured_without_an_estimate():
+    """Refused: with the refusal lifted by hand fp32 measured +2.41 % (full forward) and +5.03 % (LoRA
+    forward) against the sim, QLoRA nf4 +7.63 %: their terms for this family are not read yet."""
     from profiler.measure.run import run_case
     spec = _reduced(layers=2)
-    record = run_case(spec.name, Setup(mode="full", precision="bf16", batch=1, seq=256, grad_ckpt=True), "sim",
-                      steps=1, spec=spec)
+    record = run_case(spec.name, Setup(mode="full", precision="fp32", batch=1, seq=256), "sim", steps=1, spec=spec)
     assert record.ok and record.predicted is None
     assert "not modelled yet" in record.message, record.message
+
+
+#: the setups let through beyond bf16 sdpa without checkpointing, each run on the sim (b2 x s1024)
+_GRID = [dict(mode=mode, precision=precision, attn=attn, grad_ckpt=ckpt, **extra)
+         for precision in ("bf16", "fp16") for attn in ("sdpa", "eager") for ckpt in (False, True)
+         for mode, extra in (("full", {}), ("lora", {"lora_targets": ",".join(ATTENTION + MLP)}),
+                             ("lora", {"lora_targets": "all-linear"}))] \
+    + [dict(mode=mode, precision=precision, attn=attn, **extra)
+       for precision in ("bf16", "fp16") for attn in ("sdpa", "eager")
+       for mode, extra in (("inference", {"new_tokens": 2}), ("eval", {}), ("eval", {"use_cache": True}))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", _GRID, ids=lambda d: "-".join(str(v) for k, v in d.items() if v is not False))
+def test_the_setups_let_through_match_the_cuda_sim(setup, predicted_agrees_per_phase):
+    """Every setup memory_gap lets through on CUDA, against the sim (measured: within 0.62 %, the eager
+    prefill; checkpointed LoRA forward -0.42 %)."""
+    _sim(_reduced(), predicted_agrees_per_phase, **setup)
 
 
 @pytest.mark.slow
