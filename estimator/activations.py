@@ -286,7 +286,7 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         # autograd saves an input of a matmul for the other operand's gradient alone, so frozen
         # experts (LoRA elsewhere) save none (measured on the sim: Qwen3-MoE LoRA on attention,
         # 64 MiB a layer at 2 x 1024 tokens, +2.4 % before on 4 layers)
-        if tr.router is Router.TOPK_SOFTMAX:
+        if tr.router in (Router.TOPK_SOFTMAX, Router.TOPK_SOFTMAX_FP32):
             # gpt-oss's router (modeling_gpt_oss.py:126-130): topk of the logits saves its int64
             # indices, the softmax over the k values its output (the logits themselves are freed);
             # the grouped_mm forward (integrations/moe.py:440-529) gathers by ``perm // k``, the
@@ -294,7 +294,10 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
             # saved by the indexing), gathers the expert biases by ``expert_ids_g`` (saved while the
             # biases train) and saves the gathered routing weights for the down output's gradient
             bias_index = any(lin.fused_experts and lin.bias for lin in layer_linears(spec)) and trainable_base
-            terms["moe_routing"] = mlp_tokens * (INT64 * (4 + (1 if bias_index else 0)) + 2 * p) \
+            # (GraniteMoe's softmax runs on fp32 logits: its saved output is fp32, the weights the
+            # experts gather are cast back, modeling_granitemoe.py:129-131)
+            softmax_out = FP32 if tr.router is Router.TOPK_SOFTMAX_FP32 else p
+            terms["moe_routing"] = mlp_tokens * (INT64 * (4 + (1 if bias_index else 0)) + softmax_out + p) \
                 + (mlp_tokens * lin_in * h if experts_trainable else 0)
         else:
             terms["moe_routing"] = (p + FP32) * spec.num_experts \

@@ -130,6 +130,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-iterations", default=None, help="--trainer grpo: optimizer passes per generation batch "
                                                           "(GRPOConfig.num_iterations, default 1); above 1 a no-grad "
                                                           "log-prob pass follows generation (the logprob phase)")
+    g.add_argument("--beta", default=None, help="--trainer grpo: the KL coefficient (GRPOConfig.beta, default 0.0); "
+                                                "not 0: a reference (the LoRA policy's adapter disabled, or a "
+                                                "frozen copy under full fine-tuning) and its no-grad log-prob pass")
     g.add_argument("--rope-scaling", default=None, metavar="FACTOR",
                    help="stretch rotary positions by FACTOR: sequences up to FACTOR x max_position_embeddings "
                         "(default: the config's rope scaling)")
@@ -160,6 +163,15 @@ def _int(name: str, text) -> int:
 
 def _optional_int(name: str, text) -> int | None:
     return None if text is None else _int(name, text)
+
+
+def _optional_float(name: str, text) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--{name} must be a number, got {text!r}") from None
 
 
 def _factor(name: str, text) -> float:
@@ -197,6 +209,7 @@ def setup_from_args(args: argparse.Namespace, device: str | None = None) -> Setu
         num_generations=_optional_int("num-generations", getattr(args, "num_generations", None)),
         max_completion=_optional_int("max-completion", getattr(args, "max_completion", None)),
         num_iterations=_optional_int("num-iterations", getattr(args, "num_iterations", None)),
+        beta=_optional_float("beta", getattr(args, "beta", None)),
         versions=versions,
         allow_llama_fallback=bool(getattr(args, "allow_llama_fallback", False)),
         alloc_conf=getattr(args, "alloc_conf", "") or "",

@@ -786,7 +786,7 @@ def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     after = steady.get(Phase.OPTIMIZER)
     held = (after[Category.GRADIENTS] if after else st.gradients) if setup.keep_grads else 0
     logprob = None
-    if grpo.has_logprob_pass(setup):
+    if grpo.has_logprob_pass(setup) or grpo.has_reference_pass(setup):
         # the no-grad pass's peak beside the model states as generation saw them (estimator/grpo.py)
         extra = grpo.logprob_pass_bytes(spec, train, int(k * prefill_transient(spec, train)))
         logprob = {Category.ACTIVATIONS: int(k * extra["activations"]), Category.LOGITS: int(k * extra["logits"]),
@@ -800,7 +800,15 @@ def _grpo_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
         return out
 
     states = after[Category.OPTIMIZER_STATE] if after else 0
-    return with_generation(steady, states), lambda: with_generation(first() if first else steady, 0)
+    key = setup.shape_free
+    ref_w = grpo.reference_weight_bytes(setup, _weight_bytes(spec, key, count_params(spec).total)
+                                        + _buffer_bytes(spec, key))
+
+    def with_reference(phases: _PhaseMap) -> _PhaseMap:
+        return {ph: dict(comp, **{Category.WEIGHTS: comp[Category.WEIGHTS] + ref_w}) for ph, comp in phases.items()}
+
+    return (with_reference(with_generation(steady, states)),
+            lambda: with_reference(with_generation(first() if first else steady, 0)))
 
 
 def _first_layer_expert_backward(spec: ModelSpec, setup: Setup, st: _Static, act, k: float, G: int,

@@ -16,8 +16,9 @@ micro-batch:
    ``gradient_accumulation_steps % (steps_per_generation x num_iterations) != 0`` (:2642-2645), so
    with ``--num-iterations`` above 1 (its default 1, grpo_config.py:689-692): the policy, checkpointing
    off, over the generation batch ``batch`` sequences at a time (:2646-2655, :1427-1433), with its
-   fused head (:func:`logprob_pass_bytes`); the reference's only with ``beta != 0`` (:2710), whose
-   default 0.0 is assumed (grpo_config.py:681-688: no reference model either, grpo_trainer.py:983-986);
+   fused head (:func:`logprob_pass_bytes`); the reference's only with ``--beta`` not 0 (:2710; its
+   default 0.0, grpo_config.py:681-688, has no reference model either, grpo_trainer.py:983-986):
+   :func:`has_reference_pass`, :func:`reference_weight_bytes`;
 3. training (``Phase.FORWARD`` .. ``ZERO_GRAD``): ``_get_per_token_logps_and_entropies`` (:1419) on
    ``prompt + completion`` tokens with labels masked to the completion (:1495-1496) and the fused LM
    head (:1498 ``fused_lm_head=True``; ``add_fused_lm_head`` with outputs log_probs and entropy,
@@ -51,7 +52,7 @@ def generation_setup(setup: Setup) -> Setup:
     decoded. The weights are the training setup's (the estimate keeps them)."""
     return setup.replace(trainer=Trainer.HF, mode=Mode.INFERENCE, batch=setup.batch * setup.grad_accum,
                          new_tokens=setup.max_completion, num_generations=None, max_completion=None,
-                         num_iterations=None,
+                         num_iterations=None, beta=None,
                          grad_accum=1, grad_ckpt=False, loss=Loss.CAUSAL_LM, world_size=1,
                          sharding="none", lora_targets=setup.lora_targets)
 
@@ -61,6 +62,23 @@ def has_logprob_pass(setup: Setup) -> bool:
     (steps_per_generation x num_iterations)`` is not 0 (:2642-2645) with ``steps_per_generation`` =
     ``gradient_accumulation_steps`` (grpo_config.py:1098-1100), i.e. ``num_iterations`` > 1."""
     return setup.num_iterations > 1
+
+
+def has_reference_pass(setup: Setup) -> bool:
+    """Whether TRL computes the reference's log-probs (``beta != 0.0``, :2710): after the old
+    log-probs, in the same ``no_grad`` block with checkpointing off (:2631-2633), over the
+    generation batch ``batch`` sequences at a time, through the reference's own fused head (a
+    separate copy: log_probs only, :1075-1078) or the policy's with its adapter disabled
+    (``use_adapter``, :2725-2737). Its worst moment is :func:`logprob_pass_bytes`': the same model
+    and shapes (the log_probs-only fold holds 12 bytes a tile element too, dpo.py)."""
+    return bool(setup.beta)
+
+
+def reference_weight_bytes(setup: Setup, base_weights: int) -> int:
+    """A separate reference under full fine-tuning: ``create_model_from_path`` of the policy's
+    checkpoint in the policy's dtype (:991-1003 ``dtype=self.model.dtype``), frozen, kept for the
+    run; none with LoRA (the adapter disabled, :987-990) or beta 0 (:984-986)."""
+    return base_weights if setup.beta and setup.mode is Mode.FULL else 0
 
 
 def logprob_pass_bytes(spec: ModelSpec, train: Setup, layer_transient: int) -> dict[str, int]:

@@ -5,6 +5,7 @@ every invalid value is a ``ValueError`` naming the value and the valid choices.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from enum import Enum
@@ -420,6 +421,10 @@ class Setup:
     # --trainer grpo: optimizer passes over each generation batch (GRPOConfig.num_iterations, the
     # paper's mu); above 1 TRL runs a no-grad log-prob pass after generation (estimator/grpo.py)
     num_iterations: int | None = None
+    # --trainer grpo: the KL coefficient (GRPOConfig.beta, default 0.0). Not 0: a reference, the
+    # LoRA policy with its adapter disabled or (full fine-tuning) a frozen copy of the model, and
+    # its no-grad log-prob pass after generation (trl 1.16.0 grpo_trainer.py:983-1003, :2710-2737)
+    beta: float | None = None
     # library versions whose semantics to assume, over the installed ones (estimator/versions.py);
     # () assumes what is installed
     versions: tuple[tuple[str, str], ...] = ()
@@ -533,6 +538,14 @@ class Setup:
                                  f"--trainer grpo, or leave {flag} out)")
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.beta is not None:
+            if self.trainer is not Trainer.GRPO:
+                raise ValueError(f"--beta is GRPO's KL coefficient; --trainer {self.trainer} has none (pass --trainer "
+                                 f"grpo, or leave --beta out)")
+            if isinstance(self.beta, bool) or not isinstance(self.beta, int | float) or not math.isfinite(self.beta) \
+                    or self.beta < 0:
+                raise ValueError(f"--beta must be a finite number >= 0, got {self.beta!r}")
+            object.__setattr__(self, "beta", float(self.beta))
         if self.trainer is Trainer.GRPO:
             self._check_grpo()
         if self.trainer is Trainer.SFT:
@@ -796,6 +809,8 @@ class Setup:
         for name in ("num_generations", "max_completion", "num_iterations"):
             if out.get(name) is None:
                 out.pop(name, None)  # no GRPO: records keep their case keys
+        if not self.beta:
+            out.pop("beta", None)  # GRPOConfig's 0.0: records keep their case keys
         if self.ref_model is None:
             del out["ref_model"]  # no DPO: records keep their case keys
         if self.packing is None:

@@ -13,8 +13,9 @@ versions (``Setup.versions`` over the installed ones, estimator/versions.py):
 GRPOTrainer (trl 1.16.0, ``Semantics.grpo_read``; estimator/grpo.py): the fused LM head with
 log-probs and entropy (grpo_trainer.py:1068-1073), checkpointing on (base_config.py:62), and
 GRPOConfig's ``num_generations`` 8, ``max_completion_length`` 512 and ``num_iterations`` 1
-(grpo_config.py:480-497, :689-692; :GRPO_DEFAULTS); ``beta`` 0.0 (:681-688: no reference model) is
-assumed. A no-grad log-prob pass runs only with ``num_iterations`` > 1 (grpo_trainer.py:2642-2657).
+(grpo_config.py:480-497, :689-692; :GRPO_DEFAULTS); ``beta`` 0.0 (:681-688: no reference model)
+unless ``--beta`` is given. A no-grad log-prob pass runs with ``num_iterations`` > 1
+(grpo_trainer.py:2642-2657), and the reference's with ``beta`` not 0 (:2710-2737).
 
 SFTTrainer's ``--packing`` (setup.Packing) changes the shape the step sees (:func:`step_setup`).
 

@@ -79,10 +79,15 @@ def cmd_estimate(args) -> int:
     setup = _setup(args)
     gpu = _gpu(args)
     spec = load_model(args.model)
-    est = estimate(spec, setup, gpu, _overheads(args, setup, gpu))
+    overheads = _overheads(args, setup, gpu)
+    lengths = _seq_lengths(args, setup, lambda s: estimate(spec, s, gpu, overheads).total_bytes)
+    if lengths is not None:
+        setup = lengths.bound  # the worst batch any order can form: the safe figure
+    est = estimate(spec, setup, gpu, overheads)
     if args.json:
         from estimator.estimate import assumed_versions
-        print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup)), indent=2))
+        extra = {"seq_lengths": lengths.to_dict()} if lengths is not None else {}
+        print(json.dumps(dict(est.to_dict(), assumed_versions=assumed_versions(spec, setup), **extra), indent=2))
     else:
         from estimator.report import estimate_table, non_tensor_lines, print_table, print_text
         print_table(estimate_table(est), wide=args.wide)
@@ -90,12 +95,46 @@ def cmd_estimate(args) -> int:
             print_text(line, wide=args.wide)
         for note in est.notes:
             print_text(f"note: {note}", wide=args.wide)
+        if lengths is not None:
+            print_text(_seq_lengths_line(lengths, lambda s: estimate(spec, s, gpu, overheads).total_bytes),
+                       wide=args.wide)
         assumed = setup.semantics.to_dict()["versions"]
         print_text("assumed: " + ", ".join(f"{k} {v}" for k, v in assumed.items()), wide=args.wide)
         if gpu:
             verdict = "fits" if est.total_bytes <= gpu.memory_bytes else "does NOT fit"
             print_text(f"{verdict} on {gpu.name} ({format_gib(gpu.memory_bytes, 1)})", wide=args.wide)
     return 0
+
+
+def _seq_lengths(args, setup, peak):
+    """--seq-lengths FILE: the worst batch of the file's examples (estimator/lengths.py), None without it."""
+    if getattr(args, "seq_lengths", None) is None:
+        if getattr(args, "seed", None) is not None:
+            raise UsageError("--seed orders --seq-lengths' examples; pass --seq-lengths FILE with it")
+        return None
+    from estimator.lengths import TRAINER_SEED, read_lengths, worst_batch
+    try:
+        seed = TRAINER_SEED if args.seed is None else int(args.seed)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed!r}")
+    return worst_batch(setup, read_lengths(args.seq_lengths), peak, seed)
+
+
+def _seq_lengths_line(w, peak) -> str:
+    """What --seq-lengths found, in one line."""
+    from estimator.units import format_gib
+    shape = f"({w.bound.batch} x {w.bound.seq}, {w.bound.packing})"
+    if w.step is None:
+        return (f"seq lengths: {w.examples:,} examples, {w.steps:,} steps an epoch; packed bins hold --seq tokens "
+                f"whatever the lengths, so every full batch is the worst {shape}: the estimate above")
+    longest = ", ".join(map(str, w.bound_lengths))
+    seeded = ", ".join(map(str, w.lengths))
+    return (f"seq lengths: {w.examples:,} examples, {w.steps:,} steps an epoch; the estimate above is the worst "
+            f"batch any order can form, the longest examples together ({longest}) {shape}; in the Trainer's "
+            f"order (seed {w.seed}) epoch 1's worst is step {w.step} ({seeded}; {w.worst.batch} x {w.worst.seq}): "
+            f"{format_gib(peak(w.worst), 2)}")
 
 
 def cmd_fit(args) -> int:
@@ -221,7 +260,7 @@ def cmd_sweep(args) -> int:
         retries = -1
     if retries < 0:
         raise UsageError(f"--retries must be a non-negative integer, got {args.retries!r}")
-    counts = {"ok": 0, "oom": 0, "error": 0}
+    counts = {"ok": 0, "oom": 0, "error": 0, "skipped": 0}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
                   disable=not sys.stderr.isatty()) as progress:
@@ -241,11 +280,17 @@ def cmd_sweep(args) -> int:
             if not sys.stderr.isatty():
                 _say(sys.stderr, f"[{n}/{total}] {record.case.label()}: {record.status}")
 
+        def on_skip(n, total, job, sentence):
+            counts["skipped"] += 1
+            progress.update(task, advance=1)
+            _say(sys.stderr, f"[{n}/{total}] {job.case.label()}: skipped: {sentence}")
+
         sweep(args.matrix, args.backend, args.out, shard=shard, timeout_s=timeout_s, on_case=on_case,
-              timeline=args.timeline, retries=retries, on_start=on_start,
+              timeline=args.timeline, retries=retries, on_start=on_start, on_skip=on_skip,
               warn=lambda text: _say(sys.stderr, f"vramlab: warning: {text}"),
               max_cases=_positive(args.max_cases, "max-cases"))
-    _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error -> {args.out}")
+    skipped = f", {counts['skipped']} skipped (an optional extra is not installed)" if counts["skipped"] else ""
+    _say(sys.stdout, f"done: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error{skipped} -> {args.out}")
     return 0
 
 
@@ -442,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", help="GPU preset (sets the cuBLAS workspace and says whether it fits)")
     p.add_argument("--calibration", default="auto", help="calibration JSON, 'none', or 'auto' (default)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    p.add_argument("--seq-lengths", default=None, metavar="FILE",
+                   help="--trainer sft: the dataset's example lengths (a JSON list, one length per line, or "
+                        "LENGTH COUNT per line); --seq is max_length; the estimate is the worst batch any order "
+                        "can form, with the worst step of the Trainer's seeded order")
+    p.add_argument("--seed", default=None, help="with --seq-lengths: the Trainer's seed (data_seed or seed; "
+                                                "default 42, TrainingArguments')")
     _add_wide(p)
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("fit", help="largest batch / longest sequence and strategies that fit a budget")

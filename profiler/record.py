@@ -119,6 +119,7 @@ _TAGS: dict[str, Callable[[Any], str]] = {
     "num_generations": lambda v: f"g{v}",
     "max_completion": lambda v: f"+{v}completion",
     "num_iterations": lambda v: f"mu{v}",
+    "beta": lambda v: f"beta{v}",
     "versions": lambda v: ",".join(f"{k}={x}" for k, x in v) if isinstance(v, list) else str(v),
     "compute_capability": lambda v: f"cc{v}",
     "alloc_conf": lambda v: str(v),

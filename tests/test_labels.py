@@ -35,7 +35,7 @@ OTHER = {"mode": "lora", "precision": "amp-bf16", "quant": "nf4", "optimizer": "
          "lora_targets": ["c_attn"], "device": "cpu", "world_size": 4, "sharding": "fsdp", "new_tokens": 5,
          "loop": "held", "grad_accum": 2, "keep_grads": True, "use_cache": True, "loss": "logits-sum",
          "trainer": "sft", "ref_model": "separate", "packing": "packed",
-         "num_generations": 4, "max_completion": 64, "num_iterations": 2,
+         "num_generations": 4, "max_completion": 64, "num_iterations": 2, "beta": 0.04,
          "versions": [["transformers", "4.48"]], "compute_capability": "7.5",
          "allow_llama_fallback": True,
          "alloc_conf": "expandable_segments:True", "empty_cache_steps": 1, "load": "config",

@@ -251,6 +251,9 @@ def test_gathered_rank_never_exceeds_ddp_unless_the_root_and_layers_explain_it(c
     {"model_type": "glm4_moe", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
      "num_hidden_layers": 2, "intermediate_size": 512, "moe_intermediate_size": 128, "n_routed_experts": 8,
      "num_experts_per_tok": 2, "first_k_dense_replace": 1, "head_dim": 64, "use_qk_norm": True, "vocab_size": 1000},
+    {"model_type": "granitemoe", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+     "num_hidden_layers": 2, "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2,
+     "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 6.0, "vocab_size": 1000},
 ], ids=lambda c: c["model_type"])
 def test_todays_moe_types_are_estimated_or_refused_and_never_negative(config):
     spec = spec_from_config(config, name=config["model_type"])
@@ -261,7 +264,7 @@ def test_todays_moe_types_are_estimated_or_refused_and_never_negative(config):
                   Setup(seq=64, mode="lora", lora_targets="all-linear")):
         if spec.has_formula and arch_of(spec).refuse(spec, setup):  # gpt_oss: eager attention only
             setup = setup.replace(attn="eager")
-        if spec.has_formula and arch_of(spec).memory_gap(spec, setup):  # deepseek_v3, glm4_moe: refused in one sentence
+        if spec.has_formula and arch_of(spec).memory_gap(spec, setup):  # deepseek_v3, glm4_moe, granitemoe: refused
             with pytest.raises(NotModelled, match="counted exactly"):
                 estimate(spec, setup.replace(allow_llama_fallback=True))
             continue

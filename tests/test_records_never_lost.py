@@ -263,3 +263,46 @@ def test_case_timeout_checked_in_the_api(matrix, tmp_path):
     for bad in (float("inf"), float("nan"), 0):
         with pytest.raises(ValueError, match="finite positive number of seconds"):
             sweep(matrix, "sim", tmp_path / "out.jsonl", timeout_s=bad)
+
+
+def test_a_case_whose_extra_is_missing_is_skipped_without_a_record_and_runs_on_resume(tmp_path, monkeypatch):
+    """Without trl a --trainer case is skipped (no record, one sentence naming the extra); the
+    other cases run; once trl is importable a resumed sweep runs the skipped case."""
+    import importlib.util
+
+    from profiler.measure import build
+    config = tmp_path / "tiny-llama.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    m = tmp_path / "m.toml"
+    m.write_text(f'steps = 1\nprecision = "fp32"\nseq = 16\n[[cases]]\nmodel = "{config}"\nmode = "full"\n'
+                 f'[[cases]]\nmodel = "{config}"\nmode = "lora"\nlora_targets = [["q_proj"]]\ntrainer = "sft"\n')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    out, skipped = tmp_path / "r.jsonl", []
+    runner, calls = _fake_runner(["ok", "ok"])
+    records = sweep(m, "cpu", out, runner=runner, on_skip=lambda n, total, job, why: skipped.append((n, total, why)))
+    assert len(records) == len(calls) == 1 and "trainer" not in records[0].case.setup
+    assert skipped == [(2, 2, "--trainer sft needs trl, which is not installed (pip install -e '.[trl]')")]
+    assert len(read_records(out)) == 1
+    monkeypatch.setattr(build.importlib.util, "find_spec", real)
+    (record,) = sweep(m, "cpu", out, runner=runner)
+    assert record.case.setup.get("trainer") == "sft" and len(read_records(out)) == 2 and len(calls) == 2
+
+
+def test_missing_extra_names_the_package_and_the_extra(monkeypatch):
+    import importlib.util
+
+    from estimator.setup import Setup
+    from profiler.measure import build
+    real = importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "trl", "datasets") else real(name, *a))
+    assert build.missing_extra(Setup(mode="qlora", quant="nf4")) == \
+        "--quant nf4 needs bitsandbytes, which is not installed (pip install -e '.[quant]')"
+    assert "--optimizer adamw-8bit needs bitsandbytes" in build.missing_extra(Setup(optimizer="adamw-8bit"))
+    dpo = Setup(trainer="dpo", loss="chunked-nll")
+    assert "--trainer dpo needs trl and datasets, which are not installed" in build.missing_extra(dpo)
+    assert build.missing_extra(Setup()) is None
+    monkeypatch.setattr(build.importlib.util, "find_spec", real)
+    # installed here (the test extra)
+    assert build.missing_extra(Setup(mode="qlora", quant="nf4", trainer="sft")) is None

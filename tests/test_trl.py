@@ -429,6 +429,10 @@ def test_grpo_takes_grpo_configs_defaults_and_its_knobs(cli):
     (["--trainer", "grpo", "--batch", "8", "--max-completion", "x"], "must be an integer"),
     (["--num-iterations", "2"], "--trainer hf generates nothing"),
     (["--trainer", "grpo", "--batch", "8", "--num-iterations", "0"], "must be a positive integer"),
+    (["--trainer", "grpo", "--batch", "8", "--beta", "-1"], "--beta must be a finite number >= 0"),
+    (["--trainer", "grpo", "--batch", "8", "--beta", "nan"], "--beta must be a finite number >= 0"),
+    (["--trainer", "grpo", "--batch", "8", "--beta", "x"], "--beta must be a number"),
+    (["--trainer", "sft", "--beta", "0.1"], "--beta is GRPO's KL coefficient"),
 ])
 def test_bad_grpo_flags_are_one_sentence_and_exit_2(cli, argv, match):
     out = cli("estimate", "smollm2-135m", *argv)
@@ -484,23 +488,45 @@ def test_more_than_one_iteration_adds_the_no_grad_log_prob_pass():
     assert logprob[Category.LOGITS] == head and logprob[Category.ACTIVATIONS] == 4 * 2 * 512 * h
 
 
+def test_beta_adds_the_reference_pass_and_under_full_fine_tuning_its_weights():
+    """--beta not 0 (GRPOConfig.beta, default 0.0: left out of the record's setup): the reference's
+    no-grad log-prob pass, the logprob phase of num_iterations 2 again; its weights only under full
+    fine-tuning (a frozen copy in the policy's dtype), none with LoRA (the adapter disabled)."""
+    spec = load_model("smollm2-135m")
+    kw = dict(trainer="grpo", loss="chunked-nll", batch=2, seq=256, grad_ckpt=True, device="cpu", precision="fp32",
+              num_generations=2, max_completion=256)
+    assert "beta" not in Setup(beta=0, **kw).to_dict() and Setup(beta=0.04, **kw).to_dict()["beta"] == 0.04
+    for mode, extra in (("lora", dict(lora_targets=("q_proj", "v_proj"))), ("full", {})):
+        zero = estimate(spec, Setup(mode=mode, **kw, **extra))
+        beta = estimate(spec, Setup(mode=mode, beta=0.04, **kw, **extra))
+        two = estimate(spec, Setup(mode=mode, num_iterations=2, **kw, **extra))
+        copy = count_params_total(spec) * 4 if mode == "full" else 0
+        assert set(beta.tensor_phases) == set(two.tensor_phases) == set(zero.tensor_phases) | {Phase.LOGPROB}
+        for phase, comp in beta.tensor_phases.items():
+            assert comp[Category.WEIGHTS] == two.tensor_phases[phase][Category.WEIGHTS] + copy, (mode, phase)
+            assert _tensors(comp) == _tensors(two.tensor_phases[phase]) + copy, (mode, phase)
+
+
 #: SmolLM2-135M's widths (49,152 vocabulary, tied) at 4 of its 30 layers, LoRA on q and v and full:
 #: 2 completions of one prompt, 256 prompt + 256 completion tokens, fp32, checkpointing on; with
 #: num_iterations 2 the log-prob pass runs, and generation every second step (3 steps: two of them)
-GRPO_CASES = [("smollm2-135m", "lora", 4, "q_proj,v_proj", 1), ("smollm2-135m", "full", 4, None, 1),
-              ("smollm2-135m", "lora", 4, "q_proj,v_proj", 2)]
+GRPO_CASES = [("smollm2-135m", "lora", 4, "q_proj,v_proj", 1, None), ("smollm2-135m", "full", 4, None, 1, None),
+              ("smollm2-135m", "lora", 4, "q_proj,v_proj", 2, None),
+              # --beta: the reference's no-grad pass, the adapter disabled (LoRA) or a frozen copy (full)
+              ("smollm2-135m", "lora", 4, "q_proj,v_proj", 1, 0.04), ("smollm2-135m", "full", 4, None, 1, 0.04)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,mode,layers,targets,iterations", GRPO_CASES, ids=lambda x: str(x))
-def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, layers, targets, iterations):
+@pytest.mark.parametrize("name,mode,layers,targets,iterations,beta", GRPO_CASES, ids=lambda x: str(x))
+def test_the_real_grpo_trainer_steps_equal_the_estimate_per_phase(tmp_path, name, mode, layers, targets, iterations,
+                                                                  beta):
     _trl()
     from profiler.measure.run import run_case
     model = _reduced(tmp_path, name, layers)
     kw = dict(lora_targets=targets) if targets else {}
     setup = Setup(trainer="grpo", loss="chunked-nll", mode=mode, precision="fp32", batch=2, seq=256,
                   num_generations=2, max_completion=256, num_iterations=iterations, grad_ckpt=True, device="cpu",
-                  **kw)
+                  beta=beta, **kw)
     record = run_case(model, setup, "cpu", steps=iterations)
     _assert_every_phase_within(record, {"generate", "forward", "backward", "optimizer", "zero_grad"}
-                               | ({"logprob"} if iterations > 1 else set()))
+                               | ({"logprob"} if iterations > 1 or beta else set()))

@@ -79,6 +79,10 @@ class Router(_Doc):
     #: top-k of the logits, then a softmax over the k values in the logits' dtype (gpt-oss's
     #: GptOssTopKRouter): the logits are freed, the (T, k) indices and weights are saved
     TOPK_SOFTMAX = "topk-softmax"
+    #: the logits copied to fp32 (``.float()``), top-k of them, a softmax over the k fp32 values
+    #: cast back to the compute dtype (5.24 models/granitemoe/modeling_granitemoe.py:128-131):
+    #: the (T, k) indices and the fp32 softmax output are saved, the logits freed
+    TOPK_SOFTMAX_FP32 = "topk-softmax-fp32"
 
 
 class Norm(_Doc):

@@ -21,7 +21,8 @@ def quick_loop(out: Path, backend: str, say: Callable[[str], None]) -> tuple[Val
     records_path = out / f"{backend}-quick.jsonl"
     say(f"1/3 profiling {QUICK_MATRIX.name} on the {backend} backend -> {records_path}")
     sweep(QUICK_MATRIX, backend, records_path, timeline=True,
-          on_case=lambda n, total, r: say(f"  [{n}/{total}] {r.case.label()}: {r.status}"))
+          on_case=lambda n, total, r: say(f"  [{n}/{total}] {r.case.label()}: {r.status}"),
+          on_skip=lambda n, total, job, sentence: say(f"  [{n}/{total}] {job.case.label()}: skipped: {sentence}"))
     records = read_records(records_path)
     cal_path = out / f"{backend}-quick-calibration.json"
     say(f"2/3 calibrating -> {cal_path}")

@@ -5,6 +5,7 @@ Random initialisation, never a download; ``trust_remote_code`` stays off."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from estimator.configcheck import strip_code_keys
 from estimator.modelspec import ModelSpec
-from estimator.setup import Attention, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup
+from estimator.setup import Attention, Mode, Optimizer, OptimizerImpl, Precision, Quant, Setup, Trainer
 from profiler.measure.compat import dtype_kwargs
 
 ATTN_IMPL = {Attention.EAGER: "eager", Attention.SDPA: "sdpa", Attention.FLASH: "flash_attention_2"}
@@ -20,6 +21,31 @@ ATTN_IMPL = {Attention.EAGER: "eager", Attention.SDPA: "sdpa", Attention.FLASH: 
 
 class SetupUnavailable(ValueError):
     """A setup this machine cannot run (a missing optional package, no CUDA)."""
+
+
+#: The optional extras a run can need (pyproject.toml [project.optional-dependencies]): the
+#: modules each one's run imports, and the extra that installs them
+_TRL_MODULES, _QUANT_MODULES = ("trl", "datasets"), ("bitsandbytes",)
+_BNB_OPTIMIZERS = (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
+
+
+def missing_extra(setup: Setup) -> str | None:
+    """One sentence naming the optional package a setup's run needs that is not installed and
+    the extra that installs it, or None. A sweep skips such a case without a record (it runs when
+    the extra is installed and the sweep resumes); run by hand, the harness says the same as
+    SetupUnavailable. Checked by module spec, nothing imported."""
+    needs = []
+    if setup.trainer is not Trainer.HF:
+        needs.append((_TRL_MODULES, "trl", f"--trainer {setup.trainer}"))
+    if setup.quant is not Quant.NONE or setup.optimizer in _BNB_OPTIMIZERS:
+        what = f"--quant {setup.quant}" if setup.quant is not Quant.NONE else f"--optimizer {setup.optimizer}"
+        needs.append((_QUANT_MODULES, "quant", what))
+    for modules, extra, what in needs:
+        absent = [m for m in modules if importlib.util.find_spec(m) is None]
+        if absent:
+            return (f"{what} needs {' and '.join(absent)}, which {'is' if len(absent) == 1 else 'are'} not "
+                    f"installed (pip install -e '.[{extra}]')")
+    return None
 
 
 def hf_config(spec: ModelSpec):

@@ -12,13 +12,17 @@ right padding (:2446-2458) adds none either.
 
 GRPOConfig's defaults otherwise: ``steps_per_generation = gradient_accumulation_steps``
 (grpo_config.py:1098-1100), so one ``generate`` per optimizer step over ``batch x grad_accum``
-completions (``num_generations`` per prompt, RepeatSampler, :1280-1316); ``beta`` 0.0, no reference
-model (:983-986); ``num_iterations`` as the setup says, above 1 a no-grad log-prob pass after
-generation (:2642-2657); LoRA goes in as ``peft_config`` (TRL wraps the model, :433-476).
+completions (``num_generations`` per prompt, RepeatSampler, :1280-1316); ``beta`` as the setup says
+(its default 0.0: no reference, :983-986; LoRA with beta: the adapter disabled, :987-990; full
+fine-tuning: TRL loads a frozen copy from the policy's checkpoint path, :991-1003, so the harness
+saves the random-init policy to a temporary folder first and names it in the config, the copy
+loaded inside the tracker as the real run loads it); ``num_iterations`` as the setup says, above 1
+a no-grad log-prob pass after generation (:2642-2657); LoRA goes in as ``peft_config`` (TRL wraps the model, :433-476).
 
 Phases: generate is ``_generate_single_turn`` (the padding, ``model.generate`` under no_grad with
 checkpointing off, the EOS mask; :1763-1891), logprob the no-grad ``_get_per_token_logps_and_entropies``
-(:2646-2655, with ``num_iterations`` > 1), then the Trainer's loop as for SFT (trl_steps.py):
+(:2646-2655, with ``num_iterations`` > 1) and the reference's (:2710-2737, with ``beta``), then
+the Trainer's loop as for SFT (trl_steps.py):
 forward is ``compute_loss`` (the fused head's log-probs and entropy and the loss, :3020),
 backward, optimizer, zero_grad. The rewards and advantages between generate and forward
 (:2750-2905, per-completion scalars) fall between phases.
@@ -63,11 +67,15 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
     current, phases = trainer_phases(built, tracker, meter, first, timings)
 
     with tempfile.TemporaryDirectory() as out:
+        if setup.beta and peft_config is None:
+            # GRPOTrainer builds the reference with create_model_from_path(config._name_or_path) (:1003)
+            model.save_pretrained(f"{out}/policy")
+            model.config._name_or_path = f"{out}/policy"
         config = trl.GRPOConfig(
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=setup.batch,
             gradient_accumulation_steps=setup.grad_accum, gradient_checkpointing=setup.grad_ckpt,
             num_generations=setup.num_generations, max_completion_length=setup.max_completion,
-            num_iterations=setup.num_iterations,
+            num_iterations=setup.num_iterations, beta=setup.beta or 0.0,
             use_cpu=device == "cpu", report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, seed=0, **_PRECISION_FLAGS[setup.precision])
         trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length, args=config, train_dataset=data,

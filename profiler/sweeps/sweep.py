@@ -20,6 +20,7 @@ from estimator.cli_args import check_flags
 from estimator.estimate import estimate
 from estimator.modelspec import ModelSpec, load_model
 from estimator.setup import Setup
+from profiler.measure.build import missing_extra
 from profiler.measure.procs import CHILD_CWD, checkout_env, dies_with_this_process, python_command
 from profiler.measure.run import backend_setup, make_case
 from profiler.record import (
@@ -178,12 +179,15 @@ def sweep(matrix: str | Path, backend: str, out: str | Path, shard: tuple[int, i
           on_case: Callable[[int, int, Record], None] | None = None,
           runner: Callable[..., Record] = run_in_subprocess, timeline: bool = False, retries: int = 0,
           on_start: Callable[[int, int], None] | None = None, warn: Warn | None = None,
-          max_cases: int = MAX_CASES) -> list[Record]:
+          max_cases: int = MAX_CASES, on_skip: Callable[[int, int, Planned, str], None] | None = None) -> list[Record]:
     """Run every case of the shard not yet in ``out``; append each record as it finishes.
 
     Holds ``out``'s lock throughout (a second sweep on it raises RecordError at once).
     ``on_start(cases in the shard, already recorded)`` is called before the first case;
-    ``warn`` hears of repaired files and killed workers."""
+    ``warn`` hears of repaired files and killed workers. A case whose run needs an optional
+    extra that is not installed (``build.missing_extra``: TRL's trainers, bitsandbytes) is
+    skipped without a record, so a sweep resumed after installing it runs the case;
+    ``on_skip(n, total, case, sentence)`` hears of it."""
     check_sweep_options(timeout_s, retries)
     out = Path(out)
     jobs = plan(matrix, backend, shard, max_cases)
@@ -194,6 +198,11 @@ def sweep(matrix: str | Path, backend: str, out: str | Path, shard: tuple[int, i
             on_start(len(jobs), len(jobs) - len(todo))
         records = []
         for n, job in enumerate(todo, start=1):
+            missing = missing_extra(backend_setup(job.setup, backend))
+            if missing:
+                if on_skip:
+                    on_skip(n, len(todo), job, missing)
+                continue
             record = run_with_retries(job, backend, timeout_s, timeline, retries, runner, warn)
             append_record(out, record)
             records.append(record)
