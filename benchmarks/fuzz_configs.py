@@ -58,7 +58,7 @@ CODE_KEYS = {"attn_implementation": "kernels-community/flash-attn", "_attn_imple
              "trust_remote_code": True, "custom_pipelines": {"x": {"impl": "evil.P"}},
              "experts_implementation": "kernels-community/moe"}
 MODEL_TYPES = ("gpt2", "opt", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3",  # formulas
-               "gpt_neox", "qwen3", "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral",
+               "gpt_neox", "qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3", "granite", "smollm3", "ministral",
                "gpt_bigcode", "qwen3_moe", "gpt_oss", "glm4_moe",
                "deepseek_v3", "bert", "t5", "falcon",  # transformers, no formula: refused
                "nosuch", "", "LLAMA", "llama ")
@@ -75,7 +75,7 @@ def _weird_value(rng: random.Random):
 def _synthetic(rng: random.Random) -> dict:
     """A config of a family with a formula, sizes drawn wide (some inconsistent)."""
     family = rng.choice(("gpt2", "opt", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3",
-                         "gemma3_text", "olmo2", "olmo3", "granite", "smollm3", "ministral", "qwen3_moe",
+                         "gemma3_text", "gemma4_text", "olmo2", "olmo3", "granite", "smollm3", "ministral", "qwen3_moe",
                          "gpt_oss"))
     heads = rng.choice((1, 2, 3, 4, 7, 8, 12, 16, 32))
     hidden = heads * rng.choice((8, 16, 32, 64, 128)) if rng.random() < 0.8 else rng.randint(1, 8192)
@@ -106,7 +106,7 @@ def _synthetic(rng: random.Random) -> dict:
             cfg["quantization_config"] = rng.choice(({"quant_method": "mxfp4"}, "mxfp4", None))
         if rng.random() < 0.2:
             cfg["output_router_logits"] = rng.choice((True, "yes"))
-    if family in ("gemma3_text", "olmo3", "ministral", "gpt_oss") and rng.random() < 0.5:
+    if family in ("gemma3_text", "gemma4_text", "olmo3", "ministral", "gpt_oss") and rng.random() < 0.5:
         cfg["sliding_window"] = rng.choice((1, 512, 4096, -5, None))
         if rng.random() < 0.5:
             cfg["layer_types"] = rng.choice((["sliding_attention"] * max(1, min(layers, 4)), "bad", [1, 2]))

@@ -133,7 +133,8 @@ def _attention_kernel(spec: ModelSpec, setup: Setup, p: int) -> dict[str, int]:
     # enable_gqa), the output and a fp32 logsumexp per (head, query) (Dao 2023; torch SDPA)
     # transformers < 4.54 repeats grouped k and v to every head first (repeat_kv's copies
     # are what the kernel saves; estimator/versions.py)
-    out["attn_qkv"] = p * (q + 2 * (q if kv_repeated(spec, setup) else kvd))
+    # (one key/value head repeats as a view: repeat_kv's expand of a size-1 dim and reshape copy nothing)
+    out["attn_qkv"] = p * (q + 2 * (q if kv_repeated(spec, setup) and spec.num_kv_heads > 1 else kvd))
     if fused_qkv(spec, setup) and not dynamic_cache(spec, setup):
         # one fused projection (Phi-3's qkv_proj): v is a view of its output, so the whole
         # output stays alive beside the rotated q and k the kernel saves (with a KV cache,
@@ -177,6 +178,11 @@ def training_activations(spec: ModelSpec, setup: Setup) -> Activations:
         # which their rotary multiplications save whatever the batch (measured on the sim)
         out = Activations(per_layer=out.per_layer, layers=out.layers, outside={
             **out.outside, "local_rotary": 2 * setup.seq * spec.head_dim * setup.precision.compute_bytes})
+    if tr.global_rotary_dim:
+        # the full layers' own cos and sin, (1, s, d) each, which their rotary multiplications save
+        # (measured on a real CPU step, Gemma 4)
+        out = Activations(per_layer=out.per_layer, layers=out.layers, outside={
+            **out.outside, "global_rotary": 2 * setup.seq * tr.global_rotary_dim * setup.precision.compute_bytes})
     return out
 
 
@@ -316,6 +322,9 @@ def _training_activations_b1(spec: ModelSpec, setup: Setup) -> Activations:
         outside["dense_layers"] = dense * dense_delta * T
     if prefix:  # the layers before the first adapter (Arch.saved_quirk)
         outside["frozen_prefix"] = prefix * T
+    other = arch_of(spec).other_layers_saved(spec, setup, terms)
+    if other:  # layers of further kinds beside the repeated one (Arch.other_layers)
+        outside["other_layers"] = other * T
     masked = masked_layers(spec, setup)
     if masked:  # sliding-window layers at a sequence as long as the window (kernels.masked_layers)
         outside["masked_layers"] = masked * masked_layer_bytes(spec, setup) * T
@@ -483,7 +492,7 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     masked += lora_expert_weights(spec, setup)
     outside = {k: v for k, v in full.outside.items()
                if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers",
-                         "frozen_prefix")}
+                         "frozen_prefix", "other_layers")}
     if setup.attn is Attention.EAGER:
         # the checkpoint keeps each layer's arguments for its recomputation (torch/utils/checkpoint.py
         # non-reentrant: the recompute closure holds ``args``), the additive (b, 1, s, s) eager mask

@@ -94,10 +94,18 @@ def has_flash(setup: Setup) -> bool:
     return have >= (8, 0) or (fa1 and have >= (7, 5))
 
 
+#: the largest head size transformers hands sdpa grouped keys and values for without repeating
+#: them (5.24 integrations/sdpa_attention.py:50-51 ``use_gqa_in_sdpa``: beyond it CUDA would fall
+#: back to the math kernel, so repeat_kv copies them and sdpa gets equal heads)
+SDPA_GQA_MAX_HEAD_DIM = 256
+
+
 def kv_repeated(spec: ModelSpec, setup: Setup) -> bool:
     """Grouped keys and values reach sdpa repeated to every head (repeat_kv), as
-    transformers < 4.54 does (Semantics.sdpa_repeats_kv)."""
-    return spec.num_kv_heads < spec.num_heads and setup.semantics.sdpa_repeats_kv
+    transformers < 4.54 does (Semantics.sdpa_repeats_kv), and later releases for head sizes
+    over :data:`SDPA_GQA_MAX_HEAD_DIM` (Gemma 4's full-attention layers)."""
+    return spec.num_kv_heads < spec.num_heads and (setup.semantics.sdpa_repeats_kv
+                                                   or spec.head_dim > SDPA_GQA_MAX_HEAD_DIM)
 
 
 def sdpa_kernel(spec: ModelSpec, setup: Setup) -> str:

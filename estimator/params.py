@@ -89,8 +89,18 @@ def lora_params(spec: ModelSpec, targets: tuple[str, ...], rank: int) -> int:
 
     def per_layer(linears: list[Linear]) -> int:
         return sum(rank * lin.lora_rank_multiplier() * (lin.in_features + lin.out_features) for lin in linears)
-    out = (spec.num_layers - dense) * per_layer(lora_targets(spec, targets))
+    other = arch_of(spec).other_layers(spec)
+    out = (spec.num_layers - dense - sum(n for _, _, n in other)) * per_layer(lora_targets(spec, targets))
+    out += sum(n * per_layer(_targets_among(linears, targets)) for linears, _, n in other)
+    out += per_layer(_targets_among(arch_of(spec).root_linears(spec), targets))
     return out + (dense * per_layer(lora_targets(spec, targets, dense=True)) if dense else 0)
+
+
+def _targets_among(linears: list[Linear], targets: tuple[str, ...]) -> list[Linear]:
+    """Of a further layer kind's matrices (Arch.other_layers), those peft wraps for ``targets``: its
+    nn.Linear modules, by name or all of them (families whose fused experts peft does not map)."""
+    every = tuple(t.lower() for t in targets) in (("all-linear",), ("all_linear",))
+    return [lin for lin in linears if not (lin.fused_experts or lin.router) and (every or lin.name in targets)]
 
 
 def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
@@ -184,8 +194,10 @@ def _layer_kinds(spec: ModelSpec) -> list[tuple[Linear, int]]:
     dense layers apart: Arch.dense_layers)."""
     arch = arch_of(spec)
     dense = min(arch.dense_layers(spec), spec.num_layers)
+    other = arch.other_layers(spec)
+    repeated = spec.num_layers - dense - sum(n for _, _, n in other)
     return [(lin, dense) for lin in (arch.dense_linears(spec) if dense else [])] \
-        + [(lin, spec.num_layers - dense) for lin in layer_linears(spec)]
+        + [(lin, repeated) for lin in layer_linears(spec)] + [(lin, n) for linears, _, n in other for lin in linears]
 
 
 @lru_cache(maxsize=256)
@@ -198,6 +210,7 @@ def quantized_tensors(spec: ModelSpec, experts_fused: bool = True) -> tuple[tupl
         if (lin.fused_experts or lin.router) and experts_fused:
             continue
         rows.append((lin.in_features * lin.out_features, lin.out_features, lin.copies * layers))
+    rows += [(lin.in_features * lin.out_features, lin.out_features, 1) for lin in arch_of(spec).root_linears(spec)]
     h, e = spec.hidden_size, spec.embed_dim or spec.hidden_size
     if e != h:
         # OPT's project_in (e -> h) and project_out (h -> e) are nn.Linear modules of the decoder

@@ -19,9 +19,11 @@ def test_every_shipped_model_has_a_family_and_one_inventory(name):
     inv = inventory_of(spec)
     assert inv.total == count_params(spec).total == sum(param_tensor_sizes(spec))
     root, layer = inv.dim0_shapes()
-    # a family's first dense layers (Inventory.dense_layer) beside the repeated layer dim0_shapes describes
-    dense = inv.dense_layers * sum(t.elems for t in inv.dense_layer)
-    repeated = spec.num_layers - inv.dense_layers
+    # a family's first dense layers (Inventory.dense_layer) and layers of further kinds (Inventory.other)
+    # beside the repeated layer dim0_shapes describes
+    dense = inv.dense_layers * sum(t.elems for t in inv.dense_layer) + sum(n * sum(t.elems for t in ts)
+                                                                           for ts, n in inv.other)
+    repeated = inv.repeated_layers
     assert sum(r * c for r, c in root) + repeated * sum(r * c for r, c in layer) + dense == inv.total
     assert {t.name.split(".")[0] for t in inv.layer} >= {lin.name for lin in layer_linears(spec)}
 

@@ -191,6 +191,11 @@ class Inventory:
     #: describe (the memory terms, which read those, refuse such models: Arch.refuse)
     dense_layer: tuple[Tensor, ...] = ()
     dense_layers: int = 0
+    #: further layers built otherwise than ``layer`` wherever they sit, each kind's tensors and
+    #: how many layers hold them (Gemma 4's full-attention and kv-shared layers: Arch.other_layers);
+    #: ``layer`` is then held by the rest, and the memory terms that read ``layer_elems`` and
+    #: ``dim0_shapes`` alone (sharding) are refused for such models (Arch.memory_gap)
+    other: tuple[tuple[tuple[Tensor, ...], int], ...] = ()
 
     @property
     def root(self) -> tuple[Tensor, ...]:
@@ -205,10 +210,15 @@ class Inventory:
     def total(self) -> int:
         return sum(t.elems for t in self.root) + sum(n * t.elems for t, n in self._layer_tensors())
 
+    @property
+    def repeated_layers(self) -> int:
+        """How many layers hold ``layer``."""
+        return self.layers - self.dense_layers - sum(n for _, n in self.other)
+
     def _layer_tensors(self) -> list[tuple[Tensor, int]]:
         """Every decoder-layer tensor with the number of layers holding it."""
         return [(t, self.dense_layers) for t in self.dense_layer] \
-            + [(t, self.layers - self.dense_layers) for t in self.layer]
+            + [(t, self.repeated_layers) for t in self.layer] + [(t, n) for ts, n in self.other for t in ts]
 
     def groups(self, names: tuple[str, ...]) -> dict[str, int]:
         out = dict.fromkeys(names, 0)
@@ -221,8 +231,9 @@ class Inventory:
     def sizes(self) -> tuple[int, ...]:
         """Element count of every tensor, embeddings, layers (in order), then the rest."""
         dense, layer = [t.elems for t in self.dense_layer], [t.elems for t in self.layer]
+        other = [t.elems for ts, n in self.other for t in ts * n]
         return tuple([t.elems for t in self.embeddings] + dense * self.dense_layers
-                     + layer * (self.layers - self.dense_layers) + [t.elems for t in self.final])
+                     + layer * self.repeated_layers + other + [t.elems for t in self.final])
 
     def dim0_shapes(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
         """(rows, columns) of the root's tensors and of one layer's."""
@@ -249,6 +260,9 @@ class Traits:
     sliding_window: int = 0
     #: the sliding layers rotate with tables of their own (Gemma 3's ``rope_local_base_freq``)
     local_rotary: bool = False
+    #: the full-attention layers rotate with tables of their own head size (Gemma 4's
+    #: ``global_head_dim``): their cos and sin, saved once whatever the batch (0: none)
+    global_rotary_dim: int = 0
     #: tanh soft-capping of the attention scores (Gemma 2 ``attn_logit_softcapping``): its
     #: output is one more (heads, s, s) tensor saved in eager attention
     attn_softcap: bool = False
@@ -376,12 +390,27 @@ class Arch:
         """Norms after the last layer."""
         return 1
 
+    def root_tensors(self, spec) -> list[Tensor]:
+        """The root's own tensors beside the embeddings the spec describes (none here; Gemma 4's
+        per-layer input embeddings), its :meth:`root_linears` among them."""
+        return []
+
+    def root_linears(self, spec) -> list[Linear]:
+        """The root's nn.Linear modules beside the layers' and the head (none here; Gemma 4's
+        ``per_layer_model_projection``): bitsandbytes quantizes them, peft's all-linear wraps them."""
+        return []
+
     def dense_layers(self, spec) -> int:
         """How many of the first layers are built otherwise than :meth:`linears` says (0: none)."""
         return 0
 
     def dense_linears(self, spec) -> list[Linear]:
         """The matrices of those first layers (their norms are :meth:`layer_norms`)."""
+        return []
+
+    def other_layers(self, spec) -> list[tuple[list[Linear], list[Tensor], int]]:
+        """Layers of further kinds, wherever they sit: each kind's matrices, its norm tensors and
+        how many layers are of it (none here; :attr:`Inventory.other`)."""
         return []
 
     # --- traits -----------------------------------------------------------------------
@@ -478,6 +507,16 @@ class Arch:
         where the family makes more than the generic terms say (0: none; estimate._inference_phases)."""
         return 0
 
+    def other_layers_saved(self, spec, setup, terms: dict[str, int]) -> int:
+        """Per token, what the layers of :meth:`other_layers`' kinds save in training beyond the
+        repeated layer's ``terms`` (activations.py ``_training_activations_b1``; 0: none)."""
+        return 0
+
+    def kv_elems(self, spec) -> int:
+        """Elements every layer's DynamicCache holds per token (:meth:`kv_elems_per_token` per
+        layer, unless the family's layers differ)."""
+        return spec.num_layers * self.kv_elems_per_token(spec)
+
     def kv_elems_per_token(self, spec) -> int:
         """Elements one layer's DynamicCache holds per token: a key and a value of ``kv_dim``
         (cache_utils.py DynamicLayer.update), unless the family caches something else."""
@@ -532,7 +571,10 @@ def inventory(arch: Arch, spec) -> Inventory:
     final = _norm_tensors(spec) * arch.final_norms(spec)
     if not spec.tie_word_embeddings:
         final.append(Tensor("lm_head.weight", "lm_head", spec.vocab_size, e))
-    return Inventory(tuple(embeddings), tuple(layer), tuple(final), spec.num_layers, tuple(dense), dense_layers)
+    other = tuple((tuple(t for lin in linears for t in lin.tensors()) + tuple(norms), n)
+                  for linears, norms, n in arch.other_layers(spec) if n)
+    return Inventory(tuple(embeddings + arch.root_tensors(spec)), tuple(layer), tuple(final), spec.num_layers,
+                     tuple(dense), dense_layers, other)
 
 
 def read_common_llama(f: Fields) -> dict[str, Any]:
