@@ -437,6 +437,18 @@ def _lora_terms(spec: ModelSpec, setup: Setup) -> dict[str, int]:
     targets = lora_targets(spec, setup.lora_targets)
     if setup.precision.is_autocast:
         return {"lora_adapters": sum(HALF * (lin.in_features + r) for lin in targets)}
+    if setup.adapter_bytes == HALF:
+        # TRL's bf16 adapters on a quantized model (Setup.adapter_bytes): peft's
+        # ``_cast_input_dtype`` copies an fp32 (k-bit prepared) input to bf16 per adapter
+        # (peft 0.21.2 tuners/lora/bnb.py Linear4bit.forward); a bf16 input goes in as it is
+        if setup.precision.compute_dtype_name != "bfloat16":
+            return {"lora_adapters": sum(HALF * (lin.in_features + r) for lin in targets)}
+        inputs = {}
+        for lin in targets:
+            key = (lin.group, "in") if shares_block_input(spec, lin) else (lin.group, lin.name)
+            if shares_block_input(spec, lin) or not _input_already_saved(spec, setup, lin):
+                inputs[key] = lin.in_features
+        return {"lora_adapters": HALF * (sum(inputs.values()) + r * len(targets))}
     if setup.precision.compute_bytes == FP32 and setup.trains_layer_weights:
         # layer units: every base linear saves its input for its weight's gradient (the same tensor)
         return {"lora_adapters": FP32 * r * len(targets)}

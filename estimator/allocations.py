@@ -587,7 +587,7 @@ def step_terms(spec, setup, st, k: float) -> StepTerms:
     base_elems = sum(emb) + L * layer_elems + sum(final)
     lora = setup.mode in (Mode.LORA, Mode.QLORA)
     shares = st.weights / max(st.states.weights, 1)  # this rank's share of every tensor
-    adapters = FP32 * lora_params(spec, setup.lora_targets, setup.lora_rank) if lora else 0
+    adapters = setup.adapter_bytes * lora_params(spec, setup.lora_targets, setup.lora_rank) if lora else 0
     wscale = max(st.weights - adapters * shares, 0) / max(base_elems, 1)
     base = Stack(tuple(emb), tuple(x for x, _ in layer), tuple(final))
     # LoRA: each targeted linear's A (r x in) and B (out x r), per layer (elements)
@@ -596,7 +596,7 @@ def step_terms(spec, setup, st, k: float) -> StepTerms:
         pair = [setup.lora_rank * t.in_features, setup.lora_rank * t.out_features]
         (ad_mlp if t.group == "mlp" else ad_attn).extend(pair)
     adapter = Stack(layer=tuple(ad_attn + ad_mlp))
-    weights = (base.scaled(wscale), adapter.scaled(FP32 * shares))
+    weights = (base.scaled(wscale), adapter.scaled(setup.adapter_bytes * shares))
     staging = Stack()
     if setup.quant.value != "none":
         qbase, staging = model_weights(spec, setup, max(int(st.weights - adapters * shares), 0))

@@ -269,8 +269,9 @@ def _model_states(spec: ModelSpec, key: Setup) -> ModelStates:
         return ModelStates(weights, 0, 0, 0, 0, linear_weights)
     if key.mode in (Mode.LORA, Mode.QLORA):
         trainable = lora_params(spec, key.lora_targets, key.lora_rank)
-        weights += FP32 * trainable  # peft autocast_adapter_dtype=True keeps adapters fp32
-        state_bytes = grad_bytes = FP32
+        # peft autocast_adapter_dtype=True keeps adapters fp32; TRL casts a quantized model's to bf16
+        weights += key.adapter_bytes * trainable
+        state_bytes = grad_bytes = key.adapter_bytes
     else:
         trainable = n
         grad_bytes = prec.param_bytes  # .grad has the parameter's dtype

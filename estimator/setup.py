@@ -788,6 +788,14 @@ class Setup:
             raise ValueError("--trainer grpo generates --max-completion tokens itself; leave --new-tokens out")
         self._check_trl_loop("grpo_trainer.py:1068-1073", "generation under DeepSpeed or FSDP")
 
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per LoRA adapter element: fp32, as peft keeps them (``autocast_adapter_dtype=True``),
+        but bf16 for a quantized model under TRL's trainers (Semantics.trl_quantized_adapters_bf16)."""
+        if self.mode is Mode.QLORA and self.trainer is not Trainer.HF and self.semantics.trl_quantized_adapters_bf16:
+            return HALF
+        return FP32
+
     def replace(self, **changes) -> Setup:
         return replace(self, **changes)
 

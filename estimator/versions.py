@@ -186,6 +186,16 @@ class Semantics:
         return self.at_least("trl", "1.16")
 
     @cached_property
+    def trl_quantized_adapters_bf16(self) -> bool:
+        """trl >= 1.16 (the release read): SFTTrainer, DPOTrainer and GRPOTrainer cast a 4-bit or
+        8-bit model's trainable adapter parameters to bf16 after peft wraps it (1.16.0
+        sft_trainer.py:902-911, dpo_trainer.py:726-729, grpo_trainer.py:538-541: "to follow the
+        recommendations of the original paper"), where peft alone keeps them fp32
+        (``autocast_adapter_dtype``); so their gradients and AdamW's state are bf16 too. Earlier
+        releases were not read: peft's fp32 is assumed there."""
+        return self.at_least("trl", "1.16")
+
+    @cached_property
     def grpo_read(self) -> bool:
         """trl >= 1.16: the GRPOTrainer modelled here, read from 1.16.0's source: generation with
         ``model.generate`` (trl/trainer/grpo_trainer.py:1873), the policy's log-probs and entropy

@@ -197,7 +197,7 @@ def trl_policy(built, setup: Setup, trainer: str, sim_reason: str):
     in one sentence where the harness cannot drive ``trainer`` (``sim_reason``: why not the sim)."""
     if setup.precision not in _PRECISION_FLAGS:
         raise SetupUnavailable(f"--trainer {trainer} runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
-    if setup.mode is Mode.QLORA:
+    if setup.mode is Mode.QLORA and trainer != "dpo":
         raise SetupUnavailable(f"--trainer {trainer} --mode qlora is estimated, not run by the harness yet (--mode "
                                f"full or lora)")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -206,7 +206,7 @@ def trl_policy(built, setup: Setup, trainer: str, sim_reason: str):
         raise SetupUnavailable(f"--trainer {trainer} runs on the cpu and cuda backends on one device (the sim cannot "
                                f"drive it: {sim_reason}; nor does it run on distributed ranks)")
     model, peft_config = built.forward, None
-    if setup.mode is Mode.LORA:
+    if setup.mode in (Mode.LORA, Mode.QLORA):
         peft_config = model.peft_config["default"]
         model = model.unload()
     return model, peft_config
