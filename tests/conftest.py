@@ -87,3 +87,42 @@ def bad_config_is_one_sentence(cli, tmp_path):
         assert out.code == 2 and out.err.count("\n") == 1, out.err
 
     return check
+
+
+@pytest.fixture
+def shipped_is_the_meta_build():
+    """``shipped_is_the_meta_build(name, total)``: a shipped config's parameter count is exact, equal
+    to ``total`` and to transformers' meta build, group by group."""
+    from estimator.modelspec import load_model
+    from estimator.params import count_params, meta_count
+
+    def check(name: str, total: int) -> None:
+        spec = load_model(name)
+        count, meta = count_params(spec), meta_count(spec)
+        assert spec.has_formula and count.exact
+        assert count.total == total == meta.total
+        assert count.groups == meta.groups
+
+    return check
+
+
+@pytest.fixture
+def inference_agrees_with_the_sim(predicted_agrees_per_phase):
+    """``inference_agrees_with_the_sim(spec, cache_slack, tolerance)``: prefill (b2 x s1024) and 2
+    decoded tokens on the CUDA sim; the cache is keys and values at kv heads x head_dim
+    (kv_cache_bytes), the decode's measured cache term (a layer's concatenation beside it) is the
+    estimate's within ``cache_slack`` bytes, and every phase is within ``tolerance``."""
+    from estimator.estimate import kv_cache_bytes
+    from estimator.setup import Setup
+    from profiler.measure.run import run_case
+
+    def check(spec, cache_slack: int, tolerance: float) -> None:
+        setup = Setup(mode="inference", precision="bf16", batch=2, seq=1024, new_tokens=2)
+        record = run_case(spec.name, setup, "sim", steps=1, spec=spec)
+        cache = spec.num_layers * setup.batch * (setup.seq + setup.new_tokens) * 2 * spec.kv_dim * 2
+        measured = record.measured.phases["decode"].categories["kv_cache"]
+        assert cache < measured and abs(record.predicted.phases["decode"]["kv_cache"] - measured) <= cache_slack
+        assert kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens) == cache
+        predicted_agrees_per_phase(record, tolerance)
+
+    return check

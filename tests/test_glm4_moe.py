@@ -34,7 +34,7 @@ def _model(spec):
 # --- the inventory -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, total", [("glm-4.5-air", 106_852_245_504), ("glm-4.5", 352_797_814_784)])
-def test_shipped_glm4_moe_is_the_meta_build(name, total):
+def test_shipped_glm4_moe_is_the_meta_build(name, total, shipped_is_the_meta_build):
     """The shipped configs are not copies of the hub's config.json (zai-org/GLM-4.5-Air, zai-org/GLM-4.5:
     no copy was reachable here): written from the published values and checked against the
     widths in the Megatron arguments of zyzshishui/slime scripts/models/glm4.5-355B-A32B.sh and
@@ -45,11 +45,7 @@ def test_shipped_glm4_moe_is_the_meta_build(name, total):
     (docs/source/en/model_doc/glm4_moe.md): the hub's totals add the multi-token-prediction layer
     (``num_nextn_predict_layers`` 1), which Glm4MoeForCausalLM does not build
     (modeling_glm4_moe.py:461 ignores model.layers.46 / model.layers.92)."""
-    spec = load_model(name)
-    count = count_params(spec)
-    assert spec.has_formula and count.exact
-    assert count.total == total == meta_count(spec).total
-    assert count.groups == meta_count(spec).groups
+    shipped_is_the_meta_build(name, total)
 
 
 @pytest.mark.parametrize("over", [
@@ -157,21 +153,12 @@ def test_training_matches_the_cuda_sim(mode, targets, over, predicted_agrees_per
 
 @pytest.mark.parametrize("over", [{}, {"use_qk_norm": True}, {"first_k_dense_replace": 0}],
                          ids=["air", "qk-norm", "all-moe"])
-def test_inference_matches_the_cuda_sim(over, predicted_agrees_per_phase):
+def test_inference_matches_the_cuda_sim(over, inference_agrees_with_the_sim):
     """Prefill and decode (b2 x s1024 + 2 new tokens), measured: prefill -0.08 %, decode -0.06 % (q/k
     norms -0.09 % / -0.06 %, every layer MoE -0.09 % / -0.07 %); the cache is keys and values at
     kv heads x head_dim (the decode's peak holds a layer's concatenation too: the estimate's cache
     term is the sim's within 1 KiB)."""
-    from estimator.estimate import kv_cache_bytes
-    from profiler.measure.run import run_case
-    spec = _reduced(**over)
-    setup = Setup(mode="inference", precision="bf16", batch=2, seq=1024, new_tokens=2)
-    record = run_case(spec.name, setup, "sim", steps=1, spec=spec)
-    cache = spec.num_layers * setup.batch * (setup.seq + setup.new_tokens) * 2 * spec.kv_dim * 2
-    measured = record.measured.phases["decode"].categories["kv_cache"]
-    assert cache < measured and abs(record.predicted.phases["decode"]["kv_cache"] - measured) <= 1024
-    assert kv_cache_bytes(spec, setup, setup.seq + setup.new_tokens) == cache
-    predicted_agrees_per_phase(record, SIM_TOLERANCE)
+    inference_agrees_with_the_sim(_reduced(**over), 1024, SIM_TOLERANCE)
 
 
 def test_an_eval_forward_matches_the_cuda_sim(predicted_agrees_per_phase):

@@ -531,6 +531,20 @@ class Arch:
         return resid, mlp, attn
 
 
+def fused_expert_linears(spec, biased: bool) -> list[Linear]:
+    """q/k/v/o_proj (biased as the spec says), the router's (E, h) weight and the fused expert stacks
+    gate_up_proj (E, 2f, h) and down_proj (E, h, f) of transformers 5's ``@use_experts_implementation``
+    experts; ``biased``: the router and the experts carry biases (gpt-oss) or not (GraniteMoe). Each
+    family cites its own modeling lines."""
+    h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    q, kv, bias = spec.q_dim, spec.kv_dim, spec.qkv_bias
+    return [Linear("q_proj", "attention", h, q, bias), Linear("k_proj", "attention", h, kv, bias),
+            Linear("v_proj", "attention", h, kv, bias), Linear("o_proj", "attention", q, h, spec.o_bias),
+            Linear("router", "mlp", h, e, biased, router=True),
+            Linear("gate_up_proj", "mlp", h, 2 * f, biased, copies=e, fused_experts=True, parts=2),
+            Linear("down_proj", "mlp", f, h, biased, copies=e, fused_experts=True)]
+
+
 def _norm_tensors(spec) -> list[Tensor]:
     """One norm: RMSNorm's weight (h); LayerNorm's weight and bias."""
     h = spec.hidden_size

@@ -53,7 +53,7 @@ bits) is not modelled: there the estimate over-counts the experts' weights.
 from __future__ import annotations
 
 from ..configcheck import MAX_EXPERTS, MAX_HEAD_DIM, ConfigError, check_shapes
-from .base import MLP, Linear, Norm, Router, Softmax, Tensor, read_common_llama
+from .base import MLP, Norm, Router, Softmax, Tensor, fused_expert_linears, read_common_llama
 from .llama import LlamaStyle
 
 #: GptOssConfig's defaults (configuration_gpt_oss.py:51-77)
@@ -93,15 +93,9 @@ class GptOss(LlamaStyle):
                     mlp_bias=True, gated_mlp=True)
 
     def linears(self, spec):
-        h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-        q, kv, bias = spec.q_dim, spec.kv_dim, spec.qkv_bias
-        return [Linear("q_proj", "attention", h, q, bias), Linear("k_proj", "attention", h, kv, bias),
-                Linear("v_proj", "attention", h, kv, bias), Linear("o_proj", "attention", q, h, spec.o_bias),
-                # GptOssTopKRouter (modeling_gpt_oss.py:123-124): weight (E, h), bias (E,)
-                Linear("router", "mlp", h, e, True, router=True),
-                # GptOssExperts (:75-78): gate_up_proj (E, h, 2f) + bias (E, 2f), down_proj (E, f, h) + bias (E, h)
-                Linear("gate_up_proj", "mlp", h, 2 * f, True, copies=e, fused_experts=True, parts=2),
-                Linear("down_proj", "mlp", f, h, True, copies=e, fused_experts=True)]
+        # GptOssTopKRouter (modeling_gpt_oss.py:123-124): weight (E, h), bias (E,); GptOssExperts
+        # (:75-78): gate_up_proj (E, h, 2f) + bias (E, 2f), down_proj (E, f, h) + bias (E, h)
+        return fused_expert_linears(spec, biased=True)
 
     def layer_norms(self, spec):
         # input_layernorm, post_attention_layernorm (:337-338), and the attention's sinks (heads,) (:285)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from ..configcheck import MAX_EXPERTS, ConfigError, check_shapes
 from ..setup import Device
 from ..units import FP32
-from .base import Linear, Router, read_common_llama
+from .base import Router, fused_expert_linears, read_common_llama
 from .grouped_moe import INT64, checked_on_the_cuda_sim, unchecked_sentence
 from .llama import LlamaStyle
 
@@ -68,14 +68,9 @@ class GraniteMoe(LlamaStyle):
 
     def linears(self, spec):
         """q/k/v/o_proj (``attention_bias`` on all four, modeling_granitemoe.py:276-287), the router's
-        (E, h) weight (:126) and the experts' gate_up_proj (E, 2f, h), down_proj (E, h, f) (:144-145)."""
-        h, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-        q, kv, bias = spec.q_dim, spec.kv_dim, spec.qkv_bias
-        return [Linear("q_proj", "attention", h, q, bias), Linear("k_proj", "attention", h, kv, bias),
-                Linear("v_proj", "attention", h, kv, bias), Linear("o_proj", "attention", q, h, spec.o_bias),
-                Linear("router", "mlp", h, e, False, router=True),
-                Linear("gate_up_proj", "mlp", h, 2 * f, False, copies=e, fused_experts=True, parts=2),
-                Linear("down_proj", "mlp", f, h, False, copies=e, fused_experts=True)]
+        (E, h) weight (:126) and the experts' gate_up_proj (E, 2f, h), down_proj (E, h, f) (:144-145),
+        none of them biased."""
+        return fused_expert_linears(spec, biased=False)
 
     def base_traits(self, spec):
         return {"router": Router.TOPK_SOFTMAX_FP32}
