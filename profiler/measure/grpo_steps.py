@@ -81,6 +81,10 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
         trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length, args=config, train_dataset=data,
                                   processing_class=_tokenizer(eos=V, words=V - 2), peft_config=peft_config,
                                   callbacks=[phases])
+        if trainer.ref_model is not None:
+            # from_pretrained maps the reference's safetensors into memory (its storages made by no
+            # op the tracker sees); on a GPU they are allocated at load, so they count from here
+            tracker.track(trainer.ref_model, Category.WEIGHTS)
         measure_trainer(trainer, setup, tracker, current, "grpo")
         generate = trainer._generate_single_turn
 
