@@ -123,8 +123,10 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                                                    f"--seq) flattened into one row (default: rows of equal length)")
     g.add_argument("--completion-only", default=None, metavar="TOKENS",
                    help="--trainer sft: the loss on the last TOKENS of each --seq-token sequence, the rest the "
-                        "prompt (SFTConfig.completion_only_loss on a prompt-completion dataset); on CUDA the fused "
-                        "head scores those rows only (default: every token labelled)")
+                        "prompt (SFTConfig.completion_only_loss on a prompt-completion dataset); --trainer dpo: "
+                        "each response's tokens (chosen and rejected alike), the rest of --seq the prompt; on CUDA "
+                        "the fused head scores those rows only (default: every token labelled, for DPO a one-token "
+                        "prompt: the bound)")
     g.add_argument("--num-generations", default=None, help="--trainer grpo: completions sampled per prompt "
                                                            "(GRPOConfig.num_generations, default 8); --batch counts "
                                                            "completions, --seq the prompt's tokens")

@@ -20,9 +20,9 @@ weights in every phase (:func:`reference_weight_bytes`). The reference forward i
 own (``Phase.REFERENCE``).
 
 On CUDA, where Triton folds the tiles, the fused head scores only the labelled rows
-(utils.py:1642-1649): the completion tokens. The estimate takes every position but the first as
-labelled (a one-token prompt), an upper bound; on the cpu device every position is scored
-whatever the labels, as measured.
+(utils.py:1642-1649): the completion tokens, ``--completion-only`` of them per response. Without
+it the estimate takes every position but the first as labelled (a one-token prompt), an upper
+bound; on the cpu device every position is scored whatever the labels, as measured.
 """
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ def reference_forward_bytes(spec: ModelSpec, policy: Setup, head_input: int, lay
     separate reference asks log_probs only, the adapter reference the policy's outputs)."""
     p, h = policy.precision.compute_bytes, spec.embed_dim or spec.hidden_size
     T, N = policy.batch * policy.seq, policy.batch * (policy.seq - 1)
+    if policy.completion_only and policy.device is Device.CUDA:
+        N = policy.batch * policy.completion_only  # the responses' rows (Triton's compact path)
     tile = TRL_FORWARD_TILE_BYTES_LOGPROBS if policy.ref_model is RefModel.SEPARATE else TRL_FORWARD_TILE_BYTES
     triton = policy.device is Device.CUDA
     head = fused_head_bytes(rows=N, vocab=spec.vocab_size, hidden=h, compute_bytes=p, head_trains=False,

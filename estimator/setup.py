@@ -414,6 +414,8 @@ class Setup:
     # --trainer sft: how variable-length examples reach the step (Packing); None: rows of equal
     # length, no padding (the synthetic batch of every other setup)
     packing: Packing | None = None
+    # --trainer dpo: each response's tokens (chosen and rejected alike), the rest of the sequence the
+    # prompt, whose rows the fused head skips on CUDA (None: a one-token prompt, the bound).
     # --trainer sft: SFT's loss on the last ``completion_only`` tokens of each sequence, the rest the
     # prompt (a prompt-completion dataset, SFTConfig.completion_only_loss; trl 1.16.0
     # sft_trainer.py:1408-1433 masks the prompt's labels to -100); None: every token is labelled
@@ -530,9 +532,10 @@ class Setup:
             raise ValueError(f"--ref-model is DPO's reference model; --trainer {self.trainer} has none (pass "
                              f"--trainer dpo, or leave --ref-model out)")
         if self.completion_only is not None:
-            if self.trainer is not Trainer.SFT:
-                raise ValueError(f"--completion-only is SFTTrainer's completion_only_loss; --trainer {self.trainer} "
-                                 f"has none (pass --trainer sft, or leave --completion-only out)")
+            if self.trainer not in (Trainer.SFT, Trainer.DPO):
+                raise ValueError(f"--completion-only is SFTTrainer's completion_only_loss and DPO's response length; "
+                                 f"--trainer {self.trainer} has neither (pass --trainer sft or dpo, or leave "
+                                 f"--completion-only out)")
             if isinstance(self.completion_only, bool) or not isinstance(self.completion_only, int) \
                     or not 1 <= self.completion_only < self.seq:
                 raise ValueError(f"--completion-only takes the completion's tokens, 1 to --seq - 1 = {self.seq - 1} "

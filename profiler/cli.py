@@ -180,10 +180,9 @@ def cmd_profile(args) -> int:
     setup = _setup(args, device="cpu" if args.backend == "cpu" else None)
     steps = _positive(args.steps, "steps")
     nproc = _positive(args.nproc, "nproc")
-    if setup.trainer.value == "dpo" and (args.backend == "sim" or nproc > 1):
-        raise UsageError("--trainer dpo is measured on the cpu and cuda backends on one device: the sim cannot drive "
-                         "DPOTrainer (its loss logs metrics with .item(), which fake tensors refuse) and --nproc does "
-                         "not run it yet; use --backend cpu, or vramlab estimate")
+    if setup.trainer.value != "hf" and nproc > 1:
+        raise UsageError(f"--trainer {setup.trainer.value} is measured on one device: --nproc does not run TRL's "
+                         f"trainers yet; leave --nproc 1, or use vramlab estimate")
     if nproc > 1:
         records = _profile_distributed(args, setup, steps, nproc)
     else:

@@ -9,6 +9,7 @@ per-layer and per-token terms show, at a cost a CI machine can pay.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,40 @@ def test_estimate_equals_the_cuda_sim_per_phase(model, kw):
         predicted = sum(v for k, v in record.predicted.phases[phase].items() if k not in ("allocator", "context"))
         got = measured.peak_allocated_bytes
         assert abs(predicted - got) <= ESTIMATE_VS_SIM_CUDA * got, (phase, predicted, got)
+
+
+# --- a real trainer under the sim (profiler/measure/sim.py DataValues, driven_on_the_sim) ------------
+
+def test_data_values_keep_the_datas_values_and_read_the_models_as_zero():
+    """Under the sim's fake tensors, what the batch decides stays real: ops on real tensors run for
+    real (an item count), a boolean index by a real mask keeps exactly its rows; a scalar read from
+    a fake tensor (a logged loss) reads 0.0 and its call site is counted; a fake mask selects every
+    element (the bound); the model's own factory ops stay fake."""
+    from profiler.measure.sim import DataValues, _is_fake
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, 9]])
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        hidden = fake.from_tensor(torch.empty(2, 4, 8))
+        with DataValues() as values:
+            mask = labels != -100
+            assert not _is_fake(mask) and (mask.sum()).item() == 5
+            rows = hidden[mask]
+            assert _is_fake(rows) and tuple(rows.shape) == (5, 8)
+            assert hidden.sum().item() == 0.0 and len(values.asked) == 1
+            assert next(iter(values.asked)).endswith(f"test_sim_fidelity.py:{sys._getframe().f_lineno - 1}")
+            assert tuple(hidden[hidden > 0].shape) == (64,)
+            assert _is_fake(torch.zeros(3, dtype=torch.long))
+
+
+def test_generate_under_the_sim_runs_to_its_length_and_returns_real_ids():
+    """A fake model's ``generate`` (sampling) stops at max_new_tokens, never at a sampled <eos>
+    (whose value cannot be read), and hands back real ids of the generated shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from profiler.measure.sim import _is_fake, driven_on_the_sim
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=50, eos_token_id=3, pad_token_id=0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = LlamaForCausalLM(config)
+        with driven_on_the_sim(True):
+            out = model.generate(torch.ones(2, 6, dtype=torch.long), max_new_tokens=5, do_sample=True)
+    assert not _is_fake(out) and tuple(out.shape) == (2, 11) and int(out.max()) == 49

@@ -32,8 +32,17 @@ import tempfile
 from estimator.categories import Category, Phase
 from estimator.setup import Mode, RefModel, Setup
 from estimator.versions import installed_versions, parse_version
-from profiler.measure.build import SetupUnavailable, build_model, synthetic_batch
-from profiler.measure.trl_steps import _PRECISION_FLAGS, measure_trainer, train_measured, trainer_phases, trl_policy
+from profiler.measure.build import SetupUnavailable, build_model
+from profiler.measure.sim import driven_on_the_sim
+from profiler.measure.trl_steps import (
+    _PRECISION_FLAGS,
+    measure_trainer,
+    on_the_sim,
+    real_ids,
+    train_measured,
+    trainer_phases,
+    trl_policy,
+)
 
 #: Words of the tokenizer built here besides <pad> (0) and <eos> (1); token ids never change memory
 _WORDS = 1024
@@ -66,12 +75,13 @@ def _tokenizer(eos: int = 1, words: int = _WORDS):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def preference_rows(ids, rows: int) -> dict[str, list[str]]:
-    """``rows`` preference pairs from the synthetic ids (B, seq): a prompt of a quarter of the
-    sequence, chosen and rejected completions filling it (each ending with <eos>, so TRL adds none:
+def preference_rows(ids, rows: int, completion: int | None = None) -> dict[str, list[str]]:
+    """``rows`` preference pairs from the synthetic ids (B, seq): a prompt of ``seq - completion``
+    tokens (``--completion-only``; None: one token, the estimate's bound), chosen and rejected
+    completions filling the sequence (each ending with <eos>, so TRL adds none:
     dpo_trainer.py:1062-1067), as text the tokenizer maps back to ``seq`` tokens."""
     seq = ids.shape[1]
-    prompt_len = max(1, seq // 4)
+    prompt_len = seq - completion if completion else 1
     words = [[f"t{2 + int(t) % _WORDS}" for t in row] for row in ids.tolist()]
     out: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(rows):
@@ -135,15 +145,16 @@ def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
     trl = _require_trl()
     import datasets
 
-    model, peft_config = trl_policy(built, setup, "dpo", "its loss logs metrics with .item(), which fake tensors "
-                                                   "refuse")
+    model, peft_config = trl_policy(built, setup, "dpo")
+    sim = on_the_sim(built)
     device = built.device
     ref = None
     if setup.ref_model is RefModel.SEPARATE:
         ref = build_model(spec, setup.replace(mode=Mode.FULL, grad_ckpt=False), device)
         tracker.track(ref, Category.WEIGHTS)
-    ids = synthetic_batch(spec, setup, device).cpu()
-    data = datasets.Dataset.from_dict(preference_rows(ids, setup.batch * setup.grad_accum * (steps + 1)))
+    ids = real_ids(spec, setup)
+    data = datasets.Dataset.from_dict(preference_rows(ids, setup.batch * setup.grad_accum * (steps + 1),
+                                                      setup.completion_only))
     current, phases = trainer_phases(built, tracker, meter, first, timings)
 
     with tempfile.TemporaryDirectory() as out:
@@ -153,8 +164,9 @@ def dpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             max_length=setup.seq, precompute_ref_log_probs=setup.ref_model is RefModel.PRECOMPUTED,
             use_cpu=device == "cpu", report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, seed=0, **_PRECISION_FLAGS[setup.precision])
-        trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data,
-                                 processing_class=_tokenizer(), peft_config=peft_config, callbacks=[phases])
+        with driven_on_the_sim(sim):
+            trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data,
+                                     processing_class=_tokenizer(), peft_config=peft_config, callbacks=[phases])
         measure_trainer(trainer, setup, tracker, current, "dpo")
-        train_measured(trainer, tracker, _reference_phase(trainer, setup, current))
+        train_measured(trainer, tracker, sim, _reference_phase(trainer, setup, current))
         del trainer

@@ -35,9 +35,17 @@ import torch
 
 from estimator.categories import Category, Phase
 from estimator.setup import Setup
-from profiler.measure.build import synthetic_batch
 from profiler.measure.dpo_steps import _require_trl, _tokenizer
-from profiler.measure.trl_steps import _PRECISION_FLAGS, measure_trainer, train_measured, trainer_phases, trl_policy
+from profiler.measure.sim import driven_on_the_sim
+from profiler.measure.trl_steps import (
+    _PRECISION_FLAGS,
+    measure_trainer,
+    on_the_sim,
+    real_ids,
+    train_measured,
+    trainer_phases,
+    trl_policy,
+)
 
 
 def prompt_rows(ids, rows: int, vocab: int) -> dict[str, list[str]]:
@@ -58,11 +66,11 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
     trl = _require_trl("grpo")
     import datasets
 
-    model, peft_config = trl_policy(built, setup, "grpo", "its sampling and metrics read values with .item() and "
-                                                    ".tolist(), which fake tensors refuse")
+    model, peft_config = trl_policy(built, setup, "grpo")
+    sim = on_the_sim(built)
     device = built.device
     V = spec.vocab_size
-    ids = synthetic_batch(spec, setup, device).cpu()
+    ids = real_ids(spec, setup)
     data = datasets.Dataset.from_dict(prompt_rows(ids, setup.batch * setup.grad_accum * (steps + 1), V))
     current, phases = trainer_phases(built, tracker, meter, first, timings)
 
@@ -78,9 +86,10 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
             num_iterations=setup.num_iterations, beta=setup.beta or 0.0,
             use_cpu=device == "cpu", report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, seed=0, **_PRECISION_FLAGS[setup.precision])
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length, args=config, train_dataset=data,
-                                  processing_class=_tokenizer(eos=V, words=V - 2), peft_config=peft_config,
-                                  callbacks=[phases])
+        with driven_on_the_sim(sim):
+            trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length, args=config, train_dataset=data,
+                                      processing_class=_tokenizer(eos=V, words=V - 2), peft_config=peft_config,
+                                      callbacks=[phases])
         if trainer.ref_model is not None:
             # from_pretrained maps the reference's safetensors into memory (its storages made by no
             # op the tracker sees); on a GPU they are allocated at load, so they count from here
@@ -102,5 +111,5 @@ def grpo_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timi
                 return logps(*args, **kwargs)
 
         trainer._get_per_token_logps_and_entropies = measured_logps
-        train_measured(trainer, tracker)
+        train_measured(trainer, tracker, sim)
         del trainer

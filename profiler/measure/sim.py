@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from estimator.overheads import workspace_for
 from estimator.setup import Setup
@@ -291,6 +292,248 @@ def _cross_entropy_cuda(input, target, weight=None, size_average=None, ignore_in
     return f.nll_loss(log_probs, target, weight=_to_fp32(weight), ignore_index=ignore_index, reduction=reduction)
 
 
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+#: Where a trainer's own bookkeeping is written (site-packages-relative): a tensor it makes from
+#: Python values alone (GRPO's end-of-sequence index and completion mask, trl 1.16.0
+#: grpo_trainer.py:1881-1885) holds data, as the batch does
+TRAINER_CODE = ("trl/trainer/", "transformers/trainer")
+
+
+def _caller() -> str:
+    """The first frame outside torch and this module that led to the op, as ``file:line``
+    (site-packages-relative)."""
+    import sys
+    frame = sys._getframe(1)
+    while frame is not None and ("/torch/" in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}"
+
+
+class DataValues(TorchDispatchMode):
+    """Values under the sim when a real trainer drives the step: the batches are real CPU
+    tensors (the dataset's token ids), the model's tensors are fake. An op that reads only real
+    tensors (the labels' mask, the item counts) runs for real, so what the data decides stays
+    decided by the data: a boolean index by a real mask becomes its real positions, so the
+    indexed copy has the real row count; so does a tensor a trainer's own code makes from Python
+    values (``TRAINER_CODE``; the model's factory ops stay fake and counted). A Python scalar
+    read from a fake tensor (a logged loss, a metric, a nan check; ``aten._local_scalar_dense``)
+    has no value: it reads as 0, 0.0 or False; a selection by a fake mask (``nonzero``, a boolean
+    index: a metric's nan filter) takes every element, the bound. :attr:`asked` counts each such
+    call site (file:line)."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: dict[str, int] = {}
+
+    def _ask(self) -> None:
+        where = _caller()
+        self.asked[where] = self.asked.get(where, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+        from torch.utils._python_dispatch import _disable_current_modes
+        from torch.utils._pytree import tree_flatten
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(_is_fake(t) for t in tensors) or not tensors and _caller().startswith(TRAINER_CODE):
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        if func is torch.ops.aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype is torch.bool for i in args[1]):
+            indices = []
+            for i in args[1]:
+                if not isinstance(i, torch.Tensor) or i.dtype is not torch.bool:
+                    indices.append(i)
+                elif not _is_fake(i):
+                    with _disable_current_modes():
+                        indices.extend(i.nonzero(as_tuple=True))
+                else:  # a fake mask (a metric's nan filter): every element selected, the bound
+                    self._ask()
+                    indices.extend(torch.zeros(i.numel(), dtype=torch.long) for _ in range(i.dim()))
+            return func(args[0], indices)
+        if func is torch.ops.aten.nonzero.default and _is_fake(args[0]):
+            self._ask()  # every element nonzero, the bound
+            return torch.zeros((args[0].numel(), args[0].dim()), dtype=torch.long)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            try:
+                return func(*args, **kwargs)
+            except DataDependentOutputException:
+                pass
+            self._ask()
+            dtype = args[0].dtype
+            return False if dtype is torch.bool else 0.0 if dtype.is_floating_point else 0
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _modules_move_in_place() -> Iterator[None]:
+    """``Module.to`` on fake tensors as on real ones: each parameter converted keeps its identity
+    (``param.data = param.to(...)``, which torch does for real tensors), buffers are replaced, and a
+    tensor already there is left alone. torch swaps a fake parameter instead (torch/nn/modules/
+    module.py ``_apply``: ``isinstance(param, FakeTensor)``), and the swap fails on the tracker's
+    weak references: the Trainer's and accelerate's placement of a model already on its (fake)
+    device (transformers trainer.py ``_move_model_to_device``, accelerate accelerator.py
+    ``prepare_model``), peft's move of a new adapter to its base layer's dtype (peft 0.21
+    tuners_utils.py ``_move_adapter_to_device_of_base_layer``). Only ``to``'s dtype and device
+    (dtype for floating-point tensors, as ``Module.to`` converts)."""
+    from unittest import mock
+
+    def to(module, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+
+        def convert(t):
+            return t.to(device, dtype if dtype is not None and t.is_floating_point() else None, non_blocking)
+
+        for sub in module.modules():
+            for param in sub._parameters.values():
+                if param is not None and (new := convert(param)) is not param:
+                    param.data = new
+            for name, buf in sub._buffers.items():
+                if buf is not None:
+                    sub._buffers[name] = convert(buf)
+        return module
+
+    with mock.patch.object(torch.nn.Module, "to", to):
+        yield
+
+
+@contextlib.contextmanager
+def _generation_runs_to_its_length() -> Iterator[None]:
+    """``generate`` under the sim stops at its length, never at an end-of-sequence token: a sampled
+    token is fake, so whether a row finished cannot be read (transformers 5.24 generation/utils.py
+    ``StopCheck``, :393-396, reads ``unfinished_sequences.max() == 0``, which :class:`DataValues`
+    answers False). Every completion runs to ``max_new_tokens``, the length the estimate takes (the
+    worst case); the length test is the stopping criteria's own (``StoppingCriteriaList.max_length``,
+    stopping_criteria.py:626-630, against the ids so far), read where ``_sample``'s loop asks
+    ``_has_unfinished_sequences`` (:3020-3036, :3230). What ``generate`` returns, fake ids whose
+    values a trainer goes on to read (GRPO masks after <eos> and decodes the text, trl 1.16.0
+    grpo_trainer.py:1877-1888), is given back as real ids of its shape, every one the vocabulary's
+    last id (no <eos>: GRPO's harness puts it past the vocabulary, grpo_steps.py; the prompt's
+    values matter to no allocation and a trainer keeps its own prompt ids); the fake ids are freed.
+    (Real ids are not tracked: b x (prompt + completion) int64, a few KiB.)"""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import _disable_current_modes
+    from transformers.generation import stopping_criteria, utils
+    done = [False]
+    criteria = stopping_criteria.StoppingCriteriaList.__call__
+    unfinished, generate = utils.GenerationMixin._has_unfinished_sequences, utils.GenerationMixin.generate
+
+    def generate_real_ids(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not _is_fake(out):
+            return out
+        with _disable_current_modes():  # real ids of the generated shape: the vocabulary's last id
+            return torch.full(out.shape, self.config.get_text_config().vocab_size - 1, dtype=out.dtype)
+
+    def call(self, input_ids, scores, **kwargs):
+        limit = self.max_length
+        done[0] = limit is not None and input_ids.shape[-1] >= limit
+        return criteria(self, input_ids, scores, **kwargs)
+
+    def has_unfinished(self, this_peer_finished, synced_gpus, device):
+        if done[0]:
+            done[0] = False  # the next generate starts afresh
+            return False
+        return unfinished(self, False, synced_gpus, device)
+
+    with mock.patch.object(stopping_criteria.StoppingCriteriaList, "__call__", call), \
+            mock.patch.object(utils.GenerationMixin, "_has_unfinished_sequences", has_unfinished), \
+            mock.patch.object(utils.GenerationMixin, "generate", generate_real_ids):
+        yield
+
+
+@contextlib.contextmanager
+def driven_on_the_sim(sim: bool) -> Iterator[DataValues | None]:
+    """Around a real trainer's construction and ``train()`` on the sim (``sim`` false: nothing):
+    :class:`DataValues`, modules moved in place (:func:`_modules_move_in_place`) and generation
+    to its length (:func:`_generation_runs_to_its_length`)."""
+    if not sim:
+        yield None
+        return
+    values = DataValues()
+    with _modules_move_in_place(), _generation_runs_to_its_length(), values:
+        yield values
+
+
+class _RealBatches:
+    """A trainer's data loader whose iterator and batches are made outside the sim's modes: real
+    CPU tensors of the dataset's values (the loader's seed and the collator's tensors would
+    otherwise be fake and their values unreadable); the rest of the loader as it is."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __iter__(self):
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            batches = iter(self._loader)
+        while True:
+            with _disable_current_modes():
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+            yield batch
+
+
+def real_batches(trainer) -> None:
+    """Make ``trainer`` (a transformers Trainer) read real batches under the sim (:class:`_RealBatches`)."""
+    make = trainer.get_train_dataloader
+    trainer.get_train_dataloader = lambda: _RealBatches(make())
+
+
+class _TritonLaunch:
+    """A Triton kernel as the sim launches it: ``kernel[grid](*args)`` writes into the buffers it is
+    given and allocates nothing (fake tensors have no values to write)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def trl_fused_head_on_cuda() -> Iterator[None]:
+    """TRL's fused LM head (trl 1.16.0 kernels/chunked_logprob.py) as it runs on a CUDA device, on
+    fake CPU tensors: ``_use_triton`` (:48-49) true, so the fold is the Triton kernel
+    (``_forward_kernel`` / ``_backward_kernel``, :79 and :151: in-place into the tile and the
+    per-row statistics, no allocation) instead of the torch fold (``_forward_tile``, :211, whose
+    fp32 temporaries the cpu device pays), and trainer/utils.py:1642's compact path scores the
+    labelled rows only; ``_addmm_fp32`` (:52-63) takes CUDA's ``addmm(out_dtype=float32)`` into the
+    fp32 accumulator instead of fp32 copies of both operands. Without trl installed, nothing."""
+    try:
+        from trl.kernels import chunked_logprob as kernels
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        yield
+        return
+    from types import SimpleNamespace
+    from unittest import mock
+
+    def addmm_fp32(acc, a, b):
+        if kernels._MM_OUT_DTYPE and a.dtype in _HALF:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
+
+    with mock.patch.multiple(kernels, _use_triton=lambda device: True, _forward_kernel=_TritonLaunch(),
+                             _backward_kernel=_TritonLaunch(), _addmm_fp32=addmm_fp32), \
+            mock.patch.object(kernels, "triton", SimpleNamespace(cdiv=lambda a, b: -(-a // b)), create=True), \
+            mock.patch.object(trl_utils, "_use_triton", lambda device: True):
+        yield
+
+
 @contextlib.contextmanager
 def cuda_semantics(setup: Setup, target: CudaTarget | None = None) -> Iterator[None]:
     """Emulate what a CUDA step allocates, on fake CPU tensors; see the module docstring.
@@ -302,6 +545,8 @@ def cuda_semantics(setup: Setup, target: CudaTarget | None = None) -> Iterator[N
     f.dropout = _native_dropout(originals[1])
     try:
         with contextlib.ExitStack() as stack:
+            if setup.trainer.value != "hf":
+                stack.enter_context(trl_fused_head_on_cuda())
             if setup.precision.is_autocast:
                 stack.enter_context(CudaAutocastPolicy())
                 inner: list = []  # and again inside each checkpointed recomputation

@@ -26,6 +26,7 @@ from estimator.categories import Category, Phase
 from estimator.setup import Loss, Mode, Packing, Precision, Setup
 from estimator.versions import installed_versions, parse_version
 from profiler.measure.build import SetupUnavailable, build_optimizer, synthetic_batch
+from profiler.measure.sim import driven_on_the_sim, real_batches
 
 
 def _require_trl(setup: Setup):
@@ -117,8 +118,7 @@ def _dataset(spec, setup: Setup, steps: int, device):
     SFTTrainer builds the labels (trl 1.16.0 sft_trainer.py:1408-1433)."""
     import datasets
     lengths = example_lengths(setup)
-    wide = synthetic_batch(spec, setup.replace(batch=1, seq=max(lengths), packing=None, completion_only=None),
-                           device).cpu()[0].tolist()
+    wide = real_ids(spec, setup.replace(batch=1, seq=max(lengths), packing=None, completion_only=None)).tolist()[0]
     rows = [wide[:n] for n in lengths] * (setup.grad_accum * (steps + 1))
     columns = {"input_ids": rows}
     if setup.completion_only:
@@ -191,20 +191,34 @@ def measure_loss_and_backward(trainer, setup: Setup, tracker, current) -> None:
     trainer.compute_loss, trainer.accelerator.backward = measured_loss, measured_backward
 
 
-def trl_policy(built, setup: Setup, trainer: str, sim_reason: str):
+def on_the_sim(built) -> bool:
+    """Whether ``built`` is the sim's (its contexts hold a ``FakeTensorMode``; others are
+    bitsandbytes' kernels)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return any(isinstance(c, FakeTensorMode) for c in built.contexts)
+
+
+def real_ids(spec, setup: Setup):
+    """The setup's synthetic batch as real CPU ids, under the sim too (a dataset holds values)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        return synthetic_batch(spec, setup, "cpu")
+
+
+def trl_policy(built, setup: Setup, trainer: str, sim_reason: str | None = None):
     """The model a TRL trainer gets from the harness's build, and the ``peft_config`` it applies
     itself (LoRA: TRL wraps the base model, so the reference can be the adapter disabled); refused
-    in one sentence where the harness cannot drive ``trainer`` (``sim_reason``: why not the sim)."""
+    in one sentence where the harness cannot drive ``trainer`` (``sim_reason``: why not on the sim,
+    where it cannot)."""
     if setup.precision not in _PRECISION_FLAGS:
         raise SetupUnavailable(f"--trainer {trainer} runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
     if setup.mode is Mode.QLORA and trainer != "dpo":
         raise SetupUnavailable(f"--trainer {trainer} --mode qlora is estimated, not run by the harness yet (--mode "
                                f"full or lora)")
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)
-    if built.device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not built.inner:
-        raise SetupUnavailable(f"--trainer {trainer} runs on the cpu and cuda backends on one device (the sim cannot "
-                               f"drive it: {sim_reason}; nor does it run on distributed ranks)")
+    if sim_reason and on_the_sim(built):
+        raise SetupUnavailable(f"--trainer {trainer} does not run on the sim: {sim_reason}")
+    if built.device.split(":")[0] not in ("cpu", "cuda") or built.forward is not built.inner:
+        raise SetupUnavailable(f"--trainer {trainer} runs on one device (not on distributed ranks yet)")
     model, peft_config = built.forward, None
     if setup.mode in (Mode.LORA, Mode.QLORA):
         peft_config = model.peft_config["default"]
@@ -227,11 +241,13 @@ def measure_trainer(trainer, setup: Setup, tracker, current, name: str) -> None:
     measure_loss_and_backward(trainer, setup, tracker, current)
 
 
-def train_measured(trainer, tracker, *contexts) -> None:
-    """``trainer.train()`` with the fused head's allocations tagged and ``contexts`` entered; the
-    tracker's hooks removed after."""
+def train_measured(trainer, tracker, sim: bool, *contexts) -> None:
+    """``trainer.train()`` with the fused head's allocations tagged and ``contexts`` entered (on the
+    sim, real batches and :func:`driven_on_the_sim`); the tracker's hooks removed after."""
+    if sim:
+        real_batches(trainer)
     try:
-        with _tag_fused_head(tracker), contextlib.ExitStack() as stack:
+        with _tag_fused_head(tracker), driven_on_the_sim(sim), contextlib.ExitStack() as stack:
             for context in contexts:
                 stack.enter_context(context)
             trainer.train()
@@ -247,11 +263,9 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
     if setup.precision not in _PRECISION_FLAGS:
         raise SetupUnavailable(f"--trainer sft runs fp32, bf16, fp16 and amp-bf16 here, not {setup.precision}")
     inner, device = built.inner, built.device
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    sim = any(isinstance(c, FakeTensorMode) for c in built.contexts)  # other contexts: bitsandbytes' kernels
-    if device.split(":")[0] not in ("cpu", "cuda") or sim or built.forward is not inner:
-        raise SetupUnavailable("--trainer sft runs on the cpu and cuda backends on one device (the sim does not "
-                               "drive a Trainer under fake tensors yet, nor does it run on distributed ranks)")
+    sim = on_the_sim(built)
+    if device.split(":")[0] not in ("cpu", "cuda") or built.forward is not inner:
+        raise SetupUnavailable("--trainer sft runs on one device (not on distributed ranks yet)")
     opt = build_optimizer(inner, setup)
     if opt is None:
         raise SetupUnavailable("--trainer sft needs an optimizer: the Trainer steps one (leave --optimizer adamw)")
@@ -268,11 +282,14 @@ def sft_train_steps(built, spec, setup: Setup, steps: int, tracker, meter, timin
             report_to=[], save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
             **_PRECISION_FLAGS[setup.precision])
-        trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
-                                 processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[phases])
+        with driven_on_the_sim(sim):
+            trainer = trl.SFTTrainer(model=built.forward, args=config, train_dataset=data,
+                                     processing_class=_tokenizer(), optimizers=(opt, None), callbacks=[phases])
         measure_loss_and_backward(trainer, setup, tracker, current)
+        if sim:
+            real_batches(trainer)
         try:
-            with _tag_fused_head(tracker):
+            with _tag_fused_head(tracker), driven_on_the_sim(sim):
                 trainer.train()
         finally:
             tracker.remove_hooks()
