@@ -502,6 +502,8 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     masked = masked_layer_bytes(spec, setup) * T if "masked_layers" in full.outside else 0
     # a recomputed layer parametrizes its LoRA expert stacks again (lora_expert_weights)
     masked += lora_expert_weights(spec, setup)
+    if spec.num_experts:  # and holds its MoE experts' locals where its recomputation stops
+        masked += arch_of(spec).recomputed_quirk(spec, setup, recomputed_moe_locals(spec, setup)) * T
     outside = {k: v for k, v in full.outside.items()
                if k not in ("first_layer_frozen", "masked_layers", "lora_expert_weights", "dense_layers",
                          "frozen_prefix", "other_layers")}
@@ -516,6 +518,41 @@ def checkpointed_activations(spec: ModelSpec, setup: Setup) -> Activations:
     return Activations(per_layer={"layer_input": resid * spec.hidden_size * T},
                        layers=spec.num_layers,
                        outside={**outside, "recomputed_layer": full.layer_bytes + masked})
+
+
+def recomputed_moe_locals(spec: ModelSpec, setup: Setup) -> int:
+    """Per token, what a checkpointed MoE layer's recomputation holds beyond the tensors it saves,
+    where its routed grouped_mm experts end the layer (Mixtral, Qwen3-MoE, GraniteMoe, gpt-oss).
+
+    torch's non-reentrant checkpoint (transformers 5.24 modeling_utils.py:3158 ``use_reentrant``
+    False) stops the recomputation at the last tensor the layer saved (torch/utils/checkpoint.py:1128-1131
+    ``early_stop``, True by default: :1564; :1184 drops the exception), so the forward's locals of that
+    moment live beside every recomputed saved tensor. Here that tensor is the ``inv_perm`` index of
+    ``weighted_out[inv_perm]`` (integrations/moe.py:529; what follows, the view's sum, the cast and the
+    decoder layer's residual add, saves nothing), and the locals then are the routing-weight product
+    ``weighted_out`` (S, h, :524: fp32 where the routing weights are, Arch.routing_weights_fp32), never
+    saved (the index keeps only its indices), the gathered inputs ``selected_hidden_states_g`` (S, h,
+    :441) where no trainable expert saves them, and in the decoder layer the MoE's input (the post-attention
+    norm's output, saved only by a trainable router's linear, so in full training) and the residual
+    sum beside it (its norm saves an fp32 copy of it; the very tensor in fp32), e.g.
+    modeling_granitemoe.py:360-362, modeling_qwen3_moe.py:346-348. Measured on the sim, GraniteMoe
+    reduced (4 layers, 40 experts top-8, b2 x s1024 bf16) LoRA on q/k/v/o with checkpointing: the
+    last layer's recomputation, 108 MiB of these beside its saved tensors (the backward -11.0 % without
+    them, -2.3 % with: the rest is the view's (S, h) gradient copy the index's backward reads, made before
+    the recomputation, which the generic layer working set stands in for); Qwen3-MoE reduced (2 layers,
+    vocabulary 8,000) LoRA on q/k/v/o -5.5 % -> -0.8 %, Mixtral's -1.4 % -> +0.5 %. A family whose
+    layer ends otherwise says so (Arch.recomputed_quirk)."""
+    p, resid, _ = _dtypes(setup)
+    h, k = spec.hidden_size, spec.experts_per_token
+    if setup.mode in (Mode.LORA, Mode.QLORA) and not setup.trains_layer_weights:
+        experts_trainable = any(lin.fused_experts for lin in lora_targets(spec, setup.lora_targets))
+    else:
+        experts_trainable = setup.trains_layer_weights
+    weighted = k * h * (FP32 if arch_of(spec).routing_weights_fp32 else p)
+    gathered = 0 if experts_trainable else k * h * p
+    moe_input = 0 if setup.trains_layer_weights else p * h
+    residual = resid * h if resid != FP32 else 0
+    return weighted + gathered + moe_input + residual
 
 
 def eager_masks(spec: ModelSpec, setup: Setup) -> int:

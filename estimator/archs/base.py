@@ -365,6 +365,10 @@ class Arch:
     #: so those nn.Linear modules are never wrapped, under ``all-linear`` too (:370-374). Empty:
     #: the older rule of :func:`estimator.params.lora_targets` (no such modules)
     peft_moe_names: ClassVar[Mapping[str, str]] = {}
+    #: the routing weights an MoE router hands its experts stay fp32 (Mixtral's softmax of the fp32
+    #: logits, never cast back), so the experts' ``proj_out * sample_weights_g`` is fp32 (S, h);
+    #: False: cast to the compute dtype first (Qwen3-MoE, GraniteMoe) or computed in it (gpt-oss)
+    routing_weights_fp32: ClassVar[bool] = False
     #: what :meth:`checkpoint_note` says of a published checkpoint's own quantization
     checkpoint_detail: ClassVar[str] = ("an MXFP4 checkpoint trains dequantized to bf16; MXFP4 inference kernels "
                                         "would hold less")
@@ -501,6 +505,13 @@ class Arch:
         once per model (the layers before the first adapter, which save less). ``terms``: the generic
         terms, keyed as activations.py names them."""
         return terms, 0, 0
+
+    def recomputed_quirk(self, spec, setup, generic: int) -> int:
+        """Bytes per token a checkpointed layer's recomputation holds beyond what the layer saves, at
+        the moment it stops (activations.checkpointed_activations; ``generic``: the grouped_mm MoE
+        experts' locals there, :func:`estimator.activations.recomputed_moe_locals`). A family whose
+        layer ends otherwise returns its own."""
+        return generic
 
     def decode_working(self, spec, setup, tokens: int) -> int:
         """Bytes a decode step's attention holds beside the cache, over ``tokens`` cached positions,

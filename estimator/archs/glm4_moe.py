@@ -123,8 +123,9 @@ class Glm4Moe(GroupedTopkMoE, LlamaStyle):
         of temporaries beside the experts' adapters not read yet; full -0.40 % at most, LoRA on q/k/v/o
         -0.60 %, prefill -0.09 %, decode -0.06 %, eval -0.05 %). bf16, sdpa, one device, no checkpointing
         (CUDA sim: the checkpointed backward -9.0 % full, -10.1 % all-linear, LoRA on q/k/v/o's forward
-        -1.09 %: the recomputed MoE layer's working set is not read); the rest is refused in one
-        sentence."""
+        -1.09 %: the peak is the first MoE layer's index backward after its recomputation, two fp32
+        (S, h) gradient buffers, a moment estimate.py has no candidate for: GroupedTopkMoE.recomputed_quirk);
+        the rest is refused in one sentence."""
         attention = {lin.name for lin in self._attention(spec)}
         if checked_on_the_cuda_sim(setup, attention):
             return ""

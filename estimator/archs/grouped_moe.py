@@ -165,6 +165,18 @@ class GroupedTopkMoE:
             prefix = first_experts + per_norm - layer - self.dense_layers(spec) * (layer + dense - moe)
         return out, dense - moe, prefix
 
+    def recomputed_quirk(self, spec, setup, generic: int) -> int:
+        """None of the generic grouped_mm locals (activations.recomputed_moe_locals): the shared-expert
+        MLP runs after the routed experts (deepseek :215-222, glm4_moe :385-392: ``hidden_states +
+        self.shared_experts(residuals)``), so a checkpointed layer's recomputation stops in it (at its
+        down_proj's saved tensor), after the experts function returned and freed its (S, h) locals.
+        The peak there is later, in the layer's backward: the weighted output's index backward holds
+        the view's contiguous copy of the gradient and the index's zeros, two fp32 (S, h) buffers (the
+        routing weights are fp32), beside the recomputed tensors and the later layers' gradients
+        (measured on the sim, GLM-4.5-Air reduced, the first MoE layer's); a moment estimate.py has no
+        candidate for yet, so checkpointing stays refused for these families (:func:`checked_on_the_cuda_sim`)."""
+        return 0
+
     def moe_prefill(self, spec, setup) -> int:
         """The no-grad prefill's MoE layer working set (CUDA), at ``weighted_out[inv_perm]``
         (integrations/moe.py:424-537): the gathered inputs and the down output (S, h), the

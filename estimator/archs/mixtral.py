@@ -14,6 +14,8 @@ from .llama import PREFILL_SWITCHES, LlamaStyle
 
 class Mixtral(LlamaStyle):
     model_types = ("mixtral",)
+    # 5.24 models/mixtral/modeling_mixtral.py:107-111: the top-k of softmax(logits.float()), never cast back
+    routing_weights_fp32 = True
     switches = PREFILL_SWITCHES + (
         Switch("rotary_tables_per_layer", "4.48", False, True,
                "4.47.0 models/mixtral/modeling_mixtral.py:200 cos_cached/sin_cached; none in 4.48.3"),)
