@@ -29,7 +29,11 @@ in one sentence (measure it with ``vramlab profile ... --backend sim``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..configcheck import MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, ConfigError, Fields, Limit
+from ..setup import Attention, Device, Mode
+from ..units import FP32
 from .base import Linear, Norm, QKNorm, Tensor
 from .llama import LlamaStyle
 
@@ -160,14 +164,120 @@ class Qwen3_5Text(LlamaStyle):
     def other_layers(self, spec):
         return [(self._kind_linears(spec, k), self._kind_norms(spec, k), n) for k, n in self._kinds(spec)[1:]]
 
+    def base_traits(self, spec):
+        # apply_rotary_pos_emb rotates the first rotary_dim of each head and concatenates the rest
+        # back (modeling_qwen3_5.py:689-702, partial_rotary_factor 0.25 by default): q reaches sdpa
+        # as a new tensor contiguous in (b, heads, s, d), so the flash output, laid out like it, is
+        # copied by ``reshape(...).contiguous()`` (:812) before the gate (kernels.attention_output_copied)
+        return {"rotary_concat": True}
+
+    # --- the memory terms ---------------------------------------------------------------
+
+    def saved_quirk(self, spec, setup, terms):
+        """The repeated layer's saved terms: a full-attention layer's are the generic ones and its
+        output gate's (:func:`_gate_saved`); a linear-attention layer keeps the generic norms, normed
+        input and MLP terms, and its token mixer's (:func:`linear_attention_saved`) replace the
+        attention's."""
+        return self._kind_terms(spec, setup, terms, self._kinds(spec)[0][0]), 0, 0
+
+    def _kind_terms(self, spec, setup, terms, kind):
+        if kind == "full_attention":
+            return dict(terms, attn_gate=_gate_saved(spec, setup))
+        kept = {k: v for k, v in terms.items() if k in ("norms", "linear_inputs", "mlp")}
+        return dict(kept, **linear_attention_saved(spec, setup))
+
+    def other_layers_saved(self, spec, setup, terms):
+        """Per token, what the layers of the other kind save beyond the repeated layer's ``terms``: a
+        full-attention layer's generic terms are those of the spec whose every layer is full
+        (:func:`_full_spec`)."""
+        kinds = self._kinds(spec)
+        if len(kinds) == 1:
+            return 0
+        from ..activations import _training_activations_b1  # activations reads the registry
+        own, T = sum(terms.values()), setup.batch * setup.seq
+        kind, n = kinds[1]
+        if kind == "full_attention":
+            full = _full_spec(spec)
+            other = _training_activations_b1(full, setup).layer_bytes // T
+        else:  # the repeated layer is full: the linear layer's from its generic terms
+            generic = {k: v for k, v in terms.items() if k != "attn_gate"}
+            other = sum(self._kind_terms(spec, setup, generic, kind).values())
+        return n * (other - own)
+
     # --- what is not modelled -----------------------------------------------------------
 
     def memory_gap(self, spec, setup):
-        """Every setup: neither the Gated-DeltaNet layers' saved tensors, recurrent and conv states nor
-        the gated full-attention layers' terms are modelled yet."""
+        """The setups whose every phase was checked within 1 % (tests/test_qwen3_5.py): full training
+        in bf16 with sdpa on one CUDA device (the sim) under the torch fallback of the delta rule and
+        the convolution (no flash-linear-attention or causal-conv1d kernels). The rest is refused in one
+        sentence."""
+        plain = setup.sharding.value == "none" and setup.trainer.value == "hf" and setup.loop.value == "trainer"
+        if setup.mode is Mode.FULL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
+                and setup.attn is Attention.SDPA and not setup.grad_ckpt and not setup.use_cache:
+            return ""
         return (f"{spec.name} (qwen3_5_text): its parameters are counted exactly, but its memory is not modelled "
-                f"yet (Gated-DeltaNet linear-attention layers: their saved chunks and their recurrent and conv "
-                f"states); measure it with `vramlab profile ... --backend sim`")
+                f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
+                f"{setup.device.value}), only for full training in bf16 with sdpa on one CUDA GPU without "
+                f"checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+
+
+#: torch_chunk_gated_delta_rule's default chunk, which the layer does not override (modeling_qwen3_5.py:294,
+#: :606-616)
+CHUNK = 64
+
+
+def linear_attention_saved(spec, setup) -> dict[str, int]:
+    """Per token, what one Gated-DeltaNet token mixer saves for backward in full training, in a 16-bit
+    model, under the torch fallbacks ``causal_conv1d_fn`` and ``torch_chunk_gated_delta_rule``
+    (modeling_qwen3_5.py:256-277, :287-426; the fla / causal-conv1d kernels would save their own, not
+    modelled). Ks = value heads x key dim (q and k repeated to every value head, :324-326), V = value
+    heads x value dim, D = conv_dim, S = the sequence padded to the 64-token chunk:
+
+    - the conv's input (in_proj_qkv's output, D) and its output (D, s + K - 1 long), which SiLU saves
+      before the slice's view is copied (:268-277);
+    - beta's sigmoid output; the fp32 ``a + dt_bias`` softplus saves and the product saves (:593-595);
+    - l2norm of the fp32 copies of q and k: each copy and its rsqrt per head (:280-284, :329-336);
+    - the padded fp32 q (scaled), k, v and beta (``F.pad`` copies even at zero padding) that
+      ``k_beta``, ``v_beta``, the matmuls and the decays read (:343-352);
+    - five (heads, S, 64) fp32 chunk matrices: ``pairwise_decay``'s exp, the two matmul outputs its
+      product saves, ``ut_system`` (saved by both triangular solves) and ``intra_chunk_attn`` (:365-373);
+      three exps of the cumulated decay (:374, :396-397);
+    - ``k_beta``, the solves' outputs ``new_values`` and ``k_cumdecay``, the decayed q and k (:385-397);
+    - every chunk's recurrent state the scan reads (S / 64 of (heads, dk, dv) fp32) and its ``v_new``
+      (:401-408);
+    - Qwen3_5RMSNormGated (:211-220): the fp32 copy of the output and its rsqrt, the normed copy the
+      weight reads, z's fp32 copy (SiLU's input), the weighted output and the SiLU's fp32 output; and
+      out_proj's input (the gated result in the compute dtype)."""
+    m = _fields(spec)
+    p, s = setup.precision.compute_bytes, setup.seq
+    vh, dk, dv, kernel = m["linear_value_heads"], m["linear_key_dim"], m["linear_value_dim"], m["conv_kernel"]
+    ks, v = vh * dk, vh * dv
+    conv = 2 * m["linear_key_heads"] * dk + v
+    padded = -(-s // CHUNK) * CHUNK
+    seq = dict(
+        gdn_conv=p * conv * s + p * conv * (s + kernel - 1),
+        gdn_gates=p * vh * s + 2 * FP32 * vh * s,
+        gdn_l2norm=2 * FP32 * (ks + vh) * s,
+        gdn_padded=FP32 * (2 * ks + v + vh) * padded,
+        gdn_chunks=5 * FP32 * vh * CHUNK * padded + 3 * FP32 * vh * padded,
+        gdn_solved=FP32 * (ks + v + ks + 2 * ks) * padded,
+        gdn_states=FP32 * (padded // CHUNK) * vh * dk * dv + FP32 * v * padded,
+        gdn_norm=(3 * FP32 + 2 * p) * v * s + FP32 * vh * s,
+        gdn_out_proj_input=p * v * s)
+    return {k: x // s for k, x in seq.items()}
+
+
+def _gate_saved(spec, setup) -> int:
+    """Per token, the full-attention layer's output gate in full training (modeling_qwen3_5.py:779-815):
+    ``attn_output * torch.sigmoid(gate)`` saves the sigmoid's output (beside the attention output's
+    copy, counted as the generic o_proj input), and o_proj saves the gated product."""
+    return 2 * setup.precision.compute_bytes * spec.q_dim
+
+
+def _full_spec(spec):
+    """The spec of a model whose every layer is one of ``spec``'s full-attention layers."""
+    fields = tuple((k, tuple(range(spec.num_layers)) if k == "full_layers" else v) for k, v in spec.family_fields)
+    return replace(spec, family_fields=fields, name=f"{spec.name}-full-layers")
 
 
 ARCHS = (Qwen3_5Text(),)
