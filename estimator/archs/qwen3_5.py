@@ -168,7 +168,7 @@ class Qwen3_5Text(LlamaStyle):
         # apply_rotary_pos_emb rotates the first rotary_dim of each head and concatenates the rest
         # back (modeling_qwen3_5.py:689-702, partial_rotary_factor 0.25 by default): q reaches sdpa
         # as a new tensor contiguous in (b, heads, s, d), so the flash output, laid out like it, is
-        # copied by ``reshape(...).contiguous()`` (:812) before the gate (kernels.attention_output_copied)
+        # copied by ``reshape(...).contiguous()`` (:811) before the gate (kernels.attention_output_copied)
         return {"rotary_concat": True}
 
     # --- the memory terms ---------------------------------------------------------------
@@ -183,7 +183,7 @@ class Qwen3_5Text(LlamaStyle):
     def _kind_terms(self, spec, setup, terms, kind):
         if kind == "full_attention":
             return dict(terms, attn_gate=_gate_saved(spec, setup))
-        kept = {k: v for k, v in terms.items() if k in ("norms", "linear_inputs", "mlp")}
+        kept = {k: v for k, v in terms.items() if k in ("norms", "linear_inputs", "mlp", "lora_adapters")}
         return dict(kept, **linear_attention_saved(spec, setup))
 
     def other_layers_saved(self, spec, setup, terms):
@@ -214,6 +214,14 @@ class Qwen3_5Text(LlamaStyle):
         plain = setup.sharding.value == "none" and setup.trainer.value == "hf" and setup.loop.value == "trainer"
         if setup.mode is Mode.FULL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
                 and setup.attn is Attention.SDPA and not setup.grad_ckpt and not setup.use_cache:
+            return ""
+        every = tuple(t.lower() for t in setup.lora_targets) in (("all-linear",), ("all_linear",))
+        if setup.mode is Mode.LORA and every and plain and setup.device is Device.CUDA \
+                and setup.precision.value == "bf16" and setup.attn is Attention.SDPA and not setup.grad_ckpt \
+                and not setup.use_cache:
+            return ""
+        if setup.mode is Mode.EVAL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
+                and setup.attn is Attention.SDPA and not setup.use_cache:
             return ""
         return (f"{spec.name} (qwen3_5_text): its parameters are counted exactly, but its memory is not modelled "
                 f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
@@ -247,30 +255,37 @@ def linear_attention_saved(spec, setup) -> dict[str, int]:
       (:401-408);
     - Qwen3_5RMSNormGated (:211-220): the fp32 copy of the output and its rsqrt, the normed copy the
       weight reads, z's fp32 copy (SiLU's input), the weighted output and the SiLU's fp32 output; and
-      out_proj's input (the gated result in the compute dtype)."""
+      out_proj's input (the gated result in the compute dtype).
+
+    With the layers' weights frozen (LoRA on every linear: the adapters' fp32 input copies are the
+    generic ``lora_adapters``), what only a weight's gradient reads is not saved: the softplus output
+    (read for ``A_log``'s), the gated norm's normed copy and out_proj's input; the convolution saves
+    its input whatever (``convolution_backward`` reads input and weight, tools/autograd/derivatives.yaml)."""
     m = _fields(spec)
-    p, s = setup.precision.compute_bytes, setup.seq
+    p, s, trainable = setup.precision.compute_bytes, setup.seq, setup.trains_layer_weights
     vh, dk, dv, kernel = m["linear_value_heads"], m["linear_key_dim"], m["linear_value_dim"], m["conv_kernel"]
     ks, v = vh * dk, vh * dv
     conv = 2 * m["linear_key_heads"] * dk + v
     padded = -(-s // CHUNK) * CHUNK
     seq = dict(
         gdn_conv=p * conv * s + p * conv * (s + kernel - 1),
-        gdn_gates=p * vh * s + 2 * FP32 * vh * s,
+        gdn_gates=p * vh * s + (2 if trainable else 1) * FP32 * vh * s,
         gdn_l2norm=2 * FP32 * (ks + vh) * s,
         gdn_padded=FP32 * (2 * ks + v + vh) * padded,
         gdn_chunks=5 * FP32 * vh * CHUNK * padded + 3 * FP32 * vh * padded,
         gdn_solved=FP32 * (ks + v + ks + 2 * ks) * padded,
         gdn_states=FP32 * (padded // CHUNK) * vh * dk * dv + FP32 * v * padded,
-        gdn_norm=(3 * FP32 + 2 * p) * v * s + FP32 * vh * s,
-        gdn_out_proj_input=p * v * s)
+        gdn_norm=(3 * FP32 + (2 if trainable else 1) * p) * v * s + FP32 * vh * s,
+        gdn_out_proj_input=p * v * s if trainable else 0)
     return {k: x // s for k, x in seq.items()}
 
 
 def _gate_saved(spec, setup) -> int:
     """Per token, the full-attention layer's output gate in full training (modeling_qwen3_5.py:779-815):
-    ``attn_output * torch.sigmoid(gate)`` saves the sigmoid's output (beside the attention output's
-    copy, counted as the generic o_proj input), and o_proj saves the gated product."""
+    ``attn_output * torch.sigmoid(gate)`` saves the sigmoid's output and the attention output's copy
+    (:811), and o_proj the gated product; full training counts that copy as the generic o_proj input
+    (kernels.attention_output_copied), LoRA (o_proj frozen, its adapter's input copy the generic
+    ``lora_adapters``) as the mul's."""
     return 2 * setup.precision.compute_bytes * spec.q_dim
 
 
