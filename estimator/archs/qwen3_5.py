@@ -23,9 +23,14 @@ Sources (transformers 5.24, models/qwen3_5/):
 
 The inventory holds the first layer's kind as the repeated one and the other kind as
 :attr:`~estimator.archs.base.Inventory.other` (as Gemma 4's). The ModelSpec's heads, key/value heads
-and head_dim are the full-attention layers'; the linear layers' sizes are family fields. The memory
-terms of neither layer kind are modelled yet: :meth:`Qwen3_5Text.memory_gap` refuses every setup
-in one sentence (measure it with ``vramlab profile ... --backend sim``).
+and head_dim are the full-attention layers'; the linear layers' sizes are family fields. In training a
+linear-attention layer saves what :func:`linear_attention_saved` derives from the torch fallbacks
+transformers runs without the flash-linear-attention and causal-conv1d packages
+(``torch_chunk_gated_delta_rule``, ``causal_conv1d_fn``: the path this estimate assumes; with fla's
+chunk kernels and causal-conv1d installed the saved set is those kernels' own autograd functions', not
+these ops', and is not modelled; the torch-free estimator cannot tell whether they are installed, so
+this is the path it assumes, not one it checks); a full-attention layer saves the generic terms and
+its output gate's. :meth:`Qwen3_5Text.memory_gap` lets through only what was checked within 1 %.
 """
 from __future__ import annotations
 
@@ -207,12 +212,19 @@ class Qwen3_5Text(LlamaStyle):
     # --- what is not modelled -----------------------------------------------------------
 
     def memory_gap(self, spec, setup):
-        """The setups whose every phase was checked within 1 % (tests/test_qwen3_5.py): full training
-        in bf16 with sdpa on one CUDA device (the sim) under the torch fallback of the delta rule and
-        the convolution (no flash-linear-attention or causal-conv1d kernels). The rest is refused in one
-        sentence."""
+        """The setups whose every phase was checked within 1 % (tests/test_qwen3_5.py), all in bf16 with
+        sdpa on one device without checkpointing, a cache or sharding, under the torch fallbacks of the
+        delta rule and the convolution (no flash-linear-attention or causal-conv1d kernels, whose saved
+        tensors differ): against the CUDA sim full training, LoRA on all-linear and eval; against a real
+        CPU step full training. The rest is refused in one sentence: inference (the conv and recurrent
+        states a cache holds and the chunked rule's no-grad working set are not modelled), LoRA on named
+        targets (which leave some layers' mixers without a trainable input), fp32 and fp16, eager,
+        checkpointing, QLoRA, sharding and TRL trainers."""
         plain = setup.sharding.value == "none" and setup.trainer.value == "hf" and setup.loop.value == "trainer"
         if setup.mode is Mode.FULL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
+                and setup.attn is Attention.SDPA and not setup.grad_ckpt and not setup.use_cache:
+            return ""
+        if setup.mode is Mode.FULL and plain and setup.device is Device.CPU and setup.precision.value == "bf16" \
                 and setup.attn is Attention.SDPA and not setup.grad_ckpt and not setup.use_cache:
             return ""
         every = tuple(t.lower() for t in setup.lora_targets) in (("all-linear",), ("all_linear",))
@@ -225,8 +237,9 @@ class Qwen3_5Text(LlamaStyle):
             return ""
         return (f"{spec.name} (qwen3_5_text): its parameters are counted exactly, but its memory is not modelled "
                 f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
-                f"{setup.device.value}), only for full training in bf16 with sdpa on one CUDA GPU without "
-                f"checkpointing or sharding; measure it with `vramlab profile ... --backend sim`")
+                f"{setup.device.value}), only for full training, LoRA on all-linear and eval in bf16 with sdpa on "
+                f"one CUDA GPU without checkpointing, a cache or sharding (on the CPU: full training); measure it "
+                f"with `vramlab profile ... --backend sim`")
 
 
 #: torch_chunk_gated_delta_rule's default chunk, which the layer does not override (modeling_qwen3_5.py:294,
