@@ -95,15 +95,16 @@ def test_lora_params_match_peft(targets):
 
 def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
     spec = load_model("qwen3.5-4b")
-    for setup in (Setup(mode="lora", lora_targets="in_proj_qkv,q_proj"), Setup(mode="inference"),
+    for setup in (Setup(mode="lora", lora_targets="in_proj_qkv,q_proj"), Setup(mode="inference", attn="eager"),
                   Setup(mode="eval", use_cache=True), Setup(precision="fp32"), Setup(grad_ckpt=True),
                   Setup(mode="qlora", quant="nf4"), Setup(sharding="fsdp", world_size=2), Setup(attn="eager"),
                   Setup(device="cpu", mode="lora", lora_targets="all-linear"), Setup(device="cpu", mode="eval")):
         with pytest.raises(ValueError, match=r"\(qwen3_5_text\): its parameters are counted exactly, but its memory"):
             estimate(spec, setup)
-    out = cli("estimate", "qwen3.5-27b", "--mode", "inference")
+    out = cli("estimate", "qwen3.5-27b", "--mode", "inference", "--device", "cpu")
     assert out.code == 2 and out.err.count("\n") == 1 and "--backend sim" in out.err, out.err
-    for kw in ({}, {"mode": "lora", "lora_targets": "all-linear"}, {"mode": "eval"}, {"device": "cpu"}):
+    for kw in ({}, {"mode": "lora", "lora_targets": "all-linear"}, {"mode": "eval"}, {"mode": "inference"},
+               {"device": "cpu"}):
         assert estimate(spec, Setup(precision="bf16", batch=1, seq=512, **kw)).allocated_bytes > 0
 
 
@@ -141,6 +142,20 @@ def test_every_phase_agrees_with_the_cuda_sim(kw, predicted_agrees_per_phase):
     from profiler.measure.run import run_case
     spec = _reduced(8)
     setup = Setup(precision="bf16", batch=2, seq=1024, **kw)
+    predicted_agrees_per_phase(run_case(spec.name, setup, "sim", steps=1, spec=spec), SIM_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_inference_agrees_with_the_cuda_sim(predicted_agrees_per_phase):
+    """Prefill (b2 x s1024) and 2 decoded tokens, 8 layers of the 4B's widths: the prefill's peak inside
+    the last linear layer (the chunked rule's no-grad working set, the earlier layers' conv and recurrent
+    states, one full layer's keys and values), the decode's in the recurrent rule beside every state
+    (measured: prefill -0.105 %, decode +0.022 %)."""
+    from estimator.estimate import kv_cache_bytes
+    from profiler.measure.run import run_case
+    spec = _reduced(8)
+    setup = Setup(mode="inference", precision="bf16", batch=2, seq=1024, new_tokens=2)
+    assert kv_cache_bytes(spec, setup, 1000) == 2 * 2 * 1024 * 2 * 1000 * 2  # the two full layers only
     predicted_agrees_per_phase(run_case(spec.name, setup, "sim", steps=1, spec=spec), SIM_TOLERANCE)
 
 

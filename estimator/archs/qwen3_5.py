@@ -209,17 +209,49 @@ class Qwen3_5Text(LlamaStyle):
             other = sum(self._kind_terms(spec, setup, generic, kind).values())
         return n * (other - own)
 
+    def kv_elems(self, spec) -> int:
+        """Only the full-attention layers' DynamicCache holds keys and values per token (cache_utils.py
+        LinearAttentionAndFullAttentionLayer); the linear layers' states are per sequence
+        (:func:`_state_bytes`)."""
+        return len(_fields(spec)["full_layers"]) * 2 * spec.kv_dim
+
+    def prefill_quirk(self, spec, setup, tr, resid, mlp, attn, softmax, math):
+        """With a cache, the no-grad prefill's peak inside the last linear-attention layer: its
+        chunked rule's working set (:func:`linear_prefill_working`), the conv and recurrent states of
+        the linear layers before it and its own conv state (counted here, not as the KV cache: the
+        sim's tracker labels them activations), less the keys and values of the full layers after it,
+        which the cache does not hold yet."""
+        if not (setup.mode is Mode.INFERENCE or setup.use_cache):
+            return resid, mlp, max(attn, linear_prefill_working(spec, setup))
+        types = self.layer_types(spec)
+        if "linear_attention" not in types:
+            return resid, mlp, attn
+        last = max(i for i, t in enumerate(types) if t == "linear_attention")
+        conv, state = _state_bytes(spec, setup)
+        before = types[:last].count("linear_attention") * (conv + state) + conv
+        later_kv = types[last:].count("full_attention") * 2 * spec.kv_dim * setup.batch * setup.seq \
+            * setup.precision.compute_bytes
+        return resid, mlp, max(attn, linear_prefill_working(spec, setup) + before - later_kv)
+
+    def decode_working(self, spec, setup, tokens):
+        """A decode step's linear layers: every layer's conv and recurrent state (:func:`_state_bytes`)
+        and, inside ``torch_recurrent_gated_delta_rule`` (modeling_qwen3_5.py:460-470), three fp32
+        (b, heads, dk, dv) states at once: the decayed state, ``k_t * delta``'s outer product and their
+        sum (the cache's own state beside them)."""
+        types = self.layer_types(spec)
+        conv, state = _state_bytes(spec, setup)
+        return types.count("linear_attention") * (conv + state) + (3 * state if "linear_attention" in types else 0)
+
     # --- what is not modelled -----------------------------------------------------------
 
     def memory_gap(self, spec, setup):
         """The setups whose every phase was checked within 1 % (tests/test_qwen3_5.py), all in bf16 with
         sdpa on one device without checkpointing, a cache or sharding, under the torch fallbacks of the
         delta rule and the convolution (no flash-linear-attention or causal-conv1d kernels, whose saved
-        tensors differ): against the CUDA sim full training, LoRA on all-linear and eval; against a real
-        CPU step full training. The rest is refused in one sentence: inference (the conv and recurrent
-        states a cache holds and the chunked rule's no-grad working set are not modelled), LoRA on named
-        targets (which leave some layers' mixers without a trainable input), fp32 and fp16, eager,
-        checkpointing, QLoRA, sharding and TRL trainers."""
+        tensors differ): against the CUDA sim full training, LoRA on all-linear, eval and inference
+        (prefill and decode); against a real CPU step full training. The rest is refused in one sentence:
+        eval with a cache, LoRA on named targets (which leave some layers' mixers without a trainable
+        input), fp32 and fp16, eager, checkpointing, QLoRA, sharding and TRL trainers."""
         plain = setup.sharding.value == "none" and setup.trainer.value == "hf" and setup.loop.value == "trainer"
         if setup.mode is Mode.FULL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
                 and setup.attn is Attention.SDPA and not setup.grad_ckpt and not setup.use_cache:
@@ -232,14 +264,14 @@ class Qwen3_5Text(LlamaStyle):
                 and setup.precision.value == "bf16" and setup.attn is Attention.SDPA and not setup.grad_ckpt \
                 and not setup.use_cache:
             return ""
-        if setup.mode is Mode.EVAL and plain and setup.device is Device.CUDA and setup.precision.value == "bf16" \
-                and setup.attn is Attention.SDPA and not setup.use_cache:
+        if (setup.mode is Mode.INFERENCE or setup.mode is Mode.EVAL and not setup.use_cache) and plain \
+                and setup.device is Device.CUDA and setup.precision.value == "bf16" and setup.attn is Attention.SDPA:
             return ""
         return (f"{spec.name} (qwen3_5_text): its parameters are counted exactly, but its memory is not modelled "
                 f"yet for this setup ({setup.mode.value}, {setup.precision.value}, {setup.attn.value}, "
-                f"{setup.device.value}), only for full training, LoRA on all-linear and eval in bf16 with sdpa on "
-                f"one CUDA GPU without checkpointing, a cache or sharding (on the CPU: full training); measure it "
-                f"with `vramlab profile ... --backend sim`")
+                f"{setup.device.value}), only for full training, LoRA on all-linear, eval and inference in bf16 "
+                f"with sdpa on one CUDA GPU without checkpointing or sharding (on the CPU: full training); "
+                f"measure it with `vramlab profile ... --backend sim`")
 
 
 #: torch_chunk_gated_delta_rule's default chunk, which the layer does not override (modeling_qwen3_5.py:294,
@@ -291,6 +323,37 @@ def linear_attention_saved(spec, setup) -> dict[str, int]:
         gdn_norm=(3 * FP32 + (2 if trainable else 1) * p) * v * s + FP32 * vh * s,
         gdn_out_proj_input=p * v * s if trainable else 0)
     return {k: x // s for k, x in seq.items()}
+
+
+def _state_bytes(spec, setup) -> tuple[int, int]:
+    """One linear layer's cache: the conv state (b, conv_dim, K) in the compute dtype and the recurrent
+    state (b, value heads, dk, dv) in fp32, the chunked rule's output dtype (cache_utils.py
+    LinearAttentionLayer.lazy_initialization: ``zeros`` of the conv states' dtype, ``zeros_like`` of the
+    recurrent state; torch_chunk_gated_delta_rule's state is fp32, modeling_qwen3_5.py:383-386)."""
+    m = _fields(spec)
+    conv = 2 * m["linear_key_heads"] * m["linear_key_dim"] + m["linear_value_heads"] * m["linear_value_dim"]
+    b = setup.batch
+    return (b * conv * m["conv_kernel"] * setup.precision.compute_bytes,
+            b * FP32 * m["linear_value_heads"] * m["linear_key_dim"] * m["linear_value_dim"])
+
+
+def linear_prefill_working(spec, setup) -> int:
+    """A linear-attention layer's no-grad working set at its peak, beside the residual stream: in
+    ``torch_chunk_gated_delta_rule`` (modeling_qwen3_5.py:393-397), while the decayed q (or k) is made,
+    the padded fp32 q and k, the decayed q, v, k_beta, v_beta, the decayed k_beta, the solves' outputs
+    and ``core_attn_out`` (6 x Ks + 4 x V fp32 a token), the three (heads, S, 64) chunk matrices
+    (pairwise_decay, ut_system, intra_chunk_attn), the padded beta, decay and cumulated decay, and one
+    recurrent state; the caller's SiLU-ed conv output (q, k, v are its views), z, a, b, beta (compute
+    dtype) and g (fp32) (:570-595)."""
+    m = _fields(spec)
+    p, b, s = setup.precision.compute_bytes, setup.batch, setup.seq
+    vh, dk, dv = m["linear_value_heads"], m["linear_key_dim"], m["linear_value_dim"]
+    ks, v = vh * dk, vh * dv
+    conv = 2 * m["linear_key_heads"] * dk + v
+    padded = b * (-(-s // CHUNK) * CHUNK)
+    chunk = FP32 * (6 * ks + 4 * v + 3 * vh * CHUNK + 3 * vh) * padded + FP32 * b * vh * dk * dv
+    caller = (p * (conv + v + 3 * vh) + FP32 * vh) * b * s
+    return chunk + caller
 
 
 def _gate_saved(spec, setup) -> int:
