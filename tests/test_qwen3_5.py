@@ -1,7 +1,9 @@
 """Qwen3.5 text (estimator/archs/qwen3_5.py): the parameter inventory of the hybrid Gated-DeltaNet /
 gated full-attention layers against transformers 5.24's meta build (every tensor, and the nn.Linear
 modules bitsandbytes would replace), the LoRA targets against a real peft 0.21 model, configs it
-cannot read and its memory refused in one sentence.
+cannot read refused in one sentence, every phase of the estimate against the CUDA-semantics sim (full,
+LoRA all-linear, eval, prefill, decode) and a real CPU step (full) within 1 %, and the setups not
+checked refused in one sentence.
 
 The shipped configs are not copies of the hub's config.json (Qwen/Qwen3.5-4B, Qwen/Qwen3.5-27B: no
 copy was reachable here). Each is reconstructed: the ``text_config`` widths as public test fixtures
