@@ -98,8 +98,9 @@ def test_lora_params_match_peft(targets):
 def test_the_setups_not_checked_are_refused_in_one_sentence(cli):
     spec = load_model("qwen3.5-4b")
     for setup in (Setup(mode="lora", lora_targets="in_proj_qkv,q_proj"), Setup(mode="inference", attn="eager"),
-                  Setup(mode="eval", use_cache=True), Setup(precision="fp32"), Setup(grad_ckpt=True),
+                  Setup(mode="eval", use_cache=True), Setup(precision="fp32"), Setup(precision="fp16"),
                   Setup(mode="qlora", quant="nf4"), Setup(sharding="fsdp", world_size=2), Setup(attn="eager"),
+                  Setup(mode="lora", lora_targets="all-linear", grad_ckpt=True), Setup(device="cpu", grad_ckpt=True),
                   Setup(device="cpu", mode="lora", lora_targets="all-linear"), Setup(device="cpu", mode="eval")):
         with pytest.raises(ValueError, match=r"\(qwen3_5_text\): its parameters are counted exactly, but its memory"):
             estimate(spec, setup)
@@ -135,12 +136,13 @@ def _reduced(layers: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [{}, {"mode": "lora", "lora_targets": "all-linear"}, {"mode": "eval"}],
-                         ids=["full", "lora-all-linear", "eval"])
+@pytest.mark.parametrize("kw", [{}, {"grad_ckpt": True}, {"mode": "lora", "lora_targets": "all-linear"},
+                                {"mode": "eval"}], ids=["full", "full-ckpt", "lora-all-linear", "eval"])
 def test_every_phase_agrees_with_the_cuda_sim(kw, predicted_agrees_per_phase):
     """8 layers of the 4B's widths, b2 x s1024 bf16 sdpa: the Gated-DeltaNet layers' saved chunks and
     states (linear_attention_saved) and the gated full layers, every phase within 1 % (measured: full
-    -0.004 / -0.004 / -0.001 %, LoRA all-linear -0.071 / -0.005 / -0.003 %, eval -0.001 %)."""
+    -0.004 / -0.004 / -0.001 %, checkpointed -0.005 / -0.004 / -0.001 %, LoRA all-linear -0.071 / -0.005 /
+    -0.003 %, eval -0.001 %)."""
     from profiler.measure.run import run_case
     spec = _reduced(8)
     setup = Setup(precision="bf16", batch=2, seq=1024, **kw)
