@@ -121,7 +121,11 @@ def lora_targets(spec: ModelSpec, targets: tuple[str, ...], dense: bool = False)
         return [lin for lin in layer_linears(spec) if maps or not (lin.fused_experts or lin.router)]
     # named: nn.Linear only (a router of its own class is not one where peft maps nothing)
     linears = [lin for lin in layer_linears(spec) if not lin.fused_experts and (maps or not lin.router)]
-    names = {lin.name for lin in linears}
+    # a name of another layer kind only (Arch.other_layers: Qwen3.5's full-attention q_proj beside its
+    # linear-attention layers) is a module peft wraps too: only a name no layer holds is unknown
+    others = {lin.name for kind, _, _ in arch_of(spec).other_layers(spec)
+              for lin in _targets_among(kind, ("all-linear",))}
+    names = {lin.name for lin in linears} | others
     unknown = [t for t in targets if t not in names]
     if unknown and not maps and spec.num_experts:
         raise ValueError(f"LoRA target {unknown[0]!r} is not a module peft 0.21 can wrap in {spec.name} "
