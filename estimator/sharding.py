@@ -607,7 +607,7 @@ def layer_working_set(spec: ModelSpec, setup: Setup) -> int:
 
     - the MLP's backward: the output projection's weight gradient (when trainable), the
       gradients of the MLP's intermediate and of its pre-activation (b*s*f each) and, in a gated
-      MLP, of its other branch: ``act(gate) * up``'s backward returns both factors' gradients
+      dense MLP, of its other branch: ``act(gate) * up``'s backward returns both factors' gradients
       while its input's is still alive (three b*s*f), beside the gradient of the layer's output
       arriving down the residual stream (b*s*h). Measured on the CUDA sim where a checkpointed
       layer's backward is the peak (SmolLM2 widths, 8 layers, LoRA q/v, b2 x s1024: a 2,048-word
@@ -656,7 +656,11 @@ def _working_terms(spec: ModelSpec, key: Setup):
     mlp_grads = sum(lin.params for lin in mlp) * grad
     act = training_activations(spec, key)
     mlp_saved = act.per_layer.get("mlp", 0)
-    in_mlp = (3 if spec.gated_mlp else 2) * f * p * experts + stream_bytes(key) * spec.hidden_size
+    # a dense gated MLP: three (T, f) and the stream's gradient (docstring); MoE experts keep two
+    # (T x top-k, f) each (checked against the sim for Mixtral, Qwen3-MoE, gpt-oss with their own
+    # terms; three puts Mixtral's checkpointed LoRA backward at +2.4 %)
+    in_mlp = 2 * f * p * experts if spec.num_experts else \
+        (3 if spec.gated_mlp else 2) * f * p + stream_bytes(key) * spec.hidden_size
     if key.attn is Attention.EAGER:
         probs = eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
         # the softmax's cast copy, saved for the value matmul, is released once that matmul's
