@@ -331,6 +331,22 @@ class Switch:
     library: str = "transformers"
 
 
+class LayerKinds:
+    """A mixin for an architecture whose layer kinds are data: ``_kinds(spec)`` gives (kind, count)
+    pairs, the first the kind counted as the layer, and ``_kind_linears`` / ``_kind_norms`` each
+    kind's inventory (gemma4_text's sliding and full layers, qwen3_5_text's linear-attention and
+    full-attention layers); the other kinds are :meth:`Arch.other_layers`."""
+
+    def linears(self, spec):
+        return self._kind_linears(spec, self._kinds(spec)[0][0])
+
+    def layer_norms(self, spec):
+        return self._kind_norms(spec, self._kinds(spec)[0][0])
+
+    def other_layers(self, spec):
+        return [(self._kind_linears(spec, k), self._kind_norms(spec, k), n) for k, n in self._kinds(spec)[1:]]
+
+
 class Arch:
     """One family: subclasses set the class attributes and override the methods they need.
     Every method takes the :class:`~estimator.modelspec.ModelSpec` the family read."""

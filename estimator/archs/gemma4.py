@@ -55,7 +55,7 @@ from ..configcheck import (
 )
 from ..setup import Attention, Device, Mode
 from ..units import FP32
-from .base import LAYER_TYPES, Linear, Norm, QKNorm, Tensor
+from .base import LAYER_TYPES, LayerKinds, Linear, Norm, QKNorm, Tensor
 from .gemma3 import Gemma3Text
 
 #: Gemma4TextConfig's defaults (configuration_gemma4.py:150-181)
@@ -72,7 +72,7 @@ def _fields(spec) -> dict:
     return dict(spec.family_fields)
 
 
-class Gemma4Text(Gemma3Text):
+class Gemma4Text(LayerKinds, Gemma3Text):
     model_types = ("gemma4_text",)
     family = "gemma4"
     norm = Norm.RMS_WEIGHT_FP32
@@ -203,15 +203,6 @@ class Gemma4Text(Gemma3Text):
             out += [Tensor("router.scale", "mlp", h, 1), Tensor("router.per_expert_scale", "mlp", spec.num_experts, 1)]
             out += [Tensor("norm.weight", "norms", h, 1)] * 3  # post_feedforward_1/_2, pre_feedforward_2
         return out
-
-    def linears(self, spec):
-        return self._kind_linears(spec, self._kinds(spec)[0][0])
-
-    def layer_norms(self, spec):
-        return self._kind_norms(spec, self._kinds(spec)[0][0])
-
-    def other_layers(self, spec):
-        return [(self._kind_linears(spec, k), self._kind_norms(spec, k), n) for k, n in self._kinds(spec)[1:]]
 
     def root_tensors(self, spec):
         m = _fields(spec)

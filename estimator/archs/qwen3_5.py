@@ -39,7 +39,7 @@ from dataclasses import replace
 from ..configcheck import MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, ConfigError, Fields, Limit
 from ..setup import Attention, Device, Mode
 from ..units import FP32
-from .base import Linear, Norm, QKNorm, Tensor
+from .base import LayerKinds, Linear, Norm, QKNorm, Tensor
 from .llama import LlamaStyle
 
 #: Qwen3_5TextConfig's defaults (configuration_qwen3_5.py:96-101, :112)
@@ -73,7 +73,7 @@ def hybrid_layer_types(f: Fields, layers: int) -> list[str]:
     return list(types)
 
 
-class Qwen3_5Text(LlamaStyle):
+class Qwen3_5Text(LayerKinds, LlamaStyle):
     model_types = ("qwen3_5_text",)
     family = "qwen3_5"
     tie_default = False  # Qwen3_5TextConfig.tie_word_embeddings (configuration_qwen3_5.py:92)
@@ -159,15 +159,6 @@ class Qwen3_5Text(LlamaStyle):
         return norms + [Tensor("conv1d.weight", "attention", conv, m["conv_kernel"]),
                         Tensor("dt_bias", "attention", vh, 1), Tensor("A_log", "attention", vh, 1),
                         Tensor("norm.weight", "norms", m["linear_value_dim"], 1)]
-
-    def linears(self, spec):
-        return self._kind_linears(spec, self._kinds(spec)[0][0])
-
-    def layer_norms(self, spec):
-        return self._kind_norms(spec, self._kinds(spec)[0][0])
-
-    def other_layers(self, spec):
-        return [(self._kind_linears(spec, k), self._kind_norms(spec, k), n) for k, n in self._kinds(spec)[1:]]
 
     def base_traits(self, spec):
         # apply_rotary_pos_emb rotates the first rotary_dim of each head and concatenates the rest
