@@ -604,7 +604,7 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             forward.append(phase(big + n_states + n_act + 3, **with_extra(
                 ranked.forward_extra(), weights=W, optimizer_state=O_fwd, gradients=R, activations=saved,
                 kv_cache=cache + prev_kv, temporaries=fb_temps + merged_experts)))
-        phases[Phase.FORWARD] = max(forward, key=lambda c: sum(c.values()))
+        phases[Phase.FORWARD] = max(forward, key=_tensor_bytes)
         # Backward is a line from "all activations saved, no gradients" to "no activations,
         # all gradients", so its peak is at one of three moments: the loss backward (fp32
         # log-softmax gradients), the recomputation of a checkpointed layer, or the end. With
@@ -684,13 +684,17 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             # the first layer's recomputation, last in backward: every gradient but the first
             # layer's and the input embedding's exists by then (a layer's are made in its own
             # backward), the later layers' inputs are freed, and the layer's backward holds its
-            # working set (sharding.layer_working_set) beside its recomputed activations
+            # working set (sharding.layer_working_set) beside its recomputed activations; a tied
+            # head's gradient, made first in backward, still waits in autograd's InputBuffer for
+            # the embedding's (st.tied_pending, temporaries as at the end; measured on the CUDA
+            # sim: SmolLM2-135M 8 layers fp32 full, TRL's chunked loss, b2 x s1024, where sdpa's
+            # math kernel makes this layer's backward the peak: -2.55 %, first step -4.03 % without it)
             layer_input = int(act.per_layer.get("layer_input", 0) * k)
             done = max(R, G - G_layer - st.untied_embed_grad - st.embed_bwd // 2)
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 ranked.backward_loss_extra(), weights=W, optimizer_state=O_fwd, gradients=done,
                 activations=saved - head_saved - (spec.num_layers - 1) * layer_input + recomputed, logits=held_logits,
-                kv_cache=held_kv, temporaries=recompute_temps + layer_working_set(spec, setup))))
+                kv_cache=held_kv, temporaries=recompute_temps + st.tied_pending + layer_working_set(spec, setup))))
         if not recomputed and not ranked.gathers:
             sinks = _last_layer_sink_attention_backward(spec, setup, act, k, saved)
             if sinks:  # eager attention with sinks: the last layer's score gradients, first in backward
@@ -724,7 +728,12 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
             candidates.append(phase(big + n_states + n_act, **with_extra(
                 layer, weights=W, optimizer_state=O_fwd, gradients=R, logits=held_logits, kv_cache=held_kv,
                 temporaries=bwd_temps)))
-        phases[Phase.BACKWARD] = max(candidates, key=lambda c: sum(c.values()))
+        # each phase's moment by its live tensors, as the phase by theirs (estimate()): the analytic
+        # allocator term a candidate carries until the replay replaces it counts its large tensors,
+        # and at the end of backward the gradients' many made the end win over the loss's moment
+        # (CUDA sim, GPT-2 12 layers full bf16, TRL's chunked loss with checkpointing, b2 x s1024:
+        # 16.6 MiB more tensors at the loss: backward -1.42 -> -0.01 %, first step -2.37 -> -0.00 %)
+        phases[Phase.BACKWARD] = max(candidates, key=_tensor_bytes)
         if setup.optimizer is Optimizer.NONE:  # forward and backward only; zero_grad frees the gradients
             return phases
         phases[Phase.OPTIMIZER] = phase(big + n_grads + 2 * n_states, **with_extra(
@@ -947,7 +956,7 @@ def _eval_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant:
     at_loss = phase(big + 2 * spec.num_layers + 4, weights=W, kv_cache=cache, logits=int(k * loss),
                     activations=int(k * setup.precision.compute_bytes * spec.hidden_size * T),
                     temporaries=st.workspace + constant)
-    return {Phase.FORWARD: max((layer, at_loss), key=lambda c: sum(c.values()))}
+    return {Phase.FORWARD: max((layer, at_loss), key=_tensor_bytes)}
 
 
 def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, constant: int,
@@ -975,7 +984,7 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
                              activations=int(k * p * spec.hidden_size * T),
                              logits=T * spec.vocab_size * (p + (FP32 if fp32_copy and p != FP32 else 0)),
                              temporaries=st.workspace + constant))
-    phases = {Phase.PREFILL: max(prefill, key=lambda c: sum(c.values()))}
+    phases = {Phase.PREFILL: max(prefill, key=_tensor_bytes)}
     if setup.new_tokens:
         # DynamicCache.update concatenates per layer, the keys and then the values (5.24
         # cache_utils.py:136-137 DynamicLayer.update): the old and the new keys, or values, of
@@ -1014,7 +1023,7 @@ def _inference_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, cons
             scores = (softmax * spec.num_heads + p) * setup.batch * L
             decode.append(phase(big + 2 * spec.num_layers + 2, weights=W, kv_cache=kv, logits=logits,
                                 activations=int(k * (copies + scores)), temporaries=st.workspace + constant))
-        phases[Phase.DECODE] = max(decode, key=lambda c: sum(c.values()))
+        phases[Phase.DECODE] = max(decode, key=_tensor_bytes)
     return phases
 
 

@@ -661,12 +661,21 @@ def _working_terms(spec: ModelSpec, key: Setup):
     # terms; three puts Mixtral's checkpointed LoRA backward at +2.4 %)
     in_mlp = 2 * f * p * experts if spec.num_experts else \
         (3 if spec.gated_mlp else 2) * f * p + stream_bytes(key) * spec.hidden_size
-    if key.attn is Attention.EAGER:
-        probs = eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
+    math = key.attn is Attention.SDPA and key.device is Device.CUDA and cuda_sdpa_backend(spec, key) == "math"
+    if key.attn is Attention.EAGER or math:
+        # sdpa's math kernel (a CUDA step's for grouped heads without flash or cuDNN: sm75; fp32)
+        # is the eager composite inside one op: its backward makes the probabilities' gradient and
+        # the softmax backward's output, (b, heads, s, s) fp32 each, beside the saved ones (measured
+        # with the storage tracker on the op's backward alone: exactly two score matrices over what
+        # it saved), at the same moment of the layer's backward as eager's below (measured on the
+        # CUDA sim, SmolLM2-135M 8 layers fp32 full with checkpointing, TRL's chunked loss, b2 x
+        # s1024, the first layer's: 95.0 MiB of saved tensors left and 153 MiB of these buffers
+        # and gradients, to the 0.5 MiB; +1.4 % with the MLP's saved tensors alone taken off)
+        probs = FP32 if math else eager_softmax_bytes(spec, key)  # the softmax output's dtype (activations.py)
         # the softmax's cast copy, saved for the value matmul, is released once that matmul's
         # backward has run, before the softmax's gradients exist (measured on the sim: SmolLM2-360M
         # eager fp16 and bf16 at s4096, a recomputed layer's backward)
-        cast = p if eager_softmax_saved(spec, key) > probs else 0
+        cast = p if not math and eager_softmax_saved(spec, key) > probs else 0
         # by the softmax's backward, every saved tensor of the layer but what attention's backward
         # still reads is freed (the MLP's, the post-attention norm's, the output projection's and
         # its adapter's inputs, v), and the residual stream's and the attention output's gradients
@@ -676,12 +685,6 @@ def _working_terms(spec: ModelSpec, key: Setup):
         freed = act.layer_bytes - act.per_layer.get("attn_scores", 0) - sink_attention_left(spec, act)
         grads = stream_bytes(key) * spec.hidden_size + p * spec.q_dim
         return down, mlp_grads, in_mlp, freed, grads, (2 * probs - cast) * spec.num_heads
-    if key.attn is Attention.SDPA and key.device is Device.CUDA and cuda_sdpa_backend(spec, key) == "math":
-        # sdpa's math kernel (a CUDA step's for grouped heads without flash or cuDNN: sm75; fp32):
-        # the probabilities' gradient and the softmax backward's output, (b, heads, s, s) fp32
-        # each, beside the saved ones -- and nothing per token yet (measured with the storage
-        # tracker on the op's backward alone: exactly two score matrices over what it saved)
-        return down, mlp_grads, in_mlp, mlp_saved, 0, 2 * FP32 * spec.num_heads
     return down, mlp_grads, in_mlp, mlp_saved, (spec.q_dim + 2 * spec.kv_dim) * p, 0
 
 
