@@ -529,6 +529,15 @@ class Arch:
         layer ends otherwise returns its own."""
         return generic
 
+    def recomputed_experts_backward(self, spec, setup) -> tuple[int, int, int] | None:
+        """Where a checkpointed MoE layer's recomputation stops after its routed experts returned (a
+        shared expert runs after them), the peak can sit later, in that layer's backward of the
+        experts' routing-weight product: ``(elements, freed, working)``, the layer's parameters whose
+        gradients exist by then (full training), the per-token bytes of its recomputed saved tensors
+        freed by then and the per-token bytes that backward holds beside them (estimate._training_phases).
+        ``None``: no such moment (the generic recomputed layer, :meth:`recomputed_quirk`, covers it)."""
+        return None
+
     def decode_working(self, spec, setup, tokens: int) -> int:
         """Bytes a decode step's attention holds beside the cache, over ``tokens`` cached positions,
         where the family makes more than the generic terms say (0: none; estimate._inference_phases)."""

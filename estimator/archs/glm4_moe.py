@@ -38,7 +38,13 @@ from __future__ import annotations
 from ..configcheck import ConfigError
 from ..setup import Device, Mode
 from .base import QKNorm, Tensor, read_common_llama
-from .grouped_moe import MOE_FIELDS, GroupedTopkMoE, checked_on_the_cuda_sim, unchecked_sentence
+from .grouped_moe import (
+    MOE_FIELDS,
+    GroupedTopkMoE,
+    checked_on_the_cuda_sim,
+    checked_with_checkpointing,
+    unchecked_sentence,
+)
 from .llama import LlamaStyle
 
 #: Glm4MoeConfig's defaults of the MoE fields (configuration_glm4_moe.py:105-113)
@@ -121,20 +127,22 @@ class Glm4Moe(GroupedTopkMoE, LlamaStyle):
         attention projections or all-linear, inference (prefill and decode), an eval forward without a
         cache; against real CPU steps the same but all-linear (its optimizer step measured -2.00 %: 4 MiB
         of temporaries beside the experts' adapters not read yet; full -0.40 % at most, LoRA on q/k/v/o
-        -0.60 %, prefill -0.09 %, decode -0.06 %, eval -0.05 %). bf16, sdpa, one device, no checkpointing
-        (CUDA sim: the checkpointed backward -9.0 % full, -10.1 % all-linear, LoRA on q/k/v/o's forward
-        -1.09 %: the peak is the first MoE layer's index backward after its recomputation, two fp32
-        (S, h) gradient buffers, a moment estimate.py has no candidate for: GroupedTopkMoE.recomputed_quirk);
-        the rest is refused in one sentence."""
+        -0.60 %, prefill -0.09 %, decode -0.06 %, eval -0.05 %); with checkpointing, on the CUDA sim,
+        full training and LoRA on q/k/v/o or all-linear (:func:`checked_with_checkpointing`; measured
+        backward full -0.05 %, q/k/v/o -0.06 %, all-linear -0.33 %, the first or last MoE layer's
+        routing-weight backward, GroupedTopkMoE.recomputed_experts_backward; -9.0 / -10.1 % for full /
+        all-linear before it). bf16, sdpa, one device; the rest is refused in one sentence (checkpointing
+        on the CPU and with other targets not measured)."""
         attention = {lin.name for lin in self._attention(spec)}
-        if checked_on_the_cuda_sim(setup, attention):
+        if checked_on_the_cuda_sim(setup, attention) or checked_with_checkpointing(setup, attention):
             return ""
         # CPU sdpa takes its flash kernel for equal head sizes: the generic terms hold there too
         if checked_on_the_cuda_sim(setup, attention, Device.CPU) and (
                 setup.mode is not Mode.LORA or set(setup.lora_targets) <= attention):
             return ""
         return unchecked_sentence(spec, setup, "glm4_moe", "its MoE layers", attention,
-                                  also=", or the same but all-linear on the CPU")
+                                  also=", or the same but all-linear on the CPU, and full training or "
+                                  "those LoRA targets with checkpointing on CUDA")
 
 
 def _fields(spec) -> dict:

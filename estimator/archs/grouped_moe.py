@@ -170,12 +170,41 @@ class GroupedTopkMoE:
         MLP runs after the routed experts (deepseek :215-222, glm4_moe :385-392: ``hidden_states +
         self.shared_experts(residuals)``), so a checkpointed layer's recomputation stops in it (at its
         down_proj's saved tensor), after the experts function returned and freed its (S, h) locals.
-        The peak there is later, in the layer's backward: the weighted output's index backward holds
-        the view's contiguous copy of the gradient and the index's zeros, two fp32 (S, h) buffers (the
-        routing weights are fp32), beside the recomputed tensors and the later layers' gradients
-        (measured on the sim, GLM-4.5-Air reduced, the first MoE layer's); a moment estimate.py has no
-        candidate for yet, so checkpointing stays refused for these families (:func:`checked_on_the_cuda_sim`)."""
+        The peak there is later, in the layer's backward of the experts' routing-weight product
+        (:meth:`recomputed_experts_backward`)."""
         return 0
+
+    def recomputed_experts_backward(self, spec, setup) -> tuple[int, int, int]:
+        """The first MoE layer's backward of ``weighted_out = proj_out * sample_weights_g.unsqueeze(-1)``
+        (integrations/moe.py:524), where its recomputation stopped in the shared expert
+        (:meth:`recomputed_quirk`). The MoE's output ``experts(...) + shared_experts(residuals)``
+        (deepseek :221, glm4_moe :391) runs the shared expert's backward first (the later node), so by
+        then its gradients exist (full training: ``elements``, its gate/up/down_proj) and its saved
+        tensors are freed (``freed``, per token); the experts' backward then runs what their forward
+        ended with in reverse, :525-535: ``.to(hidden_states.dtype)``'s backward (the gradient to
+        fp32, (T, h)), the sum's (an expand of it), the view's (a contiguous copy, (S, h)), the index's
+        (zeros (S, h) the gradient is put into in place, torch/csrc/autograd/FunctionsManual.cpp
+        ``index_backward``; out of place into a third (S, h) under any dispatch mode, the profiler's
+        tracker included, which ``isTensorSubclassLike`` counts: the same bytes as this moment's; the
+        copy freed with the index node, and ``inv_perm`` with it), then this
+        product's: ``grad * sample_weights_g`` and ``grad * proj_out`` (MulBackward0,
+        tools/autograd/derivatives.yaml ``mul.Tensor``), each (S, h) beside the incoming gradient
+        (S, h), the three fp32 since the routing weights are (``_keep_in_fp32_modules_strict``, the
+        router's fp32 weights: :meth:`moe_prefill`). Beside them the gradient of the layer's output
+        down the residual stream and the shared expert's gradient of the MoE input, waiting for the
+        experts' and the router's to be added to it, (T, h) each in the compute dtype (``working``,
+        per token)."""
+        p, h, k = setup.precision.compute_bytes, spec.hidden_size, spec.experts_per_token
+        full = setup.mode is Mode.FULL
+        shared = [lin for lin in self.moe_linears(spec) if not (lin.fused_experts or lin.router)]
+        elements = sum(lin.params for lin in shared) if full else 0
+        gated = 4 if full else 3  # as moe_saved's ``moe_shared``
+        # and in full training the MoE's input, which only the shared expert's gate/up_proj save (the
+        # experts' gather keeps its indices, the router's linear an fp32 copy of it)
+        freed = _fields(spec)["n_shared_experts"] * spec.intermediate_size * p * gated + INT64 * k \
+            + (p * h if full else 0)
+        working = 3 * FP32 * k * h + 2 * p * h
+        return elements, freed, working
 
     def moe_prefill(self, spec, setup) -> int:
         """The no-grad prefill's MoE layer working set (CUDA), at ``weighted_out[inv_perm]``
@@ -201,6 +230,14 @@ def checked_on_the_cuda_sim(setup, attention: set[str], device: Device = Device.
             setup.mode is Mode.FULL or setup.mode is Mode.LORA and (set(setup.lora_targets) <= attention
                                                                     or _all_linear(setup.lora_targets))
             or setup.mode in (Mode.INFERENCE, Mode.EVAL))
+
+
+def checked_with_checkpointing(setup, attention: set[str]) -> bool:
+    """The checkpointed setups checked against the CUDA sim within 1 % (tests/test_glm4_moe.py,
+    tests/test_deepseek_v3.py): full training and LoRA on ``attention`` or all-linear, otherwise as
+    :func:`checked_on_the_cuda_sim` (the recomputed layer: :meth:`GroupedTopkMoE.recomputed_experts_backward`)."""
+    return setup.grad_ckpt and setup.mode in (Mode.FULL, Mode.LORA) and setup.device is Device.CUDA \
+        and checked_on_the_cuda_sim(setup.replace(grad_ckpt=False), attention)
 
 
 def unchecked_sentence(spec, setup, family: str, what: str, attention: set[str], also: str = "") -> str:
