@@ -565,11 +565,11 @@ def _training_phases(spec: ModelSpec, setup: Setup, st: _Static, k: float, const
     # head and loss run (transformers 5.24 e.g. modeling_llama.py:469-475, modeling_glm4_moe.py:608-615),
     # a tensor of its own where the head saves none (a frozen head: LoRA). Measured on the CUDA sim, the
     # forward's loss moment: GLM-4.5-Air / DeepSeek-V3 reduced LoRA with checkpointing -1.09 / -1.07 %
-    # without it, SmolLM2-135M 4 layers LoRA q/v with checkpointing -0.94 %, without -0.60 %: counted
-    # with checkpointing under the HF Trainer only, where it was checked (the rest keeps its results)
+    # without it, SmolLM2-135M 4 layers LoRA q/v with checkpointing -0.94 %; without checkpointing
+    # -0.20 % in bf16 (the Trainer's loop or a hand-written one) and -0.33 % in fp32, -0.02 / -0.04 %
+    # with it. TRL's trainers run their own head (logits.chunked_nll_bytes counts its input)
     last_hidden = setup.batch * setup.seq * spec.hidden_size * acts._dtypes(setup)[1] \
-        if setup.grad_ckpt and "head_input" not in act.outside and setup.trainer.value == "hf" \
-        and setup.loop is Loop.TRAINER else 0
+        if "head_input" not in act.outside and setup.trainer.value == "hf" else 0
     # Loop.HELD: the previous step's outputs live until this step's forward returns (not in step 1)
     held = setup.loop is Loop.HELD
     def build(first_step: bool) -> dict[Phase, dict[Category, int]]:
